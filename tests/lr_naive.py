@@ -1,0 +1,59 @@
+"""A naive local relation written straight from the formula, for tests only.
+
+It loops over output positions, lists the in-image neighbours of each, and applies plain torch
+ops (so autograd gives its exact gradients). It does not import robustlr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_local_relation(x, q, k, geo, kernel_size, stride, composability="sqdiff", qk_dim=1):
+    """Shape: x (B, C, H, W), q (B, G*D, Ho, Wo), k (B, G*D, H, W), geo (G, K, K) -> (B, C, Ho, Wo)."""
+    B, C, H, W = x.shape
+    G = geo.shape[0]
+    m = math.ceil(C / G)
+    P = kernel_size // 2
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    group_of_channel = torch.tensor([c // m for c in range(C)])
+    qd = q.reshape(B, G, qk_dim, Ho, Wo)
+    kd = k.reshape(B, G, qk_dim, H, W)
+    rows = []
+    for i in range(Ho):
+        cols = []
+        for j in range(Wo):
+            nbrs = [
+                (a, b, i * stride - P + a, j * stride - P + b)
+                for a in range(kernel_size)
+                for b in range(kernel_size)
+                if 0 <= i * stride - P + a < H and 0 <= j * stride - P + b < W
+            ]
+            logits = []
+            for a, b, r, c in nbrs:
+                qv, kv = qd[:, :, :, i, j], kd[:, :, :, r, c]
+                if composability == "sqdiff":
+                    phi = -((qv - kv) ** 2).sum(-1)
+                elif composability == "absdiff":
+                    phi = -(qv - kv).abs().sum(-1)
+                else:
+                    phi = (qv * kv).sum(-1)
+                logits.append(phi + geo[:, a, b])  # (B, G)
+            weights = torch.softmax(torch.stack(logits, -1), dim=-1)  # (B, G, n)
+            values = torch.stack([x[:, :, r, c] for _, _, r, c in nbrs], -1)  # (B, C, n)
+            cols.append((weights[:, group_of_channel] * values).sum(-1))  # (B, C)
+        rows.append(torch.stack(cols, -1))
+    return torch.stack(rows, -2)
+
+
+def random_inputs(B, C, H, W, G, kernel_size, stride, qk_dim=1, dtype=torch.float64, seed=0):
+    """Random (x, q, k, geo) of the op's shapes, with logits of a useful spread."""
+    gen = torch.Generator().manual_seed(seed)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    x = torch.randn(B, C, H, W, generator=gen, dtype=dtype)
+    q = torch.randn(B, G * qk_dim, Ho, Wo, generator=gen, dtype=dtype)
+    k = torch.randn(B, G * qk_dim, H, W, generator=gen, dtype=dtype)
+    geo = torch.randn(G, kernel_size, kernel_size, generator=gen, dtype=dtype)
+    return x, q, k, geo
