@@ -12,7 +12,10 @@ import torch
 
 
 def naive_local_relation(x, q, k, geo, kernel_size, stride, composability="sqdiff", qk_dim=1):
-    """Shape: x (B, C, H, W), q (B, G*D, Ho, Wo), k (B, G*D, H, W), geo (G, K, K) -> (B, C, Ho, Wo)."""
+    """Naive local relation.
+
+    Shape: x (B, C, H, W), q (B, G*D, Ho, Wo), k (B, G*D, H, W), geo (G, K, K) -> (B, C, Ho, Wo).
+    """
     B, C, H, W = x.shape
     G = geo.shape[0]
     m = math.ceil(C / G)

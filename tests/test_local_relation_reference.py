@@ -1,0 +1,113 @@
+"""The reference backend against the naive float64 loop of tests/lr_naive.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lr_naive import naive_local_relation, random_inputs
+
+from robustlr.ops import local_relation
+
+# (B, C, H, W, G, K, stride): odd/even sizes, images smaller than the window, ragged last group,
+# m = 1 (G == C), strides 1-3, every kernel size the layer offers.
+SHAPES = [
+    (2, 8, 6, 7, 2, 3, 1),
+    (1, 5, 9, 8, 2, 5, 2),  # m = 3: the last group holds 2 channels
+    (2, 3, 4, 5, 3, 7, 1),  # m = 1, image smaller than the window
+    (1, 9, 10, 9, 3, 9, 3),
+    (1, 16, 2, 3, 2, 9, 2),  # image much smaller than the window
+    (2, 6, 7, 7, 6, 5, 3),  # m = 1
+    (1, 100, 5, 6, 13, 7, 1),  # the paper's width 100 with m = 8: G = 13, last group 4
+]
+COMPOSABILITIES = ["sqdiff", "absdiff", "mul"]
+
+
+def _grads(fn, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*inputs)
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("composability", COMPOSABILITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_match_naive_loop(shape, composability):
+    B, C, H, W, G, K, s = shape
+    inputs = random_inputs(B, C, H, W, G, K, s, seed=hash(shape) % 1000)
+    grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1, dtype=torch.float64)
+
+    y_ref, g_ref = _grads(
+        lambda *t: naive_local_relation(*t, K, s, composability), inputs, grad_out
+    )
+    y, g = _grads(
+        lambda *t: local_relation(*t, kernel_size=K, stride=s, composability=composability),
+        inputs,
+        grad_out,
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for name, got, want in zip("xqk", g[:3], g_ref[:3], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"grad {name}")
+    torch.testing.assert_close(g[3], g_ref[3], rtol=1e-9, atol=1e-10, msg="grad geo")
+
+
+@pytest.mark.parametrize("composability", COMPOSABILITIES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck(composability, stride):
+    x, q, k, geo = random_inputs(1, 6, 5, 6, 2, 3, stride, seed=stride)
+    if composability == "absdiff":  # keep |q - k| away from its kink at 0
+        q = q + 0.05 * torch.sign(q)
+    inputs = tuple(t.requires_grad_(True) for t in (x, q, k, geo))
+    assert torch.autograd.gradcheck(
+        lambda *t: local_relation(*t, kernel_size=3, stride=stride, composability=composability),
+        inputs,
+    )
+
+
+def test_vector_query_and_key_sum_over_qk_dim():
+    B, C, H, W, G, K, s, D = 2, 6, 5, 5, 2, 3, 1, 3
+    inputs = random_inputs(B, C, H, W, G, K, s, qk_dim=D, seed=3)
+    grad_out = torch.randn(B, C, H, W, dtype=torch.float64)
+    y_ref, g_ref = _grads(lambda *t: naive_local_relation(*t, K, s, qk_dim=D), inputs, grad_out)
+    y, g = _grads(lambda *t: local_relation(*t, kernel_size=K, qk_dim=D), inputs, grad_out)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    x, q, k, geo = random_inputs(2, 16, 8, 8, 2, 7, 1, seed=5)
+    want = naive_local_relation(x, q, k, geo, 7, 1)
+    args = [t.to(dtype).requires_grad_(True) for t in (x, q, k, geo)]
+    y = local_relation(*args, kernel_size=7)
+    assert y.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    rel = (y.double() - want).norm() / want.norm()
+    assert rel < tol
+    y.float().sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == dtype for a in args)
+
+
+def test_channels_last_and_non_contiguous_inputs_give_the_same_result():
+    x, q, k, geo = random_inputs(2, 8, 9, 9, 2, 5, 2, seed=11)
+    y = local_relation(x, q, k, geo, kernel_size=5, stride=2)
+    x_cl = x.to(memory_format=torch.channels_last)
+    k_nc = k.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert not k_nc.is_contiguous()
+    torch.testing.assert_close(local_relation(x_cl, q, k_nc, geo, kernel_size=5, stride=2), y)
+
+
+def test_weights_ignore_out_of_image_neighbours():
+    # A constant image aggregates to itself everywhere, borders included, whatever q, k and geo:
+    # zero padding would pull border outputs towards 0.
+    x, q, k, geo = random_inputs(1, 4, 6, 6, 2, 7, 1, seed=2)
+    y = local_relation(torch.full_like(x, 3.0), q, k, geo, kernel_size=7)
+    torch.testing.assert_close(y, torch.full_like(y, 3.0))
+
+
+def test_memory_frugal_backward_saves_no_window_copies():
+    # Saved tensors: x, q, k, geo, the (group-padded) output and the log-sum-exp; nothing K*K big.
+    x, q, k, geo = (t.float().requires_grad_(True) for t in random_inputs(1, 16, 12, 12, 2, 7, 1))
+    y = local_relation(x, q, k, geo, kernel_size=7)
+    saved = y.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) <= 2.5 * x.numel() + 3 * k.numel() + geo.numel()
