@@ -111,3 +111,12 @@ def test_memory_frugal_backward_saves_no_window_copies():
     y = local_relation(x, q, k, geo, kernel_size=7)
     saved = y.grad_fn.saved_tensors
     assert sum(t.numel() for t in saved) <= 2.5 * x.numel() + 3 * k.numel() + geo.numel()
+
+
+@pytest.mark.parametrize("composability", COMPOSABILITIES)
+def test_benchmark_unfold_baseline_computes_the_same_function(composability):
+    from robustlr.bench.unfold_baseline import unfold_local_relation
+
+    x, q, k, geo = random_inputs(2, 10, 7, 6, 3, 5, 2, seed=4)
+    want = naive_local_relation(x, q, k, geo, 5, 2, composability)
+    torch.testing.assert_close(unfold_local_relation(x, q, k, geo, 5, 2, composability), want)

@@ -1,0 +1,44 @@
+"""The ``robustlr`` command line (click + rich). The CLI is the only layer that prints.
+
+Each command lives in its own module of this package and is registered here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from robustlr import __version__
+from robustlr.cli.bench import bench
+from robustlr.cli.errors import UsageFailure
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="robustlr")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """robustlr: adversarial robustness of Local Relation Networks (Hu et al., ICCV 2019)."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(bench)
+
+
+def main() -> None:
+    """Entry point: bad input ends with a one-line error and exit code 2, not a traceback."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageFailure as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
