@@ -1,7 +1,7 @@
 """The local relation op and its backends."""
 
 from robustlr.ops.contract import COMPOSABILITIES, LocalRelationShape, check_inputs
-from robustlr.ops.local_relation import BACKEND_ENV, BACKENDS, local_relation, resolve_backend
+from robustlr.ops.dispatch import BACKEND_ENV, BACKENDS, local_relation, resolve_backend
 
 __all__ = [
     "BACKENDS",
