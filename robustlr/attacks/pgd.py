@@ -1,0 +1,96 @@
+"""Projected gradient descent (Madry et al.) and FGSM, L-inf and L2, targeted or not.
+
+Targeted attacks descend the cross-entropy of the target class and succeed only when the model
+predicts the target; untargeted attacks ascend the cross-entropy of the true label and succeed
+when the prediction is wrong. Restarts are merged per example: a successful restart beats a
+failed one, and among equals the one with the higher objective wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlr.attacks.modes import autocast_for
+from robustlr.attacks.spec import AttackSpec
+from robustlr.attacks.threat import threat_model
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class AttackOutcome:
+    """Adversarial images and per-example results of one attack on one batch."""
+
+    x_adv: Tensor  # (B, C, H, W) on [0, 1], inside the eps ball
+    logits: Tensor  # (B, K) fp32 logits at x_adv
+    success: Tensor  # (B,) bool: wrong (untargeted) or target predicted (targeted)
+    targets: Tensor | None  # (B,) targets of a targeted attack
+    passes: int  # forward+backward passes spent
+    zero_grad_fraction: float = 0.0  # share of examples whose first input gradient was all zero
+
+
+def _objective(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
+    """Per-example quantity the attack maximises. Shape: (B, K), (B,) -> (B,)."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return -ce if targeted else ce
+
+
+def _succeeded(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
+    pred = logits.argmax(dim=1)
+    return pred == targets if targets is not None else pred != y
+
+
+def pgd(
+    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targets: Tensor | None = None
+) -> AttackOutcome:
+    """Run PGD (FGSM when ``spec.name == 'fgsm'``) on a model already in attack state.
+
+    ``targets`` are required for a targeted spec; the caller (``robustlr.attacks.run``) draws
+    them. Shape: x (B, C, H, W) on [0, 1], y (B,) -> AttackOutcome.
+    """
+    if spec.targeted and targets is None:
+        raise ValueError(f"{spec.describe()} is targeted: pass targets")
+    labels = targets if spec.targeted else y
+    ball = threat_model(spec.norm, spec.eps)
+    generator = torch.Generator().manual_seed(spec.seed)
+    random_start = spec.random_start and spec.name != "fgsm"
+    x = x.detach()
+    best_x = x.clone()
+    best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_obj = torch.full((len(x),), float("-inf"), device=x.device)
+    best_logits = None
+    zero_grads = 0
+    for restart in range(spec.restarts):
+        x_adv = ball.init(x, generator) if random_start else x.clone()
+        for step in range(spec.steps):
+            x_adv.requires_grad_(True)
+            with autocast_for(spec.precision, x.device):
+                logits = model(x_adv)
+            loss = _objective(logits, labels, spec.targeted).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            if restart == 0 and step == 0:
+                zero_grads = int((grad.flatten(1).abs().amax(1) == 0).sum())
+            x_adv = ball.project(ball.step(x_adv.detach(), grad, spec.step_size), x)
+        with torch.no_grad():
+            logits = model(x_adv).float()
+        success = _succeeded(logits, y, labels if spec.targeted else None)
+        obj = _objective(logits, labels, spec.targeted)
+        better = (success & ~best_success) | ((success == best_success) & (obj > best_obj))
+        best_x[better] = x_adv[better]
+        best_logits = (
+            logits if best_logits is None else torch.where(better[:, None], logits, best_logits)
+        )
+        best_success |= success
+        best_obj = torch.where(better, obj, best_obj)
+    return AttackOutcome(
+        x_adv=best_x,
+        logits=best_logits,
+        success=best_success,
+        targets=targets if spec.targeted else None,
+        passes=spec.steps * spec.restarts,
+        zero_grad_fraction=zero_grads / max(len(x), 1),
+    )

@@ -1,0 +1,84 @@
+"""Run any attack of an ``AttackSpec`` on a batch: the one entry point of robustlr.attacks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robustlr.attacks.adapters import TORCHATTACKS_NAMES, torchattacks_adversarial
+from robustlr.attacks.modes import eval_mode, frozen_parameters
+from robustlr.attacks.pgd import AttackOutcome, pgd
+from robustlr.attacks.spec import AttackSpec
+from robustlr.attacks.targets import draw_random_targets, least_likely_targets
+from robustlr.attacks.threat import threat_model
+
+Tensor = torch.Tensor
+
+
+def _check_images(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2 or y.shape != x.shape[:1]:
+        raise ValueError(
+            f"expected images (B, ...) and labels (B,), got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("attacks work on images in [0, 1]; normalise inside the model")
+
+
+def run_attack(
+    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targets: Tensor | None = None
+) -> AttackOutcome:
+    """Attack a batch and report per-example success.
+
+    The model runs in eval mode with frozen parameters during the attack; its train/eval flags
+    and ``requires_grad`` flags are restored afterwards. Random targets, when not given, are
+    drawn from ``spec.seed`` for this batch (evaluation draws them once for the whole set).
+    Shape: x (B, C, H, W) on [0, 1], y (B,), targets (B,) -> AttackOutcome.
+    """
+    _check_images(x, y)
+    x, y = x.detach(), y.to(x.device)
+    with eval_mode(model), frozen_parameters(model):
+        with torch.no_grad():
+            clean_logits = model(x).float()
+        num_classes = clean_logits.shape[1]
+        if spec.target == "random" and targets is None:
+            targets = draw_random_targets(y, num_classes, spec.seed)
+        elif spec.target == "least-likely":
+            targets = least_likely_targets(clean_logits, y)
+        if targets is not None:
+            targets = targets.to(x.device)
+            if spec.targeted and bool((targets == y).any()):
+                raise ValueError("a target equals the true label: targets must be wrong classes")
+        if spec.name == "clean":
+            return AttackOutcome(
+                x_adv=x,
+                logits=clean_logits,
+                success=clean_logits.argmax(1) != y,
+                targets=None,
+                passes=0,
+            )
+        if spec.name in TORCHATTACKS_NAMES:
+            x_adv = torchattacks_adversarial(model, x, y, spec, num_classes)
+            x_adv = threat_model(spec.norm, spec.eps).project(x_adv, x)
+            if spec.name == "cw":  # unbounded: examples outside the ball become failures
+                outside = (x_adv - x).flatten(1).norm(dim=1) > spec.eps + 1e-6
+                x_adv[outside] = x[outside]
+            with torch.no_grad():
+                logits = model(x_adv).float()
+            return AttackOutcome(
+                x_adv=x_adv,
+                logits=logits,
+                success=logits.argmax(1) != y,
+                targets=None,
+                passes=-1,  # torchattacks does not report its passes
+            )
+        return pgd(model, x, y, spec, targets)
+
+
+def attack(
+    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targets: Tensor | None = None
+) -> Tensor:
+    """Adversarial images for ``spec`` (see ``run_attack``).
+
+    Shape: x (B, C, H, W) on [0, 1], y (B,) -> (B, C, H, W) on [0, 1].
+    """
+    return run_attack(model, x, y, spec, targets).x_adv
