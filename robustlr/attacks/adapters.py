@@ -19,9 +19,7 @@ def _torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise RuntimeError(
-            "this attack needs torchattacks: pip install torchattacks (or 'robustlr[attacks]')"
-        ) from None
+        raise RuntimeError("this attack needs torchattacks: pip install torchattacks") from None
     return torchattacks
 
 

@@ -93,8 +93,7 @@ def compile_source(
             nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
         except nvrtc.NVRTCError as err:
             raise RuntimeError(
-                f"NVRTC failed to compile {filename} for {arch}: {err}\n"
-                f"{nvrtc.getProgramLog(prog)}"
+                f"NVRTC failed to compile {filename} for {arch}: {err}\n{nvrtc.getProgramLog(prog)}"
             ) from err
         build_log = nvrtc.getProgramLog(prog)
         lowered = {name: nvrtc.getLoweredName(prog, name) for name in name_expressions}
