@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from fractions import Fraction
 from typing import Any
 
 NORMS = ("linf", "l2")
@@ -35,7 +34,10 @@ def parse_number(value: str | float | int) -> float:
         return float(value)
     text = value.strip()
     try:
-        return float(Fraction(text)) if "/" in text else float(text)
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            return float(numerator) / float(denominator)
+        return float(text)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"cannot read {value!r} as a number such as 16/255 or 0.0627") from None
 

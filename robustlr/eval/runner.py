@@ -1,0 +1,184 @@
+"""Evaluate a model on a set of images under a list of attacks: per-example outcomes, accuracy
+with Wilson intervals, and every column of the threat model (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robustlr import __version__
+from robustlr.attacks.modes import eval_mode
+from robustlr.attacks.run import run_attack
+from robustlr.attacks.spec import AttackSpec
+from robustlr.attacks.targets import draw_random_targets, save_targets, targets_sha256
+from robustlr.eval.stats import wilson_interval
+
+log = logging.getLogger(__name__)
+
+# the columns every eval.csv row carries, in order (more may follow)
+RESULT_COLUMNS = (
+    "run",
+    "arch",
+    "train_mode",
+    "dataset",
+    "split",
+    "n",
+    "subset_sha256",
+    "attack",
+    "norm",
+    "eps",
+    "step_size",
+    "steps",
+    "restarts",
+    "target_policy",
+    "targets_seed",
+    "targets_sha256",
+    "precision",
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "target_success",
+    "zero_grad_fraction",
+    "seconds",
+    "passes",
+    "checkpoint_sha256",
+    "version",
+)
+
+
+@dataclass
+class AttackResult:
+    """One attack over the whole evaluated set."""
+
+    spec: AttackSpec
+    correct: np.ndarray  # (N,) bool: prediction == true label after the attack
+    success: np.ndarray  # (N,) bool: the attack's own success (target reached, or wrong)
+    targets: np.ndarray | None  # (N,) targets of a targeted attack
+    passes: int
+    seconds: float
+    zero_grad_fraction: float = 0.0
+    targets_sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if self.n else float("nan")
+
+    def row(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """One eval.csv row: ``meta`` (run, arch, dataset, ...) plus this attack's columns."""
+        low, high = wilson_interval(int(self.correct.sum()), self.n)
+        spec = self.spec
+        attacked = spec.name != "clean"
+        return {
+            **{c: meta.get(c, "") for c in RESULT_COLUMNS},
+            "n": self.n,
+            "attack": spec.name,
+            "norm": spec.norm if attacked else "",
+            "eps": spec.eps if attacked else 0.0,
+            "step_size": spec.step_size
+            if attacked and spec.name.startswith(("pgd", "fgsm"))
+            else "",
+            "steps": spec.steps if attacked else 0,
+            "restarts": spec.restarts if attacked else 0,
+            "target_policy": spec.target if attacked else "",
+            "targets_seed": spec.seed if spec.target == "random" else "",
+            "targets_sha256": self.targets_sha256,
+            "precision": spec.precision,
+            "accuracy": round(100 * self.accuracy, 4),
+            "accuracy_low": round(100 * low, 4),
+            "accuracy_high": round(100 * high, 4),
+            "target_success": round(100 * float(self.success.mean()), 4) if spec.targeted else "",
+            "zero_grad_fraction": round(self.zero_grad_fraction, 6),
+            "seconds": round(self.seconds, 3),
+            "passes": self.passes,
+            "version": __version__,
+        }
+
+
+def subset_sha256(labels: torch.Tensor, indices: Sequence[int]) -> str:
+    """Identity of the evaluated subset: the dataset indices and their labels."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(indices, dtype="<i8").tobytes())
+    digest.update(labels.detach().cpu().long().numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    specs: Sequence[AttackSpec],
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    targets_dir: str | Path | None = None,
+    on_batch: Callable[[AttackSpec, int], None] | None = None,
+) -> list[AttackResult]:
+    """Attack every image with every spec, batch by batch.
+
+    Random targets are drawn once for the whole set from each spec's seed (so every model
+    evaluated on these images faces the same targets) and, with ``targets_dir``, saved there as
+    ``targets-<seed>-<sha12>.npy``. ``on_batch(spec, n_done)`` reports progress.
+    Shape: images (N, C, H, W) on [0, 1], labels (N,).
+    """
+    device = torch.device(device)
+    results = []
+    for spec in specs:
+        num_classes = _num_classes(model, images[:1].to(device))
+        targets = None
+        sha = ""
+        if spec.target == "random":
+            targets = draw_random_targets(labels, num_classes, spec.seed)
+            sha = targets_sha256(targets)
+            if targets_dir is not None:
+                save_targets(Path(targets_dir) / f"targets-{spec.seed}-{sha[:12]}.npy", targets)
+        correct, success, chosen = [], [], []
+        passes, zero, start = 0, 0.0, time.perf_counter()
+        for lo in range(0, len(images), batch_size):
+            x = images[lo : lo + batch_size].to(device)
+            y = labels[lo : lo + batch_size].to(device)
+            t = targets[lo : lo + batch_size] if targets is not None else None
+            outcome = run_attack(model, x, y, spec, targets=t)
+            correct.append((outcome.logits.argmax(1) == y).cpu())
+            success.append(outcome.success.cpu())
+            if outcome.targets is not None:
+                chosen.append(outcome.targets.cpu())
+            passes += outcome.passes * len(x) if outcome.passes > 0 else 0
+            zero += outcome.zero_grad_fraction * len(x)
+            if on_batch:
+                on_batch(spec, lo + len(x))
+        if spec.target == "least-likely" and chosen:
+            sha = targets_sha256(torch.cat(chosen))
+        result = AttackResult(
+            spec=spec,
+            correct=torch.cat(correct).numpy(),
+            success=torch.cat(success).numpy(),
+            targets=torch.cat(chosen).numpy() if chosen else None,
+            passes=passes,
+            seconds=time.perf_counter() - start,
+            zero_grad_fraction=zero / max(len(images), 1),
+            targets_sha256=sha,
+        )
+        log.info(
+            "%s: accuracy %.2f%% on %d images", spec.describe(), 100 * result.accuracy, result.n
+        )
+        results.append(result)
+    return results
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with eval_mode(model), torch.no_grad():
+        return int(model(x).shape[1])
