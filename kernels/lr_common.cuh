@@ -1,0 +1,161 @@
+// Shared helpers of the local relation kernels (DESIGN.md §1).
+//
+// Header-only and free of system includes so that NVRTC compiles it without a CUDA toolkit and
+// g++ compiles it on the CPU through tests/host_shim/cuda_host_shim.h (which defines
+// __device__, __forceinline__, __float_as_uint, ...). fp16 and bf16 tensors are handled as raw
+// 16-bit patterns (no cuda_fp16.h / cuda_bf16.h): the tag types below carry the bits and the
+// conversions are plain bit manipulation, round-to-nearest-even on the way back. All arithmetic
+// is done in fp32.
+#pragma once
+
+// Storage tags for the 16-bit dtypes: a struct so that the kernel templates tell them apart.
+struct lr_half {
+    unsigned short bits;
+};
+struct lr_bf16 {
+    unsigned short bits;
+};
+
+// ---- fp16 <-> fp32 --------------------------------------------------------------------------
+
+__device__ __forceinline__ float lr_half_bits_to_float(unsigned short h) {
+    unsigned int sign = (unsigned int)(h & 0x8000u) << 16;
+    unsigned int exp = (h >> 10) & 0x1fu;
+    unsigned int man = h & 0x3ffu;
+    unsigned int out;
+    if (exp == 0x1fu) {  // inf / nan
+        out = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {  // normal
+        out = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {  // signed zero
+        out = sign;
+    } else {  // subnormal: normalise the mantissa
+        unsigned int e = 113u;
+        while ((man & 0x400u) == 0) {
+            man <<= 1;
+            --e;
+        }
+        out = sign | (e << 23) | ((man & 0x3ffu) << 13);
+    }
+    return __uint_as_float(out);
+}
+
+__device__ __forceinline__ unsigned short lr_float_to_half_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    unsigned int sign = (u >> 16) & 0x8000u;
+    unsigned int abs = u & 0x7fffffffu;
+    if (abs >= 0x7f800000u) {  // inf / nan (keep nan quiet and non-zero)
+        return (unsigned short)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+    }
+    if (abs >= 0x477ff000u) {  // rounds to a value beyond 65504: overflow to inf
+        return (unsigned short)(sign | 0x7c00u);
+    }
+    if (abs >= 0x38800000u) {  // normal half (|f| >= 2^-14)
+        unsigned int mant_odd = (abs >> 13) & 1u;
+        abs += 0xc8000fffu + mant_odd;  // rebias exponent (-112 << 23) and round to nearest even
+        return (unsigned short)(sign | (abs >> 13));
+    }
+    if (abs < 0x33000001u) {  // below half the smallest subnormal: signed zero
+        return (unsigned short)sign;
+    }
+    // subnormal half: shift the full mantissa into place with round-to-nearest-even
+    unsigned int exp = abs >> 23;
+    unsigned int man = (abs & 0x7fffffu) | 0x800000u;
+    unsigned int shift = 126u - exp;  // in [14, 24]
+    unsigned int result = man >> shift;
+    unsigned int rest = man & ((1u << shift) - 1u);
+    unsigned int halfway = 1u << (shift - 1u);
+    if (rest > halfway || (rest == halfway && (result & 1u))) ++result;
+    return (unsigned short)(sign | result);
+}
+
+// ---- bf16 <-> fp32 --------------------------------------------------------------------------
+
+__device__ __forceinline__ float lr_bf16_bits_to_float(unsigned short h) {
+    return __uint_as_float((unsigned int)h << 16);
+}
+
+__device__ __forceinline__ unsigned short lr_float_to_bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // nan: keep it a quiet nan
+        return (unsigned short)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+
+// ---- typed loads and stores -------------------------------------------------------------------
+
+__device__ __forceinline__ float lr_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float lr_load(const lr_half* p, long long i) {
+    return lr_half_bits_to_float(p[i].bits);
+}
+__device__ __forceinline__ float lr_load(const lr_bf16* p, long long i) {
+    return lr_bf16_bits_to_float(p[i].bits);
+}
+
+__device__ __forceinline__ void lr_store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void lr_store(lr_half* p, long long i, float v) {
+    p[i].bits = lr_float_to_half_bits(v);
+}
+__device__ __forceinline__ void lr_store(lr_bf16* p, long long i, float v) {
+    p[i].bits = lr_float_to_bf16_bits(v);
+}
+
+// ---- appearance composability ---------------------------------------------------------------
+
+// Runtime composability codes (robustlr.ops.cupy_backend.COMPOSABILITY_CODES).
+#define LR_SQDIFF 0
+#define LR_ABSDIFF 1
+#define LR_MUL 2
+
+__device__ __forceinline__ float lr_phi(int comp, float q, float k) {
+    if (comp == LR_SQDIFF) {
+        float d = q - k;
+        return -d * d;
+    }
+    if (comp == LR_ABSDIFF) return -fabsf(q - k);
+    return q * k;
+}
+
+__device__ __forceinline__ float lr_sign(float v) {
+    return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
+}
+
+// d phi / d q (d phi / d k is the same with the roles of q and k swapped).
+__device__ __forceinline__ float lr_dphi_dq(int comp, float q, float k) {
+    if (comp == LR_SQDIFF) return -2.0f * (q - k);
+    if (comp == LR_ABSDIFF) return -lr_sign(q - k);
+    return k;
+}
+
+__device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
+    if (comp == LR_SQDIFF) return 2.0f * (q - k);
+    if (comp == LR_ABSDIFF) return lr_sign(q - k);
+    return q;
+}
+
+// ---- window geometry ------------------------------------------------------------------------
+
+// Valid offsets along one axis for the output index `o`: a in [lo, hi) reads input
+// o * stride - pad + a, which must lie in [0, size).
+__device__ __forceinline__ void lr_window_range(long long o, int stride, int pad, int ksize,
+                                                long long size, int* lo, int* hi) {
+    long long start = o * stride - pad;
+    long long l = start < 0 ? -start : 0;
+    long long h = size - start;
+    *lo = (int)l;
+    *hi = (int)(h < ksize ? h : ksize);
+}
+
+// Output indices whose window covers input index `p` along one axis: o in [lo, hi), with
+// offset a = p + pad - o * stride in [0, K).
+__device__ __forceinline__ void lr_cover_range(long long p, int stride, int pad, int ksize,
+                                               long long out_size, long long* lo, long long* hi) {
+    long long top = p + pad;              // o * stride <= top
+    long long bottom = p + pad - ksize + 1;  // o * stride >= bottom
+    long long l = bottom <= 0 ? 0 : (bottom + stride - 1) / stride;
+    long long h = top / stride + 1;
+    *lo = l;
+    *hi = h < out_size ? h : out_size;
+}
