@@ -69,3 +69,16 @@ def test_bad_suite_files_are_clear_errors(tmp_path):
         load_suite(bad)
     with pytest.raises(ValueError, match="no attack suite"):
         load_suite("nonexistent")
+
+
+def test_outcomes_round_trip(tmp_path):
+    from robustlr.eval import load_outcomes, save_outcomes
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 3, 8, 8, generator=gen), torch.randint(0, 10, (12,), generator=gen)
+    (result,) = evaluate(small_model(), x, y, [AttackSpec("pgd-targeted", eps=0.1, steps=2)])
+    path = save_outcomes(tmp_path / "o.npz", result, "abc")
+    back = load_outcomes(path)
+    assert np.array_equal(back["correct"], result.correct)
+    assert np.array_equal(back["targets"], result.targets)
+    assert back["subset_sha256"] == "abc" and back["targets_sha256"] == result.targets_sha256

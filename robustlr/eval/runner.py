@@ -51,6 +51,7 @@ RESULT_COLUMNS = (
     "seconds",
     "passes",
     "checkpoint_sha256",
+    "outcomes_file",
     "version",
 )
 
@@ -106,6 +107,35 @@ class AttackResult:
             "passes": self.passes,
             "version": __version__,
         }
+
+
+def save_outcomes(path: str | Path, result: AttackResult, subset_sha: str) -> Path:
+    """Per-example outcomes of one attack as ``.npz``: ``correct``, ``success``, ``targets``
+    (empty when untargeted) and the subset/targets hashes that make two files comparable
+    (paired tests need the same images and the same targets)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(
+            fh,
+            correct=result.correct,
+            success=result.success,
+            targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
+            subset_sha256=np.array(subset_sha),
+            targets_sha256=np.array(result.targets_sha256),
+        )
+    tmp.replace(path)
+    return path
+
+
+def load_outcomes(path: str | Path) -> dict[str, np.ndarray | str]:
+    """Read a file written by ``save_outcomes`` (no pickles)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        out: dict[str, np.ndarray | str] = {k: data[k] for k in ("correct", "success", "targets")}
+        out["subset_sha256"] = str(data["subset_sha256"])
+        out["targets_sha256"] = str(data["targets_sha256"])
+    return out
 
 
 def subset_sha256(labels: torch.Tensor, indices: Sequence[int]) -> str:
