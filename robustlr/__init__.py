@@ -8,4 +8,6 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["__version__"]
+from robustlr.models import create_model, list_models  # noqa: E402
+
+__all__ = ["__version__", "create_model", "list_models"]

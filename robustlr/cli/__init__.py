@@ -12,7 +12,9 @@ import click
 
 from robustlr import __version__
 from robustlr.cli.bench import bench
+from robustlr.cli.bench_model import model as bench_model
 from robustlr.cli.errors import UsageFailure
+from robustlr.cli.models import models
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +26,9 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+bench.add_command(bench_model)
 cli.add_command(bench)
+cli.add_command(models)
 
 
 def main() -> None:
