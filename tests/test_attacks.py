@@ -202,3 +202,12 @@ def test_least_likely_targets_are_the_lowest_wrong_class():
     logits = torch.tensor([[0.0, 5.0, -1.0], [-3.0, 1.0, 2.0], [1.0, 0.0, 2.0]])
     labels = torch.tensor([1, 0, 1])  # row 2: the true class is the least likely; skip it
     assert least_likely_targets(logits, labels).tolist() == [2, 1, 0]
+
+
+def test_start_point_replaces_the_first_random_start(batch):
+    x, y = batch
+    model = small_model()
+    spec = AttackSpec("pgd-untargeted", eps=8 / 255, steps=1, step_size=0.0)
+    start = (x + 1.0).clamp(0, 1)  # projected back into the ball: x + eps where possible
+    adv = run_attack(model, x, y, spec, start=start).x_adv
+    torch.testing.assert_close(adv, torch.min(x + 8 / 255, torch.ones_like(x)))

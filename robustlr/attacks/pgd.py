@@ -45,12 +45,18 @@ def _succeeded(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
 
 
 def pgd(
-    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targets: Tensor | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: AttackSpec,
+    targets: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> AttackOutcome:
     """Run PGD (FGSM when ``spec.name == 'fgsm'``) on a model already in attack state.
 
     ``targets`` are required for a targeted spec; the caller (``robustlr.attacks.run``) draws
-    them. Shape: x (B, C, H, W) on [0, 1], y (B,) -> AttackOutcome.
+    them. ``start``, if given, replaces the first restart's starting point (it is projected
+    into the ball). Shape: x (B, C, H, W) on [0, 1], y (B,) -> AttackOutcome.
     """
     if spec.targeted and targets is None:
         raise ValueError(f"{spec.describe()} is targeted: pass targets")
@@ -65,7 +71,10 @@ def pgd(
     best_logits = None
     zero_grads = 0
     for restart in range(spec.restarts):
-        x_adv = ball.init(x, generator) if random_start else x.clone()
+        if restart == 0 and start is not None:
+            x_adv = ball.project(start.detach().to(x.dtype), x)
+        else:
+            x_adv = ball.init(x, generator) if random_start else x.clone()
         for step in range(spec.steps):
             x_adv.requires_grad_(True)
             with autocast_for(spec.precision, x.device):

@@ -25,13 +25,19 @@ def _check_images(x: Tensor, y: Tensor) -> None:
 
 
 def run_attack(
-    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targets: Tensor | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: AttackSpec,
+    targets: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> AttackOutcome:
     """Attack a batch and report per-example success.
 
     The model runs in eval mode with frozen parameters during the attack; its train/eval flags
     and ``requires_grad`` flags are restored afterwards. Random targets, when not given, are
     drawn from ``spec.seed`` for this batch (evaluation draws them once for the whole set).
+    ``start`` sets PGD's first starting point (see ``pgd``).
     Shape: x (B, C, H, W) on [0, 1], y (B,), targets (B,) -> AttackOutcome.
     """
     _check_images(x, y)
@@ -71,7 +77,7 @@ def run_attack(
                 targets=None,
                 passes=-1,  # torchattacks does not report its passes
             )
-        return pgd(model, x, y, spec, targets)
+        return pgd(model, x, y, spec, targets, start)
 
 
 def attack(
