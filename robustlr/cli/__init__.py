@@ -14,7 +14,11 @@ from robustlr import __version__
 from robustlr.cli.bench import bench
 from robustlr.cli.bench_model import model as bench_model
 from robustlr.cli.errors import UsageFailure
+from robustlr.cli.eval import eval_command
 from robustlr.cli.models import models
+from robustlr.cli.report import check, report
+from robustlr.cli.train import train
+from robustlr.cli.viz import viz
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,8 +31,8 @@ def cli(verbose: int) -> None:
 
 
 bench.add_command(bench_model)
-cli.add_command(bench)
-cli.add_command(models)
+for command in (train, eval_command, report, check, models, bench, viz):
+    cli.add_command(command)
 
 
 def main() -> None:

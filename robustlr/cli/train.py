@@ -77,9 +77,8 @@ def training_options(f: F) -> F:
         click.option("--arch", default=None, help="Model name (see `robustlr models`)."),
         click.option(
             "--dataset",
-            type=click.Choice(DATASETS),
             default=None,
-            help="Dataset [default: digits, embedded].",
+            help=f"Dataset: {', '.join(DATASETS)} [default: digits, embedded].",
         ),
         click.option(
             "--data",

@@ -1,0 +1,193 @@
+"""``robustlr eval``: attack a checkpoint and append Table 9-ready rows to ``eval.csv``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from robustlr.attacks.spec import (
+    ATTACK_NAMES,
+    NORMS,
+    PRECISIONS,
+    AttackSpec,
+    format_eps,
+    parse_eps,
+)
+from robustlr.attacks.suites import load_suite
+from robustlr.checkpoint import CheckpointError
+from robustlr.cli.errors import UsageFailure
+from robustlr.data import DataError
+from robustlr.eval.session import (
+    EVAL_CSV,
+    evaluate_checkpoint,
+    find_checkpoint,
+    load_eval_images,
+    open_checkpoint,
+)
+
+
+def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_eps(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return torch.device(name)
+
+
+def build_specs(
+    attacks: tuple[str, ...], suite: str | None, overrides: dict[str, Any]
+) -> list[AttackSpec]:
+    """Specs from --attack names and/or a suite; CLI values override each spec's own."""
+    specs: list[AttackSpec] = []
+    try:
+        if suite:
+            specs += load_suite(suite)
+        for name in attacks:
+            specs.append(AttackSpec(name, **{k: v for k, v in overrides.items() if v is not None}))
+        if suite and overrides:
+            specs = [s.with_options(**overrides) for s in specs]
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    if not specs:
+        raise click.UsageError("name at least one --attack or a --suite")
+    return specs
+
+
+@click.command("eval")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint to evaluate [default: the newest run's best.pt].",
+)
+@click.option(
+    "--runs",
+    "runs_root",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Where runs live (to find the newest one).",
+)
+@click.option(
+    "--attack",
+    "attacks",
+    multiple=True,
+    type=click.Choice(ATTACK_NAMES),
+    help="Attack to run (repeatable).",
+)
+@click.option("--suite", default=None, help="A suite name from attacks/ or a .toml file.")
+@click.option("--eps", callback=_eps_option, default=None, help="e.g. 16/255 or 0.0627.")
+@click.option("--step-size", callback=_eps_option, default=None, help="e.g. 1/255.")
+@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--restarts", type=click.IntRange(min=1), default=None)
+@click.option("--norm", type=click.Choice(NORMS), default=None)
+@click.option("--seed", type=int, default=None, help="Seed of random targets and starts.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluate the first N test images only.",
+)
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Data path [default: the one the run was trained with].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--out",
+    "out_csv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Results CSV to append to [default: eval.csv in the run directory].",
+)
+@click.option(
+    "--save-examples",
+    "examples_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Save per-example outcomes (npz) in this directory.",
+)
+def eval_command(
+    checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
+    limit, split, data, batch_size, device, out_csv, examples_dir,
+):  # fmt: skip
+    """Evaluate a checkpoint under white-box attacks (the run's test images)."""
+    overrides = {
+        "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts, "norm": norm,
+        "seed": seed, "precision": precision,
+    }  # fmt: skip
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    specs = build_specs(attacks, suite, overrides)
+    dev = _device(device)
+    console = Console()
+    try:
+        path = find_checkpoint(checkpoint, runs_root)
+        target = open_checkpoint(path, dev)
+        dataset = target.meta["dataset"]
+        root = data if data is not None else target.config.get("data")
+        images, labels, indices = load_eval_images(dataset, split, root, target.image_size, limit)
+    except (FileNotFoundError, CheckpointError, DataError) as exc:
+        raise UsageFailure(str(exc)) from None
+    out_csv = out_csv or target.run_dir / EVAL_CSV
+    examples_dir = examples_dir or out_csv.parent / "outcomes"
+    console.print(
+        f"[bold]eval[/] {target.meta['arch']} ({target.meta['train_mode'] or '?'}) from {path}: "
+        f"{len(labels)} {dataset} {split} images on {dev}"
+    )
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn(),
+    )  # fmt: skip
+    started = time.perf_counter()
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as progress:  # fmt: skip
+        tasks = {id(s): progress.add_task(s.describe(), total=len(labels), rate=0.0) for s in specs}
+        spec_start: dict[int, float] = {}
+
+        def on_batch(spec: AttackSpec, done: int) -> None:
+            spec_start.setdefault(id(spec), time.perf_counter())
+            elapsed = max(time.perf_counter() - spec_start[id(spec)], 1e-9)
+            progress.update(tasks[id(spec)], completed=done, rate=done / elapsed)
+
+        rows = evaluate_checkpoint(
+            target, specs, images=images, labels=labels, indices=indices, split=split,
+            out_csv=out_csv, batch_size=batch_size, device=dev, examples_dir=examples_dir,
+            on_batch=on_batch,
+        )  # fmt: skip
+
+    table = Table(title=f"{target.meta['arch']} · {len(labels)} images · {split}")
+    for col in ("attack", "eps", "steps", "target", "acc %", "95% CI", "hit %"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for spec, row in zip(specs, rows, strict=True):
+        table.add_row(
+            spec.name,
+            format_eps(spec.eps) if spec.name != "clean" else "-",
+            str(row["steps"] or "-"),
+            row["target_policy"] or "-",
+            f"{row['accuracy']:.2f}",
+            f"[{row['accuracy_low']:.1f}, {row['accuracy_high']:.1f}]",
+            f"{row['target_success']:.1f}" if row["target_success"] != "" else "-",
+        )
+    console.print(table)
+    console.print(f"appended {len(rows)} rows to {out_csv} ({time.perf_counter() - started:.1f} s)")

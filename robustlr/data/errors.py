@@ -1,0 +1,7 @@
+"""The error raised for bad data input (unknown dataset, missing path, corrupt file)."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data input; the message says what is wrong and where (the CLI shows it as one line)."""

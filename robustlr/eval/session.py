@@ -1,0 +1,178 @@
+"""Evaluate a checkpoint the way ``robustlr eval`` does: find it, load its test images, attack,
+and append one row per attack to the run's ``eval.csv`` (earlier rows are never rewritten)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustlr.attacks.spec import AttackSpec
+from robustlr.checkpoint import build_model, load_checkpoint
+from robustlr.data import load as load_dataset
+from robustlr.eval.runner import (
+    RESULT_COLUMNS,
+    AttackResult,
+    evaluate,
+    save_outcomes,
+    subset_sha256,
+)
+from robustlr.train.rundir import latest_run
+
+log = logging.getLogger(__name__)
+
+EVAL_CSV = "eval.csv"
+
+
+@dataclass
+class EvalTarget:
+    """A checkpoint ready for evaluation, with the metadata every result row carries."""
+
+    checkpoint: Path
+    run_dir: Path
+    model: nn.Module
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    image_size: int
+
+
+def find_checkpoint(checkpoint: str | Path | None, runs_root: str | Path = "runs") -> Path:
+    """The given checkpoint, or the newest run's best checkpoint (else its latest)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    run = latest_run(runs_root)
+    for name in ("best.pt", "checkpoint.pt"):
+        if (run / name).is_file():
+            return run / name
+    raise FileNotFoundError(f"run {run} has no best.pt or checkpoint.pt yet")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
+    """Load a checkpoint safely (``weights_only``) and build its model in eval mode."""
+    payload = load_checkpoint(path, map_location="cpu")
+    model = build_model(payload).to(device).eval()
+    config = payload.get("config") or {}
+    dataset = payload.get("dataset") or {}
+    meta = {
+        "run": path.parent.name,
+        "arch": payload["arch"],
+        "train_mode": config.get("mode", ""),
+        "dataset": dataset.get("name", config.get("dataset", "")),
+        "checkpoint_sha256": file_sha256(path),
+    }
+    return EvalTarget(
+        checkpoint=path,
+        run_dir=path.parent,
+        model=model,
+        meta=meta,
+        config=config,
+        image_size=int(dataset.get("image_size") or config.get("image_size") or 0),
+    )
+
+
+def load_eval_images(
+    dataset: str,
+    split: str,
+    root: str | Path | None,
+    image_size: int | None,
+    limit: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The first ``limit`` images of a split (all when None), without augmentation.
+
+    Shape: -> images (N, C, S, S) on [0, 1], labels (N,), dataset indices.
+    """
+    ds = load_dataset(dataset, split, root, image_size=image_size or None, augment=False)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    indices = list(range(n))
+    if hasattr(ds, "__getitems__"):
+        images, labels = ds.__getitems__(indices)
+    else:
+        items = [ds[i] for i in indices]
+        images = torch.stack([x for x, _ in items])
+        labels = torch.tensor([int(y) for _, y in items])
+    return images, labels.long(), indices
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows to a results CSV, writing the header only for a new file. An existing file
+    keeps its own column order (columns it lacks are dropped from the new rows, with a log)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fieldnames = list(RESULT_COLUMNS)
+    exists = path.is_file() and path.stat().st_size > 0
+    if exists:
+        with path.open(newline="") as fh:
+            fieldnames = next(csv.reader(fh), fieldnames)
+        dropped = set(rows[0]) - set(fieldnames) if rows else set()
+        if dropped:
+            log.warning("%s has no column(s) %s; they are not written", path, sorted(dropped))
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames, extrasaction="ignore")
+        if not exists:
+            writer.writeheader()
+        writer.writerows(rows)
+        fh.flush()
+
+
+def outcome_filename(result: AttackResult, index: int) -> str:
+    spec = result.spec
+    threat = f"{spec.norm}-{spec.eps:.5f}-s{spec.steps}-r{spec.restarts}-seed{spec.seed}"
+    return f"{index:02d}-{spec.name}-{threat}.npz"
+
+
+def evaluate_checkpoint(
+    target: EvalTarget,
+    specs: Sequence[AttackSpec],
+    *,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    split: str,
+    out_csv: Path,
+    batch_size: int,
+    device: torch.device,
+    examples_dir: Path | None = None,
+    on_batch: Callable[[AttackSpec, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Attack ``images`` with every spec, append the rows to ``out_csv`` and return them."""
+    subset = subset_sha256(labels, indices)
+    results = evaluate(
+        target.model,
+        images,
+        labels,
+        specs,
+        batch_size=batch_size,
+        device=device,
+        targets_dir=out_csv.parent / "targets",
+        on_batch=on_batch,
+    )
+    rows = []
+    for i, result in enumerate(results):
+        meta = {**target.meta, "split": split, "subset_sha256": subset}
+        if examples_dir is not None:
+            path = save_outcomes(examples_dir / outcome_filename(result, i), result, subset)
+            meta["outcomes_file"] = _relative(path, out_csv.parent)
+        rows.append(result.row(meta))
+    append_rows(out_csv, rows)
+    return rows
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())

@@ -1,0 +1,251 @@
+"""Table 9 as CSV, Markdown (with notes, paired tests and sanity checks), LaTeX, and the data
+of a rich terminal table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from robustlr.report.checks import CheckResult, checks_frame
+from robustlr.report.table9 import CELLS, TABLE9_COLUMNS, Table9, eps_text
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "md", "latex")
+SUFFIXES = {"csv": ".csv", "md": ".md", "latex": ".tex"}
+HEADERS = {
+    "adv_clean": "adv. clean",
+    "adv_targeted": "adv. targeted",
+    "adv_untargeted": "adv. untargeted",
+    "regular_clean": "regular clean",
+}
+
+
+def cell_text(value: object, digits: int = 1) -> str:
+    """A number with ``digits`` decimals; "" for a missing value."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _with_interval(row: pd.Series, cell: str) -> str:
+    value = row[cell]
+    if pd.isna(value):
+        return ""
+    return f"{value:.1f} [{row[f'{cell}_low']:.1f}, {row[f'{cell}_high']:.1f}]"
+
+
+def write_csv(table: Table9, path: str | Path) -> Path:
+    """The table as CSV: ``network,adv_clean,adv_targeted,adv_untargeted,regular_clean`` first,
+    then intervals and threat model; empty fields for missing cells."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.frame.to_csv(path, index=False, na_rep="", float_format="%.1f")
+    return path
+
+
+def write_frame(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Any report frame (checks, pairs) as CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, na_rep="")
+    return path
+
+
+def _md_escape(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = [
+        "| " + " | ".join(_md_escape(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pair_rows(pairs: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for _, p in pairs.iterrows():
+        tested = pd.notna(p["p_value"])
+        rows.append(
+            [
+                p["cell"],
+                f"{p['network_a']} vs {p['network_b']}",
+                f"{p['accuracy_a']:.1f} vs {p['accuracy_b']:.1f}",
+                f"{p['difference']:+.1f}",
+                f"{int(p['only_a'])} / {int(p['only_b'])}" if tested else "",
+                f"{p['p_value']:.3g}" if tested else "",
+                ("yes" if p["significant"] else "no") if tested else "",
+                p["note"],
+            ]
+        )
+    return rows
+
+
+def to_markdown(
+    table: Table9, pairs: pd.DataFrame | None = None, checks: list[CheckResult] | None = None
+) -> str:
+    """The report as Markdown: Table 9, intervals and threat model, notes, pairs, checks."""
+    frame = table.frame
+    parts = [
+        "# Table 9: robustness to white-box attacks (top-1 %)",
+        "",
+        f"{table.dataset} ({table.split}), {table.settings.norm} eps {eps_text(table.eps)}, "
+        f"{table.settings.precision}. Adversarial train: clean, targeted and untargeted PGD; "
+        "regular train: clean.",
+        "",
+        markdown_table(
+            list(TABLE9_COLUMNS),
+            [[str(r["network"]), *(cell_text(r[c]) for c in CELLS)] for _, r in frame.iterrows()],
+        ),
+        "",
+        "## Intervals (Wilson 95%) and threat model",
+        "",
+        markdown_table(
+            ["network", *CELLS, "n", "steps", "step size", "restarts", "targets", "runs"],
+            [
+                [
+                    str(r["network"]),
+                    *(_with_interval(r, c) for c in CELLS),
+                    str(r["n"]),
+                    str(r["steps"]),
+                    str(r["step_size"]),
+                    str(r["restarts"]),
+                    f"{r['target_policy']} (seed {r['targets_seed']})"
+                    if r["target_policy"]
+                    else "",
+                    " / ".join(x for x in (r["adv_run"], r["regular_run"]) if x),
+                ]
+                for _, r in frame.iterrows()
+            ],
+        ),
+    ]
+    if table.notes:
+        parts += ["", "## Notes", "", *(f"- {_md_escape(n)}" for n in table.notes)]
+    if pairs is not None and len(pairs):
+        parts += [
+            "",
+            "## Paired tests (McNemar, same images and targets)",
+            "",
+            markdown_table(
+                [
+                    "cell",
+                    "networks",
+                    "accuracy",
+                    "diff",
+                    "only a / only b",
+                    "p",
+                    "p < 0.05",
+                    "note",
+                ],
+                _pair_rows(pairs),
+            ),
+        ]
+    if checks:
+        parts += [
+            "",
+            "## Sanity checks",
+            "",
+            markdown_table(
+                ["check", "status", "subject", "numbers", "explanation"],
+                [[c.check, c.status.upper(), c.subject, c.numbers, c.message] for c in checks],
+            ),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _tex(text: object) -> str:
+    out = str(text)
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&")):
+        out = out.replace(char, escaped)
+    return out.replace("#", r"\#")
+
+
+def to_latex(table: Table9) -> str:
+    """The table in the paper's layout (booktabs): adversarial train clean / targeted /
+    untargeted, regular train clean; the best value of each column in bold."""
+    frame = table.frame
+    best = {c: frame[c].max() for c in CELLS}
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{lcccc}",
+        r"\toprule",
+        r"network & \multicolumn{3}{c}{adversarial train} & regular train \\",
+        r"\cmidrule(lr){2-4}\cmidrule(lr){5-5}",
+        r" & clean & \emph{targeted} & \emph{untargeted} & clean \\",
+        r"\midrule",
+    ]
+    for _, row in frame.iterrows():
+        cells = []
+        for c in CELLS:
+            text = cell_text(row[c])
+            bold = text and len(frame) > 1 and row[c] == best[c]
+            cells.append(rf"\textbf{{{text}}}" if bold else text)
+        lines.append(" & ".join([_tex(row["network"]), *cells]) + r" \\")
+    caption = (
+        f"Robustness to white-box attacks (top-1 acc \\%), {_tex(table.dataset)} "
+        f"{_tex(table.split)}, {_tex(table.settings.norm)} $\\epsilon$ = {eps_text(table.eps)}."
+    )
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table_data(table: Table9) -> dict[str, object]:
+    """What a terminal table shows: ``title``, ``columns`` (names) and ``rows`` (strings)."""
+    columns = ["network", *(HEADERS[c] for c in CELLS), "n", "steps", "runs"]
+    rows = [
+        [
+            str(r["network"]),
+            *(_with_interval(r, c) for c in CELLS),
+            str(r["n"]),
+            str(r["steps"]),
+            " / ".join(x for x in (r["adv_run"], r["regular_run"]) if x),
+        ]
+        for _, r in table.frame.iterrows()
+    ]
+    title = (
+        f"Table 9: top-1 % [Wilson 95%], {table.dataset} {table.split}, "
+        f"{table.settings.norm} eps {eps_text(table.eps)}"
+    )
+    return {"title": title, "columns": columns, "rows": rows}
+
+
+def write_report(
+    table: Table9,
+    out: str | Path,
+    fmt: str = "csv",
+    pairs: pd.DataFrame | None = None,
+    checks: list[CheckResult] | None = None,
+) -> list[Path]:
+    """Write the table to ``out`` in ``fmt``; with csv also its Markdown twin (same stem, .md).
+    ``checks.csv`` and ``pairs.csv`` go next to it. Returns the paths written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if fmt == "csv":
+        written.append(write_csv(table, out))
+        md = out.with_suffix(".md")
+        md.write_text(to_markdown(table, pairs, checks))
+        written.append(md)
+    elif fmt == "md":
+        out.write_text(to_markdown(table, pairs, checks))
+        written.append(out)
+    else:
+        out.write_text(to_latex(table))
+        written.append(out)
+    if checks is not None:
+        written.append(write_frame(checks_frame(checks), out.parent / "checks.csv"))
+    if pairs is not None:
+        written.append(write_frame(pairs, out.parent / "pairs.csv"))
+    log.info("wrote %s", ", ".join(map(str, written)))
+    return written
