@@ -11,6 +11,7 @@ import sys
 import click
 
 from robustlr import __version__
+from robustlr.cli.advtrain import advtrain
 from robustlr.cli.bench import bench
 from robustlr.cli.bench_model import model as bench_model
 from robustlr.cli.errors import UsageFailure
@@ -31,7 +32,7 @@ def cli(verbose: int) -> None:
 
 
 bench.add_command(bench_model)
-for command in (train, eval_command, report, check, models, bench, viz):
+for command in (train, advtrain, eval_command, report, check, models, bench, viz):
     cli.add_command(command)
 
 

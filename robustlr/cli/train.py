@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from robustlr.checkpoint import CheckpointError
-from robustlr.cli.errors import UsageFailure
+from robustlr.cli.errors import UsageFailure, one_line
 from robustlr.data import DATASETS, DataError
 from robustlr.train import (
     BatchHook,
@@ -177,18 +177,7 @@ def build_config(mode: str, params: dict[str, Any]) -> tuple[TrainConfig, bool]:
         recipe = read_recipe(params["recipe"]) if params.get("recipe") else {}
         return resolve(recipe, explicit, sets, {"mode": mode}), False
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
-        raise UsageFailure(_one_line(exc)) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message of ``exc`` as one line (DataLoader workers wrap errors in a traceback)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    last = lines[-1]
-    if len(lines) > 1 and ": " in last:
-        last = last.split(": ", 1)[1]
-    return last
+        raise UsageFailure(one_line(exc)) from None
 
 
 class _Renderer:
@@ -272,7 +261,7 @@ def run_training(config: TrainConfig, resume: bool, hook: BatchHook | None = Non
     try:
         return train_engine(config, on_event=renderer, hook=hook, resume=resume)
     except (ConfigError, DataError, CheckpointError) as exc:
-        raise UsageFailure(_one_line(exc)) from None
+        raise UsageFailure(one_line(exc)) from None
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -1,16 +1,34 @@
 """Exact, memory-frugal PyTorch backend of the local relation op (any device).
 
-The window is walked offset by offset over strided views of a padded copy of the inputs, so no
-K*K-times copy of x is ever made (an ``nn.Unfold`` implementation needs ~K*K times the input).
-Forward runs a two-pass softmax (max, then exp-sum and aggregation) and saves only the output
-and a per-(b, g, position) log-sum-exp; backward recomputes the weights offset by offset.
+No K*K-times copy of x is ever made (an ``nn.Unfold`` implementation needs ~K*K times the
+input). The work splits in two kinds:
+
+- G-sized work (logits, softmax statistics, their gradients; one value per group, i.e. 1/m of
+  x's size per offset) is vectorised over a *chunk* of window rows at once: a zero-copy
+  ``as_strided`` view of the padded keys, shape (B, G, D, R, K, Ho, Wo), holds the keys read by
+  the R*K offsets of window rows [a0, a0 + R), so one chunk's logits take a handful of torch
+  ops. R is chosen so that a chunk holds at most ``max(numel(x) / 2, 2**20)`` elements (at
+  least one window row): small images get the whole window in one chunk, large ones a row at a
+  time, so the temporaries stay below the size of x.
+- C-sized work (aggregation y += w_o x_o, and in backward gx_o += w_o gy and
+  dw_o = sum_c gy_c x_{o,c}) runs offset by offset over strided views of the padded x, as
+  overlapping in-place adds into one strided view are not allowed.
+
+Forward is an online softmax over the chunks (the chunk holding the window centre first, so
+the running max is finite everywhere: the centre is always inside the image): per chunk, the
+running max, exp-sum and unnormalised output are rescaled to the new max. Out-of-image
+neighbours get a logit of -inf (weight 0), folded into a per-chunk bias together with geo.
+Forward saves x, q, k, geo, the output and a per-(b, g, position) log-sum-exp; backward
+recomputes the weights chunk by chunk.
 
 Gradients, for one group g, offset o and output position p (w = softmax weights):
     y      = sum_o w_o x_o
     dw_o   = sum_{c in g} gy_c x_{o,c}
     D      = sum_o w_o dw_o = sum_{c in g} gy_c y_c
     dlogit = w_o (dw_o - D)
-then dx_o += w_o gy, dgeo[o] += sum dlogit, and dq, dk_o from dlogit and dphi.
+then dx_o += w_o gy, dgeo[o] += sum dlogit, dq += sum_o dlogit_o dphi/dq and
+dk_o += dlogit_o dphi/dk; the chunk's dk terms are scattered back at once with ``F.fold``
+(col2im, which sums overlapping windows).
 """
 
 from __future__ import annotations
@@ -22,66 +40,13 @@ from robustlr.ops.contract import LocalRelationShape
 
 Tensor = torch.Tensor
 
+# Elements of one chunk-sized temporary (logits, weights, ...) allowed whatever the input size.
+_MIN_CHUNK_ELEMENTS = 1 << 20
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; everything else (fp32, fp16, bf16) is computed in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _phi(q: Tensor, k: Tensor, composability: str) -> Tensor:
-    """Appearance composability summed over the qk dimension (dim 2). Shape: (B, G, Ho, Wo)."""
-    if composability == "sqdiff":
-        return -(q - k).square().sum(2)
-    if composability == "absdiff":
-        return -(q - k).abs().sum(2)
-    return (q * k).sum(2)
-
-
-def _phi_grads(q: Tensor, k: Tensor, composability: str) -> tuple[Tensor, Tensor]:
-    """d phi / d q and d phi / d k, elementwise. Shape: (B, G, D, Ho, Wo) each."""
-    if composability == "sqdiff":
-        diff = q - k
-        return -2 * diff, 2 * diff
-    if composability == "absdiff":
-        sign = torch.sign(q - k)
-        return -sign, sign
-    return k, q
-
-
-class _Window:
-    """Padded inputs and the strided view of each window offset."""
-
-    def __init__(self, shape: LocalRelationShape, device: torch.device) -> None:
-        self.shape = shape
-        s, p = shape.stride, shape.padding
-        self.span_h = s * (shape.out_height - 1) + 1
-        self.span_w = s * (shape.out_width - 1) + 1
-        # validity of each offset at each output position: input row i*s - P + a in [0, H)
-        out_r = torch.arange(shape.out_height, device=device) * s - p
-        out_c = torch.arange(shape.out_width, device=device) * s - p
-        k = torch.arange(shape.kernel_size, device=device)
-        self.row_ok = ((out_r[None, :] + k[:, None]) >= 0) & (
-            (out_r[None, :] + k[:, None]) < shape.height
-        )  # (K, Ho)
-        self.col_ok = ((out_c[None, :] + k[:, None]) >= 0) & (
-            (out_c[None, :] + k[:, None]) < shape.width
-        )  # (K, Wo)
-
-    def offsets(self):
-        K = self.shape.kernel_size
-        for a in range(K):
-            for b in range(K):
-                yield a, b
-
-    def view(self, padded: Tensor, a: int, b: int) -> Tensor:
-        """Values read by offset (a, b) at every output position: a strided view, no copy."""
-        s = self.shape.stride
-        return padded[..., a : a + self.span_h : s, b : b + self.span_w : s]
-
-    def invalid(self, a: int, b: int) -> Tensor | None:
-        """Mask (Ho, Wo) of output positions whose neighbour (a, b) is outside the image."""
-        ok = self.row_ok[a][:, None] & self.col_ok[b][None, :]
-        return None if bool(ok.all()) else ~ok
 
 
 def _pad_spatial(t: Tensor, p: int) -> Tensor:
@@ -97,44 +62,114 @@ def _grouped(t: Tensor, groups: int, per_group: int) -> Tensor:
     return t.reshape(b, groups, per_group, h, w)
 
 
+class _Window:
+    """Chunks of window rows, strided views of the padded inputs, and per-chunk logit biases."""
+
+    def __init__(self, shape: LocalRelationShape, device: torch.device, numel_x: int) -> None:
+        self.shape = shape
+        K, s, p = shape.kernel_size, shape.stride, shape.padding
+        self.span_h = s * (shape.out_height - 1) + 1
+        self.span_w = s * (shape.out_width - 1) + 1
+        # validity of each offset at each output position: input row i*s - P + a in [0, H)
+        out_r = torch.arange(shape.out_height, device=device) * s - p
+        out_c = torch.arange(shape.out_width, device=device) * s - p
+        k = torch.arange(K, device=device)
+        rows = out_r[None, :] + k[:, None]
+        cols = out_c[None, :] + k[:, None]
+        self.row_ok = (rows >= 0) & (rows < shape.height)  # (K, Ho)
+        self.col_ok = (cols >= 0) & (cols < shape.width)  # (K, Wo)
+
+        # rows per chunk: keep one chunk-sized temporary (B, G, D, R, K, Ho, Wo) within budget
+        per_row = shape.batch * shape.groups * shape.qk_dim * K * shape.out_height
+        per_row *= shape.out_width
+        budget = max(numel_x // 2, _MIN_CHUNK_ELEMENTS)
+        rows_per_chunk = max(1, min(K, budget // max(per_row, 1)))
+        chunks = [(a0, min(a0 + rows_per_chunk, K)) for a0 in range(0, K, rows_per_chunk)]
+        # the chunk holding the centre row first: its max logit is finite at every position
+        centre = next(c for c in chunks if c[0] <= p < c[1])
+        self.chunks = [centre] + [c for c in chunks if c != centre]
+
+    def view(self, padded: Tensor, a: int, b: int) -> Tensor:
+        """Values read by offset (a, b) at every output position: a strided view, no copy."""
+        s = self.shape.stride
+        return padded[..., a : a + self.span_h : s, b : b + self.span_w : s]
+
+    def chunk_view(self, padded: Tensor, a0: int, a1: int) -> Tensor:
+        """Values read by the offsets of window rows [a0, a1), no copy.
+
+        Shape: padded (..., Hp, Wp) -> (..., a1 - a0, K, Ho, Wo).
+        """
+        s, K = self.shape.stride, self.shape.kernel_size
+        *lead, sh, sw = padded.stride()
+        return padded.as_strided(
+            (*padded.shape[:-2], a1 - a0, K, self.shape.out_height, self.shape.out_width),
+            (*lead, sh, sw, s * sh, s * sw),
+            padded.storage_offset() + a0 * sh,
+        )
+
+    def bias(self, geo: Tensor, a0: int, a1: int) -> Tensor:
+        """geo logits of rows [a0, a1), -inf where the neighbour is outside the image.
+
+        Shape: geo (G, K, K) -> (G, R, K, Ho, Wo).
+        """
+        ok = self.row_ok[a0:a1, None, :, None] & self.col_ok[None, :, None, :]
+        return torch.where(ok, geo[:, a0:a1, :, None, None], float("-inf"))
+
+
+def _chunk_logits(qg: Tensor, k_chunk: Tensor, bias: Tensor, composability: str) -> Tensor:
+    """phi(q, k) summed over qk_dim, plus the bias. Shape: (B, G, R, K, Ho, Wo)."""
+    q = qg[:, :, :, None, None]
+    if composability == "mul":
+        phi = q * k_chunk
+    else:
+        phi = q - k_chunk
+        phi = phi.square_() if composability == "sqdiff" else phi.abs_()
+        phi.neg_()
+    logits = phi[:, :, 0] if phi.shape[2] == 1 else phi.sum(2)
+    return logits.add_(bias)
+
+
 class _LocalRelationReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, k, geo, shape: LocalRelationShape, composability: str):
         ct = compute_dtype(x.dtype)
         G, m, D = shape.groups, shape.channels_per_group, shape.qk_dim
-        win = _Window(shape, x.device)
+        B, Ho, Wo = shape.batch, shape.out_height, shape.out_width
+        win = _Window(shape, x.device, x.numel())
         with torch.no_grad():
             xg = _grouped(_pad_spatial(x.to(ct), shape.padding), G, m)
-            qg = q.to(ct).reshape(shape.batch, G, D, shape.out_height, shape.out_width)
-            kg = _pad_spatial(k.to(ct), shape.padding).reshape(shape.batch, G, D, *xg.shape[-2:])
+            qg = q.to(ct).reshape(B, G, D, Ho, Wo)
+            kg = _pad_spatial(k.to(ct), shape.padding).reshape(B, G, D, *xg.shape[-2:])
             geo_c = geo.to(ct)
 
-            def logit(a: int, b: int) -> Tensor:
-                out = _phi(qg, win.view(kg, a, b), composability)
-                out += geo_c[:, a, b].view(1, G, 1, 1)
-                invalid = win.invalid(a, b)
-                if invalid is not None:
-                    out.masked_fill_(invalid, float("-inf"))
-                return out
-
-            # pass 1: max logit over the window (the centre is always inside the image)
-            peak = None
-            for a, b in win.offsets():
-                lg = logit(a, b)
-                peak = lg if peak is None else torch.maximum(peak, lg, out=peak)
-            # pass 2: exp-sum and aggregation
-            total = torch.zeros_like(peak)
-            y = xg.new_zeros(shape.batch, G, m, shape.out_height, shape.out_width)
-            for a, b in win.offsets():
-                e = (logit(a, b) - peak).exp_()
-                total += e
-                y.addcmul_(win.view(xg, a, b), e.unsqueeze(2))
+            # online softmax over the chunks; y holds sum_o exp(logit_o - peak) x_o
+            peak = total = y = None
+            for a0, a1 in win.chunks:
+                e = _chunk_logits(
+                    qg, win.chunk_view(kg, a0, a1), win.bias(geo_c, a0, a1), composability
+                )
+                chunk_peak = e.amax((2, 3))
+                if peak is None:
+                    peak = chunk_peak
+                    total = torch.zeros_like(peak)
+                    y = xg.new_zeros(B, G, m, Ho, Wo)
+                else:
+                    new_peak = torch.maximum(peak, chunk_peak)
+                    scale = (peak - new_peak).exp_()
+                    total *= scale
+                    y *= scale.unsqueeze(2)
+                    peak = new_peak
+                e.sub_(peak[:, :, None, None]).exp_()
+                total += e.sum((2, 3))
+                for r, a in enumerate(range(a0, a1)):
+                    for b in range(shape.kernel_size):
+                        y.addcmul_(win.view(xg, a, b), e[:, :, r, b].unsqueeze(2))
             y /= total.unsqueeze(2)
             lse = peak + total.log()
         ctx.save_for_backward(x, q, k, geo, y, lse)
         ctx.shape = shape
         ctx.composability = composability
-        flat = y.reshape(shape.batch, G * m, shape.out_height, shape.out_width)
+        flat = y.reshape(B, G * m, Ho, Wo)
         return flat[:, : shape.channels].to(x.dtype)
 
     @staticmethod
@@ -146,8 +181,14 @@ class _LocalRelationReference(torch.autograd.Function):
         need_x, need_q, need_k, need_geo = ctx.needs_input_grad[:4]
         ct = y.dtype
         G, m, D, P = shape.groups, shape.channels_per_group, shape.qk_dim, shape.padding
-        B, Ho, Wo = shape.batch, shape.out_height, shape.out_width
-        win = _Window(shape, x.device)
+        B, Ho, Wo, K, s = (
+            shape.batch,
+            shape.out_height,
+            shape.out_width,
+            shape.kernel_size,
+            shape.stride,
+        )
+        win = _Window(shape, x.device, x.numel())
 
         xg = _grouped(_pad_spatial(x.to(ct), P), G, m)
         qg = q.to(ct).reshape(B, G, D, Ho, Wo)
@@ -160,29 +201,53 @@ class _LocalRelationReference(torch.autograd.Function):
         gq = torch.zeros_like(qg) if need_q else None
         gk = torch.zeros_like(kg) if need_k else None
         ggeo = torch.zeros_like(geo_c) if need_geo else None
+        need_logit_grad = need_q or need_k or need_geo
+        gy_x = torch.empty_like(gy) if need_logit_grad else None  # reused gy * x_o buffer
 
-        for a, b in win.offsets():
-            k_o = win.view(kg, a, b)
-            lg = _phi(qg, k_o, composability)
-            lg += geo_c[:, a, b].view(1, G, 1, 1)
-            invalid = win.invalid(a, b)
-            if invalid is not None:
-                lg.masked_fill_(invalid, float("-inf"))
-            w = (lg - lse).exp_()
-            x_o = win.view(xg, a, b)
-            if gx is not None:
-                win.view(gx, a, b).addcmul_(gy, w.unsqueeze(2))
-            if gq is None and gk is None and ggeo is None:
+        for a0, a1 in win.chunks:
+            R = a1 - a0
+            k_chunk = win.chunk_view(kg, a0, a1)  # (B, G, D, R, K, Ho, Wo)
+            w = _chunk_logits(qg, k_chunk, win.bias(geo_c, a0, a1), composability)
+            w.sub_(lse[:, :, None, None]).exp_()  # (B, G, R, K, Ho, Wo)
+            dlogit = torch.empty_like(w) if need_logit_grad else None
+            for r, a in enumerate(range(a0, a1)):
+                for b in range(K):
+                    w_o = w[:, :, r, b].unsqueeze(2)
+                    if gx is not None:
+                        win.view(gx, a, b).addcmul_(gy, w_o)
+                    if dlogit is not None:
+                        torch.mul(gy, win.view(xg, a, b), out=gy_x)
+                        torch.sum(gy_x, 2, out=dlogit[:, :, r, b])
+            if dlogit is None:
                 continue
-            dlogit = w * ((gy * x_o).sum(2) - dot)
+            dlogit.sub_(dot[:, :, None, None]).mul_(w)  # (B, G, R, K, Ho, Wo)
             if ggeo is not None:
-                ggeo[:, a, b] = dlogit.sum((0, 2, 3))
-            if gq is not None or gk is not None:
-                dq, dk = _phi_grads(qg, k_o, composability)
-                if gq is not None:
-                    gq.addcmul_(dq, dlogit.unsqueeze(2))
-                if gk is not None:
-                    win.view(gk, a, b).addcmul_(dk, dlogit.unsqueeze(2))
+                ggeo[:, a0:a1] = dlogit.sum((0, 4, 5))
+            if gq is None and gk is None:
+                continue
+            # dphi/dk = -dphi/dq for sqdiff and absdiff: one term serves both
+            q_b = qg[:, :, :, None, None]
+            dl = dlogit.unsqueeze(2)
+            if composability == "sqdiff":
+                t_k = (q_b - k_chunk).mul_(2).mul_(dl)
+                t_q = None
+            elif composability == "absdiff":
+                t_k = torch.sign(q_b - k_chunk).mul_(dl)
+                t_q = None
+            else:  # mul: dphi/dq = k, dphi/dk = q
+                t_k = (q_b * dl) if gk is not None else None
+                t_q = (k_chunk * dl) if gq is not None else None
+            if gq is not None:
+                if t_q is None:
+                    gq -= t_k.sum((3, 4))
+                else:
+                    gq += t_q.sum((3, 4))
+            if gk is not None:
+                # scatter dk_o into the padded key grid: fold sums the overlapping windows
+                cols = t_k.reshape(B, G * D * R * K, Ho * Wo)
+                out_h, out_w = s * (Ho - 1) + R, s * (Wo - 1) + K
+                folded = F.fold(cols, (out_h, out_w), (R, K), stride=s)
+                gk[..., a0 : a0 + out_h, :out_w] += folded.reshape(B, G, D, out_h, out_w)
 
         def unpad(t: Tensor, channels: int) -> Tensor:
             h, w = t.shape[-2:]

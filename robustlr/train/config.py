@@ -44,6 +44,8 @@ class TrainConfig:
     width: float | None = None
     small_input: bool | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
+    # adversarial training threat model (mode "adversarial"; see robustlr.train.adversarial)
+    adversarial: dict[str, Any] = field(default_factory=dict)
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -148,7 +150,8 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["lr=0.1", "model.kernel_size=5"]`` -> ``{"lr": 0.1, "model_options": {...}}``."""
+    """``["lr=0.1", "model.kernel_size=5", "adversarial.steps=4"]`` ->
+    ``{"lr": 0.1, "model_options": {...}, "adversarial": {...}}``."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -158,6 +161,8 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
         value = parse_value(text.strip())
         if key.startswith("model."):
             out.setdefault("model_options", {})[key[len("model.") :]] = value
+        elif key.startswith("adversarial."):
+            out.setdefault("adversarial", {})[key[len("adversarial.") :]] = value
         else:
             out[key] = value
     return out
@@ -185,7 +190,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(*layers: Mapping[str, Any]) -> TrainConfig:
-    """Build a config from layers applied in order (later wins); ``model_options`` merge.
+    """Build a config from layers applied in order (later wins); ``model_options`` and
+    ``adversarial`` merge key by key.
 
     The chosen dataset's :func:`dataset_defaults` sit below all layers (above the dataclass
     defaults).
@@ -194,8 +200,8 @@ def resolve(*layers: Mapping[str, Any]) -> TrainConfig:
     for layer in layers:
         for key, value in layer.items():
             value = coerce(key, value)
-            if key == "model_options":
-                values["model_options"] = {**values.get("model_options", {}), **value}
+            if key in ("model_options", "adversarial"):
+                values[key] = {**values.get(key, {}), **value}
             else:
                 values[key] = value
     dataset = values.get("dataset", TrainConfig.dataset)

@@ -1,0 +1,81 @@
+"""The main job end to end through the CLI: advtrain -> eval -> report, and eval's bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from train_helpers import FAST, run_cli
+
+TINY = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def adv_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("pipeline")
+    out = run_cli("advtrain", *TINY, "--steps", "2", "--out", "runs/adv", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return cwd
+
+
+def test_advtrain_records_threat_model_and_adversarial_metrics(adv_run):
+    config = json.loads((adv_run / "runs/adv/config.json").read_text())
+    assert config["mode"] == "adversarial"
+    adv = config["adversarial"]
+    assert adv["steps"] == 2 and adv["target"] == "random" and adv["mix"] == 0.5
+    assert adv["eps"] == pytest.approx(16 / 255) and adv["step_size"] == pytest.approx(2 / 255)
+    metrics = pd.read_csv(adv_run / "runs/adv/metrics.csv")
+    assert {"clean_acc", "adv_acc", "attack_success"} <= set(metrics.columns)
+    assert metrics["attack_success"].between(0, 1).all()
+
+
+def test_eval_appends_rows_with_threat_model_then_report(adv_run):
+    args = ["eval", "--checkpoint", "runs/adv/best.pt", "--limit", "24", "--batch-size", "12"]
+    first = run_cli(*args, "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2",
+                    cwd=adv_run)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*args, "--attack", "pgd-untargeted", "--steps", "2", cwd=adv_run)
+    assert second.returncode == 0, second.stderr
+    rows = pd.read_csv(adv_run / "runs/adv/eval.csv", keep_default_na=False)
+    assert list(rows["attack"]) == ["clean", "pgd-targeted", "pgd-untargeted"]  # appended
+    targeted = rows.iloc[1]
+    assert targeted["target_policy"] == "random" and len(targeted["targets_sha256"]) == 64
+    assert targeted["n"] == 24 and targeted["passes"] == 2 * 24
+    assert targeted["train_mode"] == "adversarial" and targeted["arch"] == "resnet26"
+    assert targeted["eps"] == pytest.approx(16 / 255) and targeted["steps"] == 2
+    assert (
+        float(targeted["accuracy_low"]) <= targeted["accuracy"] <= float(targeted["accuracy_high"])
+    )
+    assert len(list((adv_run / "runs/adv/targets").glob("targets-0-*.npy"))) == 1
+    assert all((adv_run / "runs/adv" / f).is_file() for f in rows["outcomes_file"])
+
+    report = run_cli("report", "--runs", "runs", "--no-plots", cwd=adv_run)
+    assert report.returncode == 0, report.stderr
+    table = pd.read_csv(adv_run / "runs/table9.csv")
+    assert list(table.columns[:5]) == [
+        "network", "adv_clean", "adv_targeted", "adv_untargeted", "regular_clean"
+    ]  # fmt: skip
+    assert table.loc[0, "network"] == "resnet26" and pd.isna(table.loc[0, "regular_clean"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "pgd-targeted", "--eps", "2"], "outside [0, 1]"),
+        (["--attack", "deepfool"], "deepfool"),
+        (["--attack", "clean", "--checkpoint", "missing.pt"], "does not exist"),
+        (["--attack", "clean", "--runs", "nowhere"], "no runs found"),
+        (["--suite", "nonexistent"], "no attack suite"),
+    ],
+)
+def test_eval_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    out = run_cli("eval", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and message in out.stderr
+
+
+def test_eval_refuses_a_corrupt_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    out = run_cli("eval", "--attack", "clean", "--checkpoint", "bad.pt", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "corrupt" in out.stderr
