@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from train_helpers import FAST, run_cli
+from train_helpers import CLI, FAST, cli_env, run_cli
 
 TINY = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
 
@@ -79,3 +84,34 @@ def test_eval_refuses_a_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = run_cli("eval", "--attack", "clean", "--checkpoint", "bad.pt", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "corrupt" in out.stderr
+
+
+def test_eval_under_torchrun_equals_one_process(adv_run):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this python")
+    args = ["eval", "--checkpoint", "runs/adv/best.pt", "--limit", "21", "--batch-size", "4",
+            "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2"]  # fmt: skip
+    one = run_cli(*args, "--out", "one.csv", cwd=adv_run)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", CLI, *args, "--out", "two.csv"],
+        cwd=adv_run, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 processes" in two.stdout
+    a = pd.read_csv(adv_run / "one.csv", keep_default_na=False)
+    b = pd.read_csv(adv_run / "two.csv", keep_default_na=False)
+    same = [
+        "n",
+        "attack",
+        "accuracy",
+        "target_success",
+        "targets_sha256",
+        "passes",
+        "subset_sha256",
+    ]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    outcome_a = np.load(adv_run / a.loc[1, "outcomes_file"])
+    outcome_b = np.load(adv_run / b.loc[1, "outcomes_file"])
+    assert np.array_equal(outcome_a["correct"], outcome_b["correct"])

@@ -51,12 +51,16 @@ def pgd(
     spec: AttackSpec,
     targets: Tensor | None = None,
     start: Tensor | None = None,
+    example_ids: Tensor | None = None,
 ) -> AttackOutcome:
     """Run PGD (FGSM when ``spec.name == 'fgsm'``) on a model already in attack state.
 
     ``targets`` are required for a targeted spec; the caller (``robustlr.attacks.run``) draws
     them. ``start``, if given, replaces the first restart's starting point (it is projected
-    into the ball). Shape: x (B, C, H, W) on [0, 1], y (B,) -> AttackOutcome.
+    into the ball). With ``example_ids`` (e.g. dataset indices) every random start is drawn
+    from a generator keyed by (seed, restart, id), so results do not depend on how images are
+    batched or sharded across processes; without them one generator seeded by ``spec.seed``
+    serves the batch. Shape: x (B, C, H, W) on [0, 1], y (B,), example_ids (B,) -> AttackOutcome.
     """
     if spec.targeted and targets is None:
         raise ValueError(f"{spec.describe()} is targeted: pass targets")
@@ -74,7 +78,11 @@ def pgd(
         if restart == 0 and start is not None:
             x_adv = ball.project(start.detach().to(x.dtype), x)
         else:
-            x_adv = ball.init(x, generator) if random_start else x.clone()
+            x_adv = (
+                _random_start(ball, x, spec.seed, restart, example_ids, generator)
+                if random_start
+                else x.clone()
+            )
         for step in range(spec.steps):
             x_adv.requires_grad_(True)
             with autocast_for(spec.precision, x.device):
@@ -103,3 +111,21 @@ def pgd(
         passes=spec.steps * spec.restarts,
         zero_grad_fraction=zero_grads / max(len(x), 1),
     )
+
+
+def example_seed(seed: int, restart: int, example_id: int) -> int:
+    """A 63-bit generator seed for one example's random start."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + restart * 0xBF58476D1CE4E5B9 + example_id) & (2**64 - 1)
+    return mixed >> 1
+
+
+def _random_start(
+    ball, x: Tensor, seed: int, restart: int, example_ids: Tensor | None, generator
+) -> Tensor:
+    if example_ids is None:
+        return ball.init(x, generator)
+    starts = [
+        ball.init(x[i : i + 1], torch.Generator().manual_seed(example_seed(seed, restart, int(j))))
+        for i, j in enumerate(example_ids.tolist())
+    ]
+    return torch.cat(starts)

@@ -31,13 +31,15 @@ def run_attack(
     spec: AttackSpec,
     targets: Tensor | None = None,
     start: Tensor | None = None,
+    example_ids: Tensor | None = None,
 ) -> AttackOutcome:
     """Attack a batch and report per-example success.
 
     The model runs in eval mode with frozen parameters during the attack; its train/eval flags
     and ``requires_grad`` flags are restored afterwards. Random targets, when not given, are
     drawn from ``spec.seed`` for this batch (evaluation draws them once for the whole set).
-    ``start`` sets PGD's first starting point (see ``pgd``).
+    ``start`` sets PGD's first starting point and ``example_ids`` key its random starts per
+    example (see ``pgd``).
     Shape: x (B, C, H, W) on [0, 1], y (B,), targets (B,) -> AttackOutcome.
     """
     _check_images(x, y)
@@ -77,7 +79,7 @@ def run_attack(
                 targets=None,
                 passes=-1,  # torchattacks does not report its passes
             )
-        return pgd(model, x, y, spec, targets, start)
+        return pgd(model, x, y, spec, targets, start, example_ids)
 
 
 def attack(

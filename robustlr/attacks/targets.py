@@ -10,17 +10,28 @@ import numpy as np
 import torch
 
 
-def draw_random_targets(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
-    """One uniformly random wrong class per label, from a generator seeded with ``seed``.
-
-    The i-th target depends only on (seed, i, labels[i]), so a subset is a prefix of the draw.
-    Shape: (N,) -> (N,) int64 on the CPU.
-    """
+def random_target_shifts(n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """The first ``n`` draws of ``seed``: per image a shift in [1, num_classes - 1], so that
+    ``(label + shift) % num_classes`` is a uniformly random wrong class. Shape: -> (n,) int64."""
     if num_classes < 2:
         raise ValueError("targeted attacks need at least 2 classes")
     gen = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, num_classes, labels.shape, generator=gen)
-    return (labels.detach().cpu().long() + shift) % num_classes
+    return torch.randint(1, num_classes, (n,), generator=gen)
+
+
+def draw_random_targets(
+    labels: torch.Tensor, num_classes: int, seed: int, example_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One uniformly random wrong class per label, drawn once per image from ``seed``.
+
+    Image i (``example_ids[i]``, default i) gets the shift of draw number i, so its target
+    depends only on (seed, its id, its label): any subset or shard gets the same targets.
+    Shape: labels (N,), example_ids (N,) -> (N,) int64 on the CPU.
+    """
+    ids = torch.arange(len(labels)) if example_ids is None else example_ids.long().cpu()
+    n = int(ids.max()) + 1 if len(ids) else 0
+    shifts = random_target_shifts(n, num_classes, seed)[ids]
+    return (labels.detach().cpu().long() + shifts) % num_classes
 
 
 def least_likely_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

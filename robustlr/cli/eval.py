@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -31,6 +30,8 @@ from robustlr.eval.session import (
     load_eval_images,
     open_checkpoint,
 )
+from robustlr.train.config import ConfigError
+from robustlr.train.distributed import close_distributed, init_distributed
 
 
 def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -40,14 +41,6 @@ def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -
         return parse_eps(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return torch.device(name)
 
 
 def build_specs(
@@ -139,8 +132,24 @@ def eval_command(
     }  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
     specs = build_specs(attacks, suite, overrides)
-    dev = _device(device)
-    console = Console()
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
+    try:
+        dist_ctx = init_distributed(device)  # a world of one unless under torchrun
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    try:
+        _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size,
+                  out_csv, examples_dir)  # fmt: skip
+    finally:
+        close_distributed(dist_ctx)
+
+
+def _evaluate(
+    dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size, out_csv, examples_dir
+) -> None:
+    dev = dist_ctx.device
+    console = Console(quiet=not dist_ctx.is_main)
     try:
         path = find_checkpoint(checkpoint, runs_root)
         target = open_checkpoint(path, dev)
@@ -154,6 +163,7 @@ def eval_command(
     console.print(
         f"[bold]eval[/] {target.meta['arch']} ({target.meta['train_mode'] or '?'}) from {path}: "
         f"{len(labels)} {dataset} {split} images on {dev}"
+        + (f" x {dist_ctx.world_size} processes" if dist_ctx.distributed else "")
     )
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -168,13 +178,16 @@ def eval_command(
         def on_batch(spec: AttackSpec, done: int) -> None:
             spec_start.setdefault(id(spec), time.perf_counter())
             elapsed = max(time.perf_counter() - spec_start[id(spec)], 1e-9)
+            done *= dist_ctx.world_size  # this rank's share, scaled to the whole set
             progress.update(tasks[id(spec)], completed=done, rate=done / elapsed)
 
         rows = evaluate_checkpoint(
             target, specs, images=images, labels=labels, indices=indices, split=split,
             out_csv=out_csv, batch_size=batch_size, device=dev, examples_dir=examples_dir,
-            on_batch=on_batch,
+            on_batch=on_batch, dist_ctx=dist_ctx,
         )  # fmt: skip
+    if not dist_ctx.is_main:
+        return
 
     table = Table(title=f"{target.meta['arch']} · {len(labels)} images · {split}")
     for col in ("attack", "eps", "steps", "target", "acc %", "95% CI", "hit %"):

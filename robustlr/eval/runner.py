@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,17 @@ class AttackResult:
     seconds: float
     zero_grad_fraction: float = 0.0
     targets_sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    example_ids: np.ndarray | None = None  # (N,) dataset indices of the images
+
+    def finish(self, targets_dir: str | Path | None = None) -> None:
+        """Hash the targets (and save them in ``targets_dir`` for random targets)."""
+        if self.targets is None:
+            return
+        targets = torch.from_numpy(np.asarray(self.targets))
+        self.targets_sha256 = targets_sha256(targets)
+        if targets_dir is not None and self.spec.target == "random":
+            name = f"targets-{self.spec.seed}-{self.targets_sha256[:12]}.npy"
+            save_targets(Path(targets_dir) / name, targets)
 
     @property
     def n(self) -> int:
@@ -152,6 +162,7 @@ def evaluate(
     labels: torch.Tensor,
     specs: Sequence[AttackSpec],
     *,
+    example_ids: torch.Tensor | None = None,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
     targets_dir: str | Path | None = None,
@@ -159,29 +170,31 @@ def evaluate(
 ) -> list[AttackResult]:
     """Attack every image with every spec, batch by batch.
 
-    Random targets are drawn once for the whole set from each spec's seed (so every model
-    evaluated on these images faces the same targets) and, with ``targets_dir``, saved there as
+    ``example_ids`` (default 0..N-1) are the images' dataset indices: image i's random target is
+    the i-th draw of the spec's seed (``draw_random_targets`` over the ids), and its random
+    starts are keyed by (seed, restart, id), so a result never depends on batch size, on which
+    subset is evaluated, or on how images are sharded across processes. Every model evaluated
+    on these images faces the same targets; with ``targets_dir`` they are saved there as
     ``targets-<seed>-<sha12>.npy``. ``on_batch(spec, n_done)`` reports progress.
-    Shape: images (N, C, H, W) on [0, 1], labels (N,).
+    Shape: images (N, C, H, W) on [0, 1], labels (N,), example_ids (N,).
     """
     device = torch.device(device)
+    ids = torch.arange(len(labels)) if example_ids is None else example_ids.long().cpu()
     results = []
     for spec in specs:
-        num_classes = _num_classes(model, images[:1].to(device))
         targets = None
-        sha = ""
-        if spec.target == "random":
-            targets = draw_random_targets(labels, num_classes, spec.seed)
-            sha = targets_sha256(targets)
-            if targets_dir is not None:
-                save_targets(Path(targets_dir) / f"targets-{spec.seed}-{sha[:12]}.npy", targets)
+        if spec.target == "random" and len(ids):
+            num_classes = _num_classes(model, images[:1].to(device))
+            targets = draw_random_targets(labels, num_classes, spec.seed, ids)
         correct, success, chosen = [], [], []
         passes, zero, start = 0, 0.0, time.perf_counter()
         for lo in range(0, len(images), batch_size):
             x = images[lo : lo + batch_size].to(device)
             y = labels[lo : lo + batch_size].to(device)
             t = targets[lo : lo + batch_size] if targets is not None else None
-            outcome = run_attack(model, x, y, spec, targets=t)
+            outcome = run_attack(
+                model, x, y, spec, targets=t, example_ids=ids[lo : lo + batch_size]
+            )
             correct.append((outcome.logits.argmax(1) == y).cpu())
             success.append(outcome.success.cpu())
             if outcome.targets is not None:
@@ -190,23 +203,51 @@ def evaluate(
             zero += outcome.zero_grad_fraction * len(x)
             if on_batch:
                 on_batch(spec, lo + len(x))
-        if spec.target == "least-likely" and chosen:
-            sha = targets_sha256(torch.cat(chosen))
         result = AttackResult(
             spec=spec,
-            correct=torch.cat(correct).numpy(),
-            success=torch.cat(success).numpy(),
+            correct=_cat_bool(correct),
+            success=_cat_bool(success),
             targets=torch.cat(chosen).numpy() if chosen else None,
             passes=passes,
             seconds=time.perf_counter() - start,
             zero_grad_fraction=zero / max(len(images), 1),
-            targets_sha256=sha,
+            example_ids=ids.numpy(),
         )
+        result.finish(targets_dir)
         log.info(
             "%s: accuracy %.2f%% on %d images", spec.describe(), 100 * result.accuracy, result.n
         )
         results.append(result)
     return results
+
+
+def merge_shards(
+    shards: Sequence[AttackResult], targets_dir: str | Path | None = None
+) -> AttackResult:
+    """One result from the per-process results of one spec, in example-id order."""
+    ids = np.concatenate([r.example_ids for r in shards])
+    order = np.argsort(ids, kind="stable")
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in shards])[order]
+
+    n = max(len(ids), 1)
+    merged = AttackResult(
+        spec=shards[0].spec,
+        correct=cat("correct"),
+        success=cat("success"),
+        targets=cat("targets") if shards[0].targets is not None else None,
+        passes=sum(r.passes for r in shards),
+        seconds=max(r.seconds for r in shards),
+        zero_grad_fraction=sum(r.zero_grad_fraction * r.n for r in shards) / n,
+        example_ids=ids[order],
+    )
+    merged.finish(targets_dir)
+    return merged
+
+
+def _cat_bool(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=bool)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:

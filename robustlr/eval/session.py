@@ -21,9 +21,11 @@ from robustlr.eval.runner import (
     RESULT_COLUMNS,
     AttackResult,
     evaluate,
+    merge_shards,
     save_outcomes,
     subset_sha256,
 )
+from robustlr.train.distributed import DistContext
 from robustlr.train.rundir import latest_run
 
 log = logging.getLogger(__name__)
@@ -147,19 +149,38 @@ def evaluate_checkpoint(
     device: torch.device,
     examples_dir: Path | None = None,
     on_batch: Callable[[AttackSpec, int], None] | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> list[dict[str, Any]]:
-    """Attack ``images`` with every spec, append the rows to ``out_csv`` and return them."""
+    """Attack ``images`` with every spec, append the rows to ``out_csv`` and return them.
+
+    Under ``torchrun`` (``dist_ctx`` of several processes) each rank attacks every
+    world-size-th image; rank 0 gathers the per-example outcomes, writes the rows and returns
+    them (other ranks return []). Results equal a single-process run's: targets and random
+    starts are keyed by image index.
+    """
     subset = subset_sha256(labels, indices)
+    ids = torch.as_tensor(list(indices), dtype=torch.int64)
+    rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx else (0, 1)
+    targets_dir = out_csv.parent / "targets"
     results = evaluate(
         target.model,
-        images,
-        labels,
+        images[rank::world],
+        labels[rank::world],
         specs,
+        example_ids=ids[rank::world],
         batch_size=batch_size,
         device=device,
-        targets_dir=out_csv.parent / "targets",
+        targets_dir=targets_dir if world == 1 else None,
         on_batch=on_batch,
     )
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        if rank != 0:
+            return []
+        results = [
+            merge_shards([shard[i] for shard in gathered], targets_dir) for i in range(len(specs))
+        ]
     rows = []
     for i, result in enumerate(results):
         meta = {**target.meta, "split": split, "subset_sha256": subset}
