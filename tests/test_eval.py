@@ -82,3 +82,17 @@ def test_outcomes_round_trip(tmp_path):
     assert np.array_equal(back["correct"], result.correct)
     assert np.array_equal(back["targets"], result.targets)
     assert back["subset_sha256"] == "abc" and back["targets_sha256"] == result.targets_sha256
+
+
+def test_results_do_not_depend_on_batch_size_or_subset():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(20, 3, 8, 8, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    spec = [AttackSpec("pgd-targeted", eps=0.05, steps=2, restarts=2, seed=9)]
+    model = small_model()
+    (whole,) = evaluate(model, x, y, spec, batch_size=20)
+    (small,) = evaluate(model, x, y, spec, batch_size=3)
+    (tail,) = evaluate(model, x[8:], y[8:], spec, example_ids=torch.arange(8, 20), batch_size=5)
+    assert np.array_equal(whole.correct, small.correct)
+    assert np.array_equal(whole.targets, small.targets)
+    assert np.array_equal(whole.targets[8:], tail.targets)
+    assert np.array_equal(whole.success[8:], tail.success)
