@@ -93,6 +93,9 @@ class AttackSpec:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for key in ("eps", "step_size"):  # "16/255" is accepted everywhere
+            if isinstance(getattr(self, key), str):
+                object.__setattr__(self, key, parse_number(getattr(self, key)))
         if self.norm == "linf":
             object.__setattr__(self, "eps", parse_eps(self.eps))
         elif self.eps < 0:

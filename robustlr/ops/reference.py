@@ -95,37 +95,46 @@ class _Window:
         return padded[..., a : a + self.span_h : s, b : b + self.span_w : s]
 
     def chunk_view(self, padded: Tensor, a0: int, a1: int) -> Tensor:
-        """Values read by the offsets of window rows [a0, a1), no copy.
+        """Values read by the offsets of window rows [a0, a1), offset-major, no copy.
 
-        Shape: padded (..., Hp, Wp) -> (..., a1 - a0, K, Ho, Wo).
+        Shape: padded (*lead, Hp, Wp) -> (a1 - a0, K, *lead, Ho, Wo).
         """
         s, K = self.shape.stride, self.shape.kernel_size
         *lead, sh, sw = padded.stride()
         return padded.as_strided(
-            (*padded.shape[:-2], a1 - a0, K, self.shape.out_height, self.shape.out_width),
-            (*lead, sh, sw, s * sh, s * sw),
+            (a1 - a0, K, *padded.shape[:-2], self.shape.out_height, self.shape.out_width),
+            (sh, sw, *lead, s * sh, s * sw),
             padded.storage_offset() + a0 * sh,
         )
 
     def bias(self, geo: Tensor, a0: int, a1: int) -> Tensor:
         """geo logits of rows [a0, a1), -inf where the neighbour is outside the image.
 
-        Shape: geo (G, K, K) -> (G, R, K, Ho, Wo).
+        Shape: geo (G, K, K) -> (R, K, 1, G, Ho, Wo), to broadcast over the batch.
         """
-        ok = self.row_ok[a0:a1, None, :, None] & self.col_ok[None, :, None, :]
-        return torch.where(ok, geo[:, a0:a1, :, None, None], float("-inf"))
+        ok = (
+            self.row_ok[a0:a1, None, None, None, :, None]
+            & self.col_ok[None, :, None, None, None, :]
+        )
+        g = geo[:, a0:a1].permute(1, 2, 0)[:, :, None, :, None, None]
+        return torch.where(ok, g, float("-inf"))
 
 
 def _chunk_logits(qg: Tensor, k_chunk: Tensor, bias: Tensor, composability: str) -> Tensor:
-    """phi(q, k) summed over qk_dim, plus the bias. Shape: (B, G, R, K, Ho, Wo)."""
-    q = qg[:, :, :, None, None]
+    """phi(q, k) summed over qk_dim, plus the bias.
+
+    Shape: qg (B, G, D, Ho, Wo), k_chunk (R, K, B, G, D, Ho, Wo) -> (R, K, B, G, Ho, Wo),
+    contiguous, so that the slice of one offset is a contiguous (B, G, Ho, Wo) block.
+    """
+    # out=: a contiguous result, whatever layout the overlapping strides of k_chunk suggest
+    phi = k_chunk.new_empty(k_chunk.shape)
     if composability == "mul":
-        phi = q * k_chunk
+        torch.mul(qg, k_chunk, out=phi)
     else:
-        phi = q - k_chunk
+        torch.sub(qg, k_chunk, out=phi)
         phi = phi.square_() if composability == "sqdiff" else phi.abs_()
         phi.neg_()
-    logits = phi[:, :, 0] if phi.shape[2] == 1 else phi.sum(2)
+    logits = phi[:, :, :, :, 0] if phi.shape[4] == 1 else phi.sum(4)
     return logits.add_(bias)
 
 
@@ -148,7 +157,7 @@ class _LocalRelationReference(torch.autograd.Function):
                 e = _chunk_logits(
                     qg, win.chunk_view(kg, a0, a1), win.bias(geo_c, a0, a1), composability
                 )
-                chunk_peak = e.amax((2, 3))
+                chunk_peak = e.amax((0, 1))
                 if peak is None:
                     peak = chunk_peak
                     total = torch.zeros_like(peak)
@@ -159,11 +168,11 @@ class _LocalRelationReference(torch.autograd.Function):
                     total *= scale
                     y *= scale.unsqueeze(2)
                     peak = new_peak
-                e.sub_(peak[:, :, None, None]).exp_()
-                total += e.sum((2, 3))
+                e.sub_(peak).exp_()
+                total += e.sum((0, 1))
                 for r, a in enumerate(range(a0, a1)):
                     for b in range(shape.kernel_size):
-                        y.addcmul_(win.view(xg, a, b), e[:, :, r, b].unsqueeze(2))
+                        y.addcmul_(win.view(xg, a, b), e[r, b].unsqueeze(2))
             y /= total.unsqueeze(2)
             lse = peak + total.log()
         ctx.save_for_backward(x, q, k, geo, y, lse)
@@ -181,13 +190,7 @@ class _LocalRelationReference(torch.autograd.Function):
         need_x, need_q, need_k, need_geo = ctx.needs_input_grad[:4]
         ct = y.dtype
         G, m, D, P = shape.groups, shape.channels_per_group, shape.qk_dim, shape.padding
-        B, Ho, Wo, K, s = (
-            shape.batch,
-            shape.out_height,
-            shape.out_width,
-            shape.kernel_size,
-            shape.stride,
-        )
+        B, Ho, Wo, K = shape.batch, shape.out_height, shape.out_width, shape.kernel_size
         win = _Window(shape, x.device, x.numel())
 
         xg = _grouped(_pad_spatial(x.to(ct), P), G, m)
@@ -205,49 +208,47 @@ class _LocalRelationReference(torch.autograd.Function):
         gy_x = torch.empty_like(gy) if need_logit_grad else None  # reused gy * x_o buffer
 
         for a0, a1 in win.chunks:
-            R = a1 - a0
-            k_chunk = win.chunk_view(kg, a0, a1)  # (B, G, D, R, K, Ho, Wo)
+            k_chunk = win.chunk_view(kg, a0, a1)  # (R, K, B, G, D, Ho, Wo)
             w = _chunk_logits(qg, k_chunk, win.bias(geo_c, a0, a1), composability)
-            w.sub_(lse[:, :, None, None]).exp_()  # (B, G, R, K, Ho, Wo)
+            w.sub_(lse).exp_()  # (R, K, B, G, Ho, Wo)
             dlogit = torch.empty_like(w) if need_logit_grad else None
             for r, a in enumerate(range(a0, a1)):
                 for b in range(K):
-                    w_o = w[:, :, r, b].unsqueeze(2)
+                    w_o = w[r, b].unsqueeze(2)
                     if gx is not None:
                         win.view(gx, a, b).addcmul_(gy, w_o)
                     if dlogit is not None:
                         torch.mul(gy, win.view(xg, a, b), out=gy_x)
-                        torch.sum(gy_x, 2, out=dlogit[:, :, r, b])
+                        torch.sum(gy_x, 2, out=dlogit[r, b])
             if dlogit is None:
                 continue
-            dlogit.sub_(dot[:, :, None, None]).mul_(w)  # (B, G, R, K, Ho, Wo)
+            dlogit.sub_(dot).mul_(w)  # (R, K, B, G, Ho, Wo)
             if ggeo is not None:
-                ggeo[:, a0:a1] = dlogit.sum((0, 4, 5))
+                ggeo[:, a0:a1] = dlogit.sum((2, 4, 5)).permute(2, 0, 1)
             if gq is None and gk is None:
                 continue
             # dphi/dk = -dphi/dq for sqdiff and absdiff: one term serves both
-            q_b = qg[:, :, :, None, None]
-            dl = dlogit.unsqueeze(2)
+            dl = dlogit.unsqueeze(4)
+            t_k = k_chunk.new_empty(k_chunk.shape)  # contiguous, see _chunk_logits
+            t_q = None
             if composability == "sqdiff":
-                t_k = (q_b - k_chunk).mul_(2).mul_(dl)
-                t_q = None
+                torch.sub(qg, k_chunk, out=t_k).mul_(2).mul_(dl)
             elif composability == "absdiff":
-                t_k = torch.sign(q_b - k_chunk).mul_(dl)
-                t_q = None
+                torch.sub(qg, k_chunk, out=t_k).sign_().mul_(dl)
             else:  # mul: dphi/dq = k, dphi/dk = q
-                t_k = (q_b * dl) if gk is not None else None
-                t_q = (k_chunk * dl) if gq is not None else None
+                torch.mul(qg, dl, out=t_k)
+                if gq is not None:
+                    t_q = torch.mul(k_chunk, dl, out=torch.empty_like(t_k))
             if gq is not None:
                 if t_q is None:
-                    gq -= t_k.sum((3, 4))
+                    gq -= t_k.sum((0, 1))
                 else:
-                    gq += t_q.sum((3, 4))
+                    gq += t_q.sum((0, 1))
             if gk is not None:
-                # scatter dk_o into the padded key grid: fold sums the overlapping windows
-                cols = t_k.reshape(B, G * D * R * K, Ho * Wo)
-                out_h, out_w = s * (Ho - 1) + R, s * (Wo - 1) + K
-                folded = F.fold(cols, (out_h, out_w), (R, K), stride=s)
-                gk[..., a0 : a0 + out_h, :out_w] += folded.reshape(B, G, D, out_h, out_w)
+                # scatter dk_o back offset by offset (the offsets' views of gk overlap)
+                for r, a in enumerate(range(a0, a1)):
+                    for b in range(K):
+                        win.view(gk, a, b).add_(t_k[r, b])
 
         def unpad(t: Tensor, channels: int) -> Tensor:
             h, w = t.shape[-2:]
