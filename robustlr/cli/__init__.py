@@ -18,6 +18,7 @@ from robustlr.cli.errors import UsageFailure
 from robustlr.cli.eval import eval_command
 from robustlr.cli.models import models
 from robustlr.cli.report import check, report
+from robustlr.cli.run import run
 from robustlr.cli.train import train
 from robustlr.cli.viz import viz
 
@@ -32,7 +33,7 @@ def cli(verbose: int) -> None:
 
 
 bench.add_command(bench_model)
-for command in (train, advtrain, eval_command, report, check, models, bench, viz):
+for command in (train, advtrain, eval_command, report, check, run, models, bench, viz):
     cli.add_command(command)
 
 

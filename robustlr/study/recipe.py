@@ -1,0 +1,302 @@
+"""Study recipes: one TOML file naming the networks, data, training, attacks and report.
+
+Layout (every table but ``[[network]]`` optional)::
+
+    name = "table9-digits"            # default: the file's stem
+    description = "..."
+    [data]                            # dataset, path, image_size, download, val_fraction, ...
+    [train]                           # TrainConfig keys shared by every run; [train.model]
+    [adversarial]                     # AdversarialTraining keys (eps may be "16/255")
+    [[network]]                       # arch, modes, any TrainConfig key; [network.model],
+                                      # [network.adversarial] override the shared tables
+    [eval]                            # suite or [[eval.attack]], limit, batch_size, split,
+                                      # checkpoint ("final" or "best"), device
+    [report]                          # eps, attack_steps, target_policy, plots
+
+``--set section.key=value`` overrides (e.g. ``data.path=/data/cifar10``) edit the parsed TOML
+before it is checked, so they obey the same rules.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustlr.attacks.spec import AttackSpec, parse_eps, parse_number
+from robustlr.attacks.suites import load_suite
+from robustlr.resources import resource_dir
+from robustlr.train.adversarial import AdversarialTraining
+from robustlr.train.config import ConfigError, TrainConfig, parse_value, resolve
+
+MODES = ("regular", "adversarial")
+TOP_KEYS = ("name", "description", "data", "train", "adversarial", "network", "eval", "report")
+# [data] key -> TrainConfig field
+DATA_KEYS = {
+    "dataset": "dataset",
+    "path": "data",
+    "image_size": "image_size",
+    "download": "download",
+    "val_fraction": "val_fraction",
+    "split_seed": "split_seed",
+    "augment": "augment",
+    "skip_corrupt": "skip_corrupt",
+    "num_workers": "num_workers",
+}
+# TrainConfig fields the study sets itself
+RESERVED = ("arch", "mode", "out", "runs_root", "adversarial", "model_options")
+EVAL_KEYS = ("suite", "attack", "limit", "batch_size", "split", "checkpoint", "device")
+REPORT_KEYS = ("eps", "attack_steps", "target_policy", "plots")
+NUMBER_KEYS = ("eps", "step_size")  # adversarial keys that may be written "16/255"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """One network of the study and the training modes it is run in."""
+
+    arch: str
+    modes: tuple[str, ...]
+    train: dict[str, Any]  # TrainConfig layer over the shared one (model_options merge)
+    adversarial: dict[str, Any]  # AdversarialTraining keys over the shared ones
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every trained run is evaluated."""
+
+    attacks: tuple[AttackSpec, ...]
+    suite: str  # the suite's name, or "inline"
+    limit: int | None = None
+    batch_size: int = 128
+    split: str = "test"
+    checkpoint: str = "final"  # "final" (checkpoint.pt) or "best" (best.pt)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """The ``robustlr report`` settings of the study."""
+
+    eps: float | None = None
+    attack_steps: int | None = None
+    target_policy: str = "random"
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed, checked study recipe."""
+
+    name: str
+    description: str
+    path: Path
+    train: dict[str, Any]  # [data] + [train] as one TrainConfig layer
+    adversarial: dict[str, Any]
+    networks: tuple[Network, ...]
+    eval: EvalSettings
+    report: ReportOptions = field(default_factory=ReportOptions)
+
+    def network(self, arch: str) -> Network:
+        return next(n for n in self.networks if n.arch == arch)
+
+    def adversarial_settings(self, network: Network) -> AdversarialTraining:
+        return AdversarialTraining(**{**self.adversarial, **network.adversarial})
+
+    def train_config(self, network: Network, mode: str, run_dir: Path) -> TrainConfig:
+        """The config of ``network`` trained in ``mode`` into ``run_dir``."""
+        layer: dict[str, Any] = {"arch": network.arch, "mode": mode, "out": str(run_dir)}
+        if mode == "adversarial":
+            layer["adversarial"] = self.adversarial_settings(network).as_dict()
+        return resolve(self.train, network.train, layer)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: the given path, or a shipped recipe by name (``table9-digits``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix in ("", ".toml") and path.parent == Path("."):
+        shipped = resource_dir("recipes") / f"{path.stem}.toml"
+        if shipped.is_file():
+            return shipped
+    known = sorted(p.stem for p in resource_dir("recipes").glob("*.toml"))
+    raise RecipeError(f"no recipe {str(name_or_path)!r}: give a .toml file or one of {known}")
+
+
+def apply_overrides(data: dict[str, Any], pairs: Iterable[str]) -> dict[str, Any]:
+    """``["data.path=/x", "train.epochs=2"]`` set into the parsed TOML (tables created)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
+            raise RecipeError(f"--set expects section.key=value, got {pair!r}")
+        if parts[0] == "network":
+            raise RecipeError(f"--set {key}: a network's keys are set in the recipe file")
+        table = data
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise RecipeError(f"--set {key}: {part!r} is not a table")
+        table[parts[-1]] = parse_value(text.strip())
+    return data
+
+
+def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read and check a recipe; :class:`RecipeError` (one line) on any problem."""
+    path = recipe_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not valid TOML: {exc}") from None
+    try:
+        return parse_recipe(apply_overrides(data, overrides), path)
+    except (ConfigError, TypeError, ValueError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
+        raise RecipeError(f"recipe {path}: {exc}") from None
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: {key!r} must be a table")
+    return dict(value)
+
+
+def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    known = tuple(known)
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
+def _train_layer(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """TrainConfig keys of a [train] or [[network]] table; ``model`` -> ``model_options``."""
+    model = _table(table, "model", where)
+    layer = {k: v for k, v in table.items() if k != "model"}
+    reserved = sorted(set(layer) & set(RESERVED))
+    if reserved:
+        raise RecipeError(f"{where}: {', '.join(reserved)} cannot be set here (the study sets it)")
+    _check_keys(layer, (f for f in TrainConfig.__dataclass_fields__ if f not in RESERVED), where)
+    if model:
+        layer["model_options"] = model
+    return layer
+
+
+def _adversarial(table: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(table, AdversarialTraining.__dataclass_fields__, where)
+    return {k: parse_number(v) if k in NUMBER_KEYS else v for k, v in table.items()}
+
+
+def _networks(entries: Any, where: str) -> tuple[Network, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{where}: no networks: add at least one [[network]] table with an arch")
+    networks = []
+    for i, entry in enumerate(entries, 1):
+        at = f"{where}: network #{i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("arch"), str):
+            raise RecipeError(f'{at}: needs arch = "<model name>"')
+        entry = dict(entry)
+        arch = entry.pop("arch")
+        modes = entry.pop("modes", list(MODES))
+        if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+            raise RecipeError(f"{at}: modes must be a non-empty list of {MODES}, got {modes!r}")
+        adversarial = _adversarial(_table(entry, "adversarial", at), f"{at} [adversarial]")
+        entry.pop("adversarial", None)
+        networks.append(Network(arch, tuple(modes), _train_layer(entry, at), adversarial))
+    archs = [n.arch for n in networks]
+    repeated = sorted({a for a in archs if archs.count(a) > 1})
+    if repeated:
+        raise RecipeError(f"{where}: arch {', '.join(repeated)} listed twice (one network each)")
+    return tuple(networks)
+
+
+def _eval(table: dict[str, Any], where: str) -> EvalSettings:
+    _check_keys(table, EVAL_KEYS, where)
+    suite, inline = table.get("suite"), table.get("attack")
+    if (suite is None) == (inline is None):
+        raise RecipeError(f'{where}: give either suite = "<name or file>" or [[eval.attack]]')
+    if suite is not None:
+        specs = load_suite(suite)
+    else:
+        if not isinstance(inline, list) or not inline:
+            raise RecipeError(f"{where}: [[eval.attack]] needs at least one table")
+        specs = [AttackSpec.from_dict(dict(a)) for a in inline]
+    checkpoint = table.get("checkpoint", "final")
+    if checkpoint not in ("final", "best"):
+        raise RecipeError(f'{where}: checkpoint must be "final" or "best", not {checkpoint!r}')
+    limit = table.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise RecipeError(f"{where}: limit must be a positive integer, not {limit!r}")
+    batch_size = table.get("batch_size", 128)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise RecipeError(f"{where}: batch_size must be a positive integer, not {batch_size!r}")
+    split = table.get("split", "test")
+    if split not in ("test", "val"):
+        raise RecipeError(f'{where}: split must be "test" or "val", not {split!r}')
+    return EvalSettings(
+        attacks=tuple(specs),
+        suite=str(suite) if suite is not None else "inline",
+        limit=limit,
+        batch_size=batch_size,
+        split=split,
+        checkpoint=checkpoint,
+        device=str(table.get("device", "auto")),
+    )
+
+
+def _report(table: dict[str, Any], where: str) -> ReportOptions:
+    _check_keys(table, REPORT_KEYS, where)
+    eps = table.get("eps")
+    policy = table.get("target_policy", "random")
+    if policy not in ("random", "least-likely"):
+        raise RecipeError(f"{where}: target_policy must be random or least-likely")
+    return ReportOptions(
+        eps=parse_eps(eps) if eps is not None else None,
+        attack_steps=table.get("attack_steps"),
+        target_policy=policy,
+        plots=bool(table.get("plots", True)),
+    )
+
+
+def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
+    """Check a parsed recipe and build every run's config once (so errors surface early)."""
+    where = f"recipe {path}"
+    _check_keys(data, TOP_KEYS, where)
+    data_table = _table(data, "data", where)
+    _check_keys(data_table, DATA_KEYS, f"{where} [data]")
+    train = {DATA_KEYS[k]: v for k, v in data_table.items()}
+    train.update(_train_layer(_table(data, "train", where), f"{where} [train]"))
+    recipe = Recipe(
+        name=str(data.get("name") or path.stem),
+        description=str(data.get("description", "")),
+        path=path,
+        train=train,
+        adversarial=_adversarial(_table(data, "adversarial", where), f"{where} [adversarial]"),
+        networks=_networks(data.get("network"), where),
+        eval=_eval(_table(data, "eval", where), f"{where} [eval]"),
+        report=_report(_table(data, "report", where), f"{where} [report]"),
+    )
+    if "/" in recipe.name or recipe.name in ("", ".", ".."):
+        raise RecipeError(f"{where}: name {recipe.name!r} cannot be a directory name")
+    from robustlr.models import list_models
+
+    for network in recipe.networks:
+        if network.arch not in list_models():
+            raise RecipeError(
+                f"{where}: unknown arch {network.arch!r}; known: {', '.join(list_models())}"
+            )
+        for mode in network.modes:
+            recipe.train_config(network, mode, Path("."))  # raises on a bad value
+    return recipe

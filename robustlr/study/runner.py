@@ -1,0 +1,252 @@
+"""Run a study: the pending stages of a recipe, in order, in this process.
+
+Training goes through the engine (a stage killed mid-way resumes from its checkpoint), each
+eval stage writes ``eval.partial.csv`` and renames it to ``eval.csv`` when every attack is done
+(so a killed eval leaves no rows behind that a re-run could duplicate), and the report stage
+builds Table 9 from exactly the study's eval.csv files.
+
+Under ``torchrun`` every process runs the training stages together; only rank 0 evaluates and
+reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustlr.attacks.spec import AttackSpec
+from robustlr.eval.session import (
+    EVAL_CSV,
+    evaluate_checkpoint,
+    load_eval_images,
+    open_checkpoint,
+)
+from robustlr.report.checks import CheckResult, run_checks
+from robustlr.report.pairs import pair_table
+from robustlr.report.plots import geo_prior_maps, plot_geo_priors, report_plots
+from robustlr.report.results import collect_results
+from robustlr.report.table9 import ReportSettings, Table9, build_table9
+from robustlr.report.writers import write_report
+from robustlr.study.recipe import Recipe
+from robustlr.study.stages import (
+    DONE,
+    PARTIAL_CSV,
+    PENDING,
+    REPORT_MARKER,
+    Stage,
+    StageStatus,
+    eval_checkpoint,
+    eval_csvs,
+    inputs_digest,
+    plan_stages,
+    resolve_stage,
+    stage_status,
+)
+from robustlr.train import EventSink, TrainResult, resume_config
+from robustlr.train import train as train_engine
+from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
+
+log = logging.getLogger(__name__)
+
+StageSink = Callable[[Stage, str, StageStatus], None]  # (stage, "start"|"skip"|"done", status)
+EvalProgress = Callable[[Stage, AttackSpec, int, int], None]  # (stage, spec, done, total)
+
+
+@dataclass
+class ReportResult:
+    """What the report stage built and wrote (for the CLI to show)."""
+
+    table: Table9
+    checks: list[CheckResult]
+    pairs: Any  # pandas DataFrame
+    written: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class StudyResult:
+    """Each stage with the status it had before the study ran, and the report if made now."""
+
+    out_dir: Path
+    statuses: list[tuple[Stage, StageStatus]]
+    ran: list[str]
+    report: ReportResult | None = None
+
+
+def default_out_dir(recipe: Recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+def study_status(recipe: Recipe, out_dir: Path) -> list[tuple[Stage, StageStatus]]:
+    """Every stage with its status; a stage after a pending stage it depends on is pending."""
+    out: list[tuple[Stage, StageStatus]] = []
+    untrained: set[Path] = set()  # run directories whose training is pending
+    for stage in (resolve_stage(s, out_dir) for s in plan_stages(recipe)):
+        status = stage_status(stage, recipe, out_dir)
+        if stage.kind == "eval" and stage.run_dir in untrained and status.done:
+            status = StageStatus(PENDING, "after its training")
+        if stage.kind == "report" and status.done and any(not s.done for _, s in out):
+            status = StageStatus(PENDING, "after the pending stages")
+        if stage.kind in ("train", "advtrain") and not status.done and stage.run_dir:
+            untrained.add(stage.run_dir)
+        out.append((stage, status))
+    return out
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_study(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    until: str | None = None,
+    on_stage: StageSink | None = None,
+    on_train_event: EventSink | None = None,
+    on_eval: EvalProgress | None = None,
+) -> StudyResult:
+    """Run every pending stage (up to and including the stage named ``until``)."""
+    names = [s.name for s in plan_stages(recipe)]
+    if until is not None and until not in names:
+        raise ValueError(f"no stage {until!r}; stages: {', '.join(names)}")
+    statuses = study_status(recipe, out_dir)
+    result = StudyResult(out_dir, statuses, [])
+    for stage, _ in statuses:
+        status = stage_status(stage, recipe, out_dir)  # earlier stages may have changed it
+        if status.done:
+            if on_stage:
+                on_stage(stage, "skip", status)
+        elif stage.kind in ("train", "advtrain") or _rank() == 0:
+            if on_stage:
+                on_stage(stage, "start", status)
+            report = run_stage(stage, recipe, out_dir, on_train_event, on_eval)
+            result.ran.append(stage.name)
+            result.report = report or result.report
+            if on_stage:
+                on_stage(stage, "done", StageStatus(DONE))
+        if stage.name == until:
+            break
+    return result
+
+
+def run_stage(
+    stage: Stage,
+    recipe: Recipe,
+    out_dir: Path,
+    on_train_event: EventSink | None = None,
+    on_eval: EvalProgress | None = None,
+) -> ReportResult | None:
+    """Run one stage (whatever its status); the report stage returns what it built."""
+    if stage.kind in ("train", "advtrain"):
+        train_stage(stage, recipe, on_train_event)
+        return None
+    if stage.kind == "eval":
+        eval_stage(stage, recipe, on_eval)
+        return None
+    return report_stage(recipe, out_dir)
+
+
+def train_stage(stage: Stage, recipe: Recipe, on_event: EventSink | None = None) -> TrainResult:
+    """Train one run; a run with a checkpoint continues from it (the engine's resume)."""
+    assert stage.run_dir is not None
+    network = recipe.network(stage.arch)
+    config = recipe.train_config(network, stage.mode, stage.run_dir)
+    resume = (stage.run_dir / "checkpoint.pt").is_file()
+    if resume:
+        config = resume_config(stage.run_dir, config.to_dict())
+    hook = None
+    if stage.mode == "adversarial":
+        settings = AdversarialTraining(**config.adversarial)
+        config.adversarial = settings.as_dict()
+        hook = AdversarialHook(settings)
+    log.info("%s: %s into %s", stage.name, "resuming" if resume else "training", stage.run_dir)
+    return train_engine(config, on_event=on_event, hook=hook, resume=resume)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None) -> Path:
+    """Attack the run's checkpoint with the recipe's suite; returns the complete eval.csv."""
+    assert stage.run_dir is not None
+    settings = recipe.eval
+    device = _device(settings.device)
+    partial = stage.run_dir / PARTIAL_CSV
+    partial.unlink(missing_ok=True)  # rows of an interrupted attempt
+    target = open_checkpoint(eval_checkpoint(stage.run_dir, settings.checkpoint), device)
+    images, labels, indices = load_eval_images(
+        target.meta["dataset"],
+        settings.split,
+        target.config.get("data"),
+        target.image_size,
+        settings.limit,
+    )
+    total = len(labels)
+
+    def on_batch(spec: AttackSpec, done: int) -> None:
+        if on_eval:
+            on_eval(stage, spec, done, total)
+
+    evaluate_checkpoint(
+        target,
+        settings.attacks,
+        images=images,
+        labels=labels,
+        indices=indices,
+        split=settings.split,
+        out_csv=partial,
+        batch_size=settings.batch_size,
+        device=device,
+        examples_dir=stage.run_dir / "outcomes",
+        on_batch=on_batch,
+    )
+    final = stage.run_dir / EVAL_CSV
+    os.replace(partial, final)
+    return final
+
+
+def report_stage(recipe: Recipe, out_dir: Path) -> ReportResult:
+    """Table 9, paired tests, sanity checks and plots from the study's eval.csv files."""
+    files = [p for p in eval_csvs(recipe, out_dir) if p.is_file()]
+    options = recipe.report
+    settings = ReportSettings(
+        eps=options.eps, attack_steps=options.attack_steps, target_policy=options.target_policy
+    )
+    table = build_table9(collect_results(files, None), settings)
+    pairs = pair_table(table)
+    checks = run_checks(table.results, table)
+    written = write_report(table, out_dir / "table9.csv", "csv", pairs, checks)
+    if options.plots:
+        chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
+        written += report_plots(chosen, out_dir / "plots", table.eps)
+        written += geo_prior_plots(table, out_dir / "plots")
+    marker = {"recipe": recipe.name, "inputs": inputs_digest(files)}
+    (out_dir / REPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return ReportResult(table, checks, pairs, written)
+
+
+def geo_prior_plots(table: Table9, directory: Path) -> list[Path]:
+    """Figure-4 plots of the chosen runs whose model has local relation layers."""
+    from robustlr.checkpoint import build_model, load_checkpoint
+
+    written = []
+    for (network, mode), run_key in sorted(table.runs.items()):
+        checkpoint = Path(run_key) / "checkpoint.pt"
+        if not checkpoint.is_file():
+            continue
+        model = build_model(load_checkpoint(checkpoint))
+        if not geo_prior_maps(model):
+            continue
+        title = f"Learnt geometric priors, {network} ({mode})"
+        written.append(plot_geo_priors(model, directory / f"geo_prior_{network}_{mode}.png", title))
+    return written
