@@ -120,3 +120,37 @@ def test_benchmark_unfold_baseline_computes_the_same_function(composability):
     x, q, k, geo = random_inputs(2, 10, 7, 6, 3, 5, 2, seed=4)
     want = naive_local_relation(x, q, k, geo, 5, 2, composability)
     torch.testing.assert_close(unfold_local_relation(x, q, k, geo, 5, 2, composability), want)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 3])
+@pytest.mark.parametrize("composability", COMPOSABILITIES)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 5, 6, 7, 2, 7, 1, 1), (1, 6, 9, 8, 3, 5, 2, 2)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_window_split_into_row_chunks_matches_naive_loop(
+    monkeypatch, shape, composability, rows_per_chunk
+):
+    # Large inputs walk the window a few rows at a time (an online softmax across the chunks);
+    # force that path on small inputs, the centre row's chunk first or not.
+    import robustlr.ops.reference as reference
+
+    monkeypatch.setattr(reference, "rows_per_chunk_for", lambda *_: rows_per_chunk)
+    B, C, H, W, G, K, s, D = shape
+    inputs = random_inputs(B, C, H, W, G, K, s, qk_dim=D, seed=rows_per_chunk)
+    inputs[1].mul_(2.0)  # spread the logits so the running max changes between chunks
+    grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1, dtype=torch.float64)
+    y_ref, g_ref = _grads(
+        lambda *t: naive_local_relation(*t, K, s, composability, qk_dim=D), inputs, grad_out
+    )
+    y, g = _grads(
+        lambda *t: local_relation(
+            *t, kernel_size=K, stride=s, composability=composability, qk_dim=D
+        ),
+        inputs,
+        grad_out,
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for name, got, want in zip("xqkg", g, g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=f"grad {name}")

@@ -5,7 +5,7 @@ input). The work splits in two kinds:
 
 - G-sized work (logits, softmax statistics, their gradients; one value per group, i.e. 1/m of
   x's size per offset) is vectorised over a *chunk* of window rows at once: a zero-copy
-  ``as_strided`` view of the padded keys, shape (B, G, D, R, K, Ho, Wo), holds the keys read by
+  ``as_strided`` view of the padded keys, shape (R, K, B, G, D, Ho, Wo), holds the keys read by
   the R*K offsets of window rows [a0, a0 + R), so one chunk's logits take a handful of torch
   ops. R is chosen so that a chunk holds at most ``max(numel(x) / 2, 2**20)`` elements (at
   least one window row): small images get the whole window in one chunk, large ones a row at a
@@ -27,8 +27,11 @@ Gradients, for one group g, offset o and output position p (w = softmax weights)
     D      = sum_o w_o dw_o = sum_{c in g} gy_c y_c
     dlogit = w_o (dw_o - D)
 then dx_o += w_o gy, dgeo[o] += sum dlogit, dq += sum_o dlogit_o dphi/dq and
-dk_o += dlogit_o dphi/dk; the chunk's dk terms are scattered back at once with ``F.fold``
-(col2im, which sums overlapping windows).
+dk_o += dlogit_o dphi/dk (dphi/dk = -dphi/dq for sqdiff and absdiff). Per chunk, dw_o and the
+dx_o, dk_o scatters run offset by offset; dlogit, dgeo and dq are computed for the chunk at once.
+
+All chunk temporaries are laid out offset-major, (R, K, B, G, Ho, Wo), so that one offset's
+slice is a contiguous (B, G, Ho, Wo) block for the per-offset ops.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def _grouped(t: Tensor, groups: int, per_group: int) -> Tensor:
     return t.reshape(b, groups, per_group, h, w)
 
 
+def rows_per_chunk_for(shape: LocalRelationShape, numel_x: int) -> int:
+    """Window rows per chunk: one chunk-sized temporary (R, K, B, G, D, Ho, Wo) holds at most
+    ``max(numel_x // 2, _MIN_CHUNK_ELEMENTS)`` elements, and a chunk is at least one row."""
+    per_row = shape.batch * shape.groups * shape.qk_dim * shape.kernel_size
+    per_row *= shape.out_height * shape.out_width
+    budget = max(numel_x // 2, _MIN_CHUNK_ELEMENTS)
+    return max(1, min(shape.kernel_size, budget // max(per_row, 1)))
+
+
 class _Window:
     """Chunks of window rows, strided views of the padded inputs, and per-chunk logit biases."""
 
@@ -79,11 +91,7 @@ class _Window:
         self.row_ok = (rows >= 0) & (rows < shape.height)  # (K, Ho)
         self.col_ok = (cols >= 0) & (cols < shape.width)  # (K, Wo)
 
-        # rows per chunk: keep one chunk-sized temporary (B, G, D, R, K, Ho, Wo) within budget
-        per_row = shape.batch * shape.groups * shape.qk_dim * K * shape.out_height
-        per_row *= shape.out_width
-        budget = max(numel_x // 2, _MIN_CHUNK_ELEMENTS)
-        rows_per_chunk = max(1, min(K, budget // max(per_row, 1)))
+        rows_per_chunk = rows_per_chunk_for(shape, numel_x)
         chunks = [(a0, min(a0 + rows_per_chunk, K)) for a0 in range(0, K, rows_per_chunk)]
         # the chunk holding the centre row first: its max logit is finite at every position
         centre = next(c for c in chunks if c[0] <= p < c[1])
@@ -133,9 +141,10 @@ def _chunk_logits(qg: Tensor, k_chunk: Tensor, bias: Tensor, composability: str)
     else:
         torch.sub(qg, k_chunk, out=phi)
         phi = phi.square_() if composability == "sqdiff" else phi.abs_()
-        phi.neg_()
-    logits = phi[:, :, :, :, 0] if phi.shape[4] == 1 else phi.sum(4)
-    return logits.add_(bias)
+    phi = phi[:, :, :, :, 0] if phi.shape[4] == 1 else phi.sum(4)
+    if composability == "mul":
+        return phi.add_(bias)
+    return torch.sub(bias, phi, out=phi)  # phi = -(q - k)^2 or -|q - k|
 
 
 class _LocalRelationReference(torch.autograd.Function):
