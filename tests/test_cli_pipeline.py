@@ -43,7 +43,8 @@ def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     second = run_cli(*args, "--attack", "pgd-untargeted", "--steps", "2", cwd=adv_run)
     assert second.returncode == 0, second.stderr
     rows = pd.read_csv(adv_run / "runs/adv/eval.csv", keep_default_na=False)
-    assert list(rows["attack"]) == ["clean", "pgd-targeted", "pgd-untargeted"]  # appended
+    # appended, never rewritten; every evaluation reports the clean accuracy too
+    assert list(rows["attack"]) == ["clean", "pgd-targeted", "clean", "pgd-untargeted"]
     targeted = rows.iloc[1]
     assert targeted["target_policy"] == "random" and len(targeted["targets_sha256"]) == 64
     assert targeted["n"] == 24 and targeted["passes"] == 2 * 24

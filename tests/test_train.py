@@ -46,7 +46,7 @@ def test_config_layers_and_overrides(tmp_path) -> None:
     )
     assert (cfg.arch, cfg.epochs, cfg.lr, cfg.milestones) == ("lrnet26", 3, 0.05, [1, 2])
     assert cfg.model_options == {"kernel_size": 5, "m": 4} and cfg.label_smoothing == 0.1
-    assert cfg.image_size == 16 and cfg.width == 0.25  # digits defaults fill the rest
+    assert cfg.image_size == 8 and cfg.width == 0.25  # digits defaults fill the rest
     assert resolve({"dataset": "cifar10"}).image_size == 32
     with pytest.raises(ConfigError, match="unknown setting 'lrr'"):
         resolve(parse_overrides(["lrr=1"]))

@@ -132,6 +132,8 @@ def eval_command(
     }  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
     specs = build_specs(attacks, suite, overrides)
+    if not any(s.name == "clean" for s in specs):  # every report shows the clean accuracy too
+        specs.insert(0, AttackSpec("clean"))
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
     try:
