@@ -81,29 +81,6 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
     console.print(rich)
 
 
-def _geo_prior_plots(table: Table9, directory: Path, console: Console) -> list[Path]:
-    """Figure-4 plots for the chosen runs whose checkpoint has local relation layers."""
-    from robustlr.report.plots import geo_prior_maps, plot_geo_priors
-
-    written = []
-    for (network, mode), run_key in sorted(table.runs.items()):
-        checkpoint = next(
-            (Path(run_key) / n for n in CHECKPOINT_NAMES if (Path(run_key) / n).is_file()), None
-        )
-        if checkpoint is None:
-            continue
-        try:
-            model = build_model(load_checkpoint(checkpoint))
-        except CheckpointError as exc:
-            console.print(f"[yellow]skipping geometric priors of {checkpoint}: {exc}[/]")
-            continue
-        if not geo_prior_maps(model):
-            continue
-        title = f"Learnt geometric priors, {network} ({mode})"
-        written.append(plot_geo_priors(model, directory / f"geo_prior_{network}_{mode}.png", title))
-    return written
-
-
 @click.command("report")
 @click.argument("results", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -192,7 +169,7 @@ def report(
     print_pairs(console, pairs)
     print_checks(console, checks)
     if not no_plots:
-        from robustlr.report.plots import report_plots
+        from robustlr.report.plots import report_plots, run_geo_prior_plots
 
         directory = plots_dir or out.parent / "plots"
         written += report_plots(
@@ -200,7 +177,7 @@ def report(
             directory,
             table.eps,
         )
-        written += _geo_prior_plots(table, directory, console)
+        written += run_geo_prior_plots(table.runs, directory, CHECKPOINT_NAMES)
     console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 

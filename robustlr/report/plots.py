@@ -234,3 +234,31 @@ def report_plots(results: pd.DataFrame, directory: str | Path, eps: float) -> li
             if made is not None:
                 written.append(made)
     return written
+
+
+def run_geo_prior_plots(
+    runs: dict[tuple[str, str], str],
+    directory: Path,
+    checkpoint_names: tuple[str, ...] = ("best.pt", "checkpoint.pt"),
+) -> list[Path]:
+    """Figure-4 plots for report runs ({(network, mode): run dir}) whose model has local
+    relation layers, from the first of ``checkpoint_names`` each run has; unreadable
+    checkpoints are skipped with a warning."""
+    from robustlr.checkpoint import CheckpointError, build_model, load_checkpoint
+
+    written = []
+    for (network, mode), run_key in sorted(runs.items()):
+        run = Path(run_key)
+        checkpoint = next((run / n for n in checkpoint_names if (run / n).is_file()), None)
+        if checkpoint is None:
+            continue
+        try:
+            model = build_model(load_checkpoint(checkpoint))
+        except CheckpointError as exc:
+            log.warning("skipping geometric priors of %s: %s", checkpoint, exc)
+            continue
+        if not geo_prior_maps(model):
+            continue
+        title = f"Learnt geometric priors, {network} ({mode})"
+        written.append(plot_geo_priors(model, directory / f"geo_prior_{network}_{mode}.png", title))
+    return written

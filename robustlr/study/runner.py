@@ -30,7 +30,7 @@ from robustlr.eval.session import (
 )
 from robustlr.report.checks import CheckResult, run_checks
 from robustlr.report.pairs import pair_table
-from robustlr.report.plots import geo_prior_maps, plot_geo_priors, report_plots
+from robustlr.report.plots import report_plots, run_geo_prior_plots
 from robustlr.report.results import collect_results
 from robustlr.report.table9 import ReportSettings, Table9, build_table9
 from robustlr.report.writers import write_report
@@ -229,24 +229,7 @@ def report_stage(recipe: Recipe, out_dir: Path) -> ReportResult:
     if options.plots:
         chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
         written += report_plots(chosen, out_dir / "plots", table.eps)
-        written += geo_prior_plots(table, out_dir / "plots")
+        written += run_geo_prior_plots(table.runs, out_dir / "plots", ("checkpoint.pt",))
     marker = {"recipe": recipe.name, "inputs": inputs_digest(files)}
     (out_dir / REPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return ReportResult(table, checks, pairs, written)
-
-
-def geo_prior_plots(table: Table9, directory: Path) -> list[Path]:
-    """Figure-4 plots of the chosen runs whose model has local relation layers."""
-    from robustlr.checkpoint import build_model, load_checkpoint
-
-    written = []
-    for (network, mode), run_key in sorted(table.runs.items()):
-        checkpoint = Path(run_key) / "checkpoint.pt"
-        if not checkpoint.is_file():
-            continue
-        model = build_model(load_checkpoint(checkpoint))
-        if not geo_prior_maps(model):
-            continue
-        title = f"Learnt geometric priors, {network} ({mode})"
-        written.append(plot_geo_priors(model, directory / f"geo_prior_{network}_{mode}.png", title))
-    return written
