@@ -48,6 +48,7 @@ def lr_layer(
     composability: str,
     qk_dim: int,
     backend: str | None,
+    prior_init: str,
 ) -> LocalRelation2d:
     """The spatial layer of LR-Net blocks: a LocalRelation2d (channels in == channels out)."""
     if in_channels != out_channels:
@@ -61,6 +62,7 @@ def lr_layer(
         geometric_prior=geometric_prior,
         qk_dim=qk_dim,
         backend=backend,
+        prior_init=prior_init,
     )
 
 
@@ -93,6 +95,7 @@ def build_lrnet(
     composability: str,
     qk_dim: int,
     lr_backend: str | None,
+    prior_init: str,
 ) -> ResidualNetwork:
     """An LR-Net of 1x1 -> LR -> 1x1 residual blocks (bottleneck or LR-Net-18's basic)."""
     if width <= 0:
@@ -105,6 +108,7 @@ def build_lrnet(
         composability=composability,
         qk_dim=qk_dim,
         backend=lr_backend,
+        prior_init=prior_init,
     )
     inner = [scaled(c, width) for c in inner_widths]
     out = [scaled(c, width) for c in out_widths]
@@ -136,6 +140,7 @@ def lrnet18(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
+    prior_init: str = "centre",
     alpha: float = LRNET18_ALPHA,
 ) -> ResidualNetwork:
     """LR-Net-18: 2-2-2-2 basic blocks as 1x1 (C -> alpha*C), LR, 1x1 (-> C) (Fig. 3(c))."""
@@ -156,6 +161,7 @@ def lrnet18(
         composability=composability,
         qk_dim=qk_dim,
         lr_backend=lr_backend,
+        prior_init=prior_init,
     )
 
 
@@ -174,6 +180,7 @@ def lrnet26(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
+    prior_init: str = "centre",
 ) -> ResidualNetwork:
     """LR-Net-26: bottleneck blocks 2-2-2-2, inner widths 100/200/400/800 (the ablation net)."""
     return build_lrnet(
@@ -192,6 +199,7 @@ def lrnet26(
         composability=composability,
         qk_dim=qk_dim,
         lr_backend=lr_backend,
+        prior_init=prior_init,
     )
 
 
@@ -210,6 +218,7 @@ def lrnet50(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
+    prior_init: str = "centre",
 ) -> ResidualNetwork:
     """LR-Net-50: bottleneck blocks 3-4-6-3, inner widths 100/200/400/800 (Table 2)."""
     return build_lrnet(
@@ -228,6 +237,7 @@ def lrnet50(
         composability=composability,
         qk_dim=qk_dim,
         lr_backend=lr_backend,
+        prior_init=prior_init,
     )
 
 
@@ -246,6 +256,7 @@ def lrnet101(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
+    prior_init: str = "centre",
 ) -> ResidualNetwork:
     """LR-Net-101: bottleneck blocks 3-4-23-3, inner widths 100/200/400/800."""
     return build_lrnet(
@@ -264,4 +275,5 @@ def lrnet101(
         composability=composability,
         qk_dim=qk_dim,
         lr_backend=lr_backend,
+        prior_init=prior_init,
     )

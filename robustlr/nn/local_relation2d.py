@@ -10,6 +10,14 @@ from torch import nn
 from robustlr.ops import COMPOSABILITIES, local_relation
 
 GEOMETRIC_PRIORS = ("mlp", "direct", "none")
+# How a geometric prior starts (docs/lrnet-training.md): "centre" peaks every group's prior at
+# the window centre, logits -s_g * (|dy| + |dx|) in pixels, with per-group sharpness s_g spread
+# log-uniformly over PRIOR_SHARPNESS, so that groups start as different local blurs (their
+# differences, mixed by the 1x1 after aggregation, are edge detectors) and the window does not
+# start as a uniform average; "default" is PyTorch's default initialisation (near-uniform
+# weights over the whole window, the behaviour of robustlr 0.1).
+PRIOR_INITS = ("centre", "default")
+PRIOR_SHARPNESS = (0.5, 3.0)
 
 
 def relative_positions(kernel_size: int) -> torch.Tensor:
@@ -25,18 +33,64 @@ def relative_positions(kernel_size: int) -> torch.Tensor:
     return torch.stack([dy, dx])
 
 
+def prior_sharpness(groups: int) -> torch.Tensor:
+    """Per-group sharpness of the "centre" prior init: log-uniform over PRIOR_SHARPNESS.
+
+    Shape: (G,).
+    """
+    low, high = (math.log(v) for v in PRIOR_SHARPNESS)
+    if groups == 1:
+        return torch.tensor([math.exp((low + high) / 2)])
+    return torch.exp(torch.linspace(low, high, groups))
+
+
+def centre_prior_logits(groups: int, kernel_size: int) -> torch.Tensor:
+    """The "centre" init target: -s_g times the L1 distance (in pixels) to the window centre.
+
+    Shape: (G, K, K).
+    """
+    half = max(1, kernel_size // 2)
+    distance = relative_positions(kernel_size).abs().sum(0) * half
+    return -prior_sharpness(groups).view(groups, 1, 1) * distance
+
+
 class GeometricPrior(nn.Module):
     """The paper's small network on relative positions: 1x1 (2 -> hidden), ReLU, 1x1 (-> G).
+
+    With ``init="centre"`` four hidden units start as ReLU(+-dy), ReLU(+-dx), whose sum is the
+    L1 distance, and the output layer reads them with weight -s_g * K // 2, so the network starts
+    exactly at :func:`centre_prior_logits`; the other hidden units start with PyTorch's default
+    weights and a zero output weight (they join as training moves the output layer).
 
     Shape: () -> (G, K, K) logits.
     """
 
-    def __init__(self, groups: int, kernel_size: int, hidden: int = 32) -> None:
+    def __init__(
+        self, groups: int, kernel_size: int, hidden: int = 32, init: str = "centre"
+    ) -> None:
         super().__init__()
+        if init not in PRIOR_INITS:
+            raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {init!r}")
+        if hidden < 4:
+            raise ValueError(f"the prior network needs at least 4 hidden units, got {hidden}")
         self.register_buffer("positions", relative_positions(kernel_size), persistent=False)
         self.net = nn.Sequential(
             nn.Conv2d(2, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, groups, 1)
         )
+        if init == "centre":
+            self._init_centre(groups, kernel_size)
+
+    @torch.no_grad()
+    def _init_centre(self, groups: int, kernel_size: int) -> None:
+        first, last = self.net[0], self.net[2]
+        first.weight[:4].zero_()
+        first.bias[:4].zero_()
+        for unit, (axis, sign) in enumerate([(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]):
+            first.weight[unit, axis] = sign
+        last.weight.zero_()
+        last.bias.zero_()
+        half = max(1, kernel_size // 2)
+        last.weight[:, :4, 0, 0] = -(prior_sharpness(groups) * half).unsqueeze(1)
 
     def forward(self) -> torch.Tensor:
         return self.net(self.positions.unsqueeze(0)).squeeze(0)
@@ -45,12 +99,21 @@ class GeometricPrior(nn.Module):
 class DirectGeometricPrior(nn.Module):
     """Geometric prior values learnt directly, one per group and offset (G* in Table 3).
 
+    ``init="centre"`` starts at :func:`centre_prior_logits`, "default" at zeros (uniform).
+
     Shape: () -> (G, K, K) logits.
     """
 
-    def __init__(self, groups: int, kernel_size: int) -> None:
+    def __init__(self, groups: int, kernel_size: int, init: str = "centre") -> None:
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(groups, kernel_size, kernel_size))
+        if init not in PRIOR_INITS:
+            raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {init!r}")
+        start = (
+            centre_prior_logits(groups, kernel_size)
+            if init == "centre"
+            else torch.zeros(groups, kernel_size, kernel_size)
+        )
+        self.logits = nn.Parameter(start)
 
     def forward(self) -> torch.Tensor:
         return self.logits
@@ -62,7 +125,10 @@ class LocalRelation2d(nn.Module):
     ``channels`` in and out, ``m`` channels share one aggregation (G = ceil(C / m) groups), the
     query is taken at output positions (stride ``stride``), and the aggregated features pass a
     1x1 channel transformation C -> C. ``geometric_prior`` is "mlp" (the paper's default),
-    "direct" (G*) or "none" (NG); ``qk_dim`` > 1 uses vector queries/keys (Table 4).
+    "direct" (G*) or "none" (NG); ``prior_init`` how it starts (``PRIOR_INITS``); ``qk_dim`` > 1
+    uses vector queries/keys (Table 4). The 1x1 after aggregation starts with He (fan-out)
+    initialisation like every other channel transformation of the network; the query and key
+    projections keep PyTorch's default (small logits, near-prior-only weights at the start).
 
     Shape: (B, C, H, W) -> (B, C, (H - 1) // stride + 1, (W - 1) // stride + 1).
     """
@@ -77,6 +143,7 @@ class LocalRelation2d(nn.Module):
         geometric_prior: str = "mlp",
         qk_dim: int = 1,
         backend: str | None = None,
+        prior_init: str = "centre",
     ) -> None:
         super().__init__()
         if composability not in COMPOSABILITIES:
@@ -102,12 +169,17 @@ class LocalRelation2d(nn.Module):
         self.query = nn.Conv2d(channels, self.groups * qk_dim, 1, bias=False)
         self.key = nn.Conv2d(channels, self.groups * qk_dim, 1, bias=False)
         if geometric_prior == "mlp":
-            self.geometric_prior: nn.Module | None = GeometricPrior(self.groups, kernel_size)
+            self.geometric_prior: nn.Module | None = GeometricPrior(
+                self.groups, kernel_size, init=prior_init
+            )
         elif geometric_prior == "direct":
-            self.geometric_prior = DirectGeometricPrior(self.groups, kernel_size)
+            self.geometric_prior = DirectGeometricPrior(self.groups, kernel_size, init=prior_init)
         else:
+            if prior_init not in PRIOR_INITS:
+                raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {prior_init!r}")
             self.geometric_prior = None
         self.project = nn.Conv2d(channels, channels, 1, bias=False)
+        nn.init.kaiming_normal_(self.project.weight, mode="fan_out", nonlinearity="relu")
 
     def prior_logits(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The geometric-prior logits (zeros without a prior). Shape: (G, K, K)."""
@@ -141,3 +213,17 @@ class LocalRelation2d(nn.Module):
             f"groups={self.groups}, composability={self.composability}, prior={prior}, "
             f"qk_dim={self.qk_dim}"
         )
+
+
+def relation_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The query and key projection weights of every :class:`LocalRelation2d` in ``model``.
+
+    The appearance logits are quadratic in these weights (sqdiff), so the training engine gives
+    them a smaller learning rate (``relation_lr_scale``; docs/lrnet-training.md).
+    """
+    return [
+        weight
+        for module in model.modules()
+        if isinstance(module, LocalRelation2d)
+        for weight in (module.query.weight, module.key.weight)
+    ]

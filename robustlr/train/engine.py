@@ -53,6 +53,7 @@ from robustlr.train.events import (
 )
 from robustlr.train.hooks import BatchHook, StepContext
 from robustlr.train.metrics import BASE_COLUMNS, MetricsCSV
+from robustlr.train.param_groups import parameter_groups
 from robustlr.train.rng import (
     capture_rng_states,
     restore_rng_states,
@@ -241,7 +242,7 @@ class _Run:
                 f"({len(train_set)} images)"  # type: ignore[arg-type]
             )
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            parameter_groups(model, effective_lr(cfg), cfg.relation_lr_scale),
             lr=effective_lr(cfg),
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
