@@ -75,3 +75,48 @@ def test_bad_arch_and_ctype_are_rejected():
         nvrtc.compile_source("", [], "hopper")
     with pytest.raises(ValueError, match="storage type"):
         nvrtc.name_expression("lr_forward", "double", 7, 1)
+
+
+# ---- compile parity with what CuPy really compiles ------------------------------------------
+
+
+def test_gpu_options_are_what_cupy_adds():
+    """CuPy's RawModule path appends -ftz=true and --device-as-default-execution-space to our
+    options; the compile-only check must compile with the same (read from the installed CuPy)."""
+    import inspect
+
+    from cupy.cuda import compiler
+
+    cache_src = inspect.getsource(compiler._compile_with_cache_cuda)
+    nvrtc_src = inspect.getsource(compiler._compile_using_nvrtc_no_warning)
+    for option in nvrtc.CUPY_ADDED_OPTIONS:
+        assert f"'{option}'" in cache_src + nvrtc_src, option
+    assert nvrtc.GPU_OPTIONS == nvrtc.COMPILE_OPTIONS + nvrtc.CUPY_ADDED_OPTIONS
+    assert "-ftz=true" in nvrtc.GPU_OPTIONS
+
+
+def test_compile_only_check_flushes_denormals_like_the_gpu_build():
+    ptx = nvrtc.compile_kernels("float", 3, 1, "compute_80").binary.decode()
+    assert "add.ftz.f32" in ptx  # fp32 arithmetic compiled with flush-to-zero
+    plain = nvrtc.compile_source(
+        nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE),
+        [nvrtc.name_expression(k, "float", 3, 1) for k in nvrtc.KERNEL_NAMES],
+        "compute_80",
+        options=nvrtc.COMPILE_OPTIONS,
+    ).binary.decode()
+    assert "add.ftz.f32" not in plain and "add.f32" in plain  # the difference is real
+
+
+def test_cubin_is_a_whole_elf_image():
+    prog = nvrtc.compile_kernels("float", 3, 1, "sm_90")
+    assert prog.binary[:4] == b"\x7fELF"
+    assert nvrtc.elf_extent(prog.binary) == len(prog.binary)
+    with pytest.raises(ValueError, match="ELF"):
+        nvrtc.elf_extent(b"not an elf" * 10)
+
+
+def test_ptxas_usage_parses_every_kernel():
+    prog = nvrtc.compile_kernels("float", 3, 1, "sm_80", extra_options=("-Xptxas=-v",))
+    usage = nvrtc.ptxas_usage(prog.log)
+    assert set(usage) == set(prog.lowered_names.values())
+    assert all(u.registers > 0 for u in usage.values())
