@@ -101,7 +101,8 @@ const std::vector<Entry>& registry() {
         LR_ENTRIES(float, 5, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(float, 5, 3),
         LR_ENTRIES(float, 7, 1), LR_ENTRIES(float, 7, 2), LR_ENTRIES(float, 7, 3),
         LR_ENTRIES(float, 9, 1), LR_ENTRIES(float, 9, 2), LR_ENTRIES(float, 9, 3),
-        LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 5, 2), LR_ENTRIES(lr_half, 7, 1),
+        LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 3, 2), LR_ENTRIES(lr_half, 5, 2),
+        LR_ENTRIES(lr_half, 7, 1),
         LR_ENTRIES(lr_half, 7, 2), LR_ENTRIES(lr_bf16, 3, 1), LR_ENTRIES(lr_bf16, 5, 2),
         LR_ENTRIES(lr_bf16, 7, 1), LR_ENTRIES(lr_bf16, 7, 2),
 #endif
@@ -115,9 +116,19 @@ const std::vector<Entry>& registry() {
     return entries;
 }
 
+std::string without_spaces(std::string s) {
+    std::string out;
+    for (char c : s) {
+        if (c != ' ') out += c;
+    }
+    return out;
+}
+
+// Instantiation names compare without spaces ("lr_forward<float, 3, 1>" == "lr_forward<float,3,1>").
 const Entry* find(const char* name) {
+    const std::string wanted = without_spaces(name);
     for (const Entry& e : registry()) {
-        if (e.name == name) return &e;
+        if (without_spaces(e.name) == wanted) return &e;
     }
     return nullptr;
 }

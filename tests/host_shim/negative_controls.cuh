@@ -49,7 +49,8 @@ __global__ void lr_warp_ops(const float* __restrict__ in, float* __restrict__ ou
         out[8 + 8 * w + 0] = xs;
         out[8 + 8 * w + 1] = ds;
         out[8 + 8 * w + 2] = l3;
-        out[8 + 8 * w + 3] = (float)bal;
+        out[8 + 8 * w + 3] = (float)(bal & 0xffffu);  // exact in fp32
+        out[8 + 8 * w + 7] = (float)(bal >> 16);
         out[8 + 8 * w + 4] = (float)any;
         out[8 + 8 * w + 5] = (float)all;
         out[8 + 8 * w + 6] = dyn[(t + 33) % blockDim.x];
