@@ -131,15 +131,17 @@ def test_16bit_storage_matches_naive(lib, case, dtype):
     check_case(lib, case, dtype=dtype, tol=1e-2, seed=11)
 
 
-@pytest.mark.parametrize(("grid", "block"), [((1, 1, 1), (1, 1, 1)), ((3, 1, 1), (5, 1, 1))])
-def test_launch_geometry_does_not_change_results(lib, grid, block):
-    """Grid-stride loops give the same numbers for any launch geometry."""
-    x, q, k, geo, gy = make_case(2, 6, 7, 6, 2, 3, 1, seed=5)
+def test_grid_size_does_not_change_results(lib):
+    """The kernels loop over tiles, so any grid gives the same numbers (forward and backward
+    input exactly; grad geo up to the order of its per-block partial sums)."""
+    x, q, k, geo, gy = make_case(2, 6, 19, 17, 2, 3, 1, seed=5)  # several tiles per plane
     base = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff")
-    got = backend_run(
-        lib, x, q, k, geo, gy, 3, 1, "sqdiff", override={"grid": grid, "block": block}
-    )
-    assert all(r.config.grid == grid for r in backend_run.made[-1].records)
+    assert backend_run.made[-1].records[0].config.grid[0] > 3
+    small = {"grid": (3, 1, 1)}
+    override = {"lr_forward": small, "lr_backward_input": small}
+    got = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff", override=override)
+    grids = [r.config.grid for launcher in backend_run.made for r in launcher.records]
+    assert grids[0] == grids[-1] == (3, 1, 1)  # forward, backward input
     for name, a, b in zip(NAMES[:4], got[:4], base[:4], strict=True):
         assert torch.equal(a, b), name
     assert_close_rel(got[4], base[4], 1e-6, "geo")
@@ -147,18 +149,23 @@ def test_launch_geometry_does_not_change_results(lib, grid, block):
 
 def test_query_chunking_from_sm_count(lib):
     """The backward-query grid follows the SM count; the results do not."""
-    x, q, k, geo, gy = make_case(2, 8, 9, 9, 2, 7, 1, seed=7)
+    x, q, k, geo, gy = make_case(2, 8, 9, 9, 8, 7, 1, seed=7)  # m = 1, 4 tiles per group
     want = naive_results(x, q, k, geo, gy, 7, 1, "mul")
-    for sms in (1, 3, 1000):
+    shape = check_inputs(x, q, k, geo, 7, 1, "mul")
+    seen = set()
+    for sms in (1, 1000):
         got = backend_run(lib, x, q, k, geo, gy, 7, 1, "mul", multiprocessors=sms)
         for name, a, e in zip(NAMES, got, want, strict=True):
             assert_close_rel(a, e, 1e-5, f"{name} sms={sms}")
         query = backend_run.made[-1].records[0]
         assert query.config.kernel == "lr_backward_query"
-        nchunks = cupy_backend.query_chunks(check_inputs(x, q, k, geo, 7, 1, "mul"), sms)
-        assert nchunks == min(2 * 9 * 9, -(-sms * 2048 // 2))
+        nchunks = cupy_backend.query_chunks(shape, sms)
+        assert nchunks == min(2 * 2, -(-sms * 16 // 8))
+        assert query.config.grid == (8 * nchunks, 1, 1)
+        seen.add(nchunks)
         again = backend_run(lib, x, q, k, geo, gy, 7, 1, "mul", multiprocessors=sms)
         assert torch.equal(got[4], again[4])  # grad geo is deterministic
+    assert seen == {2, 4}
 
 
 def test_strided_inputs_and_partial_grads(lib):
@@ -241,14 +248,21 @@ def test_host_launcher_rejects_what_the_gpu_would(lib, mutate, message):
 
 @pytest.mark.parametrize(
     "change",
-    [{"block": (2048, 1, 1)}, {"block": (64, 32, 1)}, {"grid": (1, 70000, 1)},
-     {"shared_bytes": 64 * 1024}, {"kernel": "lr_forward_missing"}],
+    [{"block": (2048, 1, 1)}, {"block": (64, 32, 1)}, {"block": (8, 16, 1)},
+     {"grid": (1, 70000, 1)}, {"shared_bytes": 64 * 1024}, {"kernel": "lr_forward_missing"}],
 )  # fmt: skip
 def test_host_launcher_rejects_bad_geometry(lib, change):
     shape, args = _forward_args()
-    launcher = HostLauncher(lib, "float", 3, 1, override=change)
+    launcher = HostLauncher(lib, "float", 3, 1, override={"lr_forward": change})
     with pytest.raises((LaunchError, KeyError)):
         launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+def test_query_grid_must_match_its_chunk_count(lib):
+    x, q, k, geo, gy = make_case(1, 4, 5, 5, 2, 3, 1)
+    with pytest.raises(LaunchError, match="G \\* nchunks"):
+        backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff",
+                    override={"lr_backward_query": {"grid": (1, 1, 1)}})  # fmt: skip
 
 
 def test_not_built_instantiation_is_a_clear_error(lib):

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "CuPy is not importable: no NVRTC bindings to compile with", allow_module_level=True
     )
 
-_GLOBAL_TEMPLATE = re.compile(r"__global__\s+void\s+(\w+)\s*\(")
+_GLOBAL_TEMPLATE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 
 
 def test_catalogue_lists_every_kernel_source_and_kernel():

@@ -12,8 +12,9 @@ pointers (which also works for bf16, which ``__cuda_array_interface__`` cannot d
 
 Forward saves x, q, k, geo (the prepared copies) and a per-(b, g, i, j) fp32 log-sum-exp.
 Backward runs two gather kernels, no atomics: ``lr_backward_query`` (grad q, D = sum gy * y, and
-per-thread partial sums of grad geo, reduced afterwards by ``torch.sum``, so grad geo is
-deterministic) and ``lr_backward_input`` (grad x and grad k).
+one partial sum of grad geo per block, reduced afterwards by ``torch.sum``, so grad geo is
+deterministic for a given GPU) and ``lr_backward_input`` (grad x and grad k). Its grid is sized
+from the device's SM count (``query_chunks``).
 
 The launch seam: the autograd Function plans every launch with pure functions of the shape
 (``plan_forward``, ``query_chunks``, ``plan_backward_query``, ``plan_backward_input``) and hands
@@ -59,10 +60,11 @@ COMPOSABILITY_CODES = {"sqdiff": 0, "absdiff": 1, "mul": 2}
 #: Kernel storage type per supported torch dtype.
 CTYPE_OF_DTYPE = {torch.float32: "float", torch.float16: "lr_half", torch.bfloat16: "lr_bf16"}
 
-#: Threads per block of every launch.
-BLOCK = 256
-#: Largest grid.x of a 1-D launch; the kernels use grid-stride loops, so the grid may be capped.
-MAX_BLOCKS = 1 << 20
+#: Block shape (x, y) of every launch: one tile of LR_TILE_W x LR_TILE_H positions
+#: (kernels/lr_common.cuh defines the same; a test checks that they agree).
+TILE = (16, 8)
+#: Largest grid.x of a launch; the kernels loop over tiles, so the grid may be capped.
+MAX_BLOCKS = (1 << 31) - 1
 #: Resident threads per SM that the backward-query grid aims for (2048 on sm_80 and sm_90).
 THREADS_PER_SM = 2048
 
@@ -77,40 +79,43 @@ class LaunchConfig:
     shared_bytes: int = 0
 
 
-def _grid_for(total: int, block: int = BLOCK) -> tuple[int, int, int]:
-    return (max(1, min(-(-total // block), MAX_BLOCKS)), 1, 1)
+def _tiles(height: int, width: int) -> int:
+    return -(-height // TILE[1]) * -(-width // TILE[0])
+
+
+def _config(kernel: str, blocks: int) -> LaunchConfig | None:
+    if blocks <= 0:
+        return None
+    return LaunchConfig(kernel, (min(blocks, MAX_BLOCKS), 1, 1), (TILE[0], TILE[1], 1))
 
 
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
-    """Launch of ``lr_forward`` (one thread per (b, g, i, j)); None when there is no output."""
-    total = shape.batch * shape.groups * shape.out_height * shape.out_width
-    if total <= 0:
-        return None
-    return LaunchConfig("lr_forward", _grid_for(total), (BLOCK, 1, 1))
+    """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; None when
+    there is no output."""
+    tiles = _tiles(shape.out_height, shape.out_width)
+    return _config("lr_forward", shape.batch * shape.groups * tiles)
 
 
 def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
-    """Threads per group of ``lr_backward_query``: enough to fill every SM, at most one per
-    query position of the group, at least one."""
-    npos = shape.batch * shape.out_height * shape.out_width
-    target = -(-(max(1, multiprocessors) * THREADS_PER_SM) // max(1, shape.groups))
-    return max(1, min(npos, target))
+    """Blocks per group of ``lr_backward_query``: enough blocks to fill every SM, at most one
+    per output tile of the group, at least one."""
+    tiles = shape.batch * _tiles(shape.out_height, shape.out_width)
+    blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
+    target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
+    return max(1, min(tiles, target))
 
 
 def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig | None:
-    """Launch of ``lr_backward_query`` (G * nchunks threads)."""
-    total = shape.groups * nchunks
-    if shape.batch * shape.out_height * shape.out_width <= 0 or total <= 0:
+    """Launch of ``lr_backward_query``: G * nchunks blocks."""
+    if shape.batch * shape.out_height * shape.out_width <= 0:
         return None
-    return LaunchConfig("lr_backward_query", _grid_for(total), (BLOCK, 1, 1))
+    return _config("lr_backward_query", shape.groups * nchunks)
 
 
 def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
-    """Launch of ``lr_backward_input`` (one thread per (b, g, h, w))."""
-    total = shape.batch * shape.groups * shape.height * shape.width
-    if total <= 0:
-        return None
-    return LaunchConfig("lr_backward_input", _grid_for(total), (BLOCK, 1, 1))
+    """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane."""
+    tiles = _tiles(shape.height, shape.width)
+    return _config("lr_backward_input", shape.batch * shape.groups * tiles)
 
 
 def pack_arg(arg: Any) -> Any:

@@ -14,7 +14,8 @@ tests. At every launch it checks, as the GPU would need them to be:
 - behind every pointer: a CPU tensor of the pointee's dtype, contiguous, holding exactly the
   element count that the kernel's own size arguments give (``EXTENTS``), and no overlap of an
   output with any other buffer (the kernels' ``__restrict__``);
-- the grid and block limits of CUDA and the shared-memory limit.
+- the grid and block limits of CUDA and the shared-memory limit, and the block shape the
+  kernels are written for (LR_TILE_W x LR_TILE_H, read from kernels/lr_common.cuh).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def build_library(variant: str = "plain") -> Path:
 
 # ---- the kernels' C signatures, from the source -----------------------------------------------
 
-_KERNEL = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_KERNEL = re.compile(
+    r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)", re.S
+)
 
 
 def kernel_parameters(kernel: str, ctype: str) -> list[tuple[str, str]]:
@@ -180,7 +183,7 @@ class HostLauncher:
         kernel_size: int,
         stride: int,
         multiprocessors: int = 2,
-        override: dict[str, Any] | None = None,
+        override: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.lib = lib
         self.ctype = ctype
@@ -194,7 +197,7 @@ class HostLauncher:
         return contextlib.nullcontext()
 
     def launch(self, config: cupy_backend.LaunchConfig, args: tuple) -> None:
-        config = replace(config, **self.override)
+        config = replace(config, **self.override.get(config.kernel, {}))
         name = name_expression(config.kernel, self.ctype, self.kernel_size, self.stride)
         values, nbytes = check_launch(self.lib, name, config, args, self.kernel_size)
         self.records.append(LaunchRecord(config, name))
@@ -240,6 +243,8 @@ def check_launch(
             if type(value) is not want:
                 raise LaunchError(f"{name}: {pname} ({c}) packed as {type(value).__name__}")
             sizes[pname] = int(value)
+    if "nchunks" in sizes and config.grid[0] != sizes["G"] * sizes["nchunks"]:
+        raise LaunchError(f"{name}: grid {config.grid} is not G * nchunks blocks")
     values: list[Any] = []
     nbytes: list[int] = []
     written: list[tuple[str, int, int]] = []
@@ -273,8 +278,18 @@ def check_launch(
     return values, nbytes
 
 
+def kernel_block() -> tuple[int, int, int]:
+    """The block shape every kernel assumes: (LR_TILE_W, LR_TILE_H, 1) from lr_common.cuh."""
+    text = (KERNEL_DIR / "lr_common.cuh").read_text()
+    tw = re.search(r"#define LR_TILE_W (\d+)", text)
+    th = re.search(r"#define LR_TILE_H (\d+)", text)
+    return (int(tw.group(1)), int(th.group(1)), 1)
+
+
 def _check_geometry(name: str, config: cupy_backend.LaunchConfig) -> None:
     grid, block = config.grid, config.block
+    if block != kernel_block():
+        raise LaunchError(f"{name}: block {block}, the kernels are written for {kernel_block()}")
     if len(grid) != 3 or len(block) != 3 or min(*grid, *block) < 1:
         raise LaunchError(f"{name}: bad grid {grid} / block {block}")
     for axis in range(3):
@@ -368,7 +383,7 @@ class RecordingLauncher(HostLauncher):
             else:
                 before.append(ScriptArg({"long long": "i64", "int": "i32"}[c], int(a)))
         super().launch(config, args)
-        self.script.append((name, replace(config, **self.override), before))
+        self.script.append((name, replace(config, **self.override.get(config.kernel, {})), before))
         self.after.append(
             [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args]
         )
