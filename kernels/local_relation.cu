@@ -30,8 +30,7 @@
 // Forward, fused: logits, softmax and aggregation; one thread per output (i, j) of a tile.
 // Shared: the k tile (logits), then the x tile of each channel of the group.
 template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS)
-    lr_forward(const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+__global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
                const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse,
                long long B, long long C, long long H, long long W, long long G, long long m,
                long long Ho, long long Wo, int comp) {
@@ -106,8 +105,7 @@ __global__ void __launch_bounds__(LR_THREADS)
 // chunk + nchunks, ... of group g's (b, tile) list. Per output it writes grad q and D; the
 // block's sum of dlogit per window offset goes to geo_partial[(g * K * K + o) * nchunks + chunk].
 template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS)
-    lr_backward_query(const T* __restrict__ x, const T* __restrict__ q,
+__global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__ q,
                       const T* __restrict__ k, const float* __restrict__ geo,
                       const float* __restrict__ lse, const T* __restrict__ gy,
                       T* __restrict__ gq, float* __restrict__ dsum,
@@ -228,8 +226,7 @@ __global__ void __launch_bounds__(LR_THREADS)
 // (at most NC x NC) outputs whose window covers (h, w). Shared: q, lse and D over the outputs
 // covering the tile, and gy of each channel over the same outputs.
 template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS)
-    lr_backward_input(const T* __restrict__ x, const T* __restrict__ q,
+__global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__ q,
                       const T* __restrict__ k, const float* __restrict__ geo,
                       const float* __restrict__ lse, const float* __restrict__ dsum,
                       const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk,

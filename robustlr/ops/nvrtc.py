@@ -221,3 +221,59 @@ def ptxas_usage(build_log: str) -> dict[str, PtxasUsage]:
             shared=int(smem.group(1)) if smem else 0,
         )
     return usage
+
+
+@dataclass(frozen=True)
+class KernelUsage:
+    """ptxas's report for one kernel instantiation on one architecture."""
+
+    kernel: str
+    ctype: str
+    kernel_size: int
+    stride: int
+    arch: str
+    usage: PtxasUsage
+
+
+def ptxas_table(
+    kernel_sizes: tuple[int, ...] | list[int],
+    strides: tuple[int, ...] | list[int],
+    archs: tuple[str, ...] | list[str] = ("sm_80", "sm_90"),
+    ctypes_: tuple[str, ...] | list[str] = CTYPES,
+) -> list[KernelUsage]:
+    """Compile every instantiation (one NVRTC program per dtype and arch, with the GPU's
+    options and ``-Xptxas=-v``) and return ptxas's resource report for each kernel."""
+    source = load_kernel_source(KERNEL_SOURCE)
+    rows = []
+    for arch in archs:
+        for ctype in ctypes_:
+            configs = [(k, K, s) for K in kernel_sizes for s in strides for k in KERNEL_NAMES]
+            names = [name_expression(k, ctype, K, s) for k, K, s in configs]
+            prog = compile_source(source, names, arch, (*GPU_OPTIONS, "-Xptxas=-v"))
+            usage = ptxas_usage(prog.log)
+            for (kernel, K, s), name in zip(configs, names, strict=True):
+                lowered = prog.lowered_names[name]
+                rows.append(KernelUsage(kernel, ctype, K, s, arch, usage[lowered]))
+    return rows
+
+
+#: Per-SM limits used by ``occupancy``: registers, threads, blocks, shared memory bytes.
+SM_LIMITS = {
+    "sm_80": (65536, 2048, 32, 164 * 1024),
+    "sm_90": (65536, 2048, 32, 228 * 1024),
+}
+
+
+def occupancy(usage: PtxasUsage, arch: str, block_threads: int = 128) -> tuple[int, float]:
+    """Resident blocks per SM and occupancy (resident threads / max threads) for one kernel.
+
+    Registers are allocated per warp in units of 256 (i.e. rounded up to 8 per thread); each
+    block also reserves 1 KiB of shared memory for the system.
+    """
+    regs_per_sm, max_threads, max_blocks, smem_per_sm = SM_LIMITS[arch]
+    warps = -(-block_threads // 32)
+    regs_per_warp = -(-max(usage.registers, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * warps)
+    by_smem = smem_per_sm // (usage.shared + 1024)
+    blocks = min(by_regs, by_smem, max_threads // block_threads, max_blocks)
+    return blocks, blocks * block_threads / max_threads
