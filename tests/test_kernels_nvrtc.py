@@ -39,7 +39,7 @@ def test_load_kernel_source_inlines_local_headers():
 @pytest.mark.parametrize("ctype", nvrtc.CTYPES)
 def test_all_dtypes_compile(arch, ctype):
     for source in nvrtc.KERNEL_CATALOGUE:
-        prog = nvrtc.compile_kernels(ctype, 7, 1, arch, filename=source)
+        prog = nvrtc.compile_kernels(ctype, 3, 1, arch, filename=source)
         assert prog.kind == ("cubin" if arch.startswith("sm_") else "ptx")
         assert len(prog.binary) > 1000
         assert len(prog.lowered_names) == len(nvrtc.KERNEL_CATALOGUE[source])
@@ -54,7 +54,6 @@ def test_all_dtypes_compile(arch, ctype):
     [
         ("float", 9, 3, "compute_80"),
         ("lr_half", 3, 3, "sm_90"),
-        ("lr_bf16", 9, 1, "compute_80"),
     ],
 )
 def test_kernel_size_and_stride_instantiations_compile(ctype, K, s, arch):
