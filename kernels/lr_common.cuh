@@ -135,27 +135,30 @@ __device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
     return q;
 }
 
-// ---- window geometry ------------------------------------------------------------------------
+// ---- tiles --------------------------------------------------------------------------------
 
-// Valid offsets along one axis for the output index `o`: a in [lo, hi) reads input
-// o * stride - pad + a, which must lie in [0, size).
-__device__ __forceinline__ void lr_window_range(long long o, int stride, int pad, int ksize,
-                                                long long size, int* lo, int* hi) {
-    long long start = o * stride - pad;
-    long long l = start < 0 ? -start : 0;
-    long long h = size - start;
-    *lo = (int)l;
-    *hi = (int)(h < ksize ? h : ksize);
+// Output tile of one block: LR_TILE_W x LR_TILE_H threads, one output (forward, backward query)
+// or one input position (backward input) each. robustlr.ops.cupy_backend.TILE mirrors these.
+#define LR_TILE_W 16
+#define LR_TILE_H 8
+#define LR_THREADS (LR_TILE_W * LR_TILE_H)
+
+// floor(a / b) for b > 0 and any sign of a.
+__device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
+    const long long q = a / b;
+    return (q * b > a) ? q - 1 : q;
 }
 
-// Output indices whose window covers input index `p` along one axis: o in [lo, hi), with
-// offset a = p + pad - o * stride in [0, K).
-__device__ __forceinline__ void lr_cover_range(long long p, int stride, int pad, int ksize,
-                                               long long out_size, long long* lo, long long* hi) {
-    long long top = p + pad;              // o * stride <= top
-    long long bottom = p + pad - ksize + 1;  // o * stride >= bottom
-    long long l = bottom <= 0 ? 0 : (bottom + stride - 1) / stride;
-    long long h = top / stride + 1;
-    *lo = l;
-    *hi = h < out_size ? h : out_size;
+// Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
+// memory as fp32, with zeros where the window leaves the plane. All threads of the block take
+// part (tid in [0, LR_THREADS)).
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
+                                             long long r0, long long c0, long long H, long long W,
+                                             int tid) {
+    for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
+        const long long r = r0 + e / COLS;
+        const long long c = c0 + e % COLS;
+        dst[e] = (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
+    }
 }

@@ -45,12 +45,12 @@ def exact(x, q, k, geo, gy, K, s, comp):
     return run(*(t.double() for t in (x, q, k, geo, gy)), K, s, comp, "reference")
 
 
-def assert_close_rel(actual, expected, tol, what):
-    """Elementwise |a - e| <= tol * (|e| + max|e|)."""
+def assert_close_rel(actual, expected, tol, what, floor=1e-6):
+    """Elementwise |a - e| <= tol * (|e| + max(max|e|, floor)) (floor: for all-zero gradients)."""
     actual, expected = actual.double(), expected.double()
     assert actual.shape == expected.shape, what
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(1e-30)
+    scale = expected.abs().max().clamp_min(floor)
     err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 

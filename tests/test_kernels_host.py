@@ -1,170 +1,74 @@
-"""The simple CUDA kernels of kernels/local_relation.cu, compiled with g++ and run on the CPU.
+"""The CuPy backend's real autograd Function on CPU tensors, its kernels run by the CUDA
+execution emulator (tests/host_shim): kernels/local_relation.cu built with g++, every launch
+checked against the kernel's C signature by ``host_launcher.HostLauncher``.
 
-tests/host_shim/cuda_host_shim.h stands in for the CUDA built-ins and runs every (block, thread)
-of a launch in order, which is valid for these kernels (no shared memory, no __syncthreads, no
-data races). The results are compared with the float64 naive op of tests/lr_naive.py, whose
-gradients come from autograd. The backend's launch logic is mirrored in ``host_local_relation``.
+Results are compared with the float64 naive op of tests/lr_naive.py (autograd gradients).
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from host_shim.host_launcher import HostLauncher, LaunchError, build_library, host_factory
 from lr_naive import naive_local_relation, random_inputs
 
-from robustlr.resources import resource_dir
+from robustlr.ops import cupy_backend
+from robustlr.ops.contract import check_inputs
 
-SHIM_DIR = Path(__file__).resolve().parent / "host_shim"
-COMP_CODES = {"sqdiff": 0, "absdiff": 1, "mul": 2}
-TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+NAMES = ("y", "x", "q", "k", "geo")
 
 
 @pytest.fixture(scope="session")
-def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """The kernels built into a shared library with g++, once per test session."""
-    gxx = shutil.which("g++")
-    if gxx is None:
+def lib() -> ctypes.CDLL:
+    """The plain host build (cached by source hash across sessions)."""
+    try:
+        path = build_library("plain")
+    except FileNotFoundError:
         pytest.skip("g++ is not installed: cannot build the kernels for the CPU")
-    out = tmp_path_factory.mktemp("host_kernels") / "liblr_host.so"
-    cmd = [
-        gxx,
-        "-O1",  # fast to build; the kernels need no optimisation to be tested
-        "-std=c++17",
-        "-shared",
-        "-fPIC",
-        "-Wall",
-        f"-I{SHIM_DIR}",
-        f"-I{resource_dir('kernels')}",
-        str(SHIM_DIR / "host_launchers.cpp"),
-        "-o",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"g++ failed:\n{proc.stderr}"
-    return ctypes.CDLL(str(out))
+    return ctypes.CDLL(str(path))
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    assert t.is_contiguous()
-    return ctypes.c_void_p(t.data_ptr())
+def backend_run(lib, x, q, k, geo, gy, K, s, comp, needs=(True,) * 4, **launcher_kwargs):
+    """Output and requested gradients of the real CuPy-backend Function, run on the host.
 
-
-def _grid(total: int, block: int, grid: int | None) -> ctypes.c_uint:
-    return ctypes.c_uint(grid if grid is not None else max(1, math.ceil(total / block)))
-
-
-def host_local_relation(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    geo: torch.Tensor,
-    gy: torch.Tensor,
-    kernel_size: int,
-    stride: int,
-    composability: str,
-    block: int = 64,
-    grid: int | None = None,
-    nchunks: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Forward and backward through the host-built kernels.
-
-    Shape: x (B, C, H, W), q (B, G, Ho, Wo), k (B, G, H, W), geo (G, K, K), gy (B, C, Ho, Wo).
+    Shape: as local_relation; returns [y, gx, gq, gk, ggeo] (None where not requested).
     """
-    B, C, H, W = x.shape
-    G = geo.shape[0]
-    m = math.ceil(C / G)
-    Ho, Wo = q.shape[-2:]
-    KK = kernel_size * kernel_size
-    suffix = f"{TAGS[x.dtype]}_k{kernel_size}_s{stride}"
-    geo32 = geo.float().contiguous()
-    sizes = [ctypes.c_longlong(v) for v in (B, C, H, W, G, m, Ho, Wo)]
-    comp = ctypes.c_int(COMP_CODES[composability])
-    blk = ctypes.c_uint(block)
-
-    y = torch.empty(B, C, Ho, Wo, dtype=x.dtype)
-    lse = torch.empty(B, G, Ho, Wo, dtype=torch.float32)
-    getattr(lib, f"lr_host_forward_{suffix}")(
-        _grid(B * G * Ho * Wo, block, grid),
-        blk,
-        *map(_ptr, (x, q, k, geo32, y, lse)),
-        *sizes,
-        comp,
-    )
-
-    npos = B * Ho * Wo
-    nchunks = max(1, min(npos, nchunks if nchunks is not None else 64))
-    gq = torch.empty_like(q)
-    dsum = torch.empty_like(lse)
-    partial = torch.full((G, KK, nchunks), float("nan"), dtype=torch.float32)
-    getattr(lib, f"lr_host_backward_query_{suffix}")(
-        _grid(G * nchunks, block, grid),
-        blk,
-        *map(_ptr, (x, q, k, geo32, lse, gy, gq, dsum, partial)),
-        *sizes,
-        ctypes.c_longlong(nchunks),
-        comp,
-    )
-    gx = torch.empty_like(x)
-    gk = torch.empty_like(k)
-    getattr(lib, f"lr_host_backward_input_{suffix}")(
-        _grid(B * G * H * W, block, grid),
-        blk,
-        *map(_ptr, (x, q, k, geo32, lse, dsum, gy, gx, gk)),
-        *sizes,
-        comp,
-    )
-    ggeo = partial.sum(-1).view(G, kernel_size, kernel_size)
-    return {"y": y, "lse": lse, "x": gx, "q": gq, "k": gk, "geo": ggeo}
-
-
-def naive_lse(q, k, geo, kernel_size, stride, composability):
-    """Log-sum-exp of the in-image logits per (b, g, i, j), float64. Shape: (B, G, Ho, Wo)."""
-    G = q.shape[1]
-    H, W = k.shape[-2:]
-    P = kernel_size // 2
-    rows = torch.arange(q.shape[2]) * stride - P
-    cols = torch.arange(q.shape[3]) * stride - P
-    logits = []
-    for a in range(kernel_size):
-        for b in range(kernel_size):
-            r, c = rows + a, cols + b
-            ok = ((r >= 0) & (r < H))[:, None] & ((c >= 0) & (c < W))[None, :]
-            kv = k[:, :, r.clamp(0, H - 1)][:, :, :, c.clamp(0, W - 1)]
-            if composability == "sqdiff":
-                phi = -((q - kv) ** 2)
-            elif composability == "absdiff":
-                phi = -(q - kv).abs()
-            else:
-                phi = q * kv
-            logits.append((phi + geo[:, a, b].view(1, G, 1, 1)).masked_fill(~ok, float("-inf")))
-    return torch.logsumexp(torch.stack(logits), dim=0)
-
-
-def naive_results(x, q, k, geo, gy, kernel_size, stride, composability):
-    """Naive float64 output, lse and autograd gradients of the same inputs."""
-    leaves = [t.detach().double().requires_grad_() for t in (x, q, k, geo)]
-    y = naive_local_relation(*leaves, kernel_size, stride, composability)
-    grads = torch.autograd.grad(y, leaves, gy.double())
-    with torch.no_grad():
-        lse = naive_lse(*(t.detach() for t in leaves[1:]), kernel_size, stride, composability)
-    out = {"y": y.detach(), "lse": lse}
-    out.update(zip(("x", "q", "k", "geo"), grads, strict=True))
+    shape = check_inputs(x, q, k, geo, K, s, comp)
+    leaves = [
+        t.detach().clone().requires_grad_(n) for t, n in zip((x, q, k, geo), needs, strict=True)
+    ]
+    factory = host_factory(lib, **launcher_kwargs)
+    y = cupy_backend.local_relation_cupy(*leaves, shape, comp, launcher=factory)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, gy)) if wanted else iter(())
+    out = [y.detach()] + [next(grads) if t.requires_grad else None for t in leaves]
+    backend_run.made = factory.made
     return out
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    """Elementwise |a - e| <= tol * (|e| + max|e|): relative, with a floor at the tensor's scale."""
+def naive_results(x, q, k, geo, gy, kernel_size, stride, composability):
+    """Naive float64 output and autograd gradients of the same inputs: [y, gx, gq, gk, ggeo]."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, q, k, geo)]
+    y = naive_local_relation(*leaves, kernel_size, stride, composability)
+    grads = torch.autograd.grad(y, leaves, gy.double())
+    return [y.detach(), *grads]
+
+
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 1e-6
+) -> None:
+    """Elementwise |a - e| <= tol * (|e| + max(max|e|, floor)).
+
+    Relative, with a floor at the tensor's scale, and an absolute floor for tensors that are
+    analytically zero (e.g. absdiff gradients where q lies beyond every key of its window),
+    where rounding noise of 1e-17 must not fail the test.
+    """
     actual, expected = actual.double(), expected.double()
     assert actual.shape == expected.shape, what
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(1e-30)
+    scale = expected.abs().max().clamp_min(floor)
     err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
@@ -175,6 +79,17 @@ def make_case(B, C, H, W, G, K, s, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed + 1)
     gy = torch.randn(B, C, Ho, Wo, generator=gen, dtype=torch.float64).to(dtype)
     return x, q, k, geo, gy
+
+
+def check_case(lib, case, dtype=torch.float32, tol=1e-5, seed=0, **kwargs):
+    B, C, H, W, G, K, s, comp = case
+    x, q, k, geo, gy = make_case(B, C, H, W, G, K, s, dtype=dtype, seed=seed)
+    got = backend_run(lib, x, q, k, geo, gy, K, s, comp, **kwargs)
+    want = naive_results(x, q, k, geo, gy, K, s, comp)  # on the rounded inputs
+    for name, a, e in zip(NAMES, got, want, strict=True):
+        assert a.dtype == dtype, name
+        assert_close_rel(a, e, tol, f"{name} ({case}, {dtype})")
+    return got
 
 
 # (B, C, H, W, G, K, stride, composability): every (K, stride) pair of {3,5,7,9} x {1,2,3},
@@ -196,54 +111,164 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
-def test_fp32_matches_naive(lib, case):
-    B, C, H, W, G, K, s, comp = case
-    x, q, k, geo, gy = make_case(B, C, H, W, G, K, s)
-    got = host_local_relation(lib, x, q, k, geo, gy, K, s, comp)
-    want = naive_results(x, q, k, geo, gy, K, s, comp)
-    for name in ("y", "lse", "x", "q", "k", "geo"):
-        assert_close_rel(got[name], want[name], 1e-5, f"{name} ({case})")
+def test_fp32_backend_matches_naive(lib, case):
+    check_case(lib, case)
 
 
 @pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
 def test_fp32_composabilities_ragged_groups(lib, comp):
-    x, q, k, geo, gy = make_case(2, 11, 9, 7, 3, 5, 2, seed=3)  # m = 4, last group holds 3
-    got = host_local_relation(lib, x, q, k, geo, gy, 5, 2, comp)
-    want = naive_results(x, q, k, geo, gy, 5, 2, comp)
-    for name in ("y", "lse", "x", "q", "k", "geo"):
-        assert_close_rel(got[name], want[name], 1e-5, f"{name} ({comp})")
-
-
-@pytest.mark.parametrize(("grid", "block", "nchunks"), [(1, 1, 1), (3, 5, 7), (None, 32, 10**6)])
-def test_launch_geometry_does_not_change_results(lib, grid, block, nchunks):
-    """Grid-stride loops and the grad-geo chunking give the same numbers for any launch."""
-    x, q, k, geo, gy = make_case(2, 6, 7, 6, 2, 3, 1, seed=5)
-    base = host_local_relation(lib, x, q, k, geo, gy, 3, 1, "sqdiff")
-    got = host_local_relation(
-        lib, x, q, k, geo, gy, 3, 1, "sqdiff", block=block, grid=grid, nchunks=nchunks
-    )
-    for name in ("y", "lse", "x", "q", "k"):
-        assert torch.equal(got[name], base[name]), name
-    assert_close_rel(got["geo"], base["geo"], 1e-6, "geo")
-
-
-def test_geo_gradient_is_deterministic(lib):
-    x, q, k, geo, gy = make_case(2, 8, 9, 9, 2, 7, 1, seed=7)
-    runs = [host_local_relation(lib, x, q, k, geo, gy, 7, 1, "mul")["geo"] for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
+    check_case(lib, (2, 11, 9, 7, 3, 5, 2, comp), seed=3)  # m = 4, last group holds 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("K", "s"), [(3, 1), (5, 2)])
-def test_16bit_storage_matches_naive(lib, dtype, K, s):
-    x, q, k, geo, gy = make_case(2, 7, 8, 7, 3, K, s, dtype=dtype, seed=11)
-    got = host_local_relation(lib, x, q, k, geo, gy, K, s, "sqdiff")
-    for name in ("y", "x", "q", "k"):
-        assert got[name].dtype == dtype, name
-    want = naive_results(x, q, k, geo, gy, K, s, "sqdiff")  # on the 16-bit-rounded inputs
-    tol = 1e-2 if dtype == torch.float16 else 2e-2
-    for name in ("y", "lse", "x", "q", "k", "geo"):
-        assert_close_rel(got[name], want[name], tol, f"{name} ({dtype})")
+@pytest.mark.parametrize(
+    "case",
+    [(2, 7, 8, 7, 3, 3, 1, "sqdiff"), (2, 7, 8, 7, 3, 5, 2, "absdiff"),
+     (1, 9, 5, 6, 3, 7, 1, "mul"), (1, 8, 9, 8, 8, 7, 2, "sqdiff")],
+    ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c),
+)  # fmt: skip
+def test_16bit_storage_matches_naive(lib, case, dtype):
+    check_case(lib, case, dtype=dtype, tol=1e-2, seed=11)
+
+
+def test_grid_size_does_not_change_results(lib):
+    """The kernels loop over tiles, so any grid gives the same numbers (forward and backward
+    input exactly; grad geo up to the order of its per-block partial sums)."""
+    x, q, k, geo, gy = make_case(2, 6, 19, 17, 2, 3, 1, seed=5)  # several tiles per plane
+    base = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff")
+    assert backend_run.made[-1].records[0].config.grid[0] > 3
+    small = {"grid": (3, 1, 1)}
+    override = {"lr_forward": small, "lr_backward_input": small}
+    got = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff", override=override)
+    grids = [r.config.grid for launcher in backend_run.made for r in launcher.records]
+    assert grids[0] == grids[-1] == (3, 1, 1)  # forward, backward input
+    for name, a, b in zip(NAMES[:4], got[:4], base[:4], strict=True):
+        assert torch.equal(a, b), name
+    assert_close_rel(got[4], base[4], 1e-6, "geo")
+
+
+def test_query_chunking_from_sm_count(lib):
+    """The backward-query grid follows the SM count; the results do not."""
+    x, q, k, geo, gy = make_case(2, 8, 9, 9, 8, 7, 1, seed=7)  # m = 1, 4 tiles per group
+    want = naive_results(x, q, k, geo, gy, 7, 1, "mul")
+    shape = check_inputs(x, q, k, geo, 7, 1, "mul")
+    seen = set()
+    for sms in (1, 1000):
+        got = backend_run(lib, x, q, k, geo, gy, 7, 1, "mul", multiprocessors=sms)
+        for name, a, e in zip(NAMES, got, want, strict=True):
+            assert_close_rel(a, e, 1e-5, f"{name} sms={sms}")
+        query = backend_run.made[-1].records[0]
+        assert query.config.kernel == "lr_backward_query"
+        nchunks = cupy_backend.query_chunks(shape, sms)
+        assert nchunks == min(2 * 2, -(-sms * 16 // 8))
+        assert query.config.grid == (8 * nchunks, 1, 1)
+        seen.add(nchunks)
+        again = backend_run(lib, x, q, k, geo, gy, 7, 1, "mul", multiprocessors=sms)
+        assert torch.equal(got[4], again[4])  # grad geo is deterministic
+    assert seen == {2, 4}
+
+
+def test_strided_inputs_and_partial_grads(lib):
+    x, q, k, geo, gy = make_case(2, 6, 7, 8, 3, 3, 1, seed=17)
+    want = naive_results(x, q, k, geo, gy, 3, 1, "sqdiff")
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, q, k, gy)]
+    geo_t = geo.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not cl[0].is_contiguous() and not geo_t.is_contiguous()
+    got = backend_run(lib, *cl[:3], geo_t, cl[3], 3, 1, "sqdiff")
+    for name, a, e in zip(NAMES, got, want, strict=True):
+        assert_close_rel(a, e, 1e-5, name)
+    for needs in [(True, False, False, False), (False, False, False, True)]:
+        got = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff", needs)
+        for name, a, e, n in zip(NAMES[1:], got[1:], want[1:], needs, strict=True):
+            if n:
+                assert_close_rel(a, e, 1e-5, f"{name} only")
+            else:
+                assert a is None
+        kernels = [r.config.kernel for r in backend_run.made[-1].records]
+        assert kernels == (["lr_backward_input"] if needs[0] else ["lr_backward_query"])
+
+
+def test_mixed_dtypes_and_refusals(lib):
+    x, q, k, geo, gy = make_case(2, 7, 8, 7, 3, 5, 2, dtype=torch.bfloat16, seed=19)
+    geo32 = geo.float()
+    got = backend_run(lib, x, q, k, geo32, gy, 5, 2, "mul")
+    assert [t.dtype for t in got] == [torch.bfloat16] * 4 + [torch.float32]
+    want = naive_results(x, q, k, geo32, gy, 5, 2, "mul")
+    for name, a, e in zip(NAMES, got, want, strict=True):
+        assert_close_rel(a, e, 1e-2, name)
+    x64, q64, k64, geo64, _ = make_case(1, 4, 5, 5, 2, 3, 1, dtype=torch.float64)
+    shape = check_inputs(x64, q64, k64, geo64, 3, 1, "sqdiff")
+    with pytest.raises(TypeError, match="reference"):
+        cupy_backend.local_relation_cupy(x64, q64, k64, geo64, shape, "sqdiff", host_factory(lib))
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cupy_backend.local_relation_cupy(x64.float(), q64, k64, geo64, shape, "sqdiff")
+
+
+def test_empty_batch(lib):
+    x, q, k, geo, gy = make_case(0, 6, 5, 5, 2, 3, 1)
+    y, gx, _, gk, ggeo = backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff")
+    assert y.shape == (0, 6, 5, 5) and gx.shape == x.shape and gk.shape == k.shape
+    assert torch.equal(ggeo, torch.zeros_like(geo))
+    assert backend_run.made[-1].records == []
+
+
+# ---- the launch checks fire ------------------------------------------------------------------
+
+
+def _forward_args(dtype=torch.float32):
+    x, q, k, geo, _ = make_case(1, 4, 5, 5, 2, 3, 1, dtype=dtype)
+    shape = check_inputs(x, q, k, geo, 3, 1, "sqdiff")
+    y = torch.empty_like(x)
+    lse = torch.empty(1, 2, 5, 5)
+    sizes = cupy_backend._sizes(shape)
+    comp = cupy_backend.np.int32(0)
+    return shape, [x, q, k, geo.float(), y, lse, *sizes, comp]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.pop(), "arguments for"),
+        (lambda a: a.__setitem__(-1, cupy_backend.np.int64(0)), "packed as int64"),
+        (lambda a: a.__setitem__(6, cupy_backend.np.int32(1)), "packed as int32"),
+        (lambda a: a.__setitem__(6, 1), "tensors or numpy scalars"),
+        (lambda a: a.__setitem__(0, a[0].double()), "float64"),
+        (lambda a: a.__setitem__(0, a[0].transpose(2, 3)), "contiguous"),
+        (lambda a: a.__setitem__(5, torch.empty(49)), "holds 49 elements, expected 50"),
+        (lambda a: a.__setitem__(4, a[0]), "overlaps"),
+    ],
+)
+def test_host_launcher_rejects_what_the_gpu_would(lib, mutate, message):
+    shape, args = _forward_args()
+    mutate(args)
+    launcher = HostLauncher(lib, "float", 3, 1)
+    with pytest.raises((LaunchError, TypeError), match=message):
+        launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"block": (2048, 1, 1)}, {"block": (64, 32, 1)}, {"block": (8, 16, 1)},
+     {"grid": (1, 70000, 1)}, {"shared_bytes": 64 * 1024}, {"kernel": "lr_forward_missing"}],
+)  # fmt: skip
+def test_host_launcher_rejects_bad_geometry(lib, change):
+    shape, args = _forward_args()
+    launcher = HostLauncher(lib, "float", 3, 1, override={"lr_forward": change})
+    with pytest.raises((LaunchError, KeyError)):
+        launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+def test_query_grid_must_match_its_chunk_count(lib):
+    x, q, k, geo, gy = make_case(1, 4, 5, 5, 2, 3, 1)
+    with pytest.raises(LaunchError, match="G \\* nchunks"):
+        backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff",
+                    override={"lr_backward_query": {"grid": (1, 1, 1)}})  # fmt: skip
+
+
+def test_not_built_instantiation_is_a_clear_error(lib):
+    shape, args = _forward_args()
+    with pytest.raises(LaunchError, match="not built"):
+        HostLauncher(lib, "lr_half", 9, 3).launch(cupy_backend.plan_forward(shape), tuple(args))
 
 
 # ---- the 16-bit conversion helpers of kernels/lr_common.cuh ----------------------------------
@@ -302,108 +327,6 @@ def test_16bit_to_float_matches_torch_for_every_pattern(lib, dtype, name):
     assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
-# ---- the cupy backend's Python side, driven by the host-built kernels ------------------------
-
-
-class _HostKernel:
-    """Stands in for a cupy RawKernel: ``fn((grid,), (block,), args)`` runs the host build."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.calls = 0
-
-    def __call__(self, grid, block, args) -> None:
-        import numpy as np
-
-        def convert(a):
-            if isinstance(a, np.uint64):
-                return ctypes.c_void_p(int(a))
-            if isinstance(a, np.int64):
-                return ctypes.c_longlong(int(a))
-            assert isinstance(a, np.int32), type(a)
-            return ctypes.c_int(int(a))
-
-        self.calls += 1
-        self.fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(convert, args))
-
-
-@pytest.fixture
-def host_backend(lib, monkeypatch):
-    """robustlr.ops.cupy_backend with its kernels and launch context replaced by the host build."""
-    import contextlib
-
-    from robustlr.ops import cupy_backend
-
-    tags = {"float": "f32", "lr_half": "f16", "lr_bf16": "bf16"}
-
-    def get_kernels(device_index, ctype, kernel_size, stride):
-        assert device_index == 0
-        suffix = f"{tags[ctype]}_k{kernel_size}_s{stride}"
-        return cupy_backend.CupyKernels(
-            *(_HostKernel(getattr(lib, f"lr_host_{k}_{suffix}")) for k in ("forward",
-              "backward_query", "backward_input"))
-        )  # fmt: skip
-
-    monkeypatch.setattr(cupy_backend, "get_kernels", get_kernels)
-    monkeypatch.setattr(cupy_backend, "_launch_context", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cupy_backend, "_QUERY_THREADS", 7)  # several positions per thread
-    return cupy_backend
-
-
-def _backend_run(backend, x, q, k, geo, gy, K, s, comp, needs=(True, True, True, True)):
-    from robustlr.ops.contract import check_inputs
-
-    shape = check_inputs(x, q, k, geo, K, s, comp)
-    leaves = [
-        t.detach().clone().requires_grad_(n) for t, n in zip((x, q, k, geo), needs, strict=True)
-    ]
-    y = backend._LocalRelationCupy.apply(*leaves, shape, comp)
-    wanted = [t for t in leaves if t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, gy))
-    return [y.detach()] + [next(grads) if t.requires_grad else None for t in leaves]
-
-
-@pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
-def test_backend_function_with_host_kernels(host_backend, comp):
-    x, q, k, geo, gy = make_case(2, 10, 8, 9, 4, 5, 3, seed=13)
-    got = _backend_run(host_backend, x, q, k, geo, gy, 5, 3, comp)
-    want = naive_results(x, q, k, geo, gy, 5, 3, comp)
-    for name, a in zip(("y", "x", "q", "k", "geo"), got, strict=True):
-        assert a.dtype == torch.float32
-        assert_close_rel(a, want[name], 1e-5, f"{name} ({comp})")
-
-
-def test_backend_strided_inputs_and_partial_grads(host_backend):
-    x, q, k, geo, gy = make_case(2, 6, 7, 8, 3, 3, 1, seed=17)
-    want = naive_results(x, q, k, geo, gy, 3, 1, "sqdiff")
-    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, q, k, gy)]
-    geo_t = geo.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not cl[0].is_contiguous() and not geo_t.is_contiguous()
-    got = _backend_run(host_backend, *cl[:3], geo_t, cl[3], 3, 1, "sqdiff")
-    for name, a in zip(("y", "x", "q", "k", "geo"), got, strict=True):
-        assert_close_rel(a, want[name], 1e-5, name)
-    for needs in [(True, False, False, False), (False, False, False, True)]:
-        got = _backend_run(host_backend, x, q, k, geo, gy, 3, 1, "sqdiff", needs)
-        for name, a, n in zip(("x", "q", "k", "geo"), got[1:], needs, strict=True):
-            if n:
-                assert_close_rel(a, want[name], 1e-5, f"{name} only")
-            else:
-                assert a is None
-
-
-def test_backend_mixed_dtypes_and_refusals(host_backend):
-    x, q, k, geo, gy = make_case(2, 7, 8, 7, 3, 5, 2, dtype=torch.bfloat16, seed=19)
-    geo32 = geo.float()
-    got = _backend_run(host_backend, x, q, k, geo32, gy, 5, 2, "mul")
-    assert [t.dtype for t in got] == [torch.bfloat16] * 4 + [torch.float32]
-    want = naive_results(x, q, k, geo32, gy, 5, 2, "mul")
-    for name, a in zip(("y", "x", "q", "k", "geo"), got, strict=True):
-        assert_close_rel(a, want[name], 2e-2, name)
-    x64, q64, k64, geo64, _ = make_case(1, 4, 5, 5, 2, 3, 1, dtype=torch.float64)
-    from robustlr.ops.contract import check_inputs
-
-    shape = check_inputs(x64, q64, k64, geo64, 3, 1, "sqdiff")
-    with pytest.raises(TypeError, match="reference"):
-        host_backend._LocalRelationCupy.apply(x64, q64, k64, geo64, shape, "sqdiff")
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
-        host_backend.local_relation_cupy(x64.float(), q64, k64, geo64, shape, "sqdiff")
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())

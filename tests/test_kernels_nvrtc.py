@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "CuPy is not importable: no NVRTC bindings to compile with", allow_module_level=True
     )
 
-_GLOBAL_TEMPLATE = re.compile(r"__global__\s+void\s+(\w+)\s*\(")
+_GLOBAL_TEMPLATE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 
 
 def test_catalogue_lists_every_kernel_source_and_kernel():
@@ -34,11 +34,12 @@ def test_load_kernel_source_inlines_local_headers():
     assert "#pragma once" not in text
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "compute_80"])
+# cubins for sm_80 / sm_90 of every dtype are compiled by tests/test_kernels_budget.py
+@pytest.mark.parametrize("arch", ["compute_80"])
 @pytest.mark.parametrize("ctype", nvrtc.CTYPES)
 def test_all_dtypes_compile(arch, ctype):
     for source in nvrtc.KERNEL_CATALOGUE:
-        prog = nvrtc.compile_kernels(ctype, 7, 1, arch, filename=source)
+        prog = nvrtc.compile_kernels(ctype, 3, 1, arch, filename=source)
         assert prog.kind == ("cubin" if arch.startswith("sm_") else "ptx")
         assert len(prog.binary) > 1000
         assert len(prog.lowered_names) == len(nvrtc.KERNEL_CATALOGUE[source])
@@ -51,11 +52,8 @@ def test_all_dtypes_compile(arch, ctype):
 @pytest.mark.parametrize(
     ("ctype", "K", "s", "arch"),
     [
-        ("float", 3, 1, "sm_90"),
-        ("float", 5, 2, "sm_80"),
         ("float", 9, 3, "compute_80"),
-        ("lr_half", 3, 2, "sm_90"),
-        ("lr_bf16", 9, 1, "sm_80"),
+        ("lr_half", 3, 3, "sm_90"),
     ],
 )
 def test_kernel_size_and_stride_instantiations_compile(ctype, K, s, arch):
@@ -75,3 +73,48 @@ def test_bad_arch_and_ctype_are_rejected():
         nvrtc.compile_source("", [], "hopper")
     with pytest.raises(ValueError, match="storage type"):
         nvrtc.name_expression("lr_forward", "double", 7, 1)
+
+
+# ---- compile parity with what CuPy really compiles ------------------------------------------
+
+
+def test_gpu_options_are_what_cupy_adds():
+    """CuPy's RawModule path appends -ftz=true and --device-as-default-execution-space to our
+    options; the compile-only check must compile with the same (read from the installed CuPy)."""
+    import inspect
+
+    from cupy.cuda import compiler
+
+    cache_src = inspect.getsource(compiler._compile_with_cache_cuda)
+    nvrtc_src = inspect.getsource(compiler._compile_using_nvrtc_no_warning)
+    for option in nvrtc.CUPY_ADDED_OPTIONS:
+        assert f"'{option}'" in cache_src + nvrtc_src, option
+    assert nvrtc.GPU_OPTIONS == nvrtc.COMPILE_OPTIONS + nvrtc.CUPY_ADDED_OPTIONS
+    assert "-ftz=true" in nvrtc.GPU_OPTIONS
+
+
+def test_compile_only_check_flushes_denormals_like_the_gpu_build():
+    ptx = nvrtc.compile_kernels("float", 3, 1, "compute_80").binary.decode()
+    assert "add.ftz.f32" in ptx  # fp32 arithmetic compiled with flush-to-zero
+    plain = nvrtc.compile_source(
+        nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE),
+        [nvrtc.name_expression(k, "float", 3, 1) for k in nvrtc.KERNEL_NAMES],
+        "compute_80",
+        options=nvrtc.COMPILE_OPTIONS,
+    ).binary.decode()
+    assert "add.ftz.f32" not in plain and "add.f32" in plain  # the difference is real
+
+
+def test_cubin_is_a_whole_elf_image():
+    prog = nvrtc.compile_kernels("float", 3, 1, "sm_90")
+    assert prog.binary[:4] == b"\x7fELF"
+    assert nvrtc.elf_extent(prog.binary) == len(prog.binary)
+    with pytest.raises(ValueError, match="ELF"):
+        nvrtc.elf_extent(b"not an elf" * 10)
+
+
+def test_ptxas_usage_parses_every_kernel():
+    prog = nvrtc.compile_kernels("float", 3, 1, "sm_80", extra_options=("-Xptxas=-v",))
+    usage = nvrtc.ptxas_usage(prog.log)
+    assert set(usage) == set(prog.lowered_names.values())
+    assert all(u.registers > 0 for u in usage.values())

@@ -12,8 +12,19 @@ pointers (which also works for bf16, which ``__cuda_array_interface__`` cannot d
 
 Forward saves x, q, k, geo (the prepared copies) and a per-(b, g, i, j) fp32 log-sum-exp.
 Backward runs two gather kernels, no atomics: ``lr_backward_query`` (grad q, D = sum gy * y, and
-per-thread partial sums of grad geo, reduced afterwards by ``torch.sum``, so grad geo is
-deterministic) and ``lr_backward_input`` (grad x and grad k).
+one partial sum of grad geo per block, reduced afterwards by ``torch.sum``, so grad geo is
+deterministic for a given GPU) and ``lr_backward_input`` (grad x and grad k). Its grid is sized
+from the device's SM count (``query_chunks``).
+
+The launch seam: the autograd Function plans every launch with pure functions of the shape
+(``plan_forward``, ``query_chunks``, ``plan_backward_query``, ``plan_backward_input``) and hands
+each ``LaunchConfig`` with its arguments (tensors and numpy scalars, in the kernel's order) to a
+``Launcher``. ``CupyLauncher`` packs them as CuPy does (``pack_arg``) and launches the NVRTC
+build; the tests pass a host launcher (tests/host_shim) that checks every launch against the
+kernel's C signature and runs the same kernels on the CPU through a CUDA execution emulator.
+
+The automatic backend probes once per (device, dtype) (``kernels_usable``) and falls back to the
+reference backend with one warning line when the kernels cannot be built.
 
 CuPy is imported lazily, so importing this module works without CuPy or a GPU.
 """
@@ -23,10 +34,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,12 +60,91 @@ COMPOSABILITY_CODES = {"sqdiff": 0, "absdiff": 1, "mul": 2}
 #: Kernel storage type per supported torch dtype.
 CTYPE_OF_DTYPE = {torch.float32: "float", torch.float16: "lr_half", torch.bfloat16: "lr_bf16"}
 
-_BLOCK = 256
-_MAX_BLOCKS = 1 << 20  # the kernels use grid-stride loops, so the grid may be capped
-#: Threads of lr_backward_query, all groups together (fewer when there are fewer query
-#: positions). Each thread leaves K * K fp32 partial sums of grad geo, so the buffer is at most
-#: _QUERY_THREADS * K * K * 4 bytes (12.3 MiB for K = 7). A tuning knob for the GPU.
-_QUERY_THREADS = 1 << 16
+#: Block shape (x, y) of every launch: one tile of LR_TILE_W x LR_TILE_H positions
+#: (kernels/lr_common.cuh defines the same; a test checks that they agree).
+TILE = (16, 8)
+#: Largest grid.x of a launch; the kernels loop over tiles, so the grid may be capped.
+MAX_BLOCKS = (1 << 31) - 1
+#: Resident threads per SM that the backward-query grid aims for (2048 on sm_80 and sm_90).
+THREADS_PER_SM = 2048
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One kernel launch: which kernel, its grid and block, and dynamic shared memory bytes."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int = 0
+
+
+def _tiles(height: int, width: int) -> int:
+    return -(-height // TILE[1]) * -(-width // TILE[0])
+
+
+def _config(kernel: str, blocks: int) -> LaunchConfig | None:
+    if blocks <= 0:
+        return None
+    return LaunchConfig(kernel, (min(blocks, MAX_BLOCKS), 1, 1), (TILE[0], TILE[1], 1))
+
+
+def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
+    """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; None when
+    there is no output."""
+    tiles = _tiles(shape.out_height, shape.out_width)
+    return _config("lr_forward", shape.batch * shape.groups * tiles)
+
+
+def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
+    """Blocks per group of ``lr_backward_query``: enough blocks to fill every SM, at most one
+    per output tile of the group, at least one."""
+    tiles = shape.batch * _tiles(shape.out_height, shape.out_width)
+    blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
+    target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
+    return max(1, min(tiles, target))
+
+
+def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig | None:
+    """Launch of ``lr_backward_query``: G * nchunks blocks."""
+    if shape.batch * shape.out_height * shape.out_width <= 0:
+        return None
+    return _config("lr_backward_query", shape.groups * nchunks)
+
+
+def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
+    """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane."""
+    tiles = _tiles(shape.height, shape.width)
+    return _config("lr_backward_input", shape.batch * shape.groups * tiles)
+
+
+def pack_arg(arg: Any) -> Any:
+    """What CuPy receives for one kernel argument: a tensor becomes its device pointer as
+    ``np.uint64`` (CuPy packs it as a 64-bit pointer); numpy scalars pass unchanged."""
+    if isinstance(arg, torch.Tensor):
+        return np.uint64(arg.data_ptr())
+    if not isinstance(arg, np.generic):
+        raise TypeError(f"kernel arguments must be tensors or numpy scalars, got {type(arg)}")
+    return arg
+
+
+class Launcher(Protocol):
+    """Runs the kernels of one (device, dtype, K, stride): the seam between the autograd
+    Function and the machine that executes the kernels (CuPy on a GPU, or a host emulator)."""
+
+    multiprocessors: int
+
+    def context(self) -> contextlib.AbstractContextManager[None]:
+        """Entered around the launches of one forward or backward."""
+        ...
+
+    def launch(self, config: LaunchConfig, args: tuple) -> None:
+        """Run one kernel; ``args`` hold tensors and numpy scalars in the kernel's order."""
+        ...
+
+
+#: Builds the launcher for (device, kernel storage type, K, stride).
+LauncherFactory = Callable[[torch.device, str, int, int], Launcher]
 
 
 @dataclass(frozen=True)
@@ -65,6 +154,9 @@ class CupyKernels:
     forward: Any
     backward_query: Any
     backward_input: Any
+
+    def by_name(self, kernel: str) -> Any:
+        return getattr(self, kernel.removeprefix("lr_"))
 
 
 @functools.cache
@@ -77,28 +169,13 @@ def get_kernels(device_index: int, ctype: str, kernel_size: int, stride: int) ->
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(
             code=load_kernel_source(KERNEL_SOURCE),
-            options=COMPILE_OPTIONS,
+            options=COMPILE_OPTIONS,  # CuPy adds nvrtc.CUPY_ADDED_OPTIONS itself
             name_expressions=names,
         )
         functions = [module.get_function(name) for name in names]
         for fn in functions:  # load the module on this device now, not during a launch
             _ = fn.attributes
     return CupyKernels(*functions)
-
-
-def _ptr(t: Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
-
-
-def _i64(v: int) -> np.int64:
-    return np.int64(v)
-
-
-def _launch(fn: Any, total: int, args: tuple) -> None:
-    if total <= 0:
-        return
-    grid = min(math.ceil(total / _BLOCK), _MAX_BLOCKS)
-    fn((grid,), (_BLOCK,), args)
 
 
 @contextlib.contextmanager
@@ -119,6 +196,46 @@ def _launch_context(device: torch.device) -> Iterator[None]:
         yield
 
 
+class CupyLauncher:
+    """Launches the NVRTC-compiled kernels with CuPy on PyTorch's current stream."""
+
+    def __init__(self, device: torch.device, ctype: str, kernel_size: int, stride: int) -> None:
+        self.device = device
+        index = device.index if device.index is not None else 0
+        self.kernels = get_kernels(index, ctype, kernel_size, stride)
+        self.multiprocessors = torch.cuda.get_device_properties(index).multi_processor_count
+
+    def context(self) -> contextlib.AbstractContextManager[None]:
+        return _launch_context(self.device)
+
+    def launch(self, config: LaunchConfig, args: tuple) -> None:
+        fn = self.kernels.by_name(config.kernel)
+        fn(config.grid, config.block, tuple(map(pack_arg, args)), shared_mem=config.shared_bytes)
+
+
+@functools.cache
+def kernels_usable(device_index: int, ctype: str) -> bool:
+    """Probe once per (device, dtype): can the kernels be compiled and loaded here?
+
+    Compiles one instantiation (K = 3, stride 1). On failure logs one warning line naming what
+    to install, and returns False so that the automatic backend falls back to the reference op.
+    """
+    try:
+        get_kernels(device_index, ctype, 3, 1)
+    except Exception as err:  # any compile / load failure means: not usable on this machine
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        log.warning(
+            "the 'cupy' local relation backend cannot build its kernels on cuda:%d (%s: %s); "
+            "using the reference backend. Install CuPy with its CUDA toolkit components: "
+            "pip install 'robustlr[cuda13]' (cupy-cuda13x[ctk]) or 'robustlr[cuda12]'",
+            device_index,
+            type(err).__name__,
+            first,
+        )
+        return False
+    return True
+
+
 def _prepare(x: Tensor, q: Tensor, k: Tensor, geo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Contiguous NCHW x, q, k in x's dtype and a contiguous fp32 geo."""
     if x.dtype not in CTYPE_OF_DTYPE:
@@ -135,7 +252,7 @@ def _prepare(x: Tensor, q: Tensor, k: Tensor, geo: Tensor) -> tuple[Tensor, Tens
 
 def _sizes(shape: LocalRelationShape) -> tuple:
     return tuple(
-        _i64(v)
+        np.int64(v)
         for v in (
             shape.batch,
             shape.channels,
@@ -149,9 +266,13 @@ def _sizes(shape: LocalRelationShape) -> tuple:
     )
 
 
+def _launcher(factory: LauncherFactory, x: Tensor, shape: LocalRelationShape) -> Launcher:
+    return factory(x.device, CTYPE_OF_DTYPE[x.dtype], shape.kernel_size, shape.stride)
+
+
 class _LocalRelationCupy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, q, k, geo, shape: LocalRelationShape, composability: str):
+    def forward(ctx, x, q, k, geo, shape: LocalRelationShape, composability: str, factory):
         dtypes = (q.dtype, k.dtype, geo.dtype)
         xc, qc, kc, geoc = _prepare(x, q, k, geo)
         B, C, G = shape.batch, shape.channels, shape.groups
@@ -159,19 +280,16 @@ class _LocalRelationCupy(torch.autograd.Function):
         y = torch.empty((B, C, Ho, Wo), dtype=xc.dtype, device=xc.device)
         lse = torch.empty((B, G, Ho, Wo), dtype=torch.float32, device=xc.device)
         comp = np.int32(COMPOSABILITY_CODES[composability])
-        kernels = get_kernels(
-            xc.device.index or 0, CTYPE_OF_DTYPE[xc.dtype], shape.kernel_size, shape.stride
-        )
-        with _launch_context(xc.device):
-            _launch(
-                kernels.forward,
-                B * G * Ho * Wo,
-                (*map(_ptr, (xc, qc, kc, geoc, y, lse)), *_sizes(shape), comp),
-            )
+        launcher = _launcher(factory, xc, shape)
+        config = plan_forward(shape)
+        if config is not None:
+            with launcher.context():
+                launcher.launch(config, (xc, qc, kc, geoc, y, lse, *_sizes(shape), comp))
         ctx.save_for_backward(xc, qc, kc, geoc, lse)
         ctx.shape = shape
         ctx.composability = composability
         ctx.input_dtypes = dtypes
+        ctx.factory = factory
         return y
 
     @staticmethod
@@ -181,59 +299,61 @@ class _LocalRelationCupy(torch.autograd.Function):
         shape: LocalRelationShape = ctx.shape
         q_dtype, k_dtype, geo_dtype = ctx.input_dtypes
         need_x, need_q, need_k, need_geo = ctx.needs_input_grad[:4]
-        B, G, H, W = shape.batch, shape.groups, shape.height, shape.width
-        Ho, Wo, K = shape.out_height, shape.out_width, shape.kernel_size
+        G, K = shape.groups, shape.kernel_size
         gy = grad_y.to(x.dtype).contiguous()
         comp = np.int32(COMPOSABILITY_CODES[ctx.composability])
-        kernels = get_kernels(x.device.index or 0, CTYPE_OF_DTYPE[x.dtype], K, shape.stride)
+        launcher = _launcher(ctx.factory, x, shape)
         sizes = _sizes(shape)
 
         gq = torch.empty_like(q)
         # D per output: written by lr_backward_query, read by lr_backward_input for grad k
         dsum = torch.zeros_like(lse)
-        nchunks = max(1, min(B * Ho * Wo, math.ceil(_QUERY_THREADS / G)))
-        geo_partial = torch.empty((G, K * K, nchunks), dtype=torch.float32, device=x.device)
+        nchunks = query_chunks(shape, launcher.multiprocessors)
+        query = plan_backward_query(shape, nchunks)
+        # every entry is written by lr_backward_query; with no query position it is not launched
+        alloc = torch.empty if query is not None else torch.zeros
+        geo_partial = alloc((G, K * K, nchunks), dtype=torch.float32, device=x.device)
         gx = torch.empty_like(x)
         gk = torch.empty_like(k)
-        with _launch_context(x.device):
-            if need_q or need_k or need_geo:
-                _launch(
-                    kernels.backward_query,
-                    G * nchunks,
-                    (
-                        *map(_ptr, (x, q, k, geo, lse, gy, gq, dsum, geo_partial)),
-                        *sizes,
-                        _i64(nchunks),
-                        comp,
-                    ),
+        inputs = plan_backward_input(shape)
+        with launcher.context():
+            if (need_q or need_k or need_geo) and query is not None:
+                launcher.launch(
+                    query,
+                    (x, q, k, geo, lse, gy, gq, dsum, geo_partial, *sizes, np.int64(nchunks), comp),
                 )
-            if need_x or need_k:
-                _launch(
-                    kernels.backward_input,
-                    B * G * H * W,
-                    (*map(_ptr, (x, q, k, geo, lse, dsum, gy, gx, gk)), *sizes, comp),
-                )
+            if (need_x or need_k) and inputs is not None:
+                launcher.launch(inputs, (x, q, k, geo, lse, dsum, gy, gx, gk, *sizes, comp))
         grad_x = gx if need_x else None
         grad_q = gq.to(q_dtype) if need_q else None
         grad_k = gk.to(k_dtype) if need_k else None
         grad_geo = geo_partial.sum(-1).view(G, K, K).to(geo_dtype) if need_geo else None
-        return grad_x, grad_q, grad_k, grad_geo, None, None
+        return grad_x, grad_q, grad_k, grad_geo, None, None, None
 
 
 def local_relation_cupy(
-    x: Tensor, q: Tensor, k: Tensor, geo: Tensor, shape: LocalRelationShape, composability: str
+    x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    geo: Tensor,
+    shape: LocalRelationShape,
+    composability: str,
+    launcher: LauncherFactory | None = None,
 ) -> Tensor:
     """CuPy local relation (arguments already checked by ``contract.check_inputs``, qk_dim 1).
+
+    ``launcher`` builds what runs the kernels; the default, ``CupyLauncher``, needs CUDA tensors.
+    The tests pass a host launcher that runs the same kernels on the CPU.
 
     Shape: x (B, C, H, W), q (B, G, Ho, Wo), k (B, G, H, W), geo (G, K, K) -> (B, C, Ho, Wo).
     """
     if shape.qk_dim != 1:
         raise ValueError("the 'cupy' backend supports qk_dim = 1 only")
-    if x.device.type != "cuda":
+    if launcher is None and x.device.type != "cuda":
         raise RuntimeError(f"the 'cupy' backend runs on CUDA tensors, got a {x.device} tensor")
     if x.dtype not in CTYPE_OF_DTYPE:
         raise TypeError(
             f"the 'cupy' local relation backend supports float32, float16 and bfloat16, got "
             f"{x.dtype}; use backend='reference' for float64 (e.g. for gradcheck)"
         )
-    return _LocalRelationCupy.apply(x, q, k, geo, shape, composability)
+    return _LocalRelationCupy.apply(x, q, k, geo, shape, composability, launcher or CupyLauncher)

@@ -77,7 +77,16 @@ def local_relation(
         log.debug("qk_dim=%d: using the reference backend", qk_dim)
         chosen = "reference"
     if chosen == "cupy":
-        from robustlr.ops.cupy_backend import local_relation_cupy
+        from robustlr.ops import cupy_backend
 
-        return local_relation_cupy(x, q, k, geo, shape, composability)
+        automatic = (backend or os.environ.get(BACKEND_ENV) or "auto") == "auto"
+        ctype = cupy_backend.CTYPE_OF_DTYPE.get(x.dtype)
+        if (
+            automatic
+            and ctype is not None
+            and not cupy_backend.kernels_usable(x.device.index or 0, ctype)
+        ):
+            chosen = "reference"  # kernels_usable logged why, once
+    if chosen == "cupy":
+        return cupy_backend.local_relation_cupy(x, q, k, geo, shape, composability)
     return local_relation_reference(x, q, k, geo, shape, composability)

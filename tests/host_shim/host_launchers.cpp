@@ -1,59 +1,170 @@
-// C entry points around the simple kernels of kernels/local_relation.cu for the CPU tests
-// (tests/test_kernels_host.py). Built with:
-//   g++ -O1 -std=c++17 -shared -fPIC -I tests/host_shim -I kernels host_launchers.cpp
-// Each kernel is run through lr_host_launch (cuda_host_shim.h): blocks and threads in order.
-#include "cuda_host_shim.h"
+// The kernels of kernels/local_relation.cu behind a launch entry point shaped like
+// cuLaunchKernel, for the CPU tests (tests/host_shim/host_launcher.py). Built by that module
+// with g++ (plain, ASan + UBSan, or TSan); every launch runs in the CUDA execution emulator of
+// cuda_emulator.h.
+//
+//   lr_host_signature(name)  the C parameter types of one instantiation, comma-separated, or
+//                            NULL when it is not built, e.g. "const float*,...,long long,int"
+//   lr_host_launch(name, grid[3], block[3], shared_bytes, args, nbytes, nargs)
+//                            args[i] points at the value of parameter i (as for cuLaunchKernel);
+//                            for a pointer parameter nbytes[i] is the size of the buffer behind
+//                            it, which is copied into an exactly sized heap buffer for the
+//                            launch (so that AddressSanitizer sees one element past it).
+#include "cuda_emulator.h"
 
 #include "local_relation.cu"
 
-#define LR_SIZES long long B, long long C, long long H, long long W, long long G, long long m, \
-                 long long Ho, long long Wo
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
-#define LR_HOST_INSTANTIATE(TNAME, T, K, S)                                                    \
-    extern "C" void lr_host_forward_##TNAME##_k##K##_s##S(                                     \
-        unsigned int grid, unsigned int block, const void* x, const void* q, const void* k,    \
-        const float* geo, void* y, float* lse, LR_SIZES, int comp) {                           \
-        lr_host_launch(grid, block, [&] {                                                      \
-            lr_forward<T, K, S>((const T*)x, (const T*)q, (const T*)k, geo, (T*)y, lse, B, C,  \
-                                H, W, G, m, Ho, Wo, comp);                                     \
-        });                                                                                    \
-    }                                                                                          \
-    extern "C" void lr_host_backward_query_##TNAME##_k##K##_s##S(                              \
-        unsigned int grid, unsigned int block, const void* x, const void* q, const void* k,    \
-        const float* geo, const float* lse, const void* gy, void* gq, float* dsum,             \
-        float* geo_partial, LR_SIZES, long long nchunks, int comp) {                           \
-        lr_host_launch(grid, block, [&] {                                                      \
-            lr_backward_query<T, K, S>((const T*)x, (const T*)q, (const T*)k, geo, lse,        \
-                                       (const T*)gy, (T*)gq, dsum, geo_partial, B, C, H, W, G, \
-                                       m, Ho, Wo, nchunks, comp);                              \
-        });                                                                                    \
-    }                                                                                          \
-    extern "C" void lr_host_backward_input_##TNAME##_k##K##_s##S(                              \
-        unsigned int grid, unsigned int block, const void* x, const void* q, const void* k,    \
-        const float* geo, const float* lse, const float* dsum, const void* gy, void* gx,       \
-        void* gk, LR_SIZES, int comp) {                                                        \
-        lr_host_launch(grid, block, [&] {                                                      \
-            lr_backward_input<T, K, S>((const T*)x, (const T*)q, (const T*)k, geo, lse, dsum,  \
-                                       (const T*)gy, (T*)gx, (T*)gk, B, C, H, W, G, m, Ho, Wo, \
-                                       comp);                                                  \
-        });                                                                                    \
+#ifdef LR_HOST_NEGATIVE_CONTROLS
+#include "negative_controls.cuh"
+#endif
+
+namespace {
+
+template <typename V>
+struct TypeName;
+template <>
+struct TypeName<float> {
+    static std::string get() { return "float"; }
+};
+template <>
+struct TypeName<lr_half> {
+    static std::string get() { return "lr_half"; }
+};
+template <>
+struct TypeName<lr_bf16> {
+    static std::string get() { return "lr_bf16"; }
+};
+template <>
+struct TypeName<int> {
+    static std::string get() { return "int"; }
+};
+template <>
+struct TypeName<long long> {
+    static std::string get() { return "long long"; }
+};
+template <typename V>
+struct TypeName<V*> {
+    static std::string get() {
+        if constexpr (std::is_const<V>::value) {
+            return "const " + TypeName<typename std::remove_const<V>::type>::get() + "*";
+        } else {
+            return TypeName<V>::get() + "*";
+        }
     }
+};
 
-#define LR_HOST_ALL_STRIDES(K)        \
-    LR_HOST_INSTANTIATE(f32, float, K, 1) \
-    LR_HOST_INSTANTIATE(f32, float, K, 2) \
-    LR_HOST_INSTANTIATE(f32, float, K, 3)
+struct Entry {
+    std::string name;
+    std::string signature;
+    int nargs;
+    void (*invoke)(const void* fn, void** args);
+    const void* fn;
+};
 
-LR_HOST_ALL_STRIDES(3)
-LR_HOST_ALL_STRIDES(5)
-LR_HOST_ALL_STRIDES(7)
-LR_HOST_ALL_STRIDES(9)
+template <typename... A, std::size_t... I>
+void call(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<typename std::remove_cv<A>::type*>(args[I])...);
+}
 
-// The 16-bit storage paths, for one window size.
-LR_HOST_INSTANTIATE(f16, lr_half, 3, 1)
-LR_HOST_INSTANTIATE(f16, lr_half, 5, 2)
-LR_HOST_INSTANTIATE(bf16, lr_bf16, 3, 1)
-LR_HOST_INSTANTIATE(bf16, lr_bf16, 5, 2)
+template <typename... A>
+Entry make_entry(const std::string& name, void (*k)(A...)) {
+    std::string sig;
+    ((sig += (sig.empty() ? "" : ",") + TypeName<A>::get()), ...);
+    return Entry{name, sig, static_cast<int>(sizeof...(A)),
+                 [](const void* fn, void** args) {
+                     call(reinterpret_cast<void (*)(A...)>(const_cast<void*>(fn)), args,
+                          std::index_sequence_for<A...>{});
+                 },
+                 reinterpret_cast<const void*>(k)};
+}
+
+#define LR_ENTRY(KERNEL, T, K, S) \
+    make_entry(#KERNEL "<" #T ", " #K ", " #S ">", &KERNEL<T, K, S>)
+#define LR_ENTRIES(T, K, S) \
+    LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_backward_query, T, K, S), \
+        LR_ENTRY(lr_backward_input, T, K, S)
+
+const std::vector<Entry>& registry() {
+    static const std::vector<Entry> entries = {
+#ifdef LR_HOST_SMALL
+        // sanitizer builds: a few instantiations keep the build short
+        LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(lr_half, 3, 2),
+#else
+        LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 3, 2), LR_ENTRIES(float, 3, 3),
+        LR_ENTRIES(float, 5, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(float, 5, 3),
+        LR_ENTRIES(float, 7, 1), LR_ENTRIES(float, 7, 2), LR_ENTRIES(float, 7, 3),
+        LR_ENTRIES(float, 9, 1), LR_ENTRIES(float, 9, 2), LR_ENTRIES(float, 9, 3),
+        LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 3, 2), LR_ENTRIES(lr_half, 5, 2),
+        LR_ENTRIES(lr_half, 7, 1),
+        LR_ENTRIES(lr_half, 7, 2), LR_ENTRIES(lr_bf16, 3, 1), LR_ENTRIES(lr_bf16, 5, 2),
+        LR_ENTRIES(lr_bf16, 7, 1), LR_ENTRIES(lr_bf16, 7, 2),
+#endif
+#ifdef LR_HOST_NEGATIVE_CONTROLS
+        make_entry("lr_read_past_end", &lr_read_past_end),
+        make_entry("lr_missing_sync", &lr_missing_sync),
+        make_entry("lr_with_sync", &lr_with_sync),
+        make_entry("lr_warp_ops", &lr_warp_ops),
+#endif
+    };
+    return entries;
+}
+
+std::string without_spaces(std::string s) {
+    std::string out;
+    for (char c : s) {
+        if (c != ' ') out += c;
+    }
+    return out;
+}
+
+// Instantiation names compare without spaces ("lr_forward<float, 3, 1>" == "lr_forward<float,3,1>").
+const Entry* find(const char* name) {
+    const std::string wanted = without_spaces(name);
+    for (const Entry& e : registry()) {
+        if (without_spaces(e.name) == wanted) return &e;
+    }
+    return nullptr;
+}
+
+}  // namespace
+
+extern "C" const char* lr_host_signature(const char* name) {
+    const Entry* e = find(name);
+    return e ? e->signature.c_str() : nullptr;
+}
+
+extern "C" int lr_host_launch(const char* name, const unsigned* grid, const unsigned* block,
+                              unsigned long long shared_bytes, void** args,
+                              const unsigned long long* nbytes, int nargs) {
+    const Entry* e = find(name);
+    if (e == nullptr) return 1;
+    if (nargs != e->nargs) return 2;
+    // exactly sized copies of every buffer (AddressSanitizer sees accesses past their end)
+    std::vector<void*> originals(nargs, nullptr), copies(nargs, nullptr);
+    std::vector<void*> values(args, args + nargs);
+    for (int i = 0; i < nargs; ++i) {
+        if (nbytes[i] == 0) continue;
+        originals[i] = *static_cast<void**>(args[i]);
+        copies[i] = std::malloc(nbytes[i]);
+        std::memcpy(copies[i], originals[i], nbytes[i]);
+        values[i] = &copies[i];
+    }
+    lr_emu::launch(dim3{grid[0], grid[1], grid[2]}, dim3{block[0], block[1], block[2]},
+                   shared_bytes, [&] { e->invoke(e->fn, values.data()); });
+    for (int i = 0; i < nargs; ++i) {
+        if (nbytes[i] == 0) continue;
+        std::memcpy(originals[i], copies[i], nbytes[i]);
+        std::free(copies[i]);
+    }
+    return 0;
+}
 
 // The 16-bit conversion helpers of lr_common.cuh, elementwise.
 extern "C" void lr_host_float_to_half(const float* in, unsigned short* out, long long n) {

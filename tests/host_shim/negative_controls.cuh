@@ -1,0 +1,58 @@
+// Kernels with deliberate bugs, built into the sanitizer variants of the host library only, to
+// show that the sanitizers fire (tests/test_kernels_emulator.py), plus their correct twins and a
+// warp-intrinsics check.
+
+// Reads one element past the end of `in` (n elements) in the last thread.
+__global__ void lr_read_past_end(const float* __restrict__ in, float* __restrict__ out,
+                                 long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = in[i + (i == n - 1 ? 1 : 0)];
+}
+
+// Reverses `in` within each block through shared memory; without the barrier a thread reads a
+// slot another thread has not written yet (a data race).
+__global__ void lr_missing_sync(const float* __restrict__ in, float* __restrict__ out) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    tile[t] = in[blockIdx.x * blockDim.x + t];
+    out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
+}
+
+__global__ void lr_with_sync(const float* __restrict__ in, float* __restrict__ out) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    tile[t] = in[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
+}
+
+// Per warp: a shfl_xor sum, shfl_down sum, lane 3's value, ballot of (v > 0), any / all, and an
+// atomicAdd of every value into out[5] and a dynamic-shared-memory round trip into out[6].
+__global__ void lr_warp_ops(const float* __restrict__ in, float* __restrict__ out) {
+    LR_DYNAMIC_SHARED(float, dyn);
+    const int t = threadIdx.x;
+    const float v = in[t];
+    dyn[t] = v;
+    __syncthreads();
+    float xs = v, ds = v;
+    for (int o = 16; o > 0; o >>= 1) {
+        xs += __shfl_xor_sync(0xffffffffu, xs, o);
+        ds += __shfl_down_sync(0xffffffffu, ds, o);
+    }
+    const float l3 = __shfl_sync(0xffffffffu, v, 3);
+    const unsigned bal = __ballot_sync(0xffffffffu, v > 0.0f);
+    const int any = __any_sync(0xffffffffu, v > 100.0f);
+    const int all = __all_sync(0xffffffffu, v > -100.0f);
+    atomicAdd(out + 5, v);
+    if ((t & 31) == 0) {
+        const int w = t / 32;
+        out[8 + 8 * w + 0] = xs;
+        out[8 + 8 * w + 1] = ds;
+        out[8 + 8 * w + 2] = l3;
+        out[8 + 8 * w + 3] = (float)(bal & 0xffffu);  // exact in fp32
+        out[8 + 8 * w + 7] = (float)(bal >> 16);
+        out[8 + 8 * w + 4] = (float)any;
+        out[8 + 8 * w + 5] = (float)all;
+        out[8 + 8 * w + 6] = dyn[(t + 33) % blockDim.x];
+    }
+}

@@ -1,0 +1,65 @@
+"""The automatic backend probes the CuPy kernels once per (device, dtype) and falls back to the
+reference backend with one warning line, never failing mid-training (no GPU needed)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from lr_naive import random_inputs
+
+from robustlr.ops import BACKEND_ENV, cupy_backend, dispatch, local_relation
+from robustlr.ops.reference import local_relation_reference
+
+
+@pytest.fixture
+def broken_cupy(monkeypatch):
+    """get_kernels fails as it does without NVRTC; the probe cache is fresh."""
+    calls = []
+
+    def get_kernels(device_index, ctype, kernel_size, stride):
+        calls.append((device_index, ctype, kernel_size, stride))
+        raise RuntimeError("libnvrtc.so.13: cannot open shared object file\nmore lines")
+
+    cupy_backend.kernels_usable.cache_clear()
+    monkeypatch.setattr(cupy_backend, "get_kernels", get_kernels)
+    yield calls
+    cupy_backend.kernels_usable.cache_clear()
+
+
+def test_probe_compiles_once_and_warns_once(broken_cupy, caplog):
+    with caplog.at_level(logging.WARNING, logger="robustlr.ops.cupy_backend"):
+        for _ in range(3):
+            assert not cupy_backend.kernels_usable(0, "float")
+        assert not cupy_backend.kernels_usable(0, "lr_half")
+    assert broken_cupy == [(0, "float", 3, 1), (0, "lr_half", 3, 1)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert all("\n" not in line for line in lines)
+    assert "cupy-cuda13x[ctk]" in lines[0] and "reference backend" in lines[0]
+    assert "libnvrtc.so.13" in lines[0]
+
+
+def test_automatic_choice_falls_back_to_reference(broken_cupy, monkeypatch):
+    """Automatic choice picked 'cupy' (as for CUDA tensors) but the probe fails: reference."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda device, backend=None: "cupy")
+    x, q, k, geo = random_inputs(1, 4, 5, 5, 2, 3, 1)
+    x, q, k, geo = (t.float() for t in (x, q, k, geo))
+    y = local_relation(x, q, k, geo, kernel_size=3)
+    from robustlr.ops.contract import check_inputs
+
+    want = local_relation_reference(
+        x, q, k, geo, check_inputs(x, q, k, geo, 3, 1, "sqdiff"), "sqdiff"
+    )
+    assert torch.equal(y, want)
+    assert broken_cupy == [(0, "float", 3, 1)]
+
+
+def test_forced_cupy_does_not_fall_back(broken_cupy, monkeypatch):
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda device, backend=None: "cupy")
+    x, q, k, geo = (t.float() for t in random_inputs(1, 4, 5, 5, 2, 3, 1))
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        local_relation(x, q, k, geo, kernel_size=3, backend="cupy")
+    assert broken_cupy == []  # a forced backend is not probed: its errors surface

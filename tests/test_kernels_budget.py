@@ -1,0 +1,80 @@
+"""The register budget of the GPU kernels, from ptxas itself (NVRTC with -Xptxas=-v, no GPU).
+
+Every instantiation with K in {3, 5, 7}, stride in {1, 2}, fp32 / fp16 / bf16, on sm_80 and
+sm_90 must keep its per-thread state in registers: 0 bytes of stack frame, 0 spill bytes.
+(K = 9 may use local memory; docs/benchmarks.md lists it.) The report is cached by the hash of
+the kernel source, the options and the NVRTC version, so only a changed kernel recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import pytest
+from host_shim.host_launcher import _cache_dir
+
+from robustlr.ops import nvrtc
+
+try:
+    from cupy.cuda import nvrtc as cupy_nvrtc
+except ImportError:  # pragma: no cover - depends on the environment
+    pytest.skip("CuPy is not importable: no NVRTC to compile with", allow_module_level=True)
+
+KS, STRIDES, ARCHS = (3, 5, 7), (1, 2), ("sm_80", "sm_90")
+
+
+def _table_for_arch(arch: str) -> list[nvrtc.KernelUsage]:
+    return nvrtc.ptxas_table(KS, STRIDES, (arch,))
+
+
+@pytest.fixture(scope="module")
+def table() -> list[nvrtc.KernelUsage]:
+    key = hashlib.sha256()
+    key.update(nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE).encode())
+    key.update(repr((nvrtc.GPU_OPTIONS, cupy_nvrtc.getVersion(), KS, STRIDES, ARCHS)).encode())
+    path = _cache_dir() / f"ptxas-{key.hexdigest()[:20]}.json"
+    if path.exists():
+        rows = json.loads(path.read_text())
+        return [nvrtc.KernelUsage(**{**r, "usage": nvrtc.PtxasUsage(**r["usage"])}) for r in rows]
+    # one process per architecture: ptxas time dominates the cold-cache run
+    with ProcessPoolExecutor(len(ARCHS), mp_context=get_context("spawn")) as pool:
+        parts = pool.map(_table_for_arch, ARCHS)
+    rows = [row for part in parts for row in part]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
+    tmp.replace(path)
+    return rows
+
+
+def test_every_instantiation_is_reported(table):
+    seen = {(r.kernel, r.ctype, r.kernel_size, r.stride, r.arch) for r in table}
+    want = {
+        (k, c, K, s, a)
+        for k in nvrtc.KERNEL_NAMES
+        for c in nvrtc.CTYPES
+        for K in KS
+        for s in STRIDES
+        for a in ARCHS
+    }
+    assert seen == want
+
+
+def test_no_stack_frame_and_no_spills(table):
+    over = [
+        f"{r.kernel}<{r.ctype}, {r.kernel_size}, {r.stride}> {r.arch}: {r.usage}"
+        for r in table
+        if r.usage.stack_frame or r.usage.spill_stores or r.usage.spill_loads
+    ]
+    assert not over, "local memory used:\n" + "\n".join(over)
+
+
+def test_registers_leave_room_for_two_blocks_per_sm(table):
+    """255 registers is ptxas's cap; every kernel must still fit two 128-thread blocks."""
+    for r in table:
+        blocks, _ = nvrtc.occupancy(r.usage, r.arch)
+        assert blocks >= 2, r

@@ -1,0 +1,156 @@
+"""The CUDA execution emulator (tests/host_shim/cuda_emulator.h) and its sanitizer builds.
+
+- the emulator's warp intrinsics, atomics, barriers and dynamic shared memory compute what a GPU
+  computes;
+- the real backend's launches (forward and backward, recorded through the host launcher) replay
+  clean under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer, with the
+  same results as the plain build;
+- negative controls: a kernel reading one element past its input makes ASan fire, a kernel
+  missing a __syncthreads makes TSan fire (and its fixed twin is clean).
+The sanitizer builds are cached by source hash, and run on small shapes only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+from host_shim.host_launcher import (
+    RecordingLauncher,
+    ScriptArg,
+    build_library,
+    run_sanitized,
+    write_script,
+)
+from test_kernels_host import make_case
+
+from robustlr.ops import cupy_backend
+from robustlr.ops.contract import check_inputs
+
+if shutil.which("g++") is None:  # pragma: no cover - depends on the machine
+    pytest.skip("g++ is not installed", allow_module_level=True)
+
+
+def config(grid: int, block: int, shared: int = 0) -> cupy_backend.LaunchConfig:
+    return cupy_backend.LaunchConfig("control", (grid, 1, 1), (block, 1, 1), shared)
+
+
+def read_out(directory, launch: int, arg: int, like: torch.Tensor) -> torch.Tensor:
+    data = (directory / f"out{launch}_{arg}.bin").read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=like.dtype).view(like.shape)
+
+
+def record_backend(lib, case, dtype=torch.float32):
+    """Forward + backward of the real backend Function through a RecordingLauncher."""
+    B, C, H, W, G, K, s, comp = case
+    x, q, k, geo, gy = make_case(B, C, H, W, G, K, s, dtype=dtype, seed=23)
+    shape = check_inputs(x, q, k, geo, K, s, comp)
+    made = []
+
+    def factory(device, ctype, kernel_size, stride):
+        made.append(RecordingLauncher(lib, ctype, kernel_size, stride))
+        return made[-1]
+
+    leaves = [t.clone().requires_grad_() for t in (x, q, k, geo)]
+    y = cupy_backend.local_relation_cupy(*leaves, shape, comp, launcher=factory)
+    torch.autograd.grad(y, leaves, gy)
+    script = [entry for launcher in made for entry in launcher.script]
+    after = [entry for launcher in made for entry in launcher.after]
+    return script, after
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return ctypes.CDLL(str(build_library("plain")))
+
+
+# small shapes: ragged last group, image smaller than the window, stride 2, fp16 storage
+SANITIZED_CASES = [
+    (1, 5, 6, 5, 2, 3, 1, "sqdiff"),
+    (1, 3, 4, 3, 3, 5, 2, "absdiff"),
+    (1, 4, 5, 4, 2, 3, 2, "mul"),
+]
+
+
+@pytest.mark.parametrize("variant", ["asan", "tsan"])
+@pytest.mark.parametrize("case", SANITIZED_CASES, ids=lambda c: "K{}s{}-{}".format(*c[5:]))
+def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case):
+    dtype = torch.float16 if case[5:7] == (3, 2) else torch.float32
+    script, after = record_backend(plain, case, dtype)
+    assert [name.split("<")[0] for name, _, _ in script] == [
+        "lr_forward",
+        "lr_backward_query",
+        "lr_backward_input",
+    ]
+    proc = run_sanitized(variant, write_script(tmp_path, script))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "replayed 3 launches" in proc.stdout
+    for i, (_, _, args) in enumerate(script):
+        for n, arg in enumerate(args):
+            if arg.kind == "ptr":
+                got = read_out(tmp_path, i, n, arg.value)
+                assert torch.equal(got, after[i][n]), f"launch {i} argument {n}"
+
+
+def test_asan_fires_on_a_read_past_the_end(tmp_path):
+    n = 40
+    src = torch.arange(n, dtype=torch.float32)
+    out = torch.zeros(n)
+    launch = ("lr_read_past_end", config(2, 32), [ScriptArg("ptr", src), ScriptArg("ptr", out),
+              ScriptArg("i64", n)])  # fmt: skip
+    proc = run_sanitized("asan", write_script(tmp_path, [launch]))
+    assert proc.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in proc.stderr
+    assert "READ of size 4" in proc.stderr
+
+
+def test_tsan_fires_on_a_missing_syncthreads(tmp_path):
+    src = torch.arange(128, dtype=torch.float32)
+    racy = (
+        "lr_missing_sync",
+        config(2, 64),
+        [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(128))],
+    )
+    proc = run_sanitized("tsan", write_script(tmp_path, [racy]))
+    assert proc.returncode != 0
+    assert "ThreadSanitizer: data race" in proc.stderr
+
+
+def test_tsan_is_clean_with_the_barrier(tmp_path):
+    src = torch.arange(128, dtype=torch.float32)
+    fixed = (
+        "lr_with_sync",
+        config(2, 64),
+        [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(128))],
+    )
+    proc = run_sanitized("tsan", write_script(tmp_path, [fixed]))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = read_out(tmp_path, 0, 1, src)
+    want = src.view(2, 64).flip(1).reshape(-1)
+    assert torch.equal(got, want)
+
+
+def test_warp_intrinsics_atomics_and_dynamic_shared_memory(tmp_path):
+    block = 64
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(-5, 6, (block,), generator=gen).float()
+    src[40] = 200.0  # warp 1 has a value > 100
+    launch = ("lr_warp_ops", config(1, block, shared=block * 4),
+              [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(32))])  # fmt: skip
+    proc = run_sanitized("asan", write_script(tmp_path, [launch]))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = read_out(tmp_path, 0, 1, torch.zeros(32))
+    assert out[5] == src.sum()
+    for w in range(2):
+        lanes = src[32 * w : 32 * w + 32]
+        row = out[8 + 8 * w : 16 + 8 * w]
+        assert row[0] == lanes.sum()  # xor butterfly: every lane holds the sum
+        assert row[1] == lanes.sum()  # shfl_down tree: lane 0 holds the sum
+        assert row[2] == lanes[3]
+        bits = sum(1 << i for i in range(32) if lanes[i] > 0)
+        assert int(row[3].item()) + (int(row[7].item()) << 16) == bits
+        assert row[4] == float((lanes > 100).any())
+        assert row[5] == 1.0
+        assert row[6] == src[(32 * w + 33) % block]  # written by another warp before the barrier

@@ -1,0 +1,86 @@
+"""Launch planning of the CuPy backend: pure functions of the shape, tested for 64-bit sizes
+without allocating anything."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from robustlr.ops import cupy_backend as cb
+from robustlr.ops.contract import LocalRelationShape
+
+
+def shape_of(B, C, H, W, G, K, s) -> LocalRelationShape:
+    m = -(-C // G)
+    return LocalRelationShape(B, C, H, W, G, m, (H - 1) // s + 1, (W - 1) // s + 1, K, s, 1)
+
+
+def tiles(h: int, w: int) -> int:
+    tw, th = cb.TILE
+    return -(-h // th) * -(-w // tw)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (1, 1, 1, 1, 1, 3, 1),
+        (32, 100, 56, 56, 13, 7, 1),  # LR-Net-26 res2 at 224
+        (4096, 800, 512, 512, 100, 7, 2),  # B*G*H*W > 2**37: 64-bit counts
+        (2**20, 2**12, 2**10, 2**10, 2**9, 9, 3),  # beyond 2**48 elements
+    ],
+)
+def test_plans_cover_64bit_sizes(sizes):
+    shape = shape_of(*sizes)
+    B, _, H, W, G, K, _ = sizes
+    Ho, Wo = shape.out_height, shape.out_width
+    fwd = cb.plan_forward(shape)
+    assert fwd.kernel == "lr_forward" and fwd.block == (*cb.TILE, 1)
+    assert fwd.grid == (min(B * G * tiles(Ho, Wo), cb.MAX_BLOCKS), 1, 1)
+    bwd = cb.plan_backward_input(shape)
+    assert bwd.grid == (min(B * G * tiles(H, W), cb.MAX_BLOCKS), 1, 1)
+    blocks_per_sm = cb.THREADS_PER_SM // (cb.TILE[0] * cb.TILE[1])
+    for sms in (1, 108, 132):
+        n = cb.query_chunks(shape, sms)
+        assert n == max(1, min(B * tiles(Ho, Wo), -(-sms * blocks_per_sm // G)))
+        q = cb.plan_backward_query(shape, n)
+        assert q.grid == (G * n, 1, 1) and G * n <= cb.MAX_BLOCKS
+        # the grad-geo partial buffer stays proportional to the GPU, not to the problem
+        assert G * K * K * n <= K * K * (sms * blocks_per_sm + G)
+    for config in (fwd, bwd):
+        assert all(isinstance(v, int) for v in (*config.grid, *config.block))
+        assert config.grid[0] <= 2**31 - 1 and config.block[0] * config.block[1] <= 1024
+
+
+def test_empty_problems_launch_nothing():
+    shape = shape_of(0, 4, 5, 5, 2, 3, 1)
+    assert cb.plan_forward(shape) is None
+    assert cb.plan_backward_input(shape) is None
+    assert cb.plan_backward_query(shape, cb.query_chunks(shape, 4)) is None
+
+
+def test_query_grid_fills_the_sms_for_lrnet_shapes():
+    """At LR-Net-26 res2 (batch 32, 56x56, G = 13) the query kernel runs at least as many
+    threads as an H100 holds (the old fixed 65,536 threads filled a quarter of it); at res5
+    (7x7, G = 100) too, with several blocks per group."""
+    res2 = shape_of(32, 100, 56, 56, 13, 7, 1)
+    block = cb.TILE[0] * cb.TILE[1]
+    assert res2.groups * cb.query_chunks(res2, 132) * block >= 132 * cb.THREADS_PER_SM
+    res5 = shape_of(32, 800, 7, 7, 100, 7, 1)
+    assert res5.groups * cb.query_chunks(res5, 132) * block >= 132 * cb.THREADS_PER_SM
+
+
+def test_tile_shape_matches_the_kernels():
+    from robustlr.ops.nvrtc import load_kernel_source
+
+    text = load_kernel_source("local_relation.cu")
+    assert f"#define LR_TILE_W {cb.TILE[0]}" in text
+    assert f"#define LR_TILE_H {cb.TILE[1]}" in text
+
+
+def test_pack_arg_is_what_cupy_receives():
+    t = torch.zeros(3)
+    assert cb.pack_arg(t) == np.uint64(t.data_ptr()) and type(cb.pack_arg(t)) is np.uint64
+    assert type(cb.pack_arg(np.int32(3))) is np.int32
+    with pytest.raises(TypeError, match="numpy scalars"):
+        cb.pack_arg(3)
