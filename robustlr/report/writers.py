@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, checks_frame
-from robustlr.report.table9 import CELLS, TABLE9_COLUMNS, Table9, eps_text
+from robustlr.report.table9 import CELLS, REFERENCE_CELLS, TABLE9_COLUMNS, Table9, eps_text
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def to_markdown(
             ],
         ),
     ]
+    parts += _reference_section(table)
     if table.notes:
         parts += ["", "## Notes", "", *(f"- {_md_escape(n)}" for n in table.notes)]
     if pairs is not None and len(pairs):
@@ -159,6 +160,35 @@ def to_markdown(
             ),
         ]
     return "\n".join(parts) + "\n"
+
+
+def _reference_section(table: Table9) -> list[str]:
+    """Markdown lines: per network, Table 9's untargeted PGD beside the reference attacks
+    (APGD-CE, standard AutoAttack) on the same run; none when no reference row exists."""
+    frame = table.frame
+    present = [c for c in REFERENCE_CELLS if frame[c].notna().any()]
+    if not present:
+        return []
+    columns = []
+    for mode in ("adv", "regular"):
+        mode_cells = [c for c in present if c.startswith(f"{mode}_")]
+        if mode_cells:
+            columns += [f"{mode}_untargeted", *mode_cells]
+    return [
+        "",
+        "## Stronger attacks beside Table 9 (not in the paper)",
+        "",
+        "The paper's PGD (a few small steps from a random start) cannot always reach the edge of "
+        "the eps ball; APGD-CE and AutoAttack at the same eps show how optimistic it is.",
+        "",
+        markdown_table(
+            ["network", *columns],
+            [
+                [str(r["network"]), *(_with_interval(r, c) for c in columns)]
+                for _, r in frame.iterrows()
+            ],
+        ),
+    ]
 
 
 def _tex(text: object) -> str:
