@@ -74,6 +74,9 @@ class AttackInfo:
 
 _PGD_OPTIONS = frozenset({"step_size", "steps", "restarts", "random_start", "precision"})
 _SMALL_PGD = {"eps": 8 / 255, "steps": 2}
+# ensembles run fixed settings; a large eps lets their first attack break every image, so the
+# ensemble stops there (what is left is attacked by the next member only)
+_SMALL_ENSEMBLE = {"eps": 0.5}
 
 _ATTACKS = (
     AttackInfo(
@@ -181,7 +184,7 @@ _ATTACKS = (
         reference="autoattack",
         description="standard AutoAttack (Croce & Hein 2020): APGD-CE, APGD-T, FAB-T, Square "
         "with the original settings",
-        example={"eps": 8 / 255},
+        example=_SMALL_ENSEMBLE,
     ),
     AttackInfo(
         "autoattack-fast",
@@ -189,14 +192,14 @@ _ATTACKS = (
         "torchattacks",
         description="torchattacks' AutoAttack(version='standard'): the standard ensemble with "
         "10-step APGD/APGD-T/FAB-T and Square's rescaled schedule (cheaper, weaker)",
-        example={"eps": 8 / 255},
+        example=_SMALL_ENSEMBLE,
     ),
     AttackInfo(
         "autoattack-plus",
         "ensemble",
         "torchattacks",
         description="torchattacks' AutoAttack(version='plus'), 10-step attacks",
-        example={"eps": 8 / 255},
+        example=_SMALL_ENSEMBLE,
     ),
 )
 
