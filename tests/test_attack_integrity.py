@@ -192,3 +192,12 @@ def test_apgd_column_and_optimism_check(tmp_path):
     assert "## Stronger attacks beside Table 9" in md and "61.0 [" in md
     assert "pgd_not_optimistic" in md
     assert np.isnan(frame.loc["resnet26", "adv_autoattack"])
+
+
+def test_old_autoattack_rows_are_read_as_the_reduced_ensemble():
+    from robustlr.report.results import normalise_results
+
+    old = row("autoattack", 40.0, step_size="")
+    new = row("autoattack", 35.0, step_size="", attack_settings="APGD(steps=100) + ...")
+    frame = normalise_results(pd.DataFrame([old, new]), source="t", run_key="r")
+    assert list(frame["attack"]) == ["autoattack-fast", "autoattack"]

@@ -204,6 +204,9 @@ _ATTACKS = (
 )
 
 ATTACKS: dict[str, AttackInfo] = {a.name: a for a in _ATTACKS}
+# names whose meaning changed: a result row with the old name and no ``attack_settings`` (rows
+# written before the settings were recorded) ran what the new name means
+RENAMED = {"autoattack": "autoattack-fast"}  # torchattacks' reduced ensemble, until issue 14
 ATTACK_NAMES = tuple(ATTACKS)
 
 
