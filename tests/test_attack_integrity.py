@@ -21,7 +21,7 @@ from robustlr.cli.eval import build_specs
 from robustlr.eval.runner import evaluate
 from robustlr.report import build_table9, collect_results, pair_table, run_checks
 from robustlr.report.checks import check_coverage, check_pgd_vs_apgd, checks_for
-from robustlr.report.writers import to_markdown
+from robustlr.report.writers import rich_table_data, to_markdown
 from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
 from robustlr.train.hooks import StepContext
 
@@ -192,6 +192,8 @@ def test_apgd_column_and_optimism_check(tmp_path):
     assert "## Stronger attacks beside Table 9" in md and "61.0 [" in md
     assert "pgd_not_optimistic" in md
     assert np.isnan(frame.loc["resnet26", "adv_autoattack"])
+    terminal = rich_table_data(table)
+    assert "adv_apgd_ce" in terminal["columns"] and "adv_autoattack" not in terminal["columns"]
 
 
 def test_old_autoattack_rows_are_read_as_the_reduced_ensemble():

@@ -229,12 +229,14 @@ def to_latex(table: Table9) -> str:
 
 
 def rich_table_data(table: Table9) -> dict[str, object]:
-    """What a terminal table shows: ``title``, ``columns`` (names) and ``rows`` (strings)."""
-    columns = ["network", *(HEADERS[c] for c in CELLS), "n", "steps", "runs"]
+    """What a terminal table shows: ``title``, ``columns`` (names) and ``rows`` (strings);
+    the reference columns (APGD-CE, AutoAttack) follow Table 9's when any is filled."""
+    references = [c for c in REFERENCE_CELLS if table.frame[c].notna().any()]
+    columns = ["network", *(HEADERS[c] for c in CELLS), *references, "n", "steps", "runs"]
     rows = [
         [
             str(r["network"]),
-            *(_with_interval(r, c) for c in CELLS),
+            *(_with_interval(r, c) for c in (*CELLS, *references)),
             str(r["n"]),
             str(r["steps"]),
             " / ".join(x for x in (r["adv_run"], r["regular_run"]) if x),
