@@ -147,28 +147,29 @@ class AttackResult:
 
 
 KEY_DEFAULTS = {"target_policy": "none", "precision": "fp32"}
+KEY_NUMBERS = ("n", "eps", "step_size", "steps", "restarts", "targets_seed")
 
 
-def _canonical(value: object) -> str:
-    """A row value as text that survives a CSV round trip (10 == 10.0 == "10")."""
+def _canonical(value: object, number: bool) -> str:
+    """A row value as text that survives a CSV round trip (numbers: 10 == 10.0 == "10")."""
     if value is None:
         return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        number = float(value)
-        return "" if math.isnan(number) else format(number, ".9g")
+    if isinstance(value, float) and math.isnan(value):
+        return ""
     text = str(value).strip()
+    if not number or not text:
+        return text
     try:
-        return format(float(text), ".9g") if text else ""
+        parsed = float(text)
     except ValueError:
         return text
+    return "" if math.isnan(parsed) else format(parsed, ".9g")
 
 
 def threat_key(row: Mapping[str, Any]) -> dict[str, str]:
     """The identity of a result row's outcomes: ``THREAT_KEY_COLUMNS`` as canonical text (a
     row written by ``AttackResult.row`` and the same row read back from eval.csv agree)."""
-    key = {c: _canonical(row.get(c, "")) for c in THREAT_KEY_COLUMNS}
+    key = {c: _canonical(row.get(c, ""), c in KEY_NUMBERS) for c in THREAT_KEY_COLUMNS}
     for column, default in KEY_DEFAULTS.items():  # as the report reads empty cells
         key[column] = key[column] or default
     return key
