@@ -40,11 +40,15 @@ def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     first = run_cli(*args, "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2",
                     cwd=adv_run)  # fmt: skip
     assert first.returncode == 0, first.stderr
-    second = run_cli(*args, "--attack", "pgd-untargeted", "--steps", "2", cwd=adv_run)
+    second = run_cli(*args, "--attack", "pgd-untargeted", "--attack", "apgd-ce", "--steps", "2",
+                     cwd=adv_run)  # fmt: skip
     assert second.returncode == 0, second.stderr
     rows = pd.read_csv(adv_run / "runs/adv/eval.csv", keep_default_na=False)
     # appended, never rewritten; every evaluation reports the clean accuracy too
-    assert list(rows["attack"]) == ["clean", "pgd-targeted", "clean", "pgd-untargeted"]
+    attacks = ["clean", "pgd-targeted", "clean", "pgd-untargeted", "apgd-ce"]
+    assert list(rows["attack"]) == attacks
+    apgd = rows.iloc[4]
+    assert apgd["step_size"] == "" and apgd["attack_settings"].startswith("APGD(steps=2,")
     targeted = rows.iloc[1]
     assert targeted["target_policy"] == "random" and len(targeted["targets_sha256"]) == 64
     assert targeted["n"] == 24 and targeted["passes"] == 2 * 24
@@ -63,6 +67,11 @@ def test_eval_appends_rows_with_threat_model_then_report(adv_run):
         "network", "adv_clean", "adv_targeted", "adv_untargeted", "regular_clean"
     ]  # fmt: skip
     assert table.loc[0, "network"] == "resnet26" and pd.isna(table.loc[0, "regular_clean"])
+    assert table.loc[0, "adv_apgd_ce"] == pytest.approx(apgd["accuracy"], abs=0.05)
+    checks = pd.read_csv(adv_run / "runs/checks.csv", keep_default_na=False)
+    optimism = checks[checks["check"] == "pgd_not_optimistic"]
+    assert list(optimism["status"]) in (["pass"], ["warn"]), optimism  # judged, not skipped
+    assert "## Stronger attacks beside Table 9" in (adv_run / "runs/table9.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -96,7 +105,8 @@ def test_eval_under_torchrun_equals_one_process(adv_run):
     one = run_cli(*args, "--out", "one.csv", cwd=adv_run)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", CLI, *args, "--out", "two.csv"],
+        [torchrun, "--standalone", "--nproc_per_node", "2", CLI, *args, "--out", "two.csv",
+         "--save-examples", "two-outcomes"],
         cwd=adv_run, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
@@ -115,4 +125,5 @@ def test_eval_under_torchrun_equals_one_process(adv_run):
     pd.testing.assert_frame_equal(a[same], b[same])
     outcome_a = np.load(adv_run / a.loc[1, "outcomes_file"])
     outcome_b = np.load(adv_run / b.loc[1, "outcomes_file"])
+    assert a.loc[1, "outcomes_file"] != b.loc[1, "outcomes_file"]  # two files, not one twice
     assert np.array_equal(outcome_a["correct"], outcome_b["correct"])

@@ -77,11 +77,13 @@ def test_outcomes_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(12, 3, 8, 8, generator=gen), torch.randint(0, 10, (12,), generator=gen)
     (result,) = evaluate(small_model(), x, y, [AttackSpec("pgd-targeted", eps=0.1, steps=2)])
-    path = save_outcomes(tmp_path / "o.npz", result, "abc")
+    row = result.row({"subset_sha256": "abc", "dataset": "digits", "split": "test"})
+    path = save_outcomes(tmp_path / "o.npz", result, row)
     back = load_outcomes(path)
     assert np.array_equal(back["correct"], result.correct)
     assert np.array_equal(back["targets"], result.targets)
     assert back["subset_sha256"] == "abc" and back["targets_sha256"] == result.targets_sha256
+    assert back["threat"]["attack"] == "pgd-targeted" and back["threat"]["steps"] == "2"
 
 
 def test_results_do_not_depend_on_batch_size_or_subset():

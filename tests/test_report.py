@@ -196,9 +196,9 @@ def test_mcnemar_pairs_from_outcome_files(tmp_path):
         for spec, sha in ((AttackSpec("clean"), ""), (AttackSpec("pgd-targeted"), targets)):
             result = _result(spec, correct, sha)
             name = f"outcomes/{spec.name}.npz"
-            save_outcomes(run / name, result, "subset-x")
             meta = {"arch": arch, "train_mode": "adversarial", "dataset": "digits",
                     "split": "test", "subset_sha256": "subset-x"}  # fmt: skip
+            save_outcomes(run / name, result, result.row(meta))
             rows.append(result.row(meta) | {"outcomes_file": name})
         pd.DataFrame(rows).to_csv(run / "eval.csv", index=False)
     table = build_table9(collect_results(runs_dir=root))

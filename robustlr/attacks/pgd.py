@@ -2,8 +2,10 @@
 
 Targeted attacks descend the cross-entropy of the target class and succeed only when the model
 predicts the target; untargeted attacks ascend the cross-entropy of the true label and succeed
-when the prediction is wrong. Restarts are merged per example: a successful restart beats a
-failed one, and among equals the one with the higher objective wins.
+when the prediction is wrong. Restarts are merged per example as the worst case: a successful
+restart beats a failed one; then (targeted attacks) a misclassifying restart beats one the model
+gets right, so an image any restart misclassified stays misclassified and accuracy never rises
+with restarts; then the higher objective wins.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def pgd(
     labels = targets if spec.targeted else y
     ball = threat_model(spec.norm, spec.eps)
     generator = torch.Generator().manual_seed(spec.seed)
-    random_start = spec.random_start and spec.name != "fgsm"
+    random_start = spec.random_start and spec.info.family != "fgsm"
+    step_size = spec.resolved_step_size
     x = x.detach()
     best_x = x.clone()
     best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_wrong = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     best_obj = torch.full((len(x),), float("-inf"), device=x.device)
     best_logits = None
     zero_grads = 0
@@ -91,17 +95,24 @@ def pgd(
             (grad,) = torch.autograd.grad(loss, x_adv)
             if restart == 0 and step == 0:
                 zero_grads = int((grad.flatten(1).abs().amax(1) == 0).sum())
-            x_adv = ball.project(ball.step(x_adv.detach(), grad, spec.step_size), x)
+            x_adv = ball.project(ball.step(x_adv.detach(), grad, step_size), x)
         with torch.no_grad():
             logits = model(x_adv).float()
         success = _succeeded(logits, y, labels if spec.targeted else None)
+        wrong = logits.argmax(1) != y
         obj = _objective(logits, labels, spec.targeted)
-        better = (success & ~best_success) | ((success == best_success) & (obj > best_obj))
+        tie = success == best_success
+        better = (
+            (success & ~best_success)
+            | (tie & wrong & ~best_wrong)
+            | (tie & (wrong == best_wrong) & (obj > best_obj))
+        )
         best_x[better] = x_adv[better]
         best_logits = (
             logits if best_logits is None else torch.where(better[:, None], logits, best_logits)
         )
         best_success |= success
+        best_wrong |= wrong
         best_obj = torch.where(better, obj, best_obj)
     return AttackOutcome(
         x_adv=best_x,
@@ -113,10 +124,21 @@ def pgd(
     )
 
 
+MASK64 = 2**64 - 1
+
+
+def _splitmix64(value: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that mixes every bit."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & MASK64
+    return value ^ (value >> 31)
+
+
 def example_seed(seed: int, restart: int, example_id: int) -> int:
-    """A 63-bit generator seed for one example's random start."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + restart * 0xBF58476D1CE4E5B9 + example_id) & (2**64 - 1)
-    return mixed >> 1
+    """A 63-bit generator seed for one example's random start. For one (seed, restart) it is
+    an offset of the example id, so distinct ids (below 2**63) always get distinct seeds."""
+    base = _splitmix64((seed * 0x9E3779B97F4A7C15 + restart * 0xD1B54A32D192ED03) & MASK64)
+    return (base + example_id) & (2**63 - 1)
 
 
 def _random_start(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustlr.attacks.adapters import TORCHATTACKS_NAMES, torchattacks_adversarial
+from robustlr.attacks.adapters import torchattacks_adversarial
 from robustlr.attacks.modes import eval_mode, frozen_parameters
 from robustlr.attacks.pgd import AttackOutcome, pgd
 from robustlr.attacks.spec import AttackSpec
@@ -56,30 +56,54 @@ def run_attack(
             targets = targets.to(x.device)
             if spec.targeted and bool((targets == y).any()):
                 raise ValueError("a target equals the true label: targets must be wrong classes")
-        if spec.name == "clean":
-            return AttackOutcome(
-                x_adv=x,
-                logits=clean_logits,
-                success=clean_logits.argmax(1) != y,
-                targets=None,
-                passes=0,
-            )
-        if spec.name in TORCHATTACKS_NAMES:
-            x_adv = torchattacks_adversarial(model, x, y, spec, num_classes)
-            x_adv = threat_model(spec.norm, spec.eps).project(x_adv, x)
-            if spec.name == "cw":  # unbounded: examples outside the ball become failures
-                outside = (x_adv - x).flatten(1).norm(dim=1) > spec.eps + 1e-6
-                x_adv[outside] = x[outside]
-            with torch.no_grad():
-                logits = model(x_adv).float()
-            return AttackOutcome(
-                x_adv=x_adv,
-                logits=logits,
-                success=logits.argmax(1) != y,
-                targets=None,
-                passes=-1,  # torchattacks does not report its passes
-            )
-        return pgd(model, x, y, spec, targets, start, example_ids)
+        return RUNNERS[spec.info.runner](
+            model, x, y, spec, clean_logits, targets, start, example_ids
+        )
+
+
+def _clean(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
+    return AttackOutcome(
+        x_adv=x, logits=clean_logits, success=clean_logits.argmax(1) != y, targets=None, passes=0
+    )
+
+
+def _own(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
+    return pgd(model, x, y, spec, targets, start, example_ids)
+
+
+def _torchattacks(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
+    raw = torchattacks_adversarial(model, x, y, spec, clean_logits.shape[1])
+    return bounded_outcome(model, x, y, spec, raw)
+
+
+def bounded_outcome(
+    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, x_adv: Tensor
+) -> AttackOutcome:
+    """The outcome of adversarial images from an outside attack, held to the threat model:
+    an unbounded attack's (CW) examples that leave the eps ball count as failures (the clean
+    image is kept for them); the rest are projected onto the ball (rounding only).
+    Shape: x, x_adv (B, C, H, W), y (B,) -> AttackOutcome."""
+    ball = threat_model(spec.norm, spec.eps)
+    x_adv = x_adv.detach().to(x.dtype)
+    if not spec.info.bounded:
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if spec.norm == "linf" else delta.norm(dim=1)
+        outside = size > spec.eps * (1 + 1e-5) + 1e-6
+        x_adv = torch.where(outside.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
+    x_adv = ball.project(x_adv, x)
+    with torch.no_grad():
+        logits = model(x_adv).float()
+    return AttackOutcome(
+        x_adv=x_adv,
+        logits=logits,
+        success=logits.argmax(1) != y,
+        targets=None,
+        passes=-1,  # torchattacks does not report its passes
+    )
+
+
+# how each registry ``runner`` runs (tests check that every runner has one)
+RUNNERS = {"clean": _clean, "pgd": _own, "torchattacks": _torchattacks}
 
 
 def attack(

@@ -5,27 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from robustlr.attacks.registry import ATTACK_NAMES, ATTACKS, AttackInfo, attack_info
+
 NORMS = ("linf", "l2")
 TARGET_POLICIES = ("none", "random", "least-likely")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# spec options that only some attacks use (the registry's ``takes``); eps, norm, seed: all
+OPTIONAL_OPTIONS = ("step_size", "steps", "restarts", "random_start", "precision", "queries")
+DEFAULT_STEPS = 10
+DEFAULT_QUERIES = 5000
 
 # attack name -> the target policy it implies ("pgd" leaves the policy to the spec)
-ATTACK_TARGETS: dict[str, str | None] = {
-    "clean": "none",
-    "fgsm": "none",
-    "pgd": None,
-    "pgd-untargeted": "none",
-    "pgd-targeted": "random",
-    "pgd-least-likely": "least-likely",
-    "apgd-ce": "none",
-    "apgd-t": "none",
-    "fab": "none",
-    "square": "none",
-    "cw": "none",
-    "autoattack": "none",
-    "autoattack-plus": "none",
-}
-ATTACK_NAMES = tuple(ATTACK_TARGETS)
+ATTACK_TARGETS: dict[str, str | None] = {name: ATTACKS[name].target for name in ATTACK_NAMES}
 
 
 def parse_number(value: str | float | int) -> float:
@@ -63,30 +54,33 @@ class AttackSpec:
     ``target`` is the target policy: ``none`` (untargeted, on the true label), ``random`` (a
     random wrong class per image, drawn from ``seed``) or ``least-likely`` (the clean model's
     least likely class). ``restarts`` random starts are merged as the per-example worst case.
+
+    ``step_size`` keeps what was given: None means "derived", 2.5 * eps / steps (Madry et al.;
+    eps for FGSM), and ``resolved_step_size`` recomputes it from the current eps and steps, so
+    a copy with another eps or step count never carries a stale step. Options the attack does
+    not use (see ``robustlr.attacks.registry``) are refused when given.
     """
 
     name: str
     eps: float = 16 / 255
     norm: str = "linf"
-    step_size: float | None = None  # default: 2.5 * eps / steps (Madry et al.)
-    steps: int = 10
+    step_size: float | None = None  # None: derived from eps and steps (resolved_step_size)
+    steps: int = DEFAULT_STEPS
     restarts: int = 1
     target: str | None = None  # default: implied by the name
     random_start: bool = True
     seed: int = 0
     precision: str = "fp32"
-    queries: int = 5000  # square
+    queries: int = DEFAULT_QUERIES  # square
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACK_TARGETS:
-            raise ValueError(f"unknown attack {self.name!r}; choose from {', '.join(ATTACK_NAMES)}")
-        implied = ATTACK_TARGETS[self.name]
-        target = self.target if self.target is not None else (implied or "none")
+        info = attack_info(self.name)
+        target = self.target if self.target is not None else (info.target or "none")
         if target not in TARGET_POLICIES:
             raise ValueError(f"target policy must be one of {TARGET_POLICIES}, got {target!r}")
-        if implied is not None and target != implied:
+        if info.target is not None and target != info.target:
             raise ValueError(
-                f"attack {self.name!r} implies target policy {implied!r}, not {target!r}"
+                f"attack {self.name!r} implies target policy {info.target!r}, not {target!r}"
             )
         object.__setattr__(self, "target", target)
         if self.norm not in NORMS:
@@ -100,25 +94,62 @@ class AttackSpec:
             object.__setattr__(self, "eps", parse_eps(self.eps))
         elif self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.step_size is not None and self.step_size < 0:
-            raise ValueError(f"step size must be >= 0, got {self.step_size}")
         if self.steps < 1 or self.restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
-        if self.name == "fgsm":
+        if self.queries < 1:
+            raise ValueError(f"queries must be >= 1, got {self.queries}")
+        self._refuse_unused(info)
+        if self.step_size is not None:
+            if self.step_size < 0:
+                raise ValueError(f"step size must be >= 0, got {self.step_size}")
+            if self.norm == "linf":
+                object.__setattr__(self, "step_size", parse_eps(self.step_size))
+        if info.family == "fgsm":
             object.__setattr__(self, "steps", 1)
-        if self.step_size is None:
-            default = self.eps if self.name == "fgsm" else 2.5 * self.eps / self.steps
-            object.__setattr__(self, "step_size", default)
-        elif self.norm == "linf":
-            object.__setattr__(self, "step_size", parse_eps(self.step_size))
+
+    def _refuse_unused(self, info: AttackInfo) -> None:
+        given = {
+            "step_size": self.step_size is not None,
+            "restarts": self.restarts != 1,
+            "random_start": not self.random_start,
+            "precision": self.precision != "fp32",
+            "queries": self.queries != DEFAULT_QUERIES,
+        }
+        unused = [k for k, v in given.items() if v and k not in info.takes]
+        if unused:
+            what = ", ".join(k.replace("_", " ") for k in unused)
+            runs = "in fp32 only" if unused == ["precision"] else f"without {what}"
+            raise ValueError(f"attack {self.name!r} runs {runs}; do not set {what}")
+
+    @property
+    def info(self) -> AttackInfo:
+        """The attack's registry entry."""
+        return ATTACKS[self.name]
 
     @property
     def targeted(self) -> bool:
         return self.target != "none"
 
+    @property
+    def resolved_step_size(self) -> float | None:
+        """The step size the attack runs with (None for attacks without one): the given one,
+        else eps for FGSM and 2.5 * eps / steps for PGD, from the current eps and steps."""
+        if not self.info.takes_step_size:
+            return None
+        if self.step_size is not None:
+            return self.step_size
+        return self.eps if self.info.family == "fgsm" else 2.5 * self.eps / self.steps
+
     def with_options(self, **changes: Any) -> AttackSpec:
-        """A copy with some fields changed (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with some fields changed. None values are ignored, and so are options this
+        attack does not use (e.g. a step size for APGD), so one set of overrides fits a suite.
+        A derived step size stays derived: it follows the new eps and steps."""
+        kept = {
+            k: v
+            for k, v in changes.items()
+            if v is not None and (k not in OPTIONAL_OPTIONS or k in self.info.takes)
+        }
+        return replace(self, **kept)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,14 +167,24 @@ class AttackSpec:
                 data[key] = parse_number(data[key])
         return cls(**data)
 
+    @classmethod
+    def example(cls, name: str) -> AttackSpec:
+        """A small, cheap spec of attack ``name`` (the registry's ``example``)."""
+        return cls(name, **attack_info(name).example)
+
     def describe(self) -> str:
-        if self.name == "clean":
+        if self.info.family == "clean":
             return "clean"
         parts = [self.name, f"{self.norm} eps={format_eps(self.eps)}"]
-        if self.name.startswith("pgd") or self.name == "fgsm":
-            parts.append(f"step={format_eps(self.step_size)} steps={self.steps}")
+        step = self.resolved_step_size
+        if step is not None:
+            parts.append(f"step={format_eps(step)}")
+        if "steps" in self.info.takes:
+            parts.append(f"steps={self.steps}")
         if self.restarts > 1:
             parts.append(f"restarts={self.restarts}")
+        if "queries" in self.info.takes:
+            parts.append(f"queries={self.queries}")
         if self.targeted:
             parts.append(f"target={self.target}")
         return " ".join(parts)

@@ -17,6 +17,12 @@ def _per_example_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _draw(fn, shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> Tensor:
+    """``fn`` (torch.rand / randn) drawn from ``generator`` on its own device (PyTorch refuses
+    a generator of another device than the tensor it fills). Shape: -> shape."""
+    return fn(shape, generator=generator, device=generator.device)
+
+
 class LinfBall:
     """{x' : ||x' - x||_inf <= eps} ∩ [0, 1]^d."""
 
@@ -26,8 +32,9 @@ class LinfBall:
         self.eps = eps
 
     def init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Uniform random start in the ball. Shape: like x."""
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+        """Uniform random start in the ball, drawn on the generator's device (any device: the
+        draw is moved to x's). Shape: like x."""
+        noise = _draw(torch.rand, x.shape, generator).to(x.device, x.dtype)
         return self.project(x + (2 * noise - 1) * self.eps, x)
 
     def step(self, x_adv: Tensor, grad: Tensor, step_size: float) -> Tensor:
@@ -47,9 +54,10 @@ class L2Ball:
         self.eps = eps
 
     def init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Random direction, radius uniform in [0, eps]. Shape: like x."""
-        direction = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-        radius = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device, x.dtype)
+        """Random direction, radius uniform in [0, eps], drawn on the generator's device.
+        Shape: like x."""
+        direction = _draw(torch.randn, x.shape, generator).to(x.device, x.dtype)
+        radius = _draw(torch.rand, (x.shape[0],), generator).to(x.device, x.dtype)
         direction = direction / _per_example_norm(direction)
         return self.project(x + direction * radius.view(-1, *([1] * (x.dim() - 1))) * self.eps, x)
 

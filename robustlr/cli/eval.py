@@ -14,6 +14,7 @@ from rich.table import Table
 from robustlr.attacks.spec import (
     ATTACK_NAMES,
     NORMS,
+    OPTIONAL_OPTIONS,
     PRECISIONS,
     AttackSpec,
     format_eps,
@@ -46,19 +47,23 @@ def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -
 def build_specs(
     attacks: tuple[str, ...], suite: str | None, overrides: dict[str, Any]
 ) -> list[AttackSpec]:
-    """Specs from --attack names and/or a suite; CLI values override each spec's own."""
+    """Specs from --attack names and/or a suite; CLI values override each spec's own (an
+    option is applied to the attacks that use it, and refused when none does)."""
     specs: list[AttackSpec] = []
     try:
         if suite:
             specs += load_suite(suite)
-        for name in attacks:
-            specs.append(AttackSpec(name, **{k: v for k, v in overrides.items() if v is not None}))
-        if suite and overrides:
-            specs = [s.with_options(**overrides) for s in specs]
+        specs += [AttackSpec(name) for name in attacks]
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        specs = [s.with_options(**overrides) for s in specs]
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
     if not specs:
         raise click.UsageError("name at least one --attack or a --suite")
+    for key in overrides:
+        if key in OPTIONAL_OPTIONS and not any(key in s.info.takes for s in specs):
+            option = "--" + key.replace("_", "-")
+            raise UsageFailure(f"{option} is not used by {', '.join(s.name for s in specs)}")
     return specs
 
 

@@ -4,9 +4,11 @@ with Wilson intervals, and every column of the threat model (DESIGN.md §5)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from robustlr import __version__
+from robustlr.attacks.adapters import attack_settings
 from robustlr.attacks.modes import eval_mode
 from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec
@@ -43,6 +46,7 @@ RESULT_COLUMNS = (
     "targets_seed",
     "targets_sha256",
     "precision",
+    "attack_settings",
     "accuracy",
     "accuracy_low",
     "accuracy_high",
@@ -53,6 +57,26 @@ RESULT_COLUMNS = (
     "checkpoint_sha256",
     "outcomes_file",
     "version",
+)
+# the columns that identify what an outcomes file holds: its images, model and full threat
+# model (an outcomes file records them and is read only for a row with equal values)
+THREAT_KEY_COLUMNS = (
+    "dataset",
+    "split",
+    "n",
+    "subset_sha256",
+    "checkpoint_sha256",
+    "attack",
+    "norm",
+    "eps",
+    "step_size",
+    "steps",
+    "restarts",
+    "target_policy",
+    "targets_seed",
+    "targets_sha256",
+    "precision",
+    "attack_settings",
 )
 
 
@@ -69,6 +93,7 @@ class AttackResult:
     zero_grad_fraction: float = 0.0
     targets_sha256: str = ""
     example_ids: np.ndarray | None = None  # (N,) dataset indices of the images
+    settings: str = ""  # the exact settings of a torchattacks attack (attack_settings)
 
     def finish(self, targets_dir: str | Path | None = None) -> None:
         """Hash the targets (and save them in ``targets_dir`` for random targets)."""
@@ -89,25 +114,27 @@ class AttackResult:
         return float(self.correct.mean()) if self.n else float("nan")
 
     def row(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """One eval.csv row: ``meta`` (run, arch, dataset, ...) plus this attack's columns."""
+        """One eval.csv row: ``meta`` (run, arch, dataset, ...) plus this attack's columns.
+        Options the attack does not use (registry ``takes``) are left empty."""
         low, high = wilson_interval(int(self.correct.sum()), self.n)
         spec = self.spec
-        attacked = spec.name != "clean"
+        info = spec.info
+        attacked = info.family != "clean"
+        step = spec.resolved_step_size
         return {
             **{c: meta.get(c, "") for c in RESULT_COLUMNS},
             "n": self.n,
             "attack": spec.name,
             "norm": spec.norm if attacked else "",
             "eps": spec.eps if attacked else 0.0,
-            "step_size": spec.step_size
-            if attacked and spec.name.startswith(("pgd", "fgsm"))
-            else "",
-            "steps": spec.steps if attacked else 0,
-            "restarts": spec.restarts if attacked else 0,
+            "step_size": step if step is not None else "",
+            "steps": spec.steps if "steps" in info.takes else (0 if not attacked else ""),
+            "restarts": spec.restarts if "restarts" in info.takes else (0 if not attacked else ""),
             "target_policy": spec.target if attacked else "",
             "targets_seed": spec.seed if spec.target == "random" else "",
             "targets_sha256": self.targets_sha256,
             "precision": spec.precision,
+            "attack_settings": self.settings,
             "accuracy": round(100 * self.accuracy, 4),
             "accuracy_low": round(100 * low, 4),
             "accuracy_high": round(100 * high, 4),
@@ -119,33 +146,98 @@ class AttackResult:
         }
 
 
-def save_outcomes(path: str | Path, result: AttackResult, subset_sha: str) -> Path:
+KEY_DEFAULTS = {"target_policy": "none", "precision": "fp32"}
+KEY_NUMBERS = ("n", "eps", "step_size", "steps", "restarts", "targets_seed")
+
+
+def _canonical(value: object, number: bool) -> str:
+    """A row value as text that survives a CSV round trip (numbers: 10 == 10.0 == "10")."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    text = str(value).strip()
+    if not number or not text:
+        return text
+    try:
+        parsed = float(text)
+    except ValueError:
+        return text
+    return "" if math.isnan(parsed) else format(parsed, ".9g")
+
+
+def threat_key(row: Mapping[str, Any]) -> dict[str, str]:
+    """The identity of a result row's outcomes: ``THREAT_KEY_COLUMNS`` as canonical text (a
+    row written by ``AttackResult.row`` and the same row read back from eval.csv agree)."""
+    key = {c: _canonical(row.get(c, ""), c in KEY_NUMBERS) for c in THREAT_KEY_COLUMNS}
+    for column, default in KEY_DEFAULTS.items():  # as the report reads empty cells
+        key[column] = key[column] or default
+    return key
+
+
+def threat_sha256(row: Mapping[str, Any]) -> str:
+    """SHA-256 of ``threat_key(row)``: equal exactly when the threat keys are equal."""
+    text = json.dumps(threat_key(row), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def outcome_filename(row: Mapping[str, Any]) -> str:
+    """The outcomes file name of a result row: the attack and its threat-key hash, so that two
+    rows share a file only when images, checkpoint and full threat model are all equal."""
+    return f"{row['attack']}-{threat_sha256(row)[:16]}.npz"
+
+
+def save_outcomes(path: str | Path, result: AttackResult, row: Mapping[str, Any]) -> Path:
     """Per-example outcomes of one attack as ``.npz``: ``correct``, ``success``, ``targets``
-    (empty when untargeted) and the subset/targets hashes that make two files comparable
-    (paired tests need the same images and the same targets)."""
+    (empty when untargeted) and ``threat``, the threat key of its eval.csv ``row`` (images,
+    checkpoint and full threat model) that readers check with ``verify_outcomes``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    key = threat_key(row)
     with tmp.open("wb") as fh:
         np.savez(
             fh,
             correct=result.correct,
             success=result.success,
             targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
-            subset_sha256=np.array(subset_sha),
+            subset_sha256=np.array(key["subset_sha256"]),
             targets_sha256=np.array(result.targets_sha256),
+            threat=np.array(json.dumps(key, sort_keys=True)),
         )
     tmp.replace(path)
     return path
 
 
-def load_outcomes(path: str | Path) -> dict[str, np.ndarray | str]:
-    """Read a file written by ``save_outcomes`` (no pickles)."""
+def load_outcomes(path: str | Path) -> dict[str, Any]:
+    """Read a file written by ``save_outcomes`` (no pickles); ``threat`` is {} for files of
+    older versions, which recorded no threat model."""
     with np.load(Path(path), allow_pickle=False) as data:
-        out: dict[str, np.ndarray | str] = {k: data[k] for k in ("correct", "success", "targets")}
+        out: dict[str, Any] = {k: data[k] for k in ("correct", "success", "targets")}
         out["subset_sha256"] = str(data["subset_sha256"])
         out["targets_sha256"] = str(data["targets_sha256"])
+        out["threat"] = json.loads(str(data["threat"])) if "threat" in data.files else {}
     return out
+
+
+def verify_outcomes(data: Mapping[str, Any], row: Mapping[str, Any], path: str | Path) -> str:
+    """Why the outcomes ``data`` (``load_outcomes``) do not belong to result ``row``, as one
+    line; "" when they do (same images, checkpoint and full threat model, same length)."""
+    recorded = data.get("threat") or {}
+    if not recorded:
+        return f"outcomes file {path} records no threat model (older robustlr): re-run eval"
+    expected = threat_key(row)
+    differ = [c for c in THREAT_KEY_COLUMNS if recorded.get(c, "") != expected[c]]
+    if differ:
+        shown = "; ".join(
+            f"{c} {recorded.get(c, '') or '-'} in the file, {expected[c] or '-'} in the row"
+            for c in differ[:3]
+        )
+        return f"outcomes file {path} belongs to another threat model than its row ({shown})"
+    n = expected["n"]
+    if n and len(data["correct"]) != int(float(n)):
+        return f"outcomes file {path} holds {len(data['correct'])} images, its row {n}"
+    return ""
 
 
 def subset_sha256(labels: torch.Tensor, indices: Sequence[int]) -> str:
@@ -172,8 +264,10 @@ def evaluate(
 
     ``example_ids`` (default 0..N-1) are the images' dataset indices: image i's random target is
     the i-th draw of the spec's seed (``draw_random_targets`` over the ids), and its random
-    starts are keyed by (seed, restart, id), so a result never depends on batch size, on which
-    subset is evaluated, or on how images are sharded across processes. Every model evaluated
+    starts are keyed by (seed, restart, id), so a result of robustlr's own attacks (registry
+    ``batch_independent``) never depends on batch size, on which subset is evaluated, or on how
+    images are sharded across processes; torchattacks attacks seed once per batch, so theirs
+    may change with the batch size and the sharding. Every model evaluated
     on these images faces the same targets; with ``targets_dir`` they are saved there as
     ``targets-<seed>-<sha12>.npy``. ``on_batch(spec, n_done)`` reports progress.
     Shape: images (N, C, H, W) on [0, 1], labels (N,), example_ids (N,).
@@ -181,10 +275,10 @@ def evaluate(
     device = torch.device(device)
     ids = torch.arange(len(labels)) if example_ids is None else example_ids.long().cpu()
     results = []
+    num_classes = _num_classes(model, images[:1].to(device)) if len(ids) else 0
     for spec in specs:
         targets = None
         if spec.target == "random" and len(ids):
-            num_classes = _num_classes(model, images[:1].to(device))
             targets = draw_random_targets(labels, num_classes, spec.seed, ids)
         correct, success, chosen = [], [], []
         passes, zero, start = 0, 0.0, time.perf_counter()
@@ -212,6 +306,9 @@ def evaluate(
             seconds=time.perf_counter() - start,
             zero_grad_fraction=zero / max(len(images), 1),
             example_ids=ids.numpy(),
+            settings=attack_settings(spec, num_classes)
+            if spec.info.runner == "torchattacks" and num_classes
+            else "",
         )
         result.finish(targets_dir)
         log.info(
@@ -241,6 +338,7 @@ def merge_shards(
         seconds=max(r.seconds for r in shards),
         zero_grad_fraction=sum(r.zero_grad_fraction * r.n for r in shards) / n,
         example_ids=ids[order],
+        settings=shards[0].settings,
     )
     merged.finish(targets_dir)
     return merged

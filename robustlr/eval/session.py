@@ -19,9 +19,9 @@ from robustlr.checkpoint import build_model, load_checkpoint
 from robustlr.data import load as load_dataset
 from robustlr.eval.runner import (
     RESULT_COLUMNS,
-    AttackResult,
     evaluate,
     merge_shards,
+    outcome_filename,
     save_outcomes,
     subset_sha256,
 )
@@ -130,12 +130,6 @@ def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         fh.flush()
 
 
-def outcome_filename(result: AttackResult, index: int) -> str:
-    spec = result.spec
-    threat = f"{spec.norm}-{spec.eps:.5f}-s{spec.steps}-r{spec.restarts}-seed{spec.seed}"
-    return f"{index:02d}-{spec.name}-{threat}.npz"
-
-
 def evaluate_checkpoint(
     target: EvalTarget,
     specs: Sequence[AttackSpec],
@@ -182,12 +176,13 @@ def evaluate_checkpoint(
             merge_shards([shard[i] for shard in gathered], targets_dir) for i in range(len(specs))
         ]
     rows = []
-    for i, result in enumerate(results):
-        meta = {**target.meta, "split": split, "subset_sha256": subset}
+    for result in results:
+        row = result.row({**target.meta, "split": split, "subset_sha256": subset})
         if examples_dir is not None:
-            path = save_outcomes(examples_dir / outcome_filename(result, i), result, subset)
-            meta["outcomes_file"] = _relative(path, out_csv.parent)
-        rows.append(result.row(meta))
+            # named by the row's threat key: a file is shared only by identical threat models
+            path = save_outcomes(examples_dir / outcome_filename(row), result, row)
+            row["outcomes_file"] = _relative(path, out_csv.parent)
+        rows.append(row)
     append_rows(out_csv, rows)
     return rows
 

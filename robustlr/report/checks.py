@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from robustlr.eval.runner import load_outcomes
+from robustlr.attacks.registry import ATTACKS, names_where
 from robustlr.eval.stats import mcnemar
-from robustlr.report.results import OUTCOMES_PATH, RUN_KEY, eps_matches
+from robustlr.report.pairs import row_outcomes
+from robustlr.report.results import RUN_KEY, eps_matches
 from robustlr.report.table9 import Table9, eps_text
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,30 @@ EPS_SWEEP_END = 10.0
 ZERO_GRAD_PASS = 0.01
 ZERO_GRAD_WARN = 0.10
 SQUARE_EXTRA_SHARE = 0.01
-PGD = ("pgd", "pgd-targeted", "pgd-untargeted", "pgd-least-likely")
+PGD_APGD_GAP = 3.0  # points by which Table 9's PGD may exceed APGD-CE before a warning
+PGD = names_where(family="pgd")  # robustlr's own PGD attacks
+BLACK_BOX = names_where(white_box=False)
+ZERO_GRADIENT_ATTACKS = tuple(a.name for a in ATTACKS.values() if a.reports_zero_gradients)
+PRECISION_ATTACKS = tuple(a.name for a in ATTACKS.values() if "precision" in a.takes)
+REFERENCE_ATTACKS = tuple(a.name for a in ATTACKS.values() if a.reference == "apgd_ce")
+# the attacks whose rows each check examines (all chosen by registry properties, so a new
+# attack joins the checks its properties call for; ``check_coverage`` names the others)
+CHECK_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "more_steps": PGD,
+    "more_restarts": PGD,
+    "eps_sweep": PGD,
+    "regular_near_zero": PGD,
+    "untargeted_le_targeted": PGD,
+    "blackbox_weaker": (*BLACK_BOX, *PGD),
+    "pgd_not_optimistic": (*PGD, *REFERENCE_ATTACKS),
+    "low_precision_agrees": PRECISION_ATTACKS,
+    "zero_gradients": ZERO_GRADIENT_ATTACKS,
+}
+
+
+def checks_for(attack: str) -> tuple[str, ...]:
+    """The result-based checks that examine rows of ``attack``."""
+    return tuple(check for check, names in CHECK_SUBJECTS.items() if attack in names)
 
 
 @dataclass(frozen=True)
@@ -252,73 +274,64 @@ def check_untargeted_le_targeted(results: pd.DataFrame) -> list[CheckResult]:
     return out
 
 
-def _correct(row: pd.Series) -> np.ndarray | None:
-    path = str(row.get(OUTCOMES_PATH, "") or "")
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        data = load_outcomes(path)
-    except (OSError, ValueError, KeyError):
-        return None
-    if data["subset_sha256"] != row["subset_sha256"]:
-        return None
-    return np.asarray(data["correct"], dtype=bool)
-
-
 def check_blackbox_weaker(results: pd.DataFrame) -> list[CheckResult]:
-    """Square (black-box) is not stronger than white-box untargeted PGD, per example."""
+    """Black-box attacks (registry ``white_box`` False, e.g. Square) are not stronger than
+    white-box untargeted PGD on the same images, per example."""
     name = "blackbox_weaker"
-    square = results[results["attack"] == "square"]
+    blackbox = results[results["attack"].isin(BLACK_BOX)]
     out = []
-    for _, sq in square.iterrows():
+    for _, bb in blackbox.iterrows():
+        attack = str(bb["attack"])
         pgd = results[
-            (results[RUN_KEY] == sq[RUN_KEY])
-            & results["attack"].isin(("pgd", "pgd-untargeted"))
+            (results[RUN_KEY] == bb[RUN_KEY])
+            & results["attack"].isin(PGD)
             & (results["target_policy"] == "none")
-            & eps_matches(results["eps"], float(sq["eps"]))
-            & (results["norm"] == sq["norm"])
-            & (results["subset_sha256"] == sq["subset_sha256"])
+            & eps_matches(results["eps"], float(bb["eps"]))
+            & (results["norm"] == bb["norm"])
+            & (results["subset_sha256"] == bb["subset_sha256"])
         ]
-        subject = f"{sq['run']} eps {eps_text(sq['eps'])}"
+        subject = f"{bb['run']} {attack} eps {eps_text(bb['eps'])}"
         if pgd.empty:
             out.append(
                 CheckResult(name, "skip", subject, "", "no untargeted PGD row on the same images")
             )
             continue
         best = pgd.sort_values("accuracy").iloc[0]
-        numbers = f"square {_pct(float(sq['accuracy']))}, pgd {_pct(float(best['accuracy']))}"
-        square_correct, pgd_correct = _correct(sq), _correct(best)
-        if (
-            square_correct is None
-            or pgd_correct is None
-            or square_correct.shape != pgd_correct.shape
-        ):
+        numbers = f"{attack} {_pct(float(bb['accuracy']))}, pgd {_pct(float(best['accuracy']))}"
+        (bb_correct, why_bb), (pgd_correct, why_pgd) = row_outcomes(bb), row_outcomes(best)
+        if bb_correct is None or pgd_correct is None or bb_correct.shape != pgd_correct.shape:
+            why = why_bb or why_pgd or "the outcomes files differ in length"
             out.append(
                 CheckResult(
                     name,
                     "skip",
                     subject,
                     numbers,
-                    "per-example comparison needs outcomes files of both rows "
-                    "(robustlr eval --save-examples)",
+                    f"no per-example comparison: {why} (robustlr eval --save-examples)",
                 )
             )
             continue
-        test = mcnemar(pgd_correct, square_correct)  # only_a: PGD failed, Square succeeded
+        test = mcnemar(pgd_correct, bb_correct)  # only_a: PGD failed, the black box succeeded
         n = int(pgd_correct.size)
-        numbers += f"; only square succeeds on {test.only_a}/{n}, only pgd on {test.only_b}"
+        numbers += f"; only {attack} succeeds on {test.only_a}/{n}, only pgd on {test.only_b}"
         if test.only_a > test.only_b and test.significant():
             status = "fail"
-            message = "Square beats white-box PGD significantly: gradient masking?"
+            message = f"{attack} (black-box) beats white-box PGD significantly: gradient masking?"
         elif test.only_a > SQUARE_EXTRA_SHARE * n:
             status = "warn"
-            message = "Square breaks examples PGD misses: add restarts or steps"
+            message = f"{attack} (black-box) breaks examples PGD misses: add restarts or steps"
         else:
-            status, message = "pass", "Square is not stronger than white-box PGD"
+            status, message = "pass", f"{attack} (black-box) is not stronger than white-box PGD"
         out.append(CheckResult(name, status, subject, numbers, message))
     if not out:
         out.append(
-            CheckResult(name, "skip", "all", "", "no Square (black-box) rows in the results")
+            CheckResult(
+                name,
+                "skip",
+                "all",
+                "",
+                f"no black-box ({', '.join(BLACK_BOX)}) rows in the results",
+            )
         )
     out.append(
         CheckResult("transfer_weaker", "skip", "all", "", "transfer attacks are not evaluated yet")
@@ -326,10 +339,65 @@ def check_blackbox_weaker(results: pd.DataFrame) -> list[CheckResult]:
     return out
 
 
+def check_pgd_vs_apgd(table: Table9 | None) -> list[CheckResult]:
+    """Table 9's untargeted PGD is not optimistic: per network and training mode, its accuracy
+    is at most ``PGD_APGD_GAP`` points above APGD-CE's on the same images, eps and norm (the
+    reference cells of ``Table9.references``)."""
+    name = "pgd_not_optimistic"
+    if table is None:
+        return [CheckResult(name, "skip", "all", "", "needs the Table 9 selection")]
+    out = []
+    for network in table.networks:
+        for mode in ("adv", "regular"):
+            pgd = table.cells.get((network, f"{mode}_untargeted"))
+            apgd = table.references.get((network, f"{mode}_apgd_ce"))
+            if pgd is None:
+                continue
+            subject = f"{network} ({'adversarial' if mode == 'adv' else 'regular'})"
+            if apgd is None:
+                out.append(
+                    CheckResult(
+                        name,
+                        "skip",
+                        subject,
+                        "",
+                        f"no APGD-CE row at eps {eps_text(table.eps)} "
+                        "(add apgd-ce to the eval suite)",
+                    )
+                )
+                continue
+            if apgd["subset_sha256"] != pgd["subset_sha256"]:
+                out.append(
+                    CheckResult(
+                        name, "skip", subject, "", "APGD-CE and PGD rows are on different images"
+                    )
+                )
+                continue
+            gap = float(pgd["accuracy"]) - float(apgd["accuracy"])
+            numbers = (
+                f"PGD-{int(pgd['steps'])} {_pct(float(pgd['accuracy']))}, "
+                f"APGD-CE-{int(apgd['steps'])} {_pct(float(apgd['accuracy']))} "
+                f"(gap {gap:+.1f} points, n={int(pgd['n'])})"
+            )
+            if gap > PGD_APGD_GAP:
+                status = "warn"
+                message = (
+                    f"Table 9's PGD is {gap:.1f} points above APGD-CE: its robust accuracy is "
+                    "optimistic; quote the APGD-CE column beside it"
+                )
+            else:
+                status = "pass"
+                message = f"Table 9's PGD is within {PGD_APGD_GAP:g} points of APGD-CE"
+            out.append(CheckResult(name, status, subject, numbers, message))
+    if not out:
+        out.append(CheckResult(name, "skip", "all", "", "no untargeted PGD cell in Table 9"))
+    return out
+
+
 def check_low_precision(results: pd.DataFrame) -> list[CheckResult]:
     """A bf16/fp16 attack agrees with the same fp32 attack within the fp32 interval."""
     name = "low_precision_agrees"
-    rows = results[results["attack"] != "clean"].copy()
+    rows = results[results["attack"].isin(PRECISION_ATTACKS)].copy()
     rows["eps_key"] = rows["eps"].round(9)
     rows["step_key"] = rows["step_size"].round(9)
     keys = [RUN_KEY, "run", "attack", "norm", "eps_key", "steps", "step_key", "restarts"]
@@ -366,7 +434,9 @@ def check_low_precision(results: pd.DataFrame) -> list[CheckResult]:
 def check_zero_gradients(results: pd.DataFrame) -> list[CheckResult]:
     """The share of examples whose input gradient is exactly zero stays small, per run."""
     name = "zero_gradients"
-    rows = results[results["attack"].isin((*PGD, "fgsm")) & results["zero_grad_fraction"].notna()]
+    rows = results[
+        results["attack"].isin(ZERO_GRADIENT_ATTACKS) & results["zero_grad_fraction"].notna()
+    ]
     out = []
     for run, group in rows.groupby("run", sort=True):
         worst = group.sort_values("zero_grad_fraction").iloc[-1]
@@ -387,6 +457,32 @@ def check_zero_gradients(results: pd.DataFrame) -> list[CheckResult]:
     return out
 
 
+def check_coverage(results: pd.DataFrame) -> list[CheckResult]:
+    """Attacks in the results that no sanity check examines are named (skip), and attack
+    names unknown to the registry warn: no attack drops out of the checks silently."""
+    name = "attack_coverage"
+    out = []
+    for attack in sorted(set(results["attack"]) - {"clean"}):
+        if attack not in ATTACKS:
+            out.append(
+                CheckResult(
+                    name, "warn", attack, "", "unknown attack name: no sanity check examines it"
+                )
+            )
+        elif not checks_for(attack):
+            out.append(
+                CheckResult(
+                    name,
+                    "skip",
+                    attack,
+                    "",
+                    f"no sanity check examines {attack} rows ({ATTACKS[attack].family} family); "
+                    "they are reported as they are",
+                )
+            )
+    return out
+
+
 def run_checks(results: pd.DataFrame, table: Table9 | None = None) -> list[CheckResult]:
     """Every result-based check; eval-mode determinism needs the model (``live_checks``)."""
     checks = [
@@ -396,8 +492,10 @@ def run_checks(results: pd.DataFrame, table: Table9 | None = None) -> list[Check
         *check_regular_near_zero(table),
         *check_untargeted_le_targeted(results),
         *check_blackbox_weaker(results),
+        *check_pgd_vs_apgd(table),
         *check_low_precision(results),
         *check_zero_gradients(results),
+        *check_coverage(results),
         CheckResult(
             "eval_determinism",
             "skip",

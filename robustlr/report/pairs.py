@@ -2,8 +2,10 @@
 
 Two cells are paired when both networks were evaluated on the same images (same
 ``subset_sha256``) and, for targeted attacks, the same targets (same ``targets_sha256``), and
-both rows have outcomes files that agree with those hashes. Otherwise the pair is listed with
-an empty p-value and the reason.
+both rows have outcomes files that belong to them: every file records the threat key of the row
+it was written for (images, checkpoint, full threat model; ``robustlr.eval.runner``) and is
+refused for any other row. Otherwise the pair is listed with an empty p-value and the reason
+(one line).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from robustlr.eval.runner import load_outcomes
+from robustlr.eval.runner import load_outcomes, verify_outcomes
 from robustlr.eval.stats import mcnemar
 from robustlr.report.results import OUTCOMES_PATH
 from robustlr.report.table9 import CELLS, Table9
@@ -39,7 +41,9 @@ PAIR_COLUMNS = (
 ALPHA = 0.05
 
 
-def _outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
+def row_outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
+    """The per-example ``correct`` array of a result row from its outcomes file, or (None, why
+    not) when there is none or it belongs to another row (``verify_outcomes``)."""
     path = str(row.get(OUTCOMES_PATH, "") or "")
     if not path:
         return None, f"run {row['run']} saved no outcomes file for {row['attack']}"
@@ -49,10 +53,10 @@ def _outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
         data = load_outcomes(path)
     except (OSError, ValueError, KeyError) as exc:
         return None, f"outcomes file {path} is unreadable ({exc})"
-    if data["subset_sha256"] != row["subset_sha256"]:
-        return None, f"outcomes file {path} is for other images than its eval.csv row"
-    if str(data["targets_sha256"]) != str(row["targets_sha256"]):
-        return None, f"outcomes file {path} is for other targets than its eval.csv row"
+    why = verify_outcomes(data, row, path)
+    if why:
+        log.warning("%s", why)
+        return None, why
     return np.asarray(data["correct"], dtype=bool), ""
 
 
@@ -75,8 +79,8 @@ def paired_test(row_a: pd.Series, row_b: pd.Series) -> dict[str, object]:
     if row_a["targets_sha256"] != row_b["targets_sha256"]:
         out["note"] = "not paired: attacked toward different targets"
         return out
-    correct_a, why_a = _outcomes(row_a)
-    correct_b, why_b = _outcomes(row_b)
+    correct_a, why_a = row_outcomes(row_a)
+    correct_b, why_b = row_outcomes(row_b)
     if correct_a is None or correct_b is None:
         out["note"] = f"not paired: {why_a or why_b}"
         return out

@@ -16,12 +16,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from robustlr.attacks.registry import names_where
 from robustlr.nn import LocalRelation2d
 from robustlr.report.results import RUN_KEY
 
 log = logging.getLogger(__name__)
 
-PGD = ("pgd", "pgd-targeted", "pgd-untargeted", "pgd-least-likely")
+PGD = names_where(family="pgd")
 
 
 def _curves(rows: pd.DataFrame, x: str) -> dict[str, pd.DataFrame]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from robustlr.attacks.registry import RENAMED
 from robustlr.eval.runner import RESULT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,17 @@ def normalise_results(
         frame["run"] = frame["run"].where(frame["run"] != "", directory.name)
     frame["train_mode"] = frame["train_mode"].map(normalise_mode)
     frame["attack"] = frame["attack"].str.strip().str.lower()
+    for old, new in RENAMED.items():
+        legacy = (frame["attack"] == old) & (frame["attack_settings"] == "")
+        if legacy.any():
+            log.warning(
+                "%s: %d %s row(s) without attack_settings ran what is now called %s",
+                source,
+                int(legacy.sum()),
+                old,
+                new,
+            )
+            frame.loc[legacy, "attack"] = new
     frame["target_policy"] = frame["target_policy"].replace("", "none")
     frame["precision"] = frame["precision"].replace("", "fp32")
     frame[SOURCE] = source

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, checks_frame
-from robustlr.report.table9 import CELLS, TABLE9_COLUMNS, Table9, eps_text
+from robustlr.report.table9 import CELLS, REFERENCE_CELLS, TABLE9_COLUMNS, Table9, eps_text
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def to_markdown(
             ],
         ),
     ]
+    parts += _reference_section(table)
     if table.notes:
         parts += ["", "## Notes", "", *(f"- {_md_escape(n)}" for n in table.notes)]
     if pairs is not None and len(pairs):
@@ -159,6 +160,35 @@ def to_markdown(
             ),
         ]
     return "\n".join(parts) + "\n"
+
+
+def _reference_section(table: Table9) -> list[str]:
+    """Markdown lines: per network, Table 9's untargeted PGD beside the reference attacks
+    (APGD-CE, standard AutoAttack) on the same run; none when no reference row exists."""
+    frame = table.frame
+    present = [c for c in REFERENCE_CELLS if frame[c].notna().any()]
+    if not present:
+        return []
+    columns = []
+    for mode in ("adv", "regular"):
+        mode_cells = [c for c in present if c.startswith(f"{mode}_")]
+        if mode_cells:
+            columns += [f"{mode}_untargeted", *mode_cells]
+    return [
+        "",
+        "## Stronger attacks beside Table 9 (not in the paper)",
+        "",
+        "The paper's PGD (a few small steps from a random start) cannot always reach the edge of "
+        "the eps ball; APGD-CE and AutoAttack at the same eps show how optimistic it is.",
+        "",
+        markdown_table(
+            ["network", *columns],
+            [
+                [str(r["network"]), *(_with_interval(r, c) for c in columns)]
+                for _, r in frame.iterrows()
+            ],
+        ),
+    ]
 
 
 def _tex(text: object) -> str:
@@ -199,12 +229,14 @@ def to_latex(table: Table9) -> str:
 
 
 def rich_table_data(table: Table9) -> dict[str, object]:
-    """What a terminal table shows: ``title``, ``columns`` (names) and ``rows`` (strings)."""
-    columns = ["network", *(HEADERS[c] for c in CELLS), "n", "steps", "runs"]
+    """What a terminal table shows: ``title``, ``columns`` (names) and ``rows`` (strings);
+    the reference columns (APGD-CE, AutoAttack) follow Table 9's when any is filled."""
+    references = [c for c in REFERENCE_CELLS if table.frame[c].notna().any()]
+    columns = ["network", *(HEADERS[c] for c in CELLS), *references, "n", "steps", "runs"]
     rows = [
         [
             str(r["network"]),
-            *(_with_interval(r, c) for c in CELLS),
+            *(_with_interval(r, c) for c in (*CELLS, *references)),
             str(r["n"]),
             str(r["steps"]),
             " / ".join(x for x in (r["adv_run"], r["regular_run"]) if x),

@@ -102,19 +102,21 @@ class AdversarialHook(BatchHook):
         """Shape: (B, C, H, W), (B,) -> (n_clean + B, C, H, W), (n_clean + B,)."""
         s = self.settings
         gen = ctx.generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        on = gen.device  # draw on the generator's device (a CUDA generator fills CUDA tensors)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=on))
         spec = s.spec(seed)
         targets = None
         if s.target == "random":
             if self._num_classes is None:
                 with eval_mode(model), torch.no_grad():
                     self._num_classes = int(model(x[:1]).shape[1])
-            shift = torch.randint(1, self._num_classes, y.shape, generator=gen).to(y.device)
+            shift = torch.randint(1, self._num_classes, y.shape, generator=gen, device=on)
+            shift = shift.to(y.device)
             targets = (y + shift) % self._num_classes
         start = None
         if s.clean_start_prob > 0:
             ball = threat_model(s.norm, s.eps)
-            keep_clean = torch.rand(len(x), generator=gen) < s.clean_start_prob
+            keep_clean = torch.rand(len(x), generator=gen, device=on) < s.clean_start_prob
             random_point = ball.init(x, gen) if s.random_start else x
             start = torch.where(keep_clean.to(x.device).view(-1, 1, 1, 1), x, random_point)
         outcome = run_attack(model, x, y, spec, targets=targets, start=start)
