@@ -1,12 +1,14 @@
 """Compiled CPU backend of the local relation op: fused C++/OpenMP kernels (``kernels/``).
 
-The source ``kernels/local_relation_cpu.cpp`` (plain C++ with OpenMP, no PyTorch headers, so
-the build takes seconds) is compiled on first use with ``torch.utils.cpp_extension.load``
-(``ninja`` and a C++ compiler; flags ``-O3 -fopenmp -fno-trapping-math``, no ``-march``: the
-library runs on any x86-64/arm64 CPU of its kind) into PyTorch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), in a directory named after a
-hash of the source and the flags: later processes load the cached library without building.
-The library is called through ``ctypes`` with raw pointers of contiguous NCHW tensors.
+Build: ``kernels/local_relation_cpu.cpp`` with ``kernels/local_relation_cpu_impl.h`` (plain
+C++ and OpenMP, no PyTorch headers, so the build takes seconds) is compiled on first use with
+``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler; ``BUILD_FLAGS``, no
+``-march``: the kernels are compiled for the baseline instruction set and, on x86-64, once more
+for AVX2 + FMA, chosen at run time, so the library runs on any CPU of its architecture). The
+library goes into PyTorch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
+``~/.cache/torch_extensions``), in a directory named after a hash of the sources and flags:
+later processes load it without building. It is called through ``ctypes`` with raw pointers
+of contiguous tensors.
 
 Where it cannot be built (no compiler, no ninja), ``load_library`` raises
 ``CpuBackendUnavailable``, logging one warning line with the reason once per process; the
@@ -15,10 +17,12 @@ automatic backend choice then falls back to ``reference`` (see ``robustlr.ops.di
 Dtypes: float32 and float64 run natively; float16 and bfloat16 are cast to float32 and the
 output and gradients cast back (the reference backend also computes them in float32).
 
-Forward saves x, q, k, geo (the contiguous compute-dtype copies, no copy when they already
-are), the output and a per-(b, g, i, j) log-sum-exp. Backward recomputes the softmax weights
-from the log-sum-exp; each (batch, group) pair owns its gradient slices (no races), and grad
-geo is summed over per-(b, g) partials with ``torch.sum`` (deterministic).
+With stride s > 1, x and k are first split by the stride into s*s components of the output's
+size (one copy; the kernel source says why). Forward saves x, q, k, geo (contiguous, compute
+dtype: no copy when they already are and s = 1), the output and a per-(b, g, i, j)
+log-sum-exp. Backward recomputes the softmax weights from the log-sum-exp; each (batch, group)
+pair owns its gradient slices (no races), and grad geo is summed over per-(b, g) partials with
+``torch.sum`` (deterministic).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from robustlr.ops.contract import LocalRelationShape
@@ -42,8 +47,9 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 KERNEL_SOURCE = "local_relation_cpu.cpp"
+KERNEL_HEADER = "local_relation_cpu_impl.h"
 EXTENSION_NAME = "robustlr_local_relation_cpu"
-BUILD_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
+BUILD_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast")
 LINK_FLAGS = ("-fopenmp",)
 #: Composability codes of the kernels (kSqdiff, kAbsdiff, kMul in the source).
 COMPOSABILITY_CODES = {"sqdiff": 0, "absdiff": 1, "mul": 2}
@@ -72,8 +78,9 @@ def build_library() -> Path:
 
     Raises whatever the build raises (no compiler, no ninja, a compile error).
     """
-    source = resource_dir("kernels") / KERNEL_SOURCE
-    build_dir = _build_directory(source.read_text())
+    kernels = resource_dir("kernels")
+    source = kernels / KERNEL_SOURCE
+    build_dir = _build_directory(source.read_text() + (kernels / KERNEL_HEADER).read_text())
     library = build_dir / f"{EXTENSION_NAME}.so"
     if library.is_file():
         return library
@@ -109,8 +116,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.argtypes = [ptr, i32, *[ptr] * 11, i32]
         bwd.restype = None
     lib.lr_cpu_abi_version.restype = ctypes.c_int
+    lib.lr_cpu_uses_avx2.restype = ctypes.c_int
     if lib.lr_cpu_abi_version() != _ABI_VERSION:
         raise OSError(f"unexpected ABI version {lib.lr_cpu_abi_version()} of the CPU kernels")
+    log.debug("CPU local relation kernels loaded (AVX2 copy: %s)", bool(lib.lr_cpu_uses_avx2()))
     return lib
 
 
@@ -172,6 +181,26 @@ def _threads(shape: LocalRelationShape) -> int:
     return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
 
 
+def _polyphase(t: Tensor, s: int, out_h: int, out_w: int) -> Tensor:
+    """Split by the stride: (B, C, H, W) -> (B, C, s*s, Ho, Wo), component (u, v) at (i, j)
+    holding input (i*s + u, j*s + v), zero outside the image. Stride 1: t itself."""
+    if s == 1:
+        return t.contiguous()
+    b, c, h, w = t.shape
+    t = F.pad(t, (0, s * out_w - w, 0, s * out_h - h))
+    t = t.reshape(b, c, out_h, s, out_w, s).permute(0, 1, 3, 5, 2, 4).contiguous()
+    return t.reshape(b, c, s * s, out_h, out_w)
+
+
+def _merge_polyphase(t: Tensor, s: int, h: int, w: int) -> Tensor:
+    """Inverse of ``_polyphase``. Shape: (B, C, s*s, Ho, Wo) -> (B, C, H, W)."""
+    if s == 1:
+        return t
+    b, c, _, out_h, out_w = t.shape
+    t = t.reshape(b, c, s, s, out_h, out_w).permute(0, 1, 4, 2, 5, 3)
+    return t.reshape(b, c, out_h * s, out_w * s)[:, :, :h, :w]
+
+
 def _ptrs(*tensors: Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
@@ -181,8 +210,10 @@ class _LocalRelationCpu(torch.autograd.Function):
     def forward(ctx, x, q, k, geo, shape: LocalRelationShape, composability: str):
         lib = load_library()
         ct = compute_dtype(x.dtype)
-        xc, qc, kc, gc = (t.detach().to(ct).contiguous() for t in (x, q, k, geo))
         B, G, Ho, Wo = shape.batch, shape.groups, shape.out_height, shape.out_width
+        s = shape.stride
+        xc, kc = (_polyphase(t.detach().to(ct), s, Ho, Wo) for t in (x, k))
+        qc, gc = (t.detach().to(ct).contiguous() for t in (q, geo))
         y = torch.empty(B, shape.channels, Ho, Wo, dtype=ct)
         lse = torch.empty(B, G, Ho, Wo, dtype=ct)
         if y.numel():
@@ -215,7 +246,8 @@ class _LocalRelationCpu(torch.autograd.Function):
                 *_ptrs(xc, qc, kc, gc, y, lse, gy, gx, gq, gk, ggeo_part),
                 _threads(shape),
             )
-        grads = (gx, gq, gk, ggeo_part.sum(0))
+        H, W, s = shape.height, shape.width, shape.stride
+        grads = (_merge_polyphase(gx, s, H, W), gq, _merge_polyphase(gk, s, H, W), ggeo_part.sum(0))
         out = [
             g.to(dtype) if need else None
             for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs_input_grad[:4], strict=True)
