@@ -6,14 +6,15 @@
 // for the in-image offsets (a, b) of the K x K window only (softmax over those); logits are
 // phi(q, k) + geo[g, a, b] with phi = -(q-k)^2, -|q-k| or q*k.
 //
-// Forward, parallel over (batch, group, output row): the logits of one output row over the
-// window live in a per-thread K*K*Wo buffer (a few KiB), then max, exp-sum (log-sum-exp saved
-// per position), normalised weights, and the aggregation of the group's m channels. Inner loops
-// run along the output row (j), so the compiler vectorises them (stride 1 reads contiguously).
-// Backward, parallel over (batch, group): each (b, g) owns its m channels of grad x, its own
-// channel of grad q and grad k, and a private K*K slot of grad geo partials (summed over the
-// batch by the caller), so no two threads ever write the same element and results are
-// deterministic. Weights are recomputed from the saved log-sum-exp; D = sum_c gy_c y_c.
+// Both passes are parallel over (batch, group) pairs and keep one output plane's logits over
+// the window in a per-thread K*K*Ho*Wo buffer (for the softmax of each position; no K*K-sized
+// tensor is ever allocated). Forward: logits, max, exp-sum (log-sum-exp saved per position),
+// then the group's m channels aggregated four at a time. Backward recomputes the weights from
+// the log-sum-exp and uses D = sum_c gy_c y_c; each (b, g) owns its m channels of grad x, its
+// own channel of grad q and grad k, and a private K*K slot of grad geo partials (summed over
+// the batch by the caller), so no two threads write the same element and the results are
+// deterministic. Every inner loop runs over flat output positions (see the layout note in
+// local_relation_cpu_impl.h), so the compiler vectorises it.
 
 // Vector width: the kernels (local_relation_cpu_impl.h) are compiled twice, for the baseline
 // instruction set of the compiler's target and, on x86-64, for AVX2 + FMA; the AVX2 copy runs
