@@ -1,7 +1,8 @@
 """Benchmark of the local relation op against its baselines at LR-Net-26 stage shapes.
 
 Variants, all on the same (B, C, H, W) input and stride:
-- ``lr-<backend>``: robustlr's op (reference on CPU, cupy on CUDA by default);
+- ``lr-<backend>``: robustlr's op (the automatic choice by default: cpu on the CPU, cupy on
+  CUDA), and ``lr-reference`` beside it when that is another backend;
 - ``lr-unfold``: the ``nn.Unfold`` implementation of the same function (the baseline);
 - ``conv3x3``: a dense 3x3 convolution C -> C (what ResNet has in that place);
 - ``dwconv7x7``: a 7x7 depthwise convolution (same window, no relation: the bandwidth floor).
@@ -92,12 +93,15 @@ class OpTiming:
     backward_ms: float
     total_ms: float
     peak_mb: float
+    input_mb: float = 0.0
 
 
 def variants(device: str, backend: str | None = None) -> list[str]:
-    """The variant names measured on ``device``: robustlr's backend first."""
+    """The variant names measured on ``device``: robustlr's backend first, then the reference
+    backend (when it is not the first), the unfold formulation and the two convolutions."""
     chosen = resolve_backend(torch.device(device), backend)
-    return [f"lr-{chosen}", "lr-unfold", "conv3x3", "dwconv7x7"]
+    reference = [] if chosen == "reference" else ["lr-reference"]
+    return [f"lr-{chosen}", *reference, "lr-unfold", "conv3x3", "dwconv7x7"]
 
 
 def _make_call(
@@ -198,6 +202,7 @@ def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
         backward_ms=statistics.median(bwd),
         total_ms=statistics.median(f + b for f, b in zip(fwd, bwd, strict=True)),
         peak_mb=max(peak_mb, 0.0),
+        input_mb=sum(t.numel() * t.element_size() for t in inputs) / 2**20,
     )
 
 
@@ -236,7 +241,9 @@ def summarize(results: list[OpTiming]) -> list[dict]:
     """One row per case: each variant's time, and the ratios the design asks for.
 
     ``speedup_vs_unfold`` = unfold time / robustlr time (forward+backward); ``vs_dwconv7x7`` =
-    robustlr time / depthwise 7x7 time; ``memory_saving_vs_unfold`` = unfold peak / robustlr peak.
+    robustlr time / depthwise 7x7 time; ``memory_saving_vs_unfold`` = unfold peak / robustlr peak;
+    ``speedup_vs_reference`` = reference backend time / robustlr time (when both were measured);
+    ``memory_vs_input`` = robustlr's peak extra memory / the size of its inputs (x, q, k, geo).
     """
     rows = []
     for case in dict.fromkeys(r.case for r in results):
@@ -251,6 +258,11 @@ def summarize(results: list[OpTiming]) -> list[dict]:
         row["memory_saving_vs_unfold"] = round(unfold.peak_mb / max(ours.peak_mb, 1e-3), 1)
         row["vs_dwconv7x7"] = round(ours.total_ms / by_variant["dwconv7x7"].total_ms, 2)
         row["vs_conv3x3"] = round(ours.total_ms / by_variant["conv3x3"].total_ms, 2)
+        if "lr-reference" in by_variant and ours.variant != "lr-reference":
+            row["speedup_vs_reference"] = round(
+                by_variant["lr-reference"].total_ms / ours.total_ms, 2
+            )
+        row["memory_vs_input"] = round(ours.peak_mb / max(ours.input_mb, 1e-6), 2)
         rows.append(row)
     return rows
 

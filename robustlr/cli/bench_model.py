@@ -11,6 +11,7 @@ from rich.table import Table
 
 from robustlr.bench.model import bench_models
 from robustlr.models import list_models
+from robustlr.ops import BACKENDS
 
 CSV_COLUMNS = (
     "arch",
@@ -92,7 +93,7 @@ def _fmt(value: object) -> str:
 @click.option("--channels-last", is_flag=True, help="Model and input in channels_last.")
 @click.option(
     "--lr-backend",
-    type=click.Choice(["reference", "cupy"]),
+    type=click.Choice(BACKENDS),
     default=None,
     help="Local relation backend of LR-Nets (default: automatic).",
 )
