@@ -73,13 +73,27 @@ def _parse_cases(text: str | None) -> tuple[OpCase, ...]:
     "beside any other].",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
+)
+@click.option(
+    "--cpu-time",
+    is_flag=True,
+    help="Time CPU runs in process CPU time, not wall time (for a shared machine; with "
+    "--threads 1 it counts each op's own work).",
+)
+@click.option(
     "--csv",
     "csv_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Also write every measurement to this CSV file.",
 )
-def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats, backend, csv_path):
+def bench_op_command(
+    device, batch_size, shapes, dtype, kernel_size, m, repeats, backend, threads, cpu_time, csv_path
+):
     """Time and peak memory of the local relation op vs unfold, 3x3 conv and 7x7 depthwise."""
     device = _resolve_device(device)
     if kernel_size % 2 == 0:
@@ -92,11 +106,14 @@ def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats,
         m=m,
         repeats=repeats,
         backend=backend,
+        threads=threads,
+        cpu_time=cpu_time,
     )
     console = Console()
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     console.print(
-        f"[bold]bench op[/] on {name} ({torch.get_num_threads()} threads), batch "
+        f"[bold]bench op[/] on {name} ({threads or torch.get_num_threads()} threads"
+        f"{', CPU time' if cpu_time else ''}), batch "
         f"{settings.batch}, {dtype}, K={kernel_size}, m={m}, median of {repeats} after warm-up"
     )
     try:
