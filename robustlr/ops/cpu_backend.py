@@ -27,11 +27,15 @@ pair owns its gradient slices (no races), and grad geo is summed over per-(b, g)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
 import os
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,6 +77,26 @@ def _build_directory(source_text: str) -> Path:
     return Path(root) / f"{EXTENSION_NAME}_{key.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Make the ``ninja`` of this environment findable during the build, also when the
+    virtual environment is not activated (its bin directory is then not on PATH)."""
+    if shutil.which("ninja"):
+        yield
+        return
+    extra = [os.path.dirname(sys.executable)]
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        extra.insert(0, ninja.BIN_DIR)
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([*extra, old])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def build_library() -> Path:
     """Compile the kernels (or find them already compiled) and return the shared library's path.
 
@@ -84,7 +108,9 @@ def build_library() -> Path:
     library = build_dir / f"{EXTENSION_NAME}.so"
     if library.is_file():
         return library
-    from torch.utils.cpp_extension import load
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise FileNotFoundError(f"no C++ compiler: {compiler!r} is not on PATH")
 
     log.warning(
         "building robustlr's compiled CPU local relation kernels (once, a few seconds; "
@@ -92,15 +118,18 @@ def build_library() -> Path:
         build_dir,
     )
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(
-        name=EXTENSION_NAME,
-        sources=[str(source)],
-        extra_cflags=list(BUILD_FLAGS),
-        extra_ldflags=list(LINK_FLAGS),
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    from torch.utils.cpp_extension import load
+
+    with _ninja_on_path():
+        load(
+            name=EXTENSION_NAME,
+            sources=[str(source)],
+            extra_cflags=list(BUILD_FLAGS),
+            extra_ldflags=list(LINK_FLAGS),
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     if not library.is_file():
         raise FileNotFoundError(f"the build finished but {library} is missing")
     return library
