@@ -8,8 +8,15 @@ data=${ROBUSTLR_DATA_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 mkdir -p "$out"
 cd "$out"
 
-echo "== op: reference vs unfold, 3x3 conv, 7x7 depthwise (LR-Net-26 stage shapes, batch 16)"
+echo "== op: compiled cpu backend vs reference, unfold, 3x3 conv, 7x7 depthwise (batch 16)"
+robustlr bench op --device cpu --batch-size 16 --repeats 5 --shapes 200x28x28 --csv op-28.csv
 robustlr bench op --device cpu --batch-size 16 --repeats 3 --csv op.csv
+
+echo "== model: training step at the embedded study's sizes (width 0.25, batch 128, small input)"
+for size in 8 16; do
+    robustlr bench model --archs resnet26,lrnet26 --input-size "$size" --batch-size 128 \
+        --width 0.25 --small-input --device cpu --repeats 5 --csv "model-$size.csv"
+done
 
 echo "== model: training step at 32x32 (small input), batch 16"
 robustlr bench model --archs resnet26,lrnet26 --input-size 32 --batch-size 16 --device cpu \

@@ -9,9 +9,9 @@ from lr_naive import random_inputs
 from robustlr.ops import BACKEND_ENV, dispatch, local_relation, resolve_backend
 
 
-def test_cpu_tensors_use_the_reference_backend(monkeypatch):
+def test_cpu_tensors_use_the_compiled_cpu_backend(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert resolve_backend(torch.device("cpu")) == "reference"
+    assert resolve_backend(torch.device("cpu")) == "cpu"
 
 
 def test_cuda_tensors_use_cupy_when_importable(monkeypatch):

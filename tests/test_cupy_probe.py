@@ -3,6 +3,7 @@ reference backend with one warning line, never failing mid-training (no GPU need
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -41,25 +42,32 @@ def test_probe_compiles_once_and_warns_once(broken_cupy, caplog):
     assert "libnvrtc.so.13" in lines[0]
 
 
-def test_automatic_choice_falls_back_to_reference(broken_cupy, monkeypatch):
-    """Automatic choice picked 'cupy' (as for CUDA tensors) but the probe fails: reference."""
+def cupy_claims_cpu_tensors(monkeypatch) -> None:
+    """The cupy entry of the backend table says yes to CPU tensors (as it does to CUDA ones)."""
+    entries = [
+        dataclasses.replace(e, supports=lambda d, t, q: (True, "")) if e.name == "cupy" else e
+        for e in dispatch.BACKEND_TABLE
+    ]
+    monkeypatch.setattr(dispatch, "BACKEND_TABLE", tuple(entries))
+
+
+def test_automatic_choice_falls_back_when_the_probe_fails(broken_cupy, monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    monkeypatch.setattr(dispatch, "resolve_backend", lambda device, backend=None: "cupy")
-    x, q, k, geo = random_inputs(1, 4, 5, 5, 2, 3, 1)
-    x, q, k, geo = (t.float() for t in (x, q, k, geo))
-    y = local_relation(x, q, k, geo, kernel_size=3)
+    cupy_claims_cpu_tensors(monkeypatch)
+    chosen = dispatch.resolve_backend(torch.device("cpu"), None, torch.float32, 1)
+    assert chosen != "cupy"
+    assert broken_cupy == [(0, "float", 3, 1)]
+    x, q, k, geo = (t.float() for t in random_inputs(1, 4, 5, 5, 2, 3, 1))
     from robustlr.ops.contract import check_inputs
 
     want = local_relation_reference(
         x, q, k, geo, check_inputs(x, q, k, geo, 3, 1, "sqdiff"), "sqdiff"
     )
-    assert torch.equal(y, want)
-    assert broken_cupy == [(0, "float", 3, 1)]
+    torch.testing.assert_close(local_relation(x, q, k, geo, kernel_size=3), want)
+    assert broken_cupy == [(0, "float", 3, 1)]  # probed once per (device, dtype)
 
 
-def test_forced_cupy_does_not_fall_back(broken_cupy, monkeypatch):
-    monkeypatch.setattr(dispatch, "resolve_backend", lambda device, backend=None: "cupy")
-    x, q, k, geo = (t.float() for t in random_inputs(1, 4, 5, 5, 2, 3, 1))
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
-        local_relation(x, q, k, geo, kernel_size=3, backend="cupy")
+def test_forced_cupy_is_not_probed(broken_cupy, monkeypatch):
+    cupy_claims_cpu_tensors(monkeypatch)
+    assert dispatch.resolve_backend(torch.device("cpu"), "cupy", torch.float32, 1) == "cupy"
     assert broken_cupy == []  # a forced backend is not probed: its errors surface

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lr_naive import naive_local_relation, random_inputs
 
-from robustlr.ops import local_relation
+from robustlr.ops import BACKEND_ENV, local_relation
 
 # (B, C, H, W, G, K, stride): odd/even sizes, images smaller than the window, ragged last group,
 # m = 1 (G == C), strides 1-3, every kernel size the layer offers.
@@ -20,6 +20,12 @@ SHAPES = [
     (1, 100, 5, 6, 13, 7, 1),  # the paper's width 100 with m = 8: G = 13, last group 4
 ]
 COMPOSABILITIES = ["sqdiff", "absdiff", "mul"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """These tests specify the reference backend (the automatic choice on CPU is 'cpu')."""
+    monkeypatch.setenv(BACKEND_ENV, "reference")
 
 
 def _grads(fn, inputs, grad_out):

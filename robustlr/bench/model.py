@@ -3,7 +3,9 @@
 One step = forward + cross-entropy + backward + SGD (momentum) step on random [0, 1] images.
 Each arch is warmed up, then ``repeats`` steps are timed one by one and the median is kept
 (CUDA events around each step on a GPU, ``time.perf_counter`` on the CPU). Timings are meant
-as ratios between archs measured side by side in one run.
+as ratios between archs measured side by side in one run. On a CPU shared with other jobs,
+wall-clock steps are meaningless (threads wait for cores); ``cpu_time=True`` times each step in
+CPU time instead (``cpu_clock``): with one intra-op thread that is the step's own work only.
 
 Peak memory is what the training step needs on top of what was in use before the model was
 built (weights, gradients, optimizer state, activations and workspace):
@@ -25,7 +27,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -97,7 +99,13 @@ def _train_step(
     optimizer.step()
 
 
-def _time_steps(step, repeats: int, device: torch.device) -> list[float]:
+def cpu_clock() -> Callable[[], float]:
+    """CPU-time clock for a shared machine: the calling thread's CPU time with one intra-op
+    thread (no other thread's work, e.g. a memory sampler, is counted), else the process's."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+def _time_steps(step, repeats: int, device: torch.device, cpu_time: bool = False) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``step``."""
     times = []
     for _ in range(repeats):
@@ -110,9 +118,10 @@ def _time_steps(step, repeats: int, device: torch.device) -> list[float]:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            clock = cpu_clock() if cpu_time else time.perf_counter
+            t0 = clock()
             step()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return times
 
 
@@ -126,6 +135,7 @@ def bench_model(
     small_input: bool = False,
     num_classes: int = 1000,
     channels_last: bool = False,
+    cpu_time: bool = False,
     **options: object,
 ) -> dict[str, object]:
     """Time the training step of one arch; see ``bench_models`` for the row's keys."""
@@ -157,7 +167,7 @@ def bench_model(
         method = "cuda_max_allocated"
     else:
         with _RssSampler() as sampler:
-            times = _time_steps(step, repeats, device)
+            times = _time_steps(step, repeats, device, cpu_time)
         peak = None if base is None else sampler.peak - base
         method = "rss_sampled" if base is not None else "unavailable"
     median = statistics.median(times)
@@ -175,6 +185,8 @@ def bench_model(
         "peak_mem_mb": None if peak is None else peak / 2**20,
         "mem_method": method,
         "repeats": repeats,
+        "clock": "process_cpu" if cpu_time and device.type == "cpu" else "wall",
+        "threads": torch.get_num_threads(),
     }
     return row
 
@@ -189,6 +201,7 @@ def bench_models(
     small_input: bool | None = None,
     num_classes: int = 1000,
     channels_last: bool = False,
+    cpu_time: bool = False,
     **options: object,
 ) -> list[dict[str, object]]:
     """Training-step throughput of each arch, side by side on one device.
@@ -216,6 +229,7 @@ def bench_models(
             small_input=small,
             num_classes=num_classes,
             channels_last=channels_last,
+            cpu_time=cpu_time,
             **options,
         )
         for arch in archs

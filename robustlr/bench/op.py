@@ -1,12 +1,14 @@
 """Benchmark of the local relation op against its baselines at LR-Net-26 stage shapes.
 
 Variants, all on the same (B, C, H, W) input and stride:
-- ``lr-<backend>``: robustlr's op (reference on CPU, cupy on CUDA by default);
+- ``lr-<backend>``: robustlr's op (the automatic choice by default: cpu on the CPU, cupy on
+  CUDA), and ``lr-reference`` beside it when that is another backend;
 - ``lr-unfold``: the ``nn.Unfold`` implementation of the same function (the baseline);
 - ``conv3x3``: a dense 3x3 convolution C -> C (what ResNet has in that place);
 - ``dwconv7x7``: a 7x7 depthwise convolution (same window, no relation: the bandwidth floor).
 
-Times are medians over repeats after warm-up (CUDA events on GPU). Peak memory is the extra
+Times are medians over repeats after warm-up (CUDA events on GPU; on the CPU wall time, or
+CPU time with ``cpu_time``, see ``robustlr.bench.model.cpu_clock``). Peak memory is the extra
 memory one forward+backward needs beyond its inputs: on CUDA from the caching allocator's peak,
 on the CPU from the peak resident set of a fresh process per case (``ru_maxrss``), so that
 one case's allocations cannot hide another's.
@@ -27,6 +29,7 @@ from multiprocessing import get_context
 import torch
 import torch.nn.functional as F
 
+from robustlr.bench.model import cpu_clock
 from robustlr.bench.unfold_baseline import unfold_local_relation
 from robustlr.ops import local_relation, resolve_backend
 
@@ -79,6 +82,8 @@ class OpSettings:
     repeats: int = 5
     warmup: int = 1
     backend: str | None = None
+    threads: int | None = None  # torch.set_num_threads in the measuring process
+    cpu_time: bool = False  # CPU: process CPU time instead of wall time (a shared machine)
 
 
 @dataclass
@@ -92,12 +97,15 @@ class OpTiming:
     backward_ms: float
     total_ms: float
     peak_mb: float
+    input_mb: float = 0.0
 
 
 def variants(device: str, backend: str | None = None) -> list[str]:
-    """The variant names measured on ``device``: robustlr's backend first."""
+    """The variant names measured on ``device``: robustlr's backend first, then the reference
+    backend (when it is not the first), the unfold formulation and the two convolutions."""
     chosen = resolve_backend(torch.device(device), backend)
-    return [f"lr-{chosen}", "lr-unfold", "conv3x3", "dwconv7x7"]
+    reference = [] if chosen == "reference" else ["lr-reference"]
+    return [f"lr-{chosen}", *reference, "lr-unfold", "conv3x3", "dwconv7x7"]
 
 
 def _make_call(
@@ -139,7 +147,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_times(call: Callable[[], torch.Tensor], device: str) -> tuple[float, float]:
+def _step_times(
+    call: Callable[[], torch.Tensor], device: str, cpu_time: bool = False
+) -> tuple[float, float]:
     """One forward and one backward, in milliseconds."""
     if device.startswith("cuda"):
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
@@ -150,11 +160,12 @@ def _step_times(call: Callable[[], torch.Tensor], device: str) -> tuple[float, f
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(mid), mid.elapsed_time(end)
-    t0 = time.perf_counter()
+    clock = cpu_clock() if cpu_time else time.perf_counter
+    t0 = clock()
     y = call()
-    t1 = time.perf_counter()
+    t1 = clock()
     y.backward(torch.ones_like(y))
-    t2 = time.perf_counter()
+    t2 = clock()
     return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
@@ -165,6 +176,8 @@ def _peak_rss_mb() -> float:
 def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
     """Time one variant at one shape, and measure the extra peak memory of a forward+backward."""
     cuda = settings.device.startswith("cuda")
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     # warm libraries up on a tiny case first, so that the peak below is the case's own
     tiny_call, _ = _make_call(OpCase(case.channels, 4, 4, case.stride), variant, settings, 1)
     _step_times(tiny_call, settings.device)
@@ -175,7 +188,7 @@ def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
         base = torch.cuda.memory_allocated(settings.device)
     else:
         base = _peak_rss_mb()
-    first = _step_times(call, settings.device)
+    first = _step_times(call, settings.device, settings.cpu_time)
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated(settings.device) - base) / 2**20
     else:
@@ -184,7 +197,7 @@ def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
     for i in range(settings.warmup + settings.repeats):
         for t in inputs:
             t.grad = None
-        f, b = first if i == 0 else _step_times(call, settings.device)
+        f, b = first if i == 0 else _step_times(call, settings.device, settings.cpu_time)
         if i >= settings.warmup:
             fwd.append(f)
             bwd.append(b)
@@ -198,6 +211,7 @@ def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
         backward_ms=statistics.median(bwd),
         total_ms=statistics.median(f + b for f, b in zip(fwd, bwd, strict=True)),
         peak_mb=max(peak_mb, 0.0),
+        input_mb=sum(t.numel() * t.element_size() for t in inputs) / 2**20,
     )
 
 
@@ -236,7 +250,9 @@ def summarize(results: list[OpTiming]) -> list[dict]:
     """One row per case: each variant's time, and the ratios the design asks for.
 
     ``speedup_vs_unfold`` = unfold time / robustlr time (forward+backward); ``vs_dwconv7x7`` =
-    robustlr time / depthwise 7x7 time; ``memory_saving_vs_unfold`` = unfold peak / robustlr peak.
+    robustlr time / depthwise 7x7 time; ``memory_saving_vs_unfold`` = unfold peak / robustlr peak;
+    ``speedup_vs_reference`` = reference backend time / robustlr time (when both were measured);
+    ``memory_vs_input`` = robustlr's peak extra memory / the size of its inputs (x, q, k, geo).
     """
     rows = []
     for case in dict.fromkeys(r.case for r in results):
@@ -251,6 +267,11 @@ def summarize(results: list[OpTiming]) -> list[dict]:
         row["memory_saving_vs_unfold"] = round(unfold.peak_mb / max(ours.peak_mb, 1e-3), 1)
         row["vs_dwconv7x7"] = round(ours.total_ms / by_variant["dwconv7x7"].total_ms, 2)
         row["vs_conv3x3"] = round(ours.total_ms / by_variant["conv3x3"].total_ms, 2)
+        if "lr-reference" in by_variant and ours.variant != "lr-reference":
+            row["speedup_vs_reference"] = round(
+                by_variant["lr-reference"].total_ms / ours.total_ms, 2
+            )
+        row["memory_vs_input"] = round(ours.peak_mb / max(ours.input_mb, 1e-6), 2)
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from robustlr.bench.op import LRNET26_CASES, OpCase, OpSettings, bench_op, summarize
+from robustlr.ops import BACKENDS
 
 
 @click.group()
@@ -66,9 +67,22 @@ def _parse_cases(text: str | None) -> tuple[OpCase, ...]:
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
     "--backend",
-    type=click.Choice(["reference", "cupy"]),
+    type=click.Choice(BACKENDS),
     default=None,
-    help="Force robustlr's backend [default: automatic].",
+    help="Force robustlr's backend [default: automatic; the reference backend is measured "
+    "beside any other].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
+)
+@click.option(
+    "--cpu-time",
+    is_flag=True,
+    help="Time CPU runs in process CPU time, not wall time (for a shared machine; with "
+    "--threads 1 it counts each op's own work).",
 )
 @click.option(
     "--csv",
@@ -77,7 +91,9 @@ def _parse_cases(text: str | None) -> tuple[OpCase, ...]:
     default=None,
     help="Also write every measurement to this CSV file.",
 )
-def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats, backend, csv_path):
+def bench_op_command(
+    device, batch_size, shapes, dtype, kernel_size, m, repeats, backend, threads, cpu_time, csv_path
+):
     """Time and peak memory of the local relation op vs unfold, 3x3 conv and 7x7 depthwise."""
     device = _resolve_device(device)
     if kernel_size % 2 == 0:
@@ -90,11 +106,14 @@ def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats,
         m=m,
         repeats=repeats,
         backend=backend,
+        threads=threads,
+        cpu_time=cpu_time,
     )
     console = Console()
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     console.print(
-        f"[bold]bench op[/] on {name} ({torch.get_num_threads()} threads), batch "
+        f"[bold]bench op[/] on {name} ({threads or torch.get_num_threads()} threads"
+        f"{', CPU time' if cpu_time else ''}), batch "
         f"{settings.batch}, {dtype}, K={kernel_size}, m={m}, median of {repeats} after warm-up"
     )
     try:
@@ -110,10 +129,20 @@ def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats,
     variants = list(dict.fromkeys(r.variant for r in results))
     table = Table(
         title=f"forward+backward ms (peak extra MB); ours = {variants[0]}",
-        caption="speedup, mem saving: unfold / ours; /dw7x7, /3x3: ours / that conv",
+        caption="speedup, mem saving: unfold / ours; x ref: reference / ours; /dw7x7, /3x3: "
+        "ours / that conv; mem/in: ours' peak extra memory / its inputs' size",
     )
-    short = {variants[0]: "ours", "lr-unfold": "unfold", "conv3x3": "3x3", "dwconv7x7": "dw7x7"}
-    for col in ["case", *(short[v] for v in variants), "speedup", "mem saving", "/dw7x7", "/3x3"]:
+    short = {
+        variants[0]: "ours",
+        "lr-reference": "reference",
+        "lr-unfold": "unfold",
+        "conv3x3": "3x3",
+        "dwconv7x7": "dw7x7",
+    }
+    with_ref = "lr-reference" in variants[1:]
+    columns = ["case", *(short[v] for v in variants), "speedup", "mem saving"]
+    columns += ["x ref"] * with_ref + ["/dw7x7", "/3x3", "mem/in"]
+    for col in columns:
         table.add_column(col, justify="right")
     for row in summarize(results):
         table.add_row(
@@ -121,8 +150,10 @@ def bench_op_command(device, batch_size, shapes, dtype, kernel_size, m, repeats,
             *(f"{row[f'{v}_ms']:.1f} ({row[f'{v}_mb']:.0f})" for v in variants),
             f"{row['speedup_vs_unfold']:.2f}",
             f"{row['memory_saving_vs_unfold']:.1f}",
+            *([f"{row['speedup_vs_reference']:.2f}"] if with_ref else []),
             f"{row['vs_dwconv7x7']:.2f}",
             f"{row['vs_conv3x3']:.2f}",
+            f"{row['memory_vs_input']:.2f}",
         )
     console.print(table)
     if csv_path:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from robustlr.bench.model import bench_models
 from robustlr.models import list_models
+from robustlr.ops import BACKENDS
 
 CSV_COLUMNS = (
     "arch",
@@ -28,6 +29,8 @@ CSV_COLUMNS = (
     "peak_mem_mb",
     "mem_method",
     "repeats",
+    "clock",
+    "threads",
 )
 
 
@@ -91,8 +94,20 @@ def _fmt(value: object) -> str:
 )
 @click.option("--channels-last", is_flag=True, help="Model and input in channels_last.")
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
+)
+@click.option(
+    "--cpu-time",
+    is_flag=True,
+    help="Time CPU steps in process CPU time, not wall time (for a shared machine; with "
+    "--threads 1 it counts each step's own work).",
+)
+@click.option(
     "--lr-backend",
-    type=click.Choice(["reference", "cupy"]),
+    type=click.Choice(BACKENDS),
     default=None,
     help="Local relation backend of LR-Nets (default: automatic).",
 )
@@ -113,6 +128,8 @@ def model(
     width: float,
     small_input: bool | None,
     channels_last: bool,
+    threads: int | None,
+    cpu_time: bool,
     lr_backend: str | None,
     csv_path: Path | None,
 ) -> None:
@@ -129,6 +146,10 @@ def model(
                 "applies to LR-Nets only: name only lrnet archs", param_hint="--lr-backend"
             )
         options["lr_backend"] = lr_backend
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     rows = bench_models(
         archs,
         input_size,
@@ -138,12 +159,14 @@ def model(
         warmup=warmup,
         small_input=small_input,
         channels_last=channels_last,
+        cpu_time=cpu_time,
         **options,
     )
     first = rows[0]
     table = Table(
         title=f"Training step on {first['device']}: {input_size}x{input_size}, batch "
-        f"{batch_size}, median of {repeats} (ratio to {first['reference']})"
+        f"{batch_size}, median of {repeats} (ratio to {first['reference']}), "
+        f"{first['threads']} threads, {first['clock']} clock"
     )
     for name in ("arch", "params (M)", "step (ms)", "images/s", "ratio", "peak mem (MB)"):
         table.add_column(name, justify="left" if name == "arch" else "right")

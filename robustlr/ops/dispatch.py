@@ -1,23 +1,60 @@
-"""``local_relation``: the one entry point of the op, choosing a backend (DESIGN.md §1)."""
+"""``local_relation``: the one entry point of the op, choosing a backend (DESIGN.md §1).
+
+The seam between the op and its backends is the table ``BACKEND_TABLE``; each entry is a
+``Backend``:
+
+- ``name``: what the argument ``backend=`` and ``$ROBUSTLR_LR_BACKEND`` accept;
+- ``supports(device, dtype, qk_dim) -> (ok, reason)``: whether this backend can run such a
+  call here (it may probe lazily: import a library, build or load kernels); ``reason`` says
+  why not, in words a user can act on;
+- ``run(x, q, k, geo, shape, composability) -> y``: the differentiable op (an autograd
+  Function), called with arguments already checked by ``contract.check_inputs``;
+- ``probe(device, dtype) -> ok`` (optional): a costlier check the automatic choice alone makes
+  (the cupy entry compiles one kernel once per device and dtype and, when that fails, logs one
+  warning naming what to install); a forced backend is not probed, so its errors surface.
+
+Choice: the argument, else ``$ROBUSTLR_LR_BACKEND``, else ``auto``. ``auto`` walks
+``BACKEND_TABLE`` in order and takes the first backend whose ``supports`` says yes: ``cupy``
+(CUDA tensors, CuPy importable), ``cpu`` (CPU tensors, qk_dim 1, the compiled kernels build),
+``reference`` (always), skipping an entry whose ``probe`` fails. A forced backend whose
+``supports`` says no is a ``RuntimeError`` carrying the reason.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from robustlr.ops.contract import check_inputs
+from robustlr.ops.contract import LocalRelationShape, check_inputs
 from robustlr.ops.reference import local_relation_reference
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "cupy")
 BACKEND_ENV = "ROBUSTLR_LR_BACKEND"
+AUTO = "auto"
 _CUPY_INSTALL_HINT = (
     "the 'cupy' local relation backend needs CuPy for your CUDA version: "
     "pip install 'robustlr[cuda13]' (cupy-cuda13x) or 'robustlr[cuda12]' (cupy-cuda12x)"
 )
+
+Support = tuple[bool, str]
+Runner = Callable[..., torch.Tensor]
+Probe = Callable[[torch.device, torch.dtype], bool]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of the op: a name, a capability check, the differentiable function and an
+    optional probe made by the automatic choice only."""
+
+    name: str
+    supports: Callable[[torch.device, torch.dtype, int], Support]
+    run: Runner
+    probe: Probe | None = None
 
 
 def cupy_available() -> bool:
@@ -29,21 +66,88 @@ def cupy_available() -> bool:
     return True
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+def _cupy_supports(device: torch.device, dtype: torch.dtype, qk_dim: int) -> Support:
+    if device.type != "cuda":
+        return False, f"the 'cupy' backend runs on CUDA tensors, got a {device} tensor"
+    if qk_dim != 1:
+        return False, "the 'cupy' backend supports qk_dim = 1 only"
+    if not cupy_available():
+        return False, _CUPY_INSTALL_HINT
+    return True, ""
+
+
+def _cupy_probe(device: torch.device, dtype: torch.dtype) -> bool:
+    from robustlr.ops import cupy_backend
+
+    ctype = cupy_backend.CTYPE_OF_DTYPE.get(dtype)
+    return ctype is None or cupy_backend.kernels_usable(device.index or 0, ctype)
+
+
+def _run_cupy(*args: object) -> torch.Tensor:
+    from robustlr.ops.cupy_backend import local_relation_cupy
+
+    return local_relation_cupy(*args)
+
+
+def _cpu_supports(device: torch.device, dtype: torch.dtype, qk_dim: int) -> Support:
+    if device.type != "cpu":
+        return False, f"the 'cpu' backend runs on CPU tensors, got a {device} tensor"
+    if qk_dim != 1:
+        return False, "the 'cpu' backend supports qk_dim = 1 only"
+    from robustlr.ops.cpu_backend import cpu_backend_available
+
+    return cpu_backend_available()
+
+
+def _run_cpu(*args: object) -> torch.Tensor:
+    from robustlr.ops.cpu_backend import local_relation_cpu
+
+    return local_relation_cpu(*args)
+
+
+def _reference_supports(device: torch.device, dtype: torch.dtype, qk_dim: int) -> Support:
+    return True, ""
+
+
+#: Every backend, in the order the automatic choice tries them.
+BACKEND_TABLE: tuple[Backend, ...] = (
+    Backend("cupy", _cupy_supports, _run_cupy, _cupy_probe),
+    Backend("cpu", _cpu_supports, _run_cpu),
+    Backend("reference", _reference_supports, local_relation_reference),
+)
+BACKENDS = tuple(b.name for b in BACKEND_TABLE)
+
+
+def get_backend(name: str) -> Backend:
+    """The table entry called ``name`` (ValueError naming the choices when there is none)."""
+    for entry in BACKEND_TABLE:
+        if entry.name == name:
+            return entry
+    raise ValueError(f"unknown local relation backend {name!r}; choose from {BACKENDS}")
+
+
+def resolve_backend(
+    device: torch.device,
+    backend: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    qk_dim: int = 1,
+) -> str:
     """Pick the backend: the argument, else $ROBUSTLR_LR_BACKEND, else automatic.
 
-    Automatic means ``cupy`` for CUDA tensors when CuPy is importable, else ``reference``.
+    Automatic means the first entry of ``BACKEND_TABLE`` that supports the call. A forced
+    backend that cannot run the call raises RuntimeError with the reason.
     """
-    choice = backend or os.environ.get(BACKEND_ENV) or "auto"
-    if choice == "auto":
-        return "cupy" if device.type == "cuda" and cupy_available() else "reference"
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown local relation backend {choice!r}; choose from {BACKENDS}")
-    if choice == "cupy":
-        if not cupy_available():
-            raise RuntimeError(_CUPY_INSTALL_HINT)
-        if device.type != "cuda":
-            raise RuntimeError(f"the 'cupy' backend runs on CUDA tensors, got a {device} tensor")
+    choice = backend or os.environ.get(BACKEND_ENV) or AUTO
+    if choice == AUTO:
+        for entry in BACKEND_TABLE:
+            ok, reason = entry.supports(device, dtype, qk_dim)
+            if ok and (entry.probe is None or entry.probe(device, dtype)):
+                return entry.name
+            log.debug("local relation backend %r skipped: %s", entry.name, reason)
+        raise RuntimeError("no local relation backend supports this call")  # reference does
+    ok, reason = get_backend(choice).supports(device, dtype, qk_dim)
+    if not ok:
+        raise RuntimeError(reason)
     return choice
 
 
@@ -69,24 +173,8 @@ def local_relation(
         x (B, C, H, W), q (B, G*qk_dim, Ho, Wo), k (B, G*qk_dim, H, W), geo (G, K, K)
         -> (B, C, Ho, Wo) with Ho = (H - 1) // stride + 1, Wo likewise.
     """
-    shape = check_inputs(x, q, k, geo, kernel_size, stride, composability, qk_dim)
-    chosen = resolve_backend(x.device, backend)
-    if chosen == "cupy" and qk_dim != 1:
-        if backend == "cupy":
-            raise ValueError("the 'cupy' backend supports qk_dim = 1 only")
-        log.debug("qk_dim=%d: using the reference backend", qk_dim)
-        chosen = "reference"
-    if chosen == "cupy":
-        from robustlr.ops import cupy_backend
-
-        automatic = (backend or os.environ.get(BACKEND_ENV) or "auto") == "auto"
-        ctype = cupy_backend.CTYPE_OF_DTYPE.get(x.dtype)
-        if (
-            automatic
-            and ctype is not None
-            and not cupy_backend.kernels_usable(x.device.index or 0, ctype)
-        ):
-            chosen = "reference"  # kernels_usable logged why, once
-    if chosen == "cupy":
-        return cupy_backend.local_relation_cupy(x, q, k, geo, shape, composability)
-    return local_relation_reference(x, q, k, geo, shape, composability)
+    shape: LocalRelationShape = check_inputs(
+        x, q, k, geo, kernel_size, stride, composability, qk_dim
+    )
+    chosen = resolve_backend(x.device, backend, x.dtype, qk_dim)
+    return get_backend(chosen).run(x, q, k, geo, shape, composability)
