@@ -15,8 +15,11 @@ def test_cpu_tensors_use_the_compiled_cpu_backend(monkeypatch):
 
 
 def test_cuda_tensors_use_cupy_when_importable(monkeypatch):
+    from robustlr.ops import cupy_backend
+
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     monkeypatch.setattr(dispatch, "cupy_available", lambda: True)
+    monkeypatch.setattr(cupy_backend, "kernels_usable", lambda device_index, ctype: True)
     assert resolve_backend(torch.device("cuda", 0)) == "cupy"
     monkeypatch.setattr(dispatch, "cupy_available", lambda: False)
     assert resolve_backend(torch.device("cuda", 0)) == "reference"
