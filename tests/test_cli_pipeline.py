@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from train_helpers import CLI, FAST, cli_env, run_cli
+from helpers import CLI, FAST, cli_env, run_cli
 
 TINY = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
 

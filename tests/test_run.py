@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from train_helpers import run_cli
+from helpers import run_cli
 
 from robustlr.study import RecipeError, load_recipe, plan_stages
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from train_helpers import FAST, assert_bitwise_equal, cli_command, cli_env, model_state, run_cli
+from helpers import FAST, assert_bitwise_equal, cli_command, cli_env, model_state, run_cli
 
 ARGS = [
     *FAST,

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from robustlr.checkpoint import CheckpointError, load_model
-from robustlr.cli.errors import UsageFailure
+from robustlr.cli.errors import UsageFailure, group
 
 
-@click.group("viz")
+@group("viz")
 def viz() -> None:
     """Figures of a trained model."""
 

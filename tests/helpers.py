@@ -1,4 +1,5 @@
-"""Shared helpers of the data and training tests: data location, CLI subprocesses, fast runs."""
+"""The tests' shared helpers (one place; tests import this module, never each other): data
+location, CLI subprocesses, fast training arguments, small models and fixtures on disk."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = str(REPO / "robustlr" / "__main__.py")  # the robustlr entry point, runnable as a script
@@ -53,3 +56,34 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k] - b[k]).abs().max()})"
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    """A tiny conv net for 8x8 inputs (BatchNorm and Dropout, to check eval-mode handling)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
+
+
+def image_folder(root: Path, corrupt: bool) -> Path:
+    """A two-class ImageFolder tree (train: 5 per class, val: 2) of random PNGs; with
+    ``corrupt`` one unreadable file in train/dog."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 5), ("val", 2)):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "dog" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
