@@ -5,18 +5,15 @@ its training mode and threat model, a checkpoint rebuilds the test data it was t
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import FAST
+from helpers import FAST, invoke_cli
 
 import robustlr
 from robustlr.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
-from robustlr.cli import cli
 from robustlr.data import DATASETS, dataset_spec, load
 from robustlr.eval.session import open_checkpoint
 from robustlr.runs import (
@@ -38,16 +35,6 @@ TINY_SETS = ["--set", "max_steps_per_epoch=2", "--set", "val_fraction=0.05"]
 ADV_COLUMNS = {"clean_acc", "adv_acc", "attack_success"}
 
 
-def _invoke(*args: str, cwd: Path):
-    """``robustlr <args>`` in-process (the real command group), run from ``cwd``."""
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, list(args))
-    finally:
-        os.chdir(old)
-
-
 def _columns(path: Path) -> list[str]:
     with path.open(newline="") as fh:
         return next(csv.reader(fh))
@@ -57,9 +44,9 @@ def _columns(path: Path) -> list[str]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One tiny regular and one tiny adversarial run (1 epoch of 2 steps each)."""
     cwd = tmp_path_factory.mktemp("runs")
-    adv = _invoke("advtrain", *TINY, *TINY_SETS, "--steps", "1", "--out", "adv", cwd=cwd)
+    adv = invoke_cli("advtrain", *TINY, *TINY_SETS, "--steps", "1", "--out", "adv", cwd=cwd)
     assert adv.exit_code == 0, adv.output
-    reg = _invoke("train", *TINY, *TINY_SETS, "--out", "reg", cwd=cwd)
+    reg = invoke_cli("train", *TINY, *TINY_SETS, "--out", "reg", cwd=cwd)
     assert reg.exit_code == 0, reg.output
     return {"cwd": cwd, "adv": cwd / "adv", "reg": cwd / "reg"}
 
@@ -67,7 +54,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 # ---- bug 1: a resumed run keeps its mode and threat model ----------------------------------------
 def test_resuming_an_adversarial_run_with_train_is_refused(runs) -> None:
     before = (runs["adv"] / CHECKPOINT).read_bytes()
-    out = _invoke("train", "--resume", "--epochs", "2", "--out", "adv", cwd=runs["cwd"])
+    out = invoke_cli("train", "--resume", "--epochs", "2", "--out", "adv", cwd=runs["cwd"])
     assert out.exit_code == 2, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
@@ -76,7 +63,7 @@ def test_resuming_an_adversarial_run_with_train_is_refused(runs) -> None:
 
 
 def test_resuming_a_regular_run_with_advtrain_is_refused(runs) -> None:
-    out = _invoke("advtrain", "--resume", "--epochs", "2", "--out", "reg", cwd=runs["cwd"])
+    out = invoke_cli("advtrain", "--resume", "--epochs", "2", "--out", "reg", cwd=runs["cwd"])
     assert out.exit_code == 2, out.output
     assert out.output.strip().startswith("Error:") and "regular run" in out.output
     assert len(out.output.strip().splitlines()) == 1
@@ -159,7 +146,7 @@ def test_load_run_needs_a_recorded_dataset(tmp_path) -> None:
 
 # ---- bug 3: --epochs 0 ---------------------------------------------------------------------------
 def test_zero_epochs_is_a_usage_error(tmp_path) -> None:
-    out = _invoke("train", "--arch", "resnet26", "--epochs", "0", cwd=tmp_path)
+    out = invoke_cli("train", "--arch", "resnet26", "--epochs", "0", cwd=tmp_path)
     assert out.exit_code == 2, out.output
     assert out.output.strip() == "Error: epochs must be at least 1, not 0"
     assert not (tmp_path / "runs").exists()

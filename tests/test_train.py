@@ -6,14 +6,13 @@ import csv
 import itertools
 import json
 import math
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FAST, cli_command, cli_env, image_folder, run_cli
+from helpers import FAST, image_folder, invoke_cli, run_cli
 
 from robustlr.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from robustlr.cli.train import train
@@ -185,7 +184,7 @@ def test_one_epoch_cpu_run(tmp_path, monkeypatch) -> None:
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     out = tmp_path / "run"
     # epoch 1 trains normally; at epoch 2 the step schedule multiplies the lr by 1e31
-    proc = run_cli(
+    proc = invoke_cli(
         "train",
         *FAST,
         "--epochs",
@@ -206,15 +205,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
         "warmup_epochs=0",
         cwd=tmp_path,
     )
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "loss became" in proc.stderr and "last good checkpoint is kept" in proc.stderr
+    assert proc.exit_code == 1, proc.output
+    assert "Traceback" not in proc.output
+    assert "loss became" in proc.output and "last good checkpoint is kept" in proc.output
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
     assert len(_rows(out / "metrics.csv")) == 1
     # a plain lr of 1e30 dies in the first epoch: no checkpoint at all, still a clean message
-    proc = run_cli(
+    proc = invoke_cli(
         "train",
         *FAST,
         "--epochs",
@@ -227,8 +226,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
         "max_steps_per_epoch=3",
         cwd=tmp_path,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "loss became" in proc.stderr
+    assert proc.exit_code == 1 and "Traceback" not in proc.output
+    assert "loss became" in proc.output
 
 
 def test_bad_input_gives_one_line_error(tmp_path) -> None:
@@ -265,25 +264,19 @@ def test_bad_input_gives_one_line_error(tmp_path) -> None:
         "pickled": (["train", "--resume", "--out", str(evil)], "refused"),
         "no arch": (["train"], "--arch is required"),
         "bad set": (["train", "--arch", "resnet26", "--set", "nonsense=1"], "unknown setting"),
+        "bad device": (["train", "--arch", "resnet26", "--device", "gpu"], "auto, cpu, cuda"),
+        "no runs": (["train", "--resume"], "no runs found"),
     }
-    procs = {
-        name: subprocess.Popen(
-            cli_command(*args),
-            cwd=tmp_path,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (args, _) in cases.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2, (name, err)
-        assert "Traceback" not in err, (name, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error:"), (name, err)
-        assert cases[name][1] in lines[0], (name, err)
+    for name, (args, message) in cases.items():
+        result = invoke_cli(*args, cwd=tmp_path)
+        assert result.exit_code == 2, (name, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (name, result.output)
+        assert message in lines[0], (name, result.output)
+    # through the installed entry point too (a real process, its stderr)
+    proc = run_cli("train", "--resume", "--out", str(evil), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error:"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "refused" in proc.stderr
     assert not marker.exists()
     assert not (tmp_path / "runs").exists()
 

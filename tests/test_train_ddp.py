@@ -13,6 +13,8 @@ from helpers import CLI, FAST, cli_env, run_cli
 
 from robustlr.checkpoint import load_model
 
+pytestmark = pytest.mark.slow  # subprocesses: real kills / torchrun
+
 ARGS = [
     *FAST,
     "--epochs",

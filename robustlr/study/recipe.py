@@ -29,7 +29,7 @@ from robustlr.attacks.spec import AttackSpec, parse_eps, parse_number
 from robustlr.attacks.suites import load_suite
 from robustlr.errors import UserError
 from robustlr.resources import resource_dir
-from robustlr.settings import apply_assignments, parse_assignment
+from robustlr.settings import SettingError, apply_assignments, parse_assignment
 from robustlr.train.adversarial import AdversarialTraining
 from robustlr.train.config import ConfigError, TrainConfig, resolve
 
@@ -136,7 +136,10 @@ def apply_overrides(data: dict[str, Any], pairs: Iterable[str]) -> dict[str, Any
     the one ``--set`` grammar (:mod:`robustlr.settings`)."""
     pairs = list(pairs)
     for pair in pairs:
-        parts, _ = parse_assignment(pair)
+        try:
+            parts, _ = parse_assignment(pair)
+        except SettingError:
+            parts = ()
         if len(parts) < 2:
             raise RecipeError(f"--set expects section.key=value, got {pair!r}")
         if parts[0] == "network":
