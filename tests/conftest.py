@@ -15,6 +15,12 @@ import torch
 # the shared test helpers (helpers.py, lr_naive.py) are imported as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The tests' tensors are tiny: one intra-op thread does the same work without the threads'
+# synchronisation, which on a busy 2-core machine cost 6x the CPU time (a one-epoch training
+# test: 40 s of CPU with 2 threads, 6.6 s with 1). Subprocesses get OMP_NUM_THREADS=1
+# (helpers.cli_env).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

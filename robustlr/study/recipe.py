@@ -27,6 +27,7 @@ from typing import Any
 
 from robustlr.attacks.spec import AttackSpec, parse_eps, parse_number
 from robustlr.attacks.suites import load_suite
+from robustlr.device import DeviceError, check_device_name
 from robustlr.errors import UserError
 from robustlr.resources import resource_dir
 from robustlr.settings import SettingError, apply_assignments, parse_assignment
@@ -246,6 +247,11 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
     split = table.get("split", "test")
     if split not in ("test", "val"):
         raise RecipeError(f'{where}: split must be "test" or "val", not {split!r}')
+    device = str(table.get("device", "auto"))
+    try:
+        check_device_name(device)
+    except DeviceError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     return EvalSettings(
         attacks=tuple(specs),
         suite=str(suite) if suite is not None else "inline",
@@ -253,7 +259,7 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
         batch_size=batch_size,
         split=split,
         checkpoint=checkpoint,
-        device=str(table.get("device", "auto")),
+        device=device,
     )
 
 

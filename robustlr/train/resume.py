@@ -44,7 +44,8 @@ def resume_config(
     if mode is not None and mode != saved_mode:
         command = "advtrain" if saved_mode == "adversarial" else "train"
         raise ConfigError(
-            f"{run_dir} is a {saved_mode} run: resume it with `robustlr {command} --resume`"
+            f"{run_dir} is {'an' if saved_mode[0] in 'aeiou' else 'a'} {saved_mode} run: "
+            f"resume it with `robustlr {command} --resume`"
         )
     asked = dict(overrides.get("adversarial") or {})
     kept = saved.get("adversarial") or {}
