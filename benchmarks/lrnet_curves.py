@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-import robustlr
-from robustlr.data import load
+from robustlr.runs import load_run
 from robustlr.train import StepEnded, resolve, train
 
 RUNS = {
@@ -59,11 +58,10 @@ def run_one(name: str, args: argparse.Namespace) -> tuple[list[float], float]:
                 print(f"{name}: step {len(losses)} loss {sum(losses[-25:]) / 25:.3f}", flush=True)
 
     result = train(resolve(cfg), on_event=sink)
-    model = robustlr.load_model(result.run_dir / "checkpoint.pt")
-    test = load("cifar10", "test", root=args.data)
-    x, y = test.__getitems__(list(range(args.test_images)))
+    run = load_run(result.run_dir)  # its best checkpoint and the test split it was trained for
+    x, y = run.test_set.__getitems__(list(range(args.test_images)))
     with torch.no_grad():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
+        accuracy = (run.model(x).argmax(1) == y).float().mean().item()
     return losses, accuracy
 
 

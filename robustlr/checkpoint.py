@@ -1,8 +1,11 @@
 """Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
 
-A checkpoint is a plain dict (tensors, numbers, strings and containers) with at least ``model``
-(a state_dict), ``arch``, ``model_options``, ``num_classes``, ``epoch`` and ``step``; training
-checkpoints add the optimizer/scheduler/scaler and RNG states and the resolved ``config``.
+On disk a checkpoint is a plain dict (tensors, numbers, strings and containers) with at least
+``model`` (a state_dict), ``arch``, ``model_options``, ``num_classes`` and ``epoch``. In code it
+is a :class:`Checkpoint`: :func:`write_checkpoint` is its one writer and
+:func:`read_checkpoint` its one reader. A training checkpoint adds the resolved ``config``,
+what rebuilds its data (:class:`DataRecord`) and the state to resume from
+(:class:`TrainingState`: optimizer/scheduler/scaler and RNG states, progress).
 Pickled Python objects are never executed: loading such a file fails with
 :class:`CheckpointError`.
 """
@@ -15,11 +18,14 @@ import pickle
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from robustlr.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "arch", "model_options", "num_classes", "epoch")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe, or for another model."""
 
 
@@ -160,12 +166,164 @@ def load_model(
     return model.to(device).eval()
 
 
+@dataclass(frozen=True)
+class DataRecord:
+    """What rebuilds a run's data exactly as training served it."""
+
+    name: str
+    image_size: int
+    channels: int
+    num_classes: int
+    root: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "num_classes": self.num_classes,
+            "root": self.root,
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], config: dict[str, Any]) -> DataRecord:
+        """From a checkpoint's ``dataset`` entry (older ones lack the split: from ``config``)."""
+        return cls(
+            name=str(d["name"]),
+            image_size=int(d["image_size"]),
+            channels=int(d.get("channels", 3)),
+            num_classes=int(d.get("num_classes", 0)),
+            root=d.get("root", config.get("data")),
+            val_fraction=float(d.get("val_fraction", config.get("val_fraction", 0.1))),
+            split_seed=int(d.get("split_seed", config.get("split_seed", 0))),
+        )
+
+
+@dataclass
+class TrainingState:
+    """Everything beyond the weights that a run resumes from."""
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+    step_in_epoch: int = 0
+    epoch_progress: dict[str, Any] = field(default_factory=dict)
+    best_val_acc: float | None = None
+    world_size: int = 1
+
+    _KEYS = ("optimizer", "scheduler", "scaler", "rng")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in memory. ``config`` is the resolved TrainConfig dict ({} for a bare model
+    checkpoint), ``data`` what rebuilds its data (None if not recorded), ``training`` the state
+    to resume from (None for a model-only checkpoint)."""
+
+    arch: str
+    model_options: dict[str, Any]
+    num_classes: int
+    model: dict[str, torch.Tensor]
+    epoch: int
+    step: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    data: DataRecord | None = None
+    training: TrainingState | None = None
+
+    @property
+    def mode(self) -> str:
+        """The training mode recorded in the config ("" if none)."""
+        return str(self.config.get("mode", ""))
+
+    def to_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "model_options": dict(self.model_options),
+            "num_classes": self.num_classes,
+            "model": self.model,
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": dict(self.config),
+        }
+        if self.data is not None:
+            payload["dataset"] = self.data.to_dict()
+        if self.training is not None:
+            t = self.training
+            payload.update(
+                optimizer=t.optimizer,
+                scheduler=t.scheduler,
+                scaler=t.scaler,
+                rng=t.rng,
+                step_in_epoch=t.step_in_epoch,
+                epoch_progress=t.epoch_progress,
+                best_val_acc=t.best_val_acc,
+                world_size=t.world_size,
+            )
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
+        """From a dict that :func:`load_checkpoint` checked (REQUIRED_KEYS present)."""
+        config = dict(payload.get("config") or {})
+        dataset = payload.get("dataset")
+        training = None
+        if all(k in payload for k in TrainingState._KEYS):
+            training = TrainingState(
+                optimizer=payload["optimizer"],
+                scheduler=payload["scheduler"],
+                scaler=payload["scaler"],
+                rng=payload["rng"],
+                step_in_epoch=int(payload.get("step_in_epoch", 0)),
+                epoch_progress=dict(payload.get("epoch_progress") or {}),
+                best_val_acc=payload.get("best_val_acc"),
+                world_size=int(payload.get("world_size", 1)),
+            )
+        return cls(
+            arch=str(payload["arch"]),
+            model_options=dict(payload["model_options"]),
+            num_classes=int(payload["num_classes"]),
+            model=payload["model"],
+            epoch=int(payload["epoch"]),
+            step=int(payload.get("step", 0)),
+            config=config,
+            data=DataRecord.from_dict(dataset, config) if isinstance(dataset, dict) else None,
+            training=training,
+        )
+
+    def build_model(self) -> nn.Module:
+        """This checkpoint's architecture with its weights loaded (strict), in train mode."""
+        return build_model(self.to_payload())
+
+
+def write_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write ``checkpoint`` atomically (see :func:`save_checkpoint`); returns the path."""
+    return save_checkpoint(checkpoint.to_payload(), path)
+
+
+def read_checkpoint(
+    path: str | Path, arch: str | None = None, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Read a checkpoint safely (see :func:`load_checkpoint`) as a :class:`Checkpoint`."""
+    return Checkpoint.from_payload(load_checkpoint(path, arch=arch, map_location=map_location))
+
+
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
+    "DataRecord",
+    "TrainingState",
     "build_model",
     "copy_checkpoint",
     "load_checkpoint",
     "load_model",
+    "read_checkpoint",
     "remove_stale_temp_files",
     "save_checkpoint",
+    "write_checkpoint",
 ]

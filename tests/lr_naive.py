@@ -60,3 +60,24 @@ def random_inputs(B, C, H, W, G, kernel_size, stride, qk_dim=1, dtype=torch.floa
     k = torch.randn(B, G * qk_dim, H, W, generator=gen, dtype=dtype)
     geo = torch.randn(G, kernel_size, kernel_size, generator=gen, dtype=dtype)
     return x, q, k, geo
+
+
+# The shape grid every backend is tested on: (B, C, H, W, G, K, stride).
+SHAPES = [
+    (2, 8, 6, 7, 2, 3, 1),
+    (1, 5, 9, 8, 2, 5, 2),  # m = 3: the last group holds 2 channels
+    (2, 3, 4, 5, 3, 7, 1),  # m = 1, image smaller than the window
+    (1, 9, 10, 9, 3, 9, 3),
+    (1, 16, 2, 3, 2, 9, 2),  # image much smaller than the window
+    (2, 6, 7, 7, 6, 5, 3),  # m = 1
+    (1, 100, 5, 6, 13, 7, 1),  # the paper's width 100 with m = 8: G = 13, last group 4
+]
+COMPOSABILITIES = ["sqdiff", "absdiff", "mul"]
+
+
+def make_case(B, C, H, W, G, K, s, dtype=torch.float32, seed=0):
+    x, q, k, geo = (t.to(dtype) for t in random_inputs(B, C, H, W, G, K, s, seed=seed))
+    Ho, Wo = q.shape[-2:]
+    gen = torch.Generator().manual_seed(seed + 1)
+    gy = torch.randn(B, C, Ho, Wo, generator=gen, dtype=torch.float64).to(dtype)
+    return x, q, k, geo, gy

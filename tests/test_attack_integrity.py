@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_attacks import small_model
-from test_report import row, write_run
+from helpers import row, small_model, write_run
 
 from robustlr.attacks import AttackSpec, run_attack
 from robustlr.attacks.adapters import TORCHATTACKS_NAMES, attack_settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from helpers import small_model
 
 from robustlr.attacks import (
     AttackSpec,
@@ -16,18 +16,6 @@ from robustlr.attacks import (
     save_targets,
     targets_sha256,
 )
-
-
-def small_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Dropout(0.5),
-        nn.Flatten(),
-        nn.Linear(8 * 8 * 8, 10),
-    )
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from robustlr import __version__
@@ -27,6 +28,7 @@ def test_python_dash_m_entry_point():
     assert "Local Relation Networks" in out.stdout
 
 
+@pytest.mark.slow  # times every op variant (minutes on a loaded 2-core machine)
 def test_bench_op_runs_and_writes_ratios(tmp_path):
     path = tmp_path / "op.csv"
     result = CliRunner().invoke(

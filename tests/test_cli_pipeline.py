@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from train_helpers import CLI, FAST, cli_env, run_cli
+from helpers import CLI, FAST, cli_env, invoke_cli, run_cli
 
 TINY = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
 
@@ -19,8 +19,8 @@ TINY = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size"
 @pytest.fixture(scope="module")
 def adv_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("pipeline")
-    out = run_cli("advtrain", *TINY, "--steps", "2", "--out", "runs/adv", cwd=cwd)
-    assert out.returncode == 0, out.stderr
+    out = invoke_cli("advtrain", *TINY, "--steps", "2", "--out", "runs/adv", cwd=cwd)
+    assert out.exit_code == 0, out.output
     return cwd
 
 
@@ -37,12 +37,12 @@ def test_advtrain_records_threat_model_and_adversarial_metrics(adv_run):
 
 def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     args = ["eval", "--checkpoint", "runs/adv/best.pt", "--limit", "24", "--batch-size", "12"]
-    first = run_cli(*args, "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2",
-                    cwd=adv_run)  # fmt: skip
-    assert first.returncode == 0, first.stderr
-    second = run_cli(*args, "--attack", "pgd-untargeted", "--attack", "apgd-ce", "--steps", "2",
-                     cwd=adv_run)  # fmt: skip
-    assert second.returncode == 0, second.stderr
+    first = invoke_cli(*args, "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2",
+                       cwd=adv_run)  # fmt: skip
+    assert first.exit_code == 0, first.output
+    second = invoke_cli(*args, "--attack", "pgd-untargeted", "--attack", "apgd-ce", "--steps", "2",
+                        cwd=adv_run)  # fmt: skip
+    assert second.exit_code == 0, second.output
     rows = pd.read_csv(adv_run / "runs/adv/eval.csv", keep_default_na=False)
     # appended, never rewritten; every evaluation reports the clean accuracy too
     attacks = ["clean", "pgd-targeted", "clean", "pgd-untargeted", "apgd-ce"]
@@ -60,8 +60,8 @@ def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     assert len(list((adv_run / "runs/adv/targets").glob("targets-0-*.npy"))) == 1
     assert all((adv_run / "runs/adv" / f).is_file() for f in rows["outcomes_file"])
 
-    report = run_cli("report", "--runs", "runs", "--no-plots", cwd=adv_run)
-    assert report.returncode == 0, report.stderr
+    report = invoke_cli("report", "--runs", "runs", "--no-plots", cwd=adv_run)
+    assert report.exit_code == 0, report.output
     table = pd.read_csv(adv_run / "runs/table9.csv")
     assert list(table.columns[:5]) == [
         "network", "adv_clean", "adv_targeted", "adv_untargeted", "regular_clean"
@@ -85,25 +85,27 @@ def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     ],
 )
 def test_eval_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    out = run_cli("eval", *args, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr and message in out.stderr
+    out = invoke_cli("eval", *args, cwd=tmp_path)
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output and message in out.output
 
 
 def test_eval_refuses_a_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = run_cli("eval", "--attack", "clean", "--checkpoint", "bad.pt", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "corrupt" in out.stderr
+    assert out.stderr.startswith("Error: ") and out.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_equals_one_process(adv_run):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
         pytest.skip("torchrun is not installed beside this python")
     args = ["eval", "--checkpoint", "runs/adv/best.pt", "--limit", "21", "--batch-size", "4",
             "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2"]  # fmt: skip
-    one = run_cli(*args, "--out", "one.csv", cwd=adv_run)
-    assert one.returncode == 0, one.stderr
+    one = invoke_cli(*args, "--out", "one.csv", cwd=adv_run)
+    assert one.exit_code == 0, one.output
     two = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", CLI, *args, "--out", "two.csv",
          "--save-examples", "two-outcomes"],

@@ -6,8 +6,7 @@ import logging
 
 import pytest
 import torch
-from lr_naive import naive_local_relation, random_inputs
-from test_local_relation_reference import COMPOSABILITIES, SHAPES
+from lr_naive import COMPOSABILITIES, SHAPES, naive_local_relation, random_inputs
 
 from robustlr.ops import BACKEND_ENV, cpu_backend, local_relation, resolve_backend
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from train_helpers import shared_data_dir
+from helpers import image_folder, shared_data_dir
 
 from robustlr.data import DataError, collate_batch, dataset_info, load, train_val_indices
 
@@ -123,22 +122,8 @@ def test_shared_npz(name, shape, train_n) -> None:
         assert len(load(name, "train", path)) + len(load(name, "val", path)) == train_n
 
 
-def _image_folder(root, corrupt: bool):
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 5), ("val", 2)):
-        for cls in ("cat", "dog"):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    if corrupt:
-        (root / "train" / "dog" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    return root
-
-
 def test_image_folder_crops_and_val_slice(tmp_path) -> None:
-    root = _image_folder(tmp_path / "imgs", corrupt=False)
+    root = image_folder(tmp_path / "imgs", corrupt=False)
     info = dataset_info("imagefolder", root, image_size=32)
     assert info.num_classes == 2 and info.image_size == 32
     train = load("imagefolder", "train", root, image_size=32, val_fraction=0.2)
@@ -152,7 +137,7 @@ def test_image_folder_crops_and_val_slice(tmp_path) -> None:
 
 
 def test_image_folder_corrupt_file_named_or_skipped(tmp_path) -> None:
-    root = _image_folder(tmp_path / "imgs", corrupt=True)
+    root = image_folder(tmp_path / "imgs", corrupt=True)
     ds = load("imagefolder", "test", root)  # the val/ folder is clean
     assert len(ds) == 4
     train = load("imagefolder", "train", root, val_fraction=0.0)

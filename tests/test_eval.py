@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_attacks import small_model
+from helpers import small_model
 
 from robustlr.attacks import AttackSpec, load_targets
 from robustlr.attacks.suites import list_suites, load_suite

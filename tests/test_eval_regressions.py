@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_attacks import small_model
+from helpers import small_model
 
 from robustlr.attacks import AttackSpec, run_attack
 from robustlr.attacks.pgd import example_seed

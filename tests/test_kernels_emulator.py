@@ -24,7 +24,7 @@ from host_shim.host_launcher import (
     run_sanitized,
     write_script,
 )
-from test_kernels_host import make_case
+from lr_naive import make_case
 
 from robustlr.ops import cupy_backend
 from robustlr.ops.contract import check_inputs

@@ -12,7 +12,7 @@ import ctypes
 import pytest
 import torch
 from host_shim.host_launcher import HostLauncher, LaunchError, build_library, host_factory
-from lr_naive import naive_local_relation, random_inputs
+from lr_naive import make_case, naive_local_relation
 
 from robustlr.ops import cupy_backend
 from robustlr.ops.contract import check_inputs
@@ -71,14 +71,6 @@ def assert_close_rel(
     scale = expected.abs().max().clamp_min(floor)
     err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
-
-
-def make_case(B, C, H, W, G, K, s, dtype=torch.float32, seed=0):
-    x, q, k, geo = (t.to(dtype) for t in random_inputs(B, C, H, W, G, K, s, seed=seed))
-    Ho, Wo = q.shape[-2:]
-    gen = torch.Generator().manual_seed(seed + 1)
-    gy = torch.randn(B, C, Ho, Wo, generator=gen, dtype=torch.float64).to(dtype)
-    return x, q, k, geo, gy
 
 
 def check_case(lib, case, dtype=torch.float32, tol=1e-5, seed=0, **kwargs):

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lr_naive import naive_local_relation, random_inputs
+from lr_naive import COMPOSABILITIES, SHAPES, naive_local_relation, random_inputs
 
 from robustlr.ops import BACKEND_ENV, local_relation
 
+
 # (B, C, H, W, G, K, stride): odd/even sizes, images smaller than the window, ragged last group,
 # m = 1 (G == C), strides 1-3, every kernel size the layer offers.
-SHAPES = [
-    (2, 8, 6, 7, 2, 3, 1),
-    (1, 5, 9, 8, 2, 5, 2),  # m = 3: the last group holds 2 channels
-    (2, 3, 4, 5, 3, 7, 1),  # m = 1, image smaller than the window
-    (1, 9, 10, 9, 3, 9, 3),
-    (1, 16, 2, 3, 2, 9, 2),  # image much smaller than the window
-    (2, 6, 7, 7, 6, 5, 3),  # m = 1
-    (1, 100, 5, 6, 13, 7, 1),  # the paper's width 100 with m = 8: G = 13, last group 4
-]
-COMPOSABILITIES = ["sqdiff", "absdiff", "mul"]
-
-
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     """These tests specify the reference backend (the automatic choice on CPU is 'cpu')."""

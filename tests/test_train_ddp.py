@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import CLI, FAST, cli_env, run_cli
+from helpers import CLI, FAST, cli_env, run_cli
 
 from robustlr.checkpoint import load_model
+
+pytestmark = pytest.mark.slow  # subprocesses: real kills / torchrun
 
 ARGS = [
     *FAST,

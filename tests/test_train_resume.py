@@ -9,7 +9,10 @@ import signal
 import subprocess
 import time
 
-from train_helpers import FAST, assert_bitwise_equal, cli_command, cli_env, model_state, run_cli
+import pytest
+from helpers import FAST, assert_bitwise_equal, cli_command, cli_env, model_state, run_cli
+
+pytestmark = pytest.mark.slow  # subprocesses: real kills / torchrun
 
 ARGS = [
     *FAST,

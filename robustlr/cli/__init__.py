@@ -14,7 +14,7 @@ from robustlr import __version__
 from robustlr.cli.advtrain import advtrain
 from robustlr.cli.bench import bench
 from robustlr.cli.bench_model import model as bench_model
-from robustlr.cli.errors import UsageFailure
+from robustlr.cli.errors import group
 from robustlr.cli.eval import eval_command
 from robustlr.cli.models import models
 from robustlr.cli.report import check, report
@@ -23,7 +23,7 @@ from robustlr.cli.train import train
 from robustlr.cli.viz import viz
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="robustlr")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -38,7 +38,8 @@ for command in (train, advtrain, eval_command, report, check, run, models, bench
 
 
 def main() -> None:
-    """Entry point: bad input ends with a one-line error and exit code 2, not a traceback."""
+    """Entry point: bad input ends with a one-line error and exit code 2, not a traceback
+    (every command translates :class:`robustlr.errors.UserError`, see ``cli/errors.py``)."""
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
@@ -47,8 +48,5 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except UsageFailure as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

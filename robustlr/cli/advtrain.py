@@ -8,9 +8,9 @@ import click
 from rich.console import Console
 
 from robustlr.attacks.spec import parse_number
-from robustlr.cli.errors import UsageFailure, one_line
+from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.train import F, build_config, run_training, training_options
-from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
+from robustlr.train.adversarial import AdversarialTraining
 
 
 def _number(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -63,7 +63,7 @@ _ADVERSARIAL_FIELDS = {
 }
 
 
-@click.command()
+@command()
 @training_options
 @adversarial_options
 def advtrain(**params: Any) -> None:
@@ -84,10 +84,6 @@ def advtrain(**params: Any) -> None:
               for k, v in chosen.items()),
         )  # fmt: skip
     config, resume = build_config("adversarial", params)
-    try:
-        settings = AdversarialTraining(**config.adversarial)
-    except (TypeError, ValueError) as exc:
-        raise UsageFailure(f"adversarial training: {one_line(exc)}") from None
-    config.adversarial = settings.as_dict()  # saved resolved in config.json and checkpoints
+    settings = AdversarialTraining(**config.adversarial)  # resolved and checked with the config
     Console().print(f"adversarial training: {settings.describe()}")
-    run_training(config, resume, hook=AdversarialHook(settings))
+    run_training(config, resume)

@@ -21,18 +21,11 @@ from robustlr.attacks.spec import (
     parse_eps,
 )
 from robustlr.attacks.suites import load_suite
-from robustlr.checkpoint import CheckpointError
-from robustlr.cli.errors import UsageFailure
-from robustlr.data import DataError
-from robustlr.eval.session import (
-    EVAL_CSV,
-    evaluate_checkpoint,
-    find_checkpoint,
-    load_eval_images,
-    open_checkpoint,
-)
-from robustlr.train.config import ConfigError
-from robustlr.train.distributed import close_distributed, init_distributed
+from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.params import device_option
+from robustlr.distributed import close_distributed, init_distributed
+from robustlr.eval.session import evaluate_checkpoint, open_checkpoint, with_clean
+from robustlr.runs import EVAL_CSV, OUTCOMES, find_checkpoint
 
 
 def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -67,7 +60,7 @@ def build_specs(
     return specs
 
 
-@click.command("eval")
+@command("eval")
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -111,7 +104,7 @@ def build_specs(
     help="Data path [default: the one the run was trained with].",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@device_option()
 @click.option(
     "--out",
     "out_csv",
@@ -136,15 +129,8 @@ def eval_command(
         "seed": seed, "precision": precision,
     }  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    specs = build_specs(attacks, suite, overrides)
-    if not any(s.name == "clean" for s in specs):  # every report shows the clean accuracy too
-        specs.insert(0, AttackSpec("clean"))
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
-    try:
-        dist_ctx = init_distributed(device)  # a world of one unless under torchrun
-    except ConfigError as exc:
-        raise UsageFailure(str(exc)) from None
+    specs = with_clean(build_specs(attacks, suite, overrides))  # the rows evaluation writes
+    dist_ctx = init_distributed(device)  # a world of one unless under torchrun
     try:
         _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size,
                   out_csv, examples_dir)  # fmt: skip
@@ -159,14 +145,13 @@ def _evaluate(
     console = Console(quiet=not dist_ctx.is_main)
     try:
         path = find_checkpoint(checkpoint, runs_root)
-        target = open_checkpoint(path, dev)
-        dataset = target.meta["dataset"]
-        root = data if data is not None else target.config.get("data")
-        images, labels, indices = load_eval_images(dataset, split, root, target.image_size, limit)
-    except (FileNotFoundError, CheckpointError, DataError) as exc:
+    except FileNotFoundError as exc:
         raise UsageFailure(str(exc)) from None
+    target = open_checkpoint(path, dev)
+    dataset = target.meta["dataset"]
+    images, labels, indices = target.load_images(split, data, limit)
     out_csv = out_csv or target.run_dir / EVAL_CSV
-    examples_dir = examples_dir or out_csv.parent / "outcomes"
+    examples_dir = examples_dir or out_csv.parent / OUTCOMES
     console.print(
         f"[bold]eval[/] {target.meta['arch']} ({target.meta['train_mode'] or '?'}) from {path}: "
         f"{len(labels)} {dataset} {split} images on {dev}"

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from robustlr.cli.errors import command
 from robustlr.models import PAPER_SIZES, list_models, model_size
 
 COLUMNS = (
@@ -71,7 +72,7 @@ def _fmt(value: object, digits: int) -> str:
 _DIGITS = {"params_m": 3, "gflops": 3, "paper_params_m": 1, "paper_gflops": 1}
 
 
-@click.command("models")
+@command("models")
 @click.option(
     "--format",
     "fmt",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import pandas as pd
@@ -14,16 +13,17 @@ from rich.console import Console
 from rich.table import Table
 
 from robustlr.attacks.spec import AttackSpec, format_eps, parse_eps
-from robustlr.checkpoint import CheckpointError, build_model, load_checkpoint
-from robustlr.cli.errors import UsageFailure
-from robustlr.report.checks import CheckResult, checks_frame, run_checks
-from robustlr.report.pairs import pair_table
-from robustlr.report.results import ResultsError, collect_results
-from robustlr.report.table9 import ReportSettings, Table9, build_table9
-from robustlr.report.writers import FORMATS, SUFFIXES, rich_table_data, write_frame, write_report
+from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.params import device_option, int_list, split_list
+from robustlr.device import resolve_device
+from robustlr.eval.session import open_checkpoint
+from robustlr.report.checks import CheckResult, checks_frame
+from robustlr.report.pipeline import make_report
+from robustlr.report.table9 import ReportSettings, Table9
+from robustlr.report.writers import FORMATS, SUFFIXES, rich_table_data, write_frame
+from robustlr.runs import find_checkpoint
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
-CHECKPOINT_NAMES = ("best.pt", "checkpoint.pt")
 
 
 def _eps_option(value: str | None) -> float | None:
@@ -81,7 +81,7 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
     console.print(rich)
 
 
-@click.command("report")
+@command("report")
 @click.argument("results", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--runs",
@@ -129,7 +129,12 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
     show_default=True,
     help="Target policy of the targeted cells.",
 )
-@click.option("--run", "run_names", multiple=True, help="Consider only these runs (repeatable).")
+@click.option(
+    "--run",
+    "run_names",
+    multiple=True,
+    help="Consider only these runs (repeatable or comma-separated).",
+)
 def report(
     results: tuple[Path, ...],
     runs_dir: Path,
@@ -152,74 +157,57 @@ def report(
         split=split,
         attack_steps=attack_steps,
         target_policy=target_policy,
-        runs=run_names,
+        runs=tuple(split_list(run_names)),
     )
-    try:
-        frame = collect_results(results, runs_dir)
-        table = build_table9(frame, settings)
-    except ResultsError as exc:
-        raise UsageFailure(str(exc)) from None
-    pairs = pair_table(table)
-    checks = run_checks(table.results, table)
     if out is None:
         out = (Path(".") if results else runs_dir) / f"table9{SUFFIXES[fmt]}"
-    written = write_report(table, out, fmt, pairs, checks)
+    made = make_report(
+        settings,
+        out,
+        results=results,
+        runs_dir=runs_dir,
+        fmt=fmt,
+        plots_dir=None if no_plots else (plots_dir or out.parent / "plots"),
+    )
     console = Console()
-    print_table9(console, table)
-    print_pairs(console, pairs)
-    print_checks(console, checks)
-    if not no_plots:
-        from robustlr.report.plots import report_plots, run_geo_prior_plots
-
-        directory = plots_dir or out.parent / "plots"
-        written += report_plots(
-            table.results[table.results["run_key"].isin(set(table.runs.values()))],
-            directory,
-            table.eps,
-        )
-        written += run_geo_prior_plots(table.runs, directory, CHECKPOINT_NAMES)
-    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+    print_table9(console, made.table)
+    print_pairs(console, made.pairs)
+    print_checks(console, made.checks)
+    console.print("wrote " + ", ".join(str(p) for p in made.written), highlight=False)
 
 
-def _load_images(
-    dataset: str, split: str, root: str | None, limit: int, image_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from robustlr.data import DataError, load
-
-    try:
-        ds = load(dataset, split, root, image_size=image_size, augment=False)
-    except DataError as exc:
-        raise UsageFailure(str(exc)) from None
-    count = min(limit, len(ds))
-    if count < 2:
-        raise UsageFailure(f"{dataset} {split} has fewer than 2 images")
-    items = [ds[i] for i in range(count)]
-    return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
-
-
-@click.command("check")
+@command("check")
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Model checkpoint [default: best.pt (else checkpoint.pt) of runs/latest].",
+    help="Model checkpoint or run directory [default: the newest run's best.pt, else its "
+    "checkpoint.pt].",
 )
-@click.option("--dataset", default=None, help="Dataset [default: the checkpoint's].")
-@click.option("--data", "data_root", default=None, help="Data path (not needed for digits).")
-@click.option("--split", default="test", show_default=True, help="Split to attack.")
+@click.option(
+    "--runs",
+    "runs_root",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Where runs live (to find the newest one).",
+)
+@click.option("--data", "data_root", default=None, help="Data path [default: the run's].")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option(
     "--limit", type=click.IntRange(min=2), default=200, show_default=True, help="Images used."
 )
 @click.option("--eps", default="16/255", show_default=True, help="L-inf eps of the checks.")
 @click.option(
     "--steps",
-    default="10,20,50,100",
+    multiple=True,
+    default=("10,20,50,100",),
     show_default=True,
-    help="Step counts of the step sweep (comma-separated).",
+    help="Step counts of the step sweep (repeatable or comma-separated).",
 )
 @click.option("--no-bf16", is_flag=True, help="Skip the bf16-vs-fp32 attack.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option()
 @click.option(
     "--out",
     "out_dir",
@@ -229,12 +217,12 @@ def _load_images(
 )
 def check(
     checkpoint: Path | None,
-    dataset: str | None,
+    runs_root: Path,
     data_root: str | None,
     split: str,
     limit: int,
     eps: str,
-    steps: str,
+    steps: tuple[str, ...],
     no_bf16: bool,
     batch_size: int,
     device: str,
@@ -246,36 +234,30 @@ def check(
 
     eps_value = _eps_option(eps)
     assert eps_value is not None
-    try:
-        step_counts = tuple(int(s) for s in steps.split(",") if s.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{steps!r} is not a list of integers", param_hint="--steps"
-        ) from None
+    step_counts = tuple(int_list(steps, "--steps"))
     if not step_counts or min(step_counts) < 1:
         raise click.BadParameter("give positive step counts, e.g. 10,20,50", param_hint="--steps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    checkpoint = checkpoint or _latest_checkpoint()
+    dev = resolve_device(device)
     try:
-        payload = load_checkpoint(checkpoint)
-        model = build_model(payload).eval()
-    except CheckpointError as exc:
-        raise UsageFailure(str(exc)) from None
-    config: dict[str, Any] = payload.get("config") or {}
-    dataset = dataset or config.get("dataset")
+        path = find_checkpoint(checkpoint, runs_root)
+    except FileNotFoundError as exc:
+        raise UsageFailure(f"{exc}; pass --checkpoint") from None
+    target = open_checkpoint(path, torch.device("cpu"))  # eval's discovery and image loading
+    model = target.model
+    dataset = target.meta["dataset"]
     if not dataset:
-        raise UsageFailure(f"{checkpoint} does not say its dataset: pass --dataset")
-    images, labels = _load_images(
-        dataset, split, data_root or config.get("data"), limit, config.get("image_size")
-    )
+        raise UsageFailure(f"{path} does not record its dataset")
+    images, labels, _ = target.load_images(split, data_root, limit)
+    if len(labels) < 2:
+        raise UsageFailure(f"{dataset} {split} has fewer than 2 images")
     meta = {
-        "run": checkpoint.parent.name,
-        "arch": payload["arch"],
-        "train_mode": config.get("mode", ""),
+        "run": target.meta["run"],
+        "arch": target.meta["arch"],
+        "train_mode": target.meta["train_mode"],
         "dataset": dataset,
         "split": split,
     }
+    device = str(dev)
     live = check_model(
         model,
         images,
@@ -292,11 +274,11 @@ def check(
         ["attack", "eps", "steps", "precision", "accuracy", "accuracy_low", "accuracy_high"]
     ]
     console.print(
-        f"{payload['arch']} on {len(images)} {dataset} {split} images, eps {format_eps(eps_value)}",
+        f"{meta['arch']} on {len(images)} {dataset} {split} images, eps {format_eps(eps_value)}",
         highlight=False,
     )
     console.print(shown.to_string(index=False), highlight=False)
-    print_checks(console, live.checks, title=f"Live checks of {checkpoint}")
+    print_checks(console, live.checks, title=f"Live checks of {path}")
     if out_dir is not None:
         from robustlr.report.plots import plot_image_grid
 
@@ -311,16 +293,3 @@ def check(
         console.print(f"wrote {out_dir}/check_eval.csv, checks.csv, adversarial_examples.png")
     if any(c.status == "fail" for c in live.checks):
         sys.exit(1)
-
-
-def _latest_checkpoint() -> Path:
-    from robustlr.train.rundir import latest_run
-
-    try:
-        run = latest_run("runs")
-    except FileNotFoundError as exc:
-        raise UsageFailure(f"{exc}; pass --checkpoint") from None
-    for name in CHECKPOINT_NAMES:
-        if (run / name).is_file():
-            return run / name
-    raise UsageFailure(f"{run} has no {' or '.join(CHECKPOINT_NAMES)}; pass --checkpoint")

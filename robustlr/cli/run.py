@@ -11,14 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from robustlr.attacks.spec import AttackSpec
-from robustlr.checkpoint import CheckpointError
-from robustlr.cli.errors import UsageFailure, one_line
+from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.report import print_checks, print_pairs, print_table9
 from robustlr.cli.train import _Renderer
-from robustlr.data import DataError
-from robustlr.report.results import ResultsError
 from robustlr.study import (
-    RecipeError,
     Stage,
     StageStatus,
     default_out_dir,
@@ -26,7 +22,7 @@ from robustlr.study import (
     run_study,
     study_status,
 )
-from robustlr.train import ConfigError, NonFiniteLossError
+from robustlr.train import NonFiniteLossError
 
 STATE_STYLE = {"done": "green", "pending": "yellow"}
 
@@ -72,7 +68,7 @@ def print_stages(console: Console, statuses: list[tuple[Stage, StageStatus]], ti
     console.print(table)
 
 
-@click.command("run")
+@command("run")
 @click.argument("recipe")
 @click.option(
     "--out",
@@ -105,12 +101,9 @@ def run(
     if data is not None:
         overrides = (*overrides, f"data.path={data!r}")
     console = Console(file=sys.stdout, soft_wrap=True)
-    try:
-        study = load_recipe(recipe, overrides)
-        out = out_dir or default_out_dir(study)
-        statuses = study_status(study, out)
-    except (RecipeError, ConfigError, DataError, CheckpointError) as exc:
-        raise UsageFailure(one_line(exc)) from None
+    study = load_recipe(recipe, overrides)
+    out = out_dir or default_out_dir(study)
+    statuses = study_status(study, out)
     names = [stage.name for stage, _ in statuses]
     if until is not None and until not in names:
         raise UsageFailure(f"no stage {until!r}; stages: {', '.join(names)}")
@@ -138,8 +131,6 @@ def run(
             on_train_event=renderer,
             on_eval=eval_progress,
         )
-    except (RecipeError, ConfigError, DataError, CheckpointError, ResultsError) as exc:
-        raise UsageFailure(one_line(exc)) from None
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -25,13 +25,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from robustlr.checkpoint import CheckpointError
-from robustlr.cli.errors import UsageFailure, one_line
-from robustlr.data import DATASETS, DataError
+from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.params import device_option
+from robustlr.data import DATASETS
+from robustlr.runs import latest_run
 from robustlr.train import (
-    BatchHook,
     CheckpointSaved,
-    ConfigError,
     EpochEnded,
     EpochStarted,
     NonFiniteLossError,
@@ -41,7 +40,6 @@ from robustlr.train import (
     TrainConfig,
     TrainEvent,
     TrainResult,
-    latest_run,
     parse_overrides,
     read_recipe,
     resolve,
@@ -132,7 +130,7 @@ def training_options(f: F) -> F:
             default=False,
             help="Continue the run in --out (default: runs/latest) from checkpoint.pt.",
         ),
-        click.option("--device", default=None, help="auto, cpu or cuda [default: auto]."),
+        device_option(default=None),
         click.option(
             "--workers",
             type=int,
@@ -160,24 +158,27 @@ def training_options(f: F) -> F:
 
 
 def build_config(mode: str, params: dict[str, Any]) -> tuple[TrainConfig, bool]:
-    """(config, resume) from the parsed ``training_options``; raises UsageFailure."""
-    try:
-        explicit = {
-            field: params[name]
-            for name, field in _OPTION_FIELDS.items()
-            if params.get(name) is not None
-        }
-        sets = parse_overrides(params.get("overrides") or ())
-        resume = bool(params.get("resume"))
-        if resume:
+    """(config, resume) from the parsed ``training_options`` of a ``mode`` command.
+
+    A resumed run keeps its saved mode and threat model: resuming it with the other command
+    is refused. Raises a :class:`robustlr.errors.UserError` on bad input.
+    """
+    explicit = {
+        field: params[name]
+        for name, field in _OPTION_FIELDS.items()
+        if params.get(name) is not None
+    }
+    sets = parse_overrides(params.get("overrides") or ())
+    if params.get("resume"):
+        try:
             run_dir = Path(explicit["out"]) if "out" in explicit else latest_run()
-            return resume_config(run_dir, {**explicit, **sets}), True
-        if "arch" not in explicit and "arch" not in sets and not params.get("recipe"):
-            raise UsageFailure("--arch is required (e.g. --arch resnet26; see `robustlr models`)")
-        recipe = read_recipe(params["recipe"]) if params.get("recipe") else {}
-        return resolve(recipe, explicit, sets, {"mode": mode}), False
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
-        raise UsageFailure(one_line(exc)) from None
+        except FileNotFoundError as exc:
+            raise UsageFailure(f"{exc}; pass --out RUN_DIR") from None
+        return resume_config(run_dir, {**explicit, **sets}, mode=mode), True
+    if "arch" not in explicit and "arch" not in sets and not params.get("recipe"):
+        raise UsageFailure("--arch is required (e.g. --arch resnet26; see `robustlr models`)")
+    recipe = read_recipe(params["recipe"]) if params.get("recipe") else {}
+    return resolve(recipe, explicit, sets, {"mode": mode}), False
 
 
 class _Renderer:
@@ -255,20 +256,19 @@ class _Renderer:
             self.progress = None
 
 
-def run_training(config: TrainConfig, resume: bool, hook: BatchHook | None = None) -> TrainResult:
-    """Run the engine with rich rendering; bad input -> UsageFailure, divergence -> exit 1."""
+def run_training(config: TrainConfig, resume: bool) -> TrainResult:
+    """Run the engine (it trains the way ``config`` says) with rich rendering; divergence ->
+    exit 1."""
     renderer = _Renderer(Console(file=sys.stdout, soft_wrap=True))
     try:
-        return train_engine(config, on_event=renderer, hook=hook, resume=resume)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        raise UsageFailure(one_line(exc)) from None
+        return train_engine(config, on_event=renderer, resume=resume)
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         renderer.close()
 
 
-@click.command()
+@command()
 @training_options
 def train(**params: Any) -> None:
     """Train a model (regular training; embedded digits data unless --dataset/--data)."""

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from robustlr.checkpoint import CheckpointError, load_model
-from robustlr.cli.errors import UsageFailure
+from robustlr.checkpoint import load_model
+from robustlr.cli.errors import UsageFailure, group
 
 
-@click.group("viz")
+@group("viz")
 def viz() -> None:
     """Figures of a trained model."""
 
@@ -33,10 +33,7 @@ def geo_prior(checkpoint: Path, out: Path) -> None:
     """The learnt geometric priors after softmax, one panel per stage (the paper's Figure 4)."""
     from robustlr.report.plots import plot_geo_priors
 
-    try:
-        model = load_model(checkpoint)
-    except CheckpointError as exc:
-        raise UsageFailure(str(exc)) from None
+    model = load_model(checkpoint)
     try:
         path = plot_geo_priors(model, out, title=f"Learnt geometric priors, {checkpoint}")
     except ValueError as exc:

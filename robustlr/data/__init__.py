@@ -5,8 +5,14 @@
 """
 
 from robustlr.data.errors import DataError
-from robustlr.data.info import DATASETS, DatasetInfo
 from robustlr.data.load import SPLITS, dataset_info, default_root, load
+from robustlr.data.registry import (
+    DATASETS,
+    DatasetInfo,
+    DatasetSpec,
+    TrainingDefaults,
+    dataset_spec,
+)
 from robustlr.data.splits import train_val_indices
 from robustlr.data.tensor_dataset import CropFlip, ImageTensorDataset, collate_batch, epoch_seed
 
@@ -16,9 +22,12 @@ __all__ = [
     "CropFlip",
     "DataError",
     "DatasetInfo",
+    "DatasetSpec",
     "ImageTensorDataset",
+    "TrainingDefaults",
     "collate_batch",
     "dataset_info",
+    "dataset_spec",
     "default_root",
     "epoch_seed",
     "load",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from robustlr.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad data input; the message says what is wrong and where (the CLI shows it as one line)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from robustlr.data.errors import DataError
-from robustlr.data.info import DATASETS, DatasetInfo, base_info
+from robustlr.data.registry import DATASETS, DatasetInfo, base_info
 from robustlr.data.splits import train_val_indices
 from robustlr.data.tensor_dataset import CropFlip, ImageTensorDataset
 

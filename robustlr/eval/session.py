@@ -1,5 +1,6 @@
 """Evaluate a checkpoint the way ``robustlr eval`` does: find it, load its test images, attack,
-and append one row per attack to the run's ``eval.csv`` (earlier rows are never rewritten)."""
+and append one row per attack to the run's ``eval.csv`` (earlier rows are never rewritten).
+Every evaluation reports the clean accuracy: a clean row is added when the attacks lack one."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from robustlr.attacks.spec import AttackSpec
-from robustlr.checkpoint import build_model, load_checkpoint
+from robustlr.checkpoint import Checkpoint, read_checkpoint
 from robustlr.data import load as load_dataset
+from robustlr.distributed import DistContext
 from robustlr.eval.runner import (
     RESULT_COLUMNS,
     evaluate,
@@ -25,12 +27,9 @@ from robustlr.eval.runner import (
     save_outcomes,
     subset_sha256,
 )
-from robustlr.train.distributed import DistContext
-from robustlr.train.rundir import latest_run
+from robustlr.runs import TARGETS
 
 log = logging.getLogger(__name__)
-
-EVAL_CSV = "eval.csv"
 
 
 @dataclass
@@ -41,19 +40,39 @@ class EvalTarget:
     run_dir: Path
     model: nn.Module
     meta: dict[str, Any]
-    config: dict[str, Any]
+    saved: Checkpoint
     image_size: int
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training config the checkpoint records ({} if none)."""
+        return self.saved.config
 
-def find_checkpoint(checkpoint: str | Path | None, runs_root: str | Path = "runs") -> Path:
-    """The given checkpoint, or the newest run's best checkpoint (else its latest)."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    run = latest_run(runs_root)
-    for name in ("best.pt", "checkpoint.pt"):
-        if (run / name).is_file():
-            return run / name
-    raise FileNotFoundError(f"run {run} has no best.pt or checkpoint.pt yet")
+    @property
+    def data_root(self) -> str | None:
+        """The data path the run was trained with (None: embedded or not recorded)."""
+        return self.saved.data.root if self.saved.data is not None else self.config.get("data")
+
+    def load_images(
+        self, split: str = "test", root: str | Path | None = None, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """This checkpoint's ``split`` images as its training served them (see
+        :func:`load_eval_images`); ``root`` overrides the recorded data path."""
+        return load_eval_images(
+            self.meta["dataset"],
+            split,
+            root if root is not None else self.data_root,
+            self.image_size,
+            limit,
+        )
+
+
+def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
+    """``specs`` with a clean row first when they have none (every evaluation reports it)."""
+    specs = list(specs)
+    if not any(s.name == "clean" for s in specs):
+        specs.insert(0, AttackSpec("clean"))
+    return specs
 
 
 def file_sha256(path: Path) -> str:
@@ -66,15 +85,14 @@ def file_sha256(path: Path) -> str:
 
 def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
     """Load a checkpoint safely (``weights_only``) and build its model in eval mode."""
-    payload = load_checkpoint(path, map_location="cpu")
-    model = build_model(payload).to(device).eval()
-    config = payload.get("config") or {}
-    dataset = payload.get("dataset") or {}
+    saved = read_checkpoint(path, map_location="cpu")
+    model = saved.build_model().to(device).eval()
+    config = saved.config
     meta = {
         "run": path.parent.name,
-        "arch": payload["arch"],
-        "train_mode": config.get("mode", ""),
-        "dataset": dataset.get("name", config.get("dataset", "")),
+        "arch": saved.arch,
+        "train_mode": saved.mode,
+        "dataset": saved.data.name if saved.data else config.get("dataset", ""),
         "checkpoint_sha256": file_sha256(path),
     }
     return EvalTarget(
@@ -82,8 +100,8 @@ def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
         run_dir=path.parent,
         model=model,
         meta=meta,
-        config=config,
-        image_size=int(dataset.get("image_size") or config.get("image_size") or 0),
+        saved=saved,
+        image_size=int(saved.data.image_size if saved.data else config.get("image_size") or 0),
     )
 
 
@@ -145,17 +163,19 @@ def evaluate_checkpoint(
     on_batch: Callable[[AttackSpec, int], None] | None = None,
     dist_ctx: DistContext | None = None,
 ) -> list[dict[str, Any]]:
-    """Attack ``images`` with every spec, append the rows to ``out_csv`` and return them.
+    """Attack ``images`` with every spec (and clean, :func:`with_clean`), append the rows to
+    ``out_csv`` and return them, in the order of ``with_clean(specs)``.
 
     Under ``torchrun`` (``dist_ctx`` of several processes) each rank attacks every
     world-size-th image; rank 0 gathers the per-example outcomes, writes the rows and returns
     them (other ranks return []). Results equal a single-process run's: targets and random
     starts are keyed by image index.
     """
+    specs = with_clean(specs)
     subset = subset_sha256(labels, indices)
     ids = torch.as_tensor(list(indices), dtype=torch.int64)
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx else (0, 1)
-    targets_dir = out_csv.parent / "targets"
+    targets_dir = out_csv.parent / TARGETS
     results = evaluate(
         target.model,
         images[rank::world],

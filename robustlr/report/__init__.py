@@ -2,6 +2,7 @@
 
 from robustlr.report.checks import CheckResult, checks_frame, run_checks, worst_status
 from robustlr.report.pairs import pair_table, paired_test
+from robustlr.report.pipeline import Report, make_report
 from robustlr.report.results import ResultsError, collect_results, read_results
 from robustlr.report.table9 import (
     CELLS,
@@ -18,12 +19,14 @@ __all__ = [
     "COLUMNS",
     "TABLE9_COLUMNS",
     "CheckResult",
+    "Report",
     "ReportSettings",
     "ResultsError",
     "Table9",
     "build_table9",
     "checks_frame",
     "collect_results",
+    "make_report",
     "pair_table",
     "paired_test",
     "read_results",

@@ -19,6 +19,7 @@ from torch import nn
 from robustlr.attacks.registry import names_where
 from robustlr.nn import LocalRelation2d
 from robustlr.report.results import RUN_KEY
+from robustlr.runs import CHECKPOINT_PREFERENCE
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def report_plots(results: pd.DataFrame, directory: str | Path, eps: float) -> li
 def run_geo_prior_plots(
     runs: dict[tuple[str, str], str],
     directory: Path,
-    checkpoint_names: tuple[str, ...] = ("best.pt", "checkpoint.pt"),
+    checkpoint_names: tuple[str, ...] = CHECKPOINT_PREFERENCE,
 ) -> list[Path]:
     """Figure-4 plots for report runs ({(network, mode): run dir}) whose model has local
     relation layers, from the first of ``checkpoint_names`` each run has; unreadable

@@ -3,7 +3,6 @@ given CSV files, with the run's arch and training mode filled from its ``config.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,11 +11,12 @@ import numpy as np
 import pandas as pd
 
 from robustlr.attacks.registry import RENAMED
+from robustlr.errors import UserError
 from robustlr.eval.runner import RESULT_COLUMNS
+from robustlr.runs import EVAL_CSV, read_run_config
 
 log = logging.getLogger(__name__)
 
-EVAL_CSV = "eval.csv"
 NUMERIC_COLUMNS = (
     "n",
     "eps",
@@ -42,7 +42,7 @@ EPS_TOL = 1e-6
 REGULAR_NAMES = {"regular", "standard", "natural", "normal", "clean", "std"}
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """No results, or a results file that cannot be read; the CLI shows it as one line."""
 
 
@@ -63,18 +63,6 @@ def find_eval_csvs(runs_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ResultsError(f"runs directory {root} does not exist")
     return sorted(root.rglob(EVAL_CSV))
-
-
-def _run_config(directory: Path) -> dict[str, object]:
-    path = directory / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_result_csv(path: str | Path) -> pd.DataFrame:
@@ -99,7 +87,7 @@ def read_result_csv(path: str | Path) -> pd.DataFrame:
             run_key=str(directory),
             mtime=path.stat().st_mtime,
             directory=directory,
-            config=_run_config(directory),
+            config=read_run_config(directory),
         )
     except ValueError as exc:
         raise ResultsError(f"{path}: {exc}") from None

@@ -4,7 +4,6 @@ stage is skipped when its outputs are complete, so a killed study resumes."""
 
 from robustlr.study.recipe import Recipe, RecipeError, load_recipe, recipe_path
 from robustlr.study.runner import (
-    ReportResult,
     StudyResult,
     default_out_dir,
     run_stage,
@@ -18,7 +17,6 @@ __all__ = [
     "PENDING",
     "Recipe",
     "RecipeError",
-    "ReportResult",
     "Stage",
     "StageStatus",
     "StudyResult",

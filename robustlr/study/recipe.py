@@ -27,9 +27,12 @@ from typing import Any
 
 from robustlr.attacks.spec import AttackSpec, parse_eps, parse_number
 from robustlr.attacks.suites import load_suite
+from robustlr.device import DeviceError, check_device_name
+from robustlr.errors import UserError
 from robustlr.resources import resource_dir
+from robustlr.settings import SettingError, apply_assignments, parse_assignment
 from robustlr.train.adversarial import AdversarialTraining
-from robustlr.train.config import ConfigError, TrainConfig, parse_value, resolve
+from robustlr.train.config import ConfigError, TrainConfig, resolve
 
 MODES = ("regular", "adversarial")
 TOP_KEYS = ("name", "description", "data", "train", "adversarial", "network", "eval", "report")
@@ -52,7 +55,7 @@ REPORT_KEYS = ("eps", "attack_steps", "target_policy", "plots")
 NUMBER_KEYS = ("eps", "step_size")  # adversarial keys that may be written "16/255"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; the message is one line naming the file and the key."""
 
 
@@ -130,22 +133,21 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 
 def apply_overrides(data: dict[str, Any], pairs: Iterable[str]) -> dict[str, Any]:
-    """``["data.path=/x", "train.epochs=2"]`` set into the parsed TOML (tables created)."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    """``["data.path=/x", "train.epochs=2"]`` set into the parsed TOML (tables created), in
+    the one ``--set`` grammar (:mod:`robustlr.settings`)."""
+    pairs = list(pairs)
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        parts = [p.strip() for p in key.split(".")]
-        if not sep or not all(parts):
+        try:
+            parts, _ = parse_assignment(pair)
+        except SettingError:
+            parts = ()
+        if len(parts) < 2:
             raise RecipeError(f"--set expects section.key=value, got {pair!r}")
         if parts[0] == "network":
-            raise RecipeError(f"--set {key}: a network's keys are set in the recipe file")
-        table = data
-        for part in parts[:-1]:
-            table = table.setdefault(part, {})
-            if not isinstance(table, dict):
-                raise RecipeError(f"--set {key}: {part!r} is not a table")
-        table[parts[-1]] = parse_value(text.strip())
-    return data
+            raise RecipeError(
+                f"--set {'.'.join(parts)}: a network's keys are set in the recipe file"
+            )
+    return apply_assignments(data, pairs)
 
 
 def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
@@ -245,6 +247,11 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
     split = table.get("split", "test")
     if split not in ("test", "val"):
         raise RecipeError(f'{where}: split must be "test" or "val", not {split!r}')
+    device = str(table.get("device", "auto"))
+    try:
+        check_device_name(device)
+    except DeviceError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     return EvalSettings(
         attacks=tuple(specs),
         suite=str(suite) if suite is not None else "inline",
@@ -252,7 +259,7 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
         batch_size=batch_size,
         split=split,
         checkpoint=checkpoint,
-        device=str(table.get("device", "auto")),
+        device=device,
     )
 
 

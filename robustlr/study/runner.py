@@ -15,25 +15,15 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from robustlr.attacks.spec import AttackSpec
-from robustlr.eval.session import (
-    EVAL_CSV,
-    evaluate_checkpoint,
-    load_eval_images,
-    open_checkpoint,
-)
-from robustlr.report.checks import CheckResult, run_checks
-from robustlr.report.pairs import pair_table
-from robustlr.report.plots import report_plots, run_geo_prior_plots
-from robustlr.report.results import collect_results
-from robustlr.report.table9 import ReportSettings, Table9, build_table9
-from robustlr.report.writers import write_report
+from robustlr.device import resolve_device
+from robustlr.eval.session import evaluate_checkpoint, open_checkpoint
+from robustlr.report.pipeline import Report, make_report
+from robustlr.report.table9 import ReportSettings
+from robustlr.runs import CHECKPOINT, EVAL_CSV, OUTCOMES
 from robustlr.study.recipe import Recipe
 from robustlr.study.stages import (
     DONE,
@@ -51,22 +41,11 @@ from robustlr.study.stages import (
 )
 from robustlr.train import EventSink, TrainResult, resume_config
 from robustlr.train import train as train_engine
-from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
 
 log = logging.getLogger(__name__)
 
 StageSink = Callable[[Stage, str, StageStatus], None]  # (stage, "start"|"skip"|"done", status)
 EvalProgress = Callable[[Stage, AttackSpec, int, int], None]  # (stage, spec, done, total)
-
-
-@dataclass
-class ReportResult:
-    """What the report stage built and wrote (for the CLI to show)."""
-
-    table: Table9
-    checks: list[CheckResult]
-    pairs: Any  # pandas DataFrame
-    written: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -76,7 +55,7 @@ class StudyResult:
     out_dir: Path
     statuses: list[tuple[Stage, StageStatus]]
     ran: list[str]
-    report: ReportResult | None = None
+    report: Report | None = None
 
 
 def default_out_dir(recipe: Recipe) -> Path:
@@ -142,7 +121,7 @@ def run_stage(
     out_dir: Path,
     on_train_event: EventSink | None = None,
     on_eval: EvalProgress | None = None,
-) -> ReportResult | None:
+) -> Report | None:
     """Run one stage (whatever its status); the report stage returns what it built."""
     if stage.kind in ("train", "advtrain"):
         train_stage(stage, recipe, on_train_event)
@@ -158,39 +137,22 @@ def train_stage(stage: Stage, recipe: Recipe, on_event: EventSink | None = None)
     assert stage.run_dir is not None
     network = recipe.network(stage.arch)
     config = recipe.train_config(network, stage.mode, stage.run_dir)
-    resume = (stage.run_dir / "checkpoint.pt").is_file()
+    resume = (stage.run_dir / CHECKPOINT).is_file()
     if resume:
-        config = resume_config(stage.run_dir, config.to_dict())
-    hook = None
-    if stage.mode == "adversarial":
-        settings = AdversarialTraining(**config.adversarial)
-        config.adversarial = settings.as_dict()
-        hook = AdversarialHook(settings)
+        config = resume_config(stage.run_dir, config.to_dict(), mode=stage.mode)
     log.info("%s: %s into %s", stage.name, "resuming" if resume else "training", stage.run_dir)
-    return train_engine(config, on_event=on_event, hook=hook, resume=resume)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return train_engine(config, on_event=on_event, resume=resume)
 
 
 def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None) -> Path:
     """Attack the run's checkpoint with the recipe's suite; returns the complete eval.csv."""
     assert stage.run_dir is not None
     settings = recipe.eval
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
     partial = stage.run_dir / PARTIAL_CSV
     partial.unlink(missing_ok=True)  # rows of an interrupted attempt
     target = open_checkpoint(eval_checkpoint(stage.run_dir, settings.checkpoint), device)
-    images, labels, indices = load_eval_images(
-        target.meta["dataset"],
-        settings.split,
-        target.config.get("data"),
-        target.image_size,
-        settings.limit,
-    )
+    images, labels, indices = target.load_images(settings.split, limit=settings.limit)
     total = len(labels)
 
     def on_batch(spec: AttackSpec, done: int) -> None:
@@ -207,7 +169,7 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
         out_csv=partial,
         batch_size=settings.batch_size,
         device=device,
-        examples_dir=stage.run_dir / "outcomes",
+        examples_dir=stage.run_dir / OUTCOMES,
         on_batch=on_batch,
     )
     final = stage.run_dir / EVAL_CSV
@@ -215,21 +177,21 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
     return final
 
 
-def report_stage(recipe: Recipe, out_dir: Path) -> ReportResult:
-    """Table 9, paired tests, sanity checks and plots from the study's eval.csv files."""
+def report_stage(recipe: Recipe, out_dir: Path) -> Report:
+    """Table 9, paired tests, sanity checks and plots from the study's eval.csv files (the
+    same workflow as ``robustlr report``)."""
     files = [p for p in eval_csvs(recipe, out_dir) if p.is_file()]
     options = recipe.report
     settings = ReportSettings(
         eps=options.eps, attack_steps=options.attack_steps, target_policy=options.target_policy
     )
-    table = build_table9(collect_results(files, None), settings)
-    pairs = pair_table(table)
-    checks = run_checks(table.results, table)
-    written = write_report(table, out_dir / "table9.csv", "csv", pairs, checks)
-    if options.plots:
-        chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
-        written += report_plots(chosen, out_dir / "plots", table.eps)
-        written += run_geo_prior_plots(table.runs, out_dir / "plots", ("checkpoint.pt",))
+    report = make_report(
+        settings,
+        out_dir / "table9.csv",
+        results=files,
+        plots_dir=out_dir / "plots" if options.plots else None,
+        checkpoint_names=(CHECKPOINT,),
+    )
     marker = {"recipe": recipe.name, "inputs": inputs_digest(files)}
     (out_dir / REPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return ReportResult(table, checks, pairs, written)
+    return report

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from robustlr.checkpoint import CheckpointError, load_checkpoint
-from robustlr.eval.session import EVAL_CSV, file_sha256
+from robustlr.checkpoint import CheckpointError, read_checkpoint
+from robustlr.eval.session import file_sha256, with_clean
+from robustlr.runs import BEST, CHECKPOINT, EVAL_CSV
 from robustlr.study.recipe import Recipe
-from robustlr.train import BEST, CHECKPOINT
 
 PARTIAL_CSV = "eval.partial.csv"
 REPORT_MARKER = "report.json"
@@ -88,10 +88,10 @@ def training_progress(run_dir: Path) -> tuple[int, int] | None:
     if not path.is_file():
         return None
     try:
-        payload = load_checkpoint(path, map_location=torch.device("cpu"))
+        saved = read_checkpoint(path, map_location=torch.device("cpu"))
     except CheckpointError:
         return None
-    return int(payload["epoch"]), int(payload.get("step_in_epoch", 0))
+    return saved.epoch, saved.training.step_in_epoch if saved.training else 0
 
 
 def train_status(run_dir: Path, epochs: int) -> StageStatus:
@@ -166,7 +166,7 @@ def stage_status(stage: Stage, recipe: Recipe, out_dir: Path) -> StageStatus:
     if stage.kind == "eval":
         assert stage.run_dir is not None
         checkpoint = eval_checkpoint(stage.run_dir, recipe.eval.checkpoint)
-        return eval_status(stage.run_dir, len(recipe.eval.attacks), checkpoint)
+        return eval_status(stage.run_dir, len(with_clean(recipe.eval.attacks)), checkpoint)
     return report_status(out_dir, eval_csvs(recipe, out_dir))
 
 

@@ -15,8 +15,6 @@ from robustlr.train.config import (
     resolve,
 )
 from robustlr.train.engine import (
-    BEST,
-    CHECKPOINT,
     NonFiniteLossError,
     TrainingError,
     TrainResult,
@@ -32,13 +30,10 @@ from robustlr.train.events import (
     StepEnded,
     TrainEvent,
 )
-from robustlr.train.hooks import BatchHook, StepContext
+from robustlr.train.hooks import BatchHook, HookedBatch, StepContext
 from robustlr.train.resume import RESUMABLE, resume_config
-from robustlr.train.rundir import latest_run, new_run_dir, write_latest
 
 __all__ = [
-    "BEST",
-    "CHECKPOINT",
     "RESUMABLE",
     "BatchHook",
     "CheckpointSaved",
@@ -46,6 +41,7 @@ __all__ = [
     "EpochEnded",
     "EpochStarted",
     "EventSink",
+    "HookedBatch",
     "NonFiniteLossError",
     "RunFinished",
     "RunStarted",
@@ -57,12 +53,9 @@ __all__ = [
     "TrainingError",
     "dataset_defaults",
     "effective_lr",
-    "latest_run",
-    "new_run_dir",
     "parse_overrides",
     "read_recipe",
     "resolve",
     "resume_config",
     "train",
-    "write_latest",
 ]

@@ -16,16 +16,18 @@ the attacks exactly.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from robustlr.attacks.modes import eval_mode
 from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec, format_eps
 from robustlr.attacks.threat import threat_model
-from robustlr.train.hooks import BatchHook, Criterion, StepContext
+from robustlr.train.hooks import BatchHook, Criterion, HookedBatch, StepContext
+
+if TYPE_CHECKING:
+    from robustlr.train.config import TrainConfig
 
 TRAIN_TARGETS = {
     "random": "pgd-targeted",
@@ -84,21 +86,29 @@ class AdversarialTraining:
         )
 
 
+@dataclass(frozen=True)
+class AdversarialStep:
+    """What one adversarial step made: ``n_clean`` clean images at the front of the training
+    batch, then the adversarial ones; ``success`` per attacked image. Shape: success (B,)."""
+
+    n_clean: int
+    success: torch.Tensor
+
+
 class AdversarialHook(BatchHook):
-    """Replace each training batch by clean + adversarial images (see the module docstring)."""
+    """Replace each training batch by clean + adversarial images (see the module docstring).
+
+    The hook holds only its settings: each step's results travel in the returned batch.
+    """
 
     metric_names = ("clean_acc", "adv_acc", "attack_success")
 
     def __init__(self, settings: AdversarialTraining) -> None:
         self.settings = settings
-        self._n_clean = 0  # clean images at the front of the current training batch
-        self._n_adv = 0
-        self._success: torch.Tensor | None = None
-        self._num_classes: int | None = None
 
     def transform(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> HookedBatch:
         """Shape: (B, C, H, W), (B,) -> (n_clean + B, C, H, W), (n_clean + B,)."""
         s = self.settings
         gen = ctx.generator
@@ -107,12 +117,8 @@ class AdversarialHook(BatchHook):
         spec = s.spec(seed)
         targets = None
         if s.target == "random":
-            if self._num_classes is None:
-                with eval_mode(model), torch.no_grad():
-                    self._num_classes = int(model(x[:1]).shape[1])
-            shift = torch.randint(1, self._num_classes, y.shape, generator=gen, device=on)
-            shift = shift.to(y.device)
-            targets = (y + shift) % self._num_classes
+            shift = torch.randint(1, ctx.num_classes, y.shape, generator=gen, device=on)
+            targets = (y + shift.to(y.device)) % ctx.num_classes
         start = None
         if s.clean_start_prob > 0:
             ball = threat_model(s.norm, s.eps)
@@ -120,31 +126,43 @@ class AdversarialHook(BatchHook):
             random_point = ball.init(x, gen) if s.random_start else x
             start = torch.where(keep_clean.to(x.device).view(-1, 1, 1, 1), x, random_point)
         outcome = run_attack(model, x, y, spec, targets=targets, start=start)
-        self._success = outcome.success.detach()
         n_clean = min(len(x), round(len(x) * s.mix / (1 - s.mix))) if s.mix > 0 else 0
-        self._n_clean, self._n_adv = n_clean, len(x)
         x_train = torch.cat([x[:n_clean], outcome.x_adv.to(x.dtype)])
-        return x_train, torch.cat([y[:n_clean], y])
+        return HookedBatch(
+            x_train,
+            torch.cat([y[:n_clean], y]),
+            AdversarialStep(n_clean, outcome.success.detach()),
+        )
 
     def loss(
-        self, logits: torch.Tensor, y: torch.Tensor, criterion: Criterion, ctx: StepContext
+        self, logits: torch.Tensor, batch: HookedBatch, criterion: Criterion, ctx: StepContext
     ) -> torch.Tensor:
-        """Cross-entropy over the mixed batch, plus logit pairing. Shape: (B', K), (B',) -> ()."""
-        loss = criterion(logits, y)
-        if self.settings.logit_pairing > 0 and self._n_clean > 0:
-            n = self._n_clean
+        """Cross-entropy over the mixed batch, plus logit pairing. Shape: (B', K) -> ()."""
+        loss = criterion(logits, batch.y)
+        n = batch.state.n_clean
+        if self.settings.logit_pairing > 0 and n > 0:
             clean, adv = logits[:n].float(), logits[n : 2 * n].float()
             loss = loss + self.settings.logit_pairing * (clean - adv).square().sum(1).mean()
         return loss
 
     def metrics(
-        self, logits: torch.Tensor, y: torch.Tensor, ctx: StepContext
+        self, logits: torch.Tensor, batch: HookedBatch, ctx: StepContext
     ) -> dict[str, tuple[torch.Tensor, int]]:
-        correct = (logits.argmax(1) == y).float()
-        n = self._n_clean
-        out = {"adv_acc": (correct[n:].sum(), len(correct) - n)}
+        step: AdversarialStep = batch.state
+        correct = (logits.argmax(1) == batch.y).float()
+        n = step.n_clean
+        out = {
+            "adv_acc": (correct[n:].sum(), len(correct) - n),
+            "attack_success": (step.success.float().sum(), len(step.success)),
+        }
         if n:
             out["clean_acc"] = (correct[:n].sum(), n)
-        if self._success is not None:
-            out["attack_success"] = (self._success.float().sum(), len(self._success))
         return out
+
+
+def training_hook(config: TrainConfig) -> BatchHook:
+    """The hook a run trains with, derived from its (saved) config: ``mode`` and
+    ``adversarial`` alone decide it, whichever command starts or resumes the run."""
+    if config.mode == "adversarial":
+        return AdversarialHook(AdversarialTraining(**config.adversarial))
+    return BatchHook()

@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustlr.errors import UserError
+from robustlr.settings import apply_assignments
 
-class ConfigError(ValueError):
+MODES = ("regular", "adversarial")
+
+
+class ConfigError(UserError):
     """A bad recipe file or override (unknown key, wrong type); the CLI shows it as one line."""
 
 
@@ -26,7 +31,10 @@ class TrainConfig:
 
     ``lr`` None means 0.1 x global batch / 256 (the paper's 0.4 at batch 1024). ``batch_size``
     is the global batch, split evenly across processes. ``epochs``/``image_size``/``width``
-    None mean the dataset's defaults (:func:`dataset_defaults`).
+    None mean the dataset's defaults (:func:`dataset_defaults`). ``mode`` is "regular" or
+    "adversarial"; an adversarial run's threat model is ``adversarial`` (resolved to every
+    field of :class:`robustlr.train.adversarial.AdversarialTraining`), and a regular run has
+    none. A resumed run keeps both: they decide how it trains.
     """
 
     arch: str = "resnet26"
@@ -79,46 +87,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # digits: 1,294 training images of 8x8 scans upsampled to 16x16. At 8x8 a 7x7 window covers
-    # most of the image and the deeper stages (4x4 and less) all of it, so LR-Net loses the
-    # locality the paper shows it needs (Table 3: 7x7 71.9 vs full image 50.7) and learns badly
-    # (docs/lrnet-training.md); 16x16 keeps the windows local in the first stages. Sized so that
-    # ``robustlr train`` takes a few minutes on 2 CPU cores.
-    "digits": dict(
-        image_size=16, width=0.25, epochs=12, batch_size=64, small_input=True, warmup_epochs=1.0
-    ),
-    "cifar10": dict(image_size=32, width=1.0, epochs=100, batch_size=128, small_input=True),
-    "cifar100": dict(image_size=32, width=1.0, epochs=100, batch_size=128, small_input=True),
-    "mnist": dict(image_size=28, width=1.0, epochs=20, batch_size=128, small_input=True),
-    # the paper's ImageNet protocol: 110 epochs, lr 0.4 at 1024, warm-up 5, /10 at 30/60/90
-    "imagenet": dict(
-        image_size=224,
-        width=1.0,
-        epochs=110,
-        batch_size=256,
-        small_input=False,
-        warmup_epochs=5.0,
-        schedule="step",
-        milestones=[30, 60, 90],
-    ),
-    "imagefolder": dict(image_size=224, width=1.0, epochs=90, batch_size=256, small_input=False),
-}
-
-
-# Adversarial training costs (steps + 2) passes per image instead of one: on the embedded digits
-# data fewer epochs keep ``robustlr advtrain --arch lrnet26 --steps 16`` within 10 minutes on 2
-# CPU cores. Architecture settings stay those of regular training, so the two runs of a network
-# are the same model (as Table 9 compares them).
-_ADVERSARIAL_DEFAULTS: dict[str, dict[str, Any]] = {"digits": dict(epochs=4)}
-
-
 def dataset_defaults(dataset: str, mode: str = "regular") -> dict[str, Any]:
-    """The per-dataset (and per-mode) defaults that fill fields left unset (None) by the user."""
-    defaults = dict(_DATASET_DEFAULTS.get(dataset, {}))
-    if mode == "adversarial":
-        defaults.update(_ADVERSARIAL_DEFAULTS.get(dataset, {}))
-    return defaults
+    """The per-dataset (and per-mode) defaults that fill fields left unset (None) by the user:
+    read from the dataset registry (:mod:`robustlr.data.registry`); {} for an unknown name
+    (:func:`validate` reports it)."""
+    from robustlr.data.registry import DATASETS, dataset_spec
+
+    return dataset_spec(dataset).train_defaults(mode) if dataset in DATASETS else {}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -156,30 +131,16 @@ def coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"setting {name!r} expects {names}, got {value!r}")
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: TOML syntax (1e-3, true, [30, 60], "x"), else the bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """``["lr=0.1", "model.kernel_size=5", "adversarial.steps=4"]`` ->
-    ``{"lr": 0.1, "model_options": {...}, "adversarial": {...}}``."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        value = parse_value(text.strip())
-        if key.startswith("model."):
-            out.setdefault("model_options", {})[key[len("model.") :]] = value
-        elif key.startswith("adversarial."):
-            out.setdefault("adversarial", {})[key[len("adversarial.") :]] = value
-        else:
-            out[key] = value
+    ``{"lr": 0.1, "model_options": {...}, "adversarial": {...}}`` (the one ``--set`` grammar,
+    :mod:`robustlr.settings`; ``model.`` keys are the model's options)."""
+    out = apply_assignments({}, pairs)
+    if "model" in out:
+        model = out.pop("model")
+        if not isinstance(model, dict):
+            raise ConfigError("--set model=... needs a key: model.<option>=VALUE")
+        out["model_options"] = {**model, **out.get("model_options", {})}
     return out
 
 
@@ -224,12 +185,14 @@ def resolve(*layers: Mapping[str, Any]) -> TrainConfig:
     defaults = {k: coerce(k, v) for k, v in dataset_defaults(dataset, mode).items()}
     cfg = TrainConfig(**{**defaults, **values})
     validate(cfg)
+    _resolve_adversarial(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` for values no run can use."""
     from robustlr.data import DATASETS
+    from robustlr.device import check_device_name
 
     checks = [
         (
@@ -243,22 +206,39 @@ def validate(cfg: TrainConfig) -> None:
             f"schedule must be cosine or step, not {cfg.schedule!r}",
         ),
         (cfg.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, not {cfg.amp!r}"),
-        (
-            cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
-            f"device must be auto, cpu or cuda, not {cfg.device!r}",
-        ),
-        ((cfg.epochs or 1) >= 1, "epochs must be at least 1"),
-        ((cfg.batch_size or 1) >= 1, "batch size must be at least 1"),
+        (cfg.mode in MODES, f"mode must be one of {', '.join(MODES)}, not {cfg.mode!r}"),
+        (cfg.epochs is None or cfg.epochs >= 1, f"epochs must be at least 1, not {cfg.epochs}"),
+        (cfg.batch_size is None or cfg.batch_size >= 1, "batch size must be at least 1"),
         (cfg.lr is None or cfg.lr > 0, "lr must be positive"),
         (cfg.relation_lr_scale >= 0, "relation_lr_scale must be >= 0"),
         (0.0 <= cfg.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
         (0.0 <= cfg.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
         (cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip must be positive"),
-        ((cfg.width or 1.0) > 0, "width must be positive"),
+        (cfg.width is None or cfg.width > 0, "width must be positive"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_device_name(cfg.device)
+    if cfg.mode == "regular" and cfg.adversarial:
+        raise ConfigError(
+            "adversarial settings given for a regular run: use mode adversarial (advtrain)"
+        )
+
+
+def _resolve_adversarial(cfg: TrainConfig) -> None:
+    """Fill an adversarial run's threat model with its defaults, validated (ConfigError)."""
+    if cfg.mode != "adversarial":
+        return
+    from robustlr.train.adversarial import AdversarialTraining
+
+    try:
+        settings = AdversarialTraining(**cfg.adversarial)
+    except TypeError as exc:
+        raise ConfigError(f"adversarial training: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"adversarial training: {exc}") from None
+    cfg.adversarial = settings.as_dict()
 
 
 def effective_lr(cfg: TrainConfig) -> float:

@@ -9,7 +9,6 @@ continues a killed run exactly (bitwise on the CPU with ``deterministic``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,16 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from robustlr.checkpoint import (
-    FORMAT_VERSION,
+    Checkpoint,
     CheckpointError,
+    DataRecord,
+    TrainingState,
     copy_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     remove_stale_temp_files,
-    save_checkpoint,
+    write_checkpoint,
 )
 from robustlr.data import ImageTensorDataset, collate_batch, epoch_seed, load
-from robustlr.train.config import ConfigError, TrainConfig, effective_lr
-from robustlr.train.distributed import (
+from robustlr.distributed import (
     DistContext,
     all_reduce,
     barrier,
@@ -41,6 +41,9 @@ from robustlr.train.distributed import (
     close_distributed,
     init_distributed,
 )
+from robustlr.runs import BEST, CHECKPOINT, METRICS, new_run_dir, write_latest, write_run_config
+from robustlr.train.adversarial import training_hook
+from robustlr.train.config import ConfigError, TrainConfig, effective_lr
 from robustlr.train.events import (
     CheckpointSaved,
     EpochEnded,
@@ -61,13 +64,9 @@ from robustlr.train.rng import (
     set_deterministic,
     step_seed,
 )
-from robustlr.train.rundir import new_run_dir, write_latest
 from robustlr.train.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
 
 
 class TrainingError(RuntimeError):
@@ -96,13 +95,20 @@ def train(
 ) -> TrainResult:
     """Run (or with ``resume``, continue from ``config.out``/checkpoint.pt) one training run.
 
+    The run trains the way its config says: an adversarial ``mode`` gets the adversarial hook
+    built from ``config.adversarial`` (:func:`robustlr.train.adversarial.training_hook`).
+    ``hook`` plugs a custom :class:`BatchHook` into a regular run.
+
     Raises :class:`ConfigError` or ``robustlr.data.DataError`` on bad input,
     :class:`CheckpointError` for an unusable checkpoint, :class:`NonFiniteLossError` when the
     loss diverges.
     """
+    if hook is not None and config.mode != "regular":
+        raise ConfigError(f"a {config.mode} run trains with the hook its config defines")
+    hook = hook if hook is not None else training_hook(config)
     ctx = init_distributed(config.device)
     try:
-        return _Run(config, ctx, on_event, hook or BatchHook(), resume).run()
+        return _Run(config, ctx, on_event, hook, resume).run()
     finally:
         close_distributed(ctx)
 
@@ -219,7 +225,10 @@ class _Run:
         set_deterministic(cfg.deterministic)
         seed_everything(cfg.seed)
         run_dir = self._run_dir()
-        payload = load_checkpoint(run_dir / CHECKPOINT, arch=cfg.arch) if self.resume else None
+        saved = read_checkpoint(run_dir / CHECKPOINT, arch=cfg.arch) if self.resume else None
+        state = saved.training if saved is not None else None
+        if saved is not None and state is None:
+            raise CheckpointError(f"{run_dir / CHECKPOINT} holds no training state to resume")
 
         train_set, val_set = self._data()
         info = train_set.info  # type: ignore[attr-defined]
@@ -262,23 +271,23 @@ class _Run:
         start_epoch, start_step, global_step = 0, 0, 0
         best: float | None = None
         progress: dict[str, Any] = {}
-        if payload is not None:
+        if saved is not None and state is not None:
             try:
-                model.load_state_dict(payload["model"])
-                optimizer.load_state_dict(payload["optimizer"])
-                scheduler.load_state_dict(payload["scheduler"])
-                scaler.load_state_dict(payload["scaler"])
+                model.load_state_dict(saved.model)
+                optimizer.load_state_dict(state.optimizer)
+                scheduler.load_state_dict(state.scheduler)
+                scaler.load_state_dict(state.scaler)
             except (RuntimeError, KeyError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 raise CheckpointError(
                     f"checkpoint {run_dir / CHECKPOINT} does not match this run: {first}"
                 ) from None
-            restore_rng_states(payload["rng"])
-            start_epoch, start_step = int(payload["epoch"]), int(payload.get("step_in_epoch", 0))
-            global_step = int(payload["step"])
-            best = payload.get("best_val_acc")
-            progress = dict(payload.get("epoch_progress") or {})
-            saved_world = int(payload.get("world_size", ctx.world_size))
+            restore_rng_states(state.rng)
+            start_epoch, start_step = saved.epoch, state.step_in_epoch
+            global_step = saved.step
+            best = state.best_val_acc
+            progress = dict(state.epoch_progress)
+            saved_world = state.world_size
             if start_step and saved_world != ctx.world_size:
                 raise CheckpointError(
                     f"{run_dir / CHECKPOINT} was saved mid-epoch by {saved_world} process(es); "
@@ -299,23 +308,20 @@ class _Run:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(run_dir)
-            (run_dir / "config.json").write_text(
-                json.dumps(
-                    {
-                        **cfg.to_dict(),
-                        "out": str(run_dir),
-                        "model_options_resolved": {
-                            k: list(v) if isinstance(v, tuple) else v for k, v in options.items()
-                        },
-                        "world_size": ctx.world_size,
-                        "lr_effective": effective_lr(cfg),
+            write_run_config(
+                run_dir,
+                {
+                    **cfg.to_dict(),
+                    "out": str(run_dir),
+                    "model_options_resolved": {
+                        k: list(v) if isinstance(v, tuple) else v for k, v in options.items()
                     },
-                    indent=2,
-                )
-                + "\n"
+                    "world_size": ctx.world_size,
+                    "lr_effective": effective_lr(cfg),
+                },
             )
             write_latest(run_dir)
-            self.metrics = MetricsCSV(run_dir / "metrics.csv", columns, keep_epochs=start_epoch)
+            self.metrics = MetricsCSV(run_dir / METRICS, columns, keep_epochs=start_epoch)
         self.emit(
             RunStarted(
                 run_dir,
@@ -455,15 +461,18 @@ class _Run:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        sctx = StepContext(epoch, i, global_step, self.device, self.amp_dtype, gen)
-        x, y = self.hook.transform(self.raw_model, x, y, sctx)
+        sctx = StepContext(
+            epoch, i, global_step, self.device, self.amp_dtype, gen, self.info.num_classes
+        )
+        batch = self.hook.transform(self.raw_model, x, y, sctx)
+        x, y = batch.x, batch.y
         with torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
         ):
             logits = self.model(x)
-            loss = self.hook.loss(logits, y, self.criterion, sctx)
+            loss = self.hook.loss(logits, batch, self.criterion, sctx)
         bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
         if all_reduce(bad, ctx, op="max").item():
             raise NonFiniteLossError(
@@ -487,7 +496,7 @@ class _Run:
                 (logits.argmax(1) == y).sum().double(),
                 torch.tensor(float(n), dtype=torch.float64, device=y.device),
             ]
-            extra = self.hook.metrics(logits.detach(), y, sctx)
+            extra = self.hook.metrics(logits.detach(), batch, sctx)
             for name in names:
                 s, c = extra.get(name, (torch.zeros((), device=y.device), 0))
                 out += [
@@ -537,31 +546,36 @@ class _Run:
         progress: dict[str, Any],
         is_best: bool,
     ) -> None:
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "arch": self.cfg.arch,
-            "model_options": dict(self.options),
-            "num_classes": self.info.num_classes,
-            "model": self.raw_model.state_dict(),
-            "epoch": epoch,
-            "step": global_step,
-            "step_in_epoch": step_in_epoch,
-            "epoch_progress": progress,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": capture_rng_states(),
-            "config": self.cfg.to_dict(),
-            "best_val_acc": best,
-            "world_size": self.ctx.world_size,
-            "dataset": {
-                "name": self.info.name,
-                "image_size": self.info.image_size,
-                "channels": self.info.channels,
-                "num_classes": self.info.num_classes,
-            },
-        }
-        path = save_checkpoint(payload, self.run_dir / CHECKPOINT)
+        cfg = self.cfg
+        checkpoint = Checkpoint(
+            arch=cfg.arch,
+            model_options=dict(self.options),
+            num_classes=self.info.num_classes,
+            model=self.raw_model.state_dict(),
+            epoch=epoch,
+            step=global_step,
+            config=cfg.to_dict(),
+            data=DataRecord(
+                name=self.info.name,
+                image_size=self.info.image_size,
+                channels=self.info.channels,
+                num_classes=self.info.num_classes,
+                root=cfg.data,
+                val_fraction=cfg.val_fraction,
+                split_seed=cfg.split_seed,
+            ),
+            training=TrainingState(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=capture_rng_states(),
+                step_in_epoch=step_in_epoch,
+                epoch_progress=progress,
+                best_val_acc=best,
+                world_size=self.ctx.world_size,
+            ),
+        )
+        path = write_checkpoint(checkpoint, self.run_dir / CHECKPOINT)
         self.emit(CheckpointSaved(path, epoch, global_step, False))
         if is_best:
             best_path = copy_checkpoint(path, self.run_dir / BEST)

@@ -2,10 +2,10 @@
 
 For every training batch the engine calls, in order::
 
-    x, y = hook.transform(model, x, y, ctx)          # e.g. replace/concatenate adversarial x
-    logits = model(x)                                 # DDP-wrapped, autocast if AMP is on
-    loss = hook.loss(logits, y, criterion, ctx)       # e.g. add a logit-pairing term
-    extra = hook.metrics(logits, y, ctx)              # e.g. clean/adversarial accuracy sums
+    batch = hook.transform(model, x, y, ctx)         # e.g. replace/concatenate adversarial x
+    logits = model(batch.x)                           # DDP-wrapped, autocast if AMP is on
+    loss = hook.loss(logits, batch, criterion, ctx)   # e.g. add a logit-pairing term
+    extra = hook.metrics(logits, batch, ctx)          # e.g. clean/adversarial accuracy sums
 
 ``transform`` receives the *unwrapped* model in train mode (switch BatchNorm to eval and back if
 the attack needs it; leave the model in train mode when you return), runs outside autocast, and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where the loop is: 0-based epoch and step within it, global step, device, AMP dtype."""
+    """Where the loop is: 0-based epoch and step within it, global step, device, AMP dtype,
+    the step's seeded generator and the model's class count."""
 
     epoch: int
     step: int
@@ -35,6 +37,19 @@ class StepContext:
     device: torch.device
     amp_dtype: torch.dtype | None
     generator: torch.Generator
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class HookedBatch:
+    """The batch to train on, with the hook's notes about it (``state``) for loss and metrics.
+
+    Shape: x (B', C, H, W), y (B',).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    state: Any = None
 
 
 class BatchHook:
@@ -47,18 +62,18 @@ class BatchHook:
 
     def transform(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> HookedBatch:
         """Return the batch to train on. Shape: (B, C, H, W), (B,) -> (B', C, H, W), (B',)."""
-        return x, y
+        return HookedBatch(x, y)
 
     def loss(
-        self, logits: torch.Tensor, y: torch.Tensor, criterion: Criterion, ctx: StepContext
+        self, logits: torch.Tensor, batch: HookedBatch, criterion: Criterion, ctx: StepContext
     ) -> torch.Tensor:
-        """The scalar training loss. Shape: (B', K), (B',) -> ()."""
-        return criterion(logits, y)
+        """The scalar training loss. Shape: (B', K) -> ()."""
+        return criterion(logits, batch.y)
 
     def metrics(
-        self, logits: torch.Tensor, y: torch.Tensor, ctx: StepContext
+        self, logits: torch.Tensor, batch: HookedBatch, ctx: StepContext
     ) -> dict[str, tuple[torch.Tensor, int]]:
-        """Extra per-batch metrics as {name: (sum, count)}. Shape: (B', K), (B',) -> {}."""
+        """Extra per-batch metrics as {name: (sum, count)}. Shape: (B', K) -> {}."""
         return {}

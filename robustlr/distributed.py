@@ -1,4 +1,5 @@
-"""Process-group setup for ``torchrun`` (DDP: NCCL on GPU, gloo on CPU) and small collectives.
+"""Process-group setup for ``torchrun`` (DDP: NCCL on GPU, gloo on CPU) and small collectives,
+shared by training and evaluation (so neither imports the other).
 
 A plain ``python`` run is a world of one: every helper here is then a no-op.
 """
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from robustlr.train.config import ConfigError
+from robustlr.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda if available else cpu; cuda -> this process's GPU. Raises when
-    CUDA is asked for but absent (:class:`ConfigError`)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device("cpu")
 
 
 def init_distributed(device: str) -> DistContext:

@@ -1,0 +1,41 @@
+"""Option conventions shared by every command (one vocabulary across the CLI).
+
+* ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked by the library:
+  :func:`robustlr.device.check_device_name`).
+* Lists: an option that takes several values is repeatable *and* accepts comma-separated
+  values, e.g. ``--steps 10 --steps 20`` or ``--steps 10,20``.
+* ``--set KEY=VALUE``: repeatable; VALUE in TOML syntax (``1e-3``, ``true``, ``[30, 60]``,
+  ``"text"``), a bare word being a string; KEY dotted for nested tables (``model.kernel_size``,
+  ``train.epochs``). Parsed by :func:`robustlr.settings.parse_assignment`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+from robustlr.device import DEVICE_HELP
+
+
+def device_option(default: str | None = "auto") -> Any:
+    """The ``--device`` option (default ``auto``; None lets a recipe or saved run decide)."""
+    shown = f" [default: {default}]" if default is not None else " [default: auto]"
+    return click.option("--device", default=default, help=f"{DEVICE_HELP}.{shown}")
+
+
+def split_list(values: Iterable[str] | None) -> list[str]:
+    """The items of a list option given repeated and/or comma-separated: ('a,b', 'c') ->
+    ['a', 'b', 'c'] (blanks dropped)."""
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
+def int_list(values: Iterable[str] | None, option: str) -> list[int]:
+    """:func:`split_list` as integers; click.BadParameter names ``option`` otherwise."""
+    items = split_list(values)
+    try:
+        return [int(v) for v in items]
+    except ValueError:
+        bad = ", ".join(items)
+        raise click.BadParameter(f"{bad!r} are not integers", param_hint=option) from None

@@ -1,0 +1,54 @@
+"""The report workflow shared by ``robustlr report`` and ``robustlr run``: results -> Table 9,
+paired tests, sanity checks, files and plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from robustlr.report.checks import CheckResult, run_checks
+from robustlr.report.pairs import pair_table
+from robustlr.report.results import collect_results
+from robustlr.report.table9 import ReportSettings, Table9, build_table9
+from robustlr.report.writers import write_report
+from robustlr.runs import CHECKPOINT_PREFERENCE
+
+
+@dataclass
+class Report:
+    """What a report built and wrote (for the CLI to show)."""
+
+    table: Table9
+    pairs: pd.DataFrame
+    checks: list[CheckResult]
+    written: list[Path] = field(default_factory=list)
+
+
+def make_report(
+    settings: ReportSettings,
+    out: Path,
+    *,
+    results: Sequence[Path] = (),
+    runs_dir: Path | None = None,
+    fmt: str = "csv",
+    plots_dir: Path | None = None,
+    checkpoint_names: tuple[str, ...] = CHECKPOINT_PREFERENCE,
+) -> Report:
+    """Build Table 9 from ``results`` (else every eval.csv under ``runs_dir``), its paired
+    tests and sanity checks; write them to ``out`` (and beside it), and the plots to
+    ``plots_dir`` (None: no plots), geometric priors from each run's first existing
+    ``checkpoint_names``. Raises ``ResultsError`` when there are no usable results."""
+    table = build_table9(collect_results(results, runs_dir), settings)
+    pairs = pair_table(table)
+    checks = run_checks(table.results, table)
+    written = write_report(table, out, fmt, pairs, checks)
+    if plots_dir is not None:
+        from robustlr.report.plots import report_plots, run_geo_prior_plots
+
+        chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
+        written += report_plots(chosen, plots_dir, table.eps)
+        written += run_geo_prior_plots(table.runs, plots_dir, checkpoint_names)
+    return Report(table, pairs, checks, written)

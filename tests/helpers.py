@@ -1,0 +1,153 @@
+"""The tests' shared helpers (one place; tests import this module, never each other): data
+location, CLI subprocesses, fast training arguments, small models and fixtures on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from click.testing import Result
+from torch import nn
+
+from robustlr.eval.runner import RESULT_COLUMNS
+from robustlr.eval.stats import wilson_interval
+from robustlr.runs import CONFIG, EVAL_CSV
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(REPO / "robustlr" / "__main__.py")  # the robustlr entry point, runnable as a script
+
+# small and fast: ~0.9M parameters at 16x16
+FAST = ["--arch", "resnet26", "--width", "0.25", "--image-size", "16", "--small-input"]
+
+
+def shared_data_dir() -> Path:
+    """``$ROBUSTLR_DATA_DIR`` or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("ROBUSTLR_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, CLI, *args]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``robustlr <args>`` in a subprocess; returns the completed process (text)."""
+    return subprocess.run(
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def invoke_cli(*args: str, cwd: Path) -> Result:
+    """Run ``robustlr <args>`` in this process (click's runner; stdout and stderr together in
+    ``.output``) from directory ``cwd``: the fast way to test a command."""
+    from click.testing import CliRunner
+
+    from robustlr.cli import cli
+
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, list(args))
+    finally:
+        os.chdir(old)
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k] - b[k]).abs().max()})"
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    """A tiny conv net for 8x8 inputs (BatchNorm and Dropout, to check eval-mode handling)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
+
+
+def image_folder(root: Path, corrupt: bool) -> Path:
+    """A two-class ImageFolder tree (train: 5 per class, val: 2) of random PNGs; with
+    ``corrupt`` one unreadable file in train/dog."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 5), ("val", 2)):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "dog" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+REPORT_EPS = 16 / 255  # the eps of the synthetic eval.csv rows below
+
+
+def row(attack: str, accuracy: float, n: int = 1000, **extra: object) -> dict[str, object]:
+    """One eval.csv row with a consistent Wilson interval."""
+    k = round(accuracy * n / 100)
+    low, high = wilson_interval(k, n)
+    attacked = attack != "clean"
+    policy = {"pgd-targeted": "random", "pgd-untargeted": "none"}.get(attack, "")
+    values: dict[str, object] = {c: "" for c in RESULT_COLUMNS}
+    values.update(
+        dataset="digits",
+        split="test",
+        n=n,
+        subset_sha256="subset-a",
+        attack=attack,
+        norm="linf" if attacked else "",
+        eps=REPORT_EPS if attacked else 0.0,
+        step_size=1 / 255 if attacked else "",
+        steps=20 if attacked else 0,
+        restarts=1 if attacked else 0,
+        target_policy=policy,
+        targets_seed=0 if policy == "random" else "",
+        targets_sha256="targets-a" if policy == "random" else "",
+        precision="fp32",
+        accuracy=100 * k / n,
+        accuracy_low=100 * low,
+        accuracy_high=100 * high,
+        zero_grad_fraction=0.0 if attacked else "",
+    )
+    values.update(extra)
+    return values
+
+
+def write_run(runs: Path, name: str, arch: str, mode: str, rows: list[dict[str, object]]) -> Path:
+    run = runs / name
+    run.mkdir(parents=True)
+    (run / CONFIG).write_text(json.dumps({"arch": arch, "mode": mode}))
+    pd.DataFrame(rows).to_csv(run / EVAL_CSV, index=False)
+    return run
