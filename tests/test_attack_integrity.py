@@ -128,7 +128,7 @@ def test_adversarial_hook_draws_every_tensor_on_the_generator_device(monkeypatch
     for name in ("rand", "randint", "randn"):
         monkeypatch.setattr(torch, name, strict(getattr(torch, name)))
     gen = torch.Generator().manual_seed(0)
-    ctx = StepContext(0, 0, 0, torch.device("cpu"), None, gen)
+    ctx = StepContext(0, 0, 0, torch.device("cpu"), None, gen, num_classes=10)
     x, y = torch.full((4, 3, 8, 8), 0.5), torch.arange(4)
     settings = AdversarialTraining(steps=1, clean_start_prob=0.5)
     AdversarialHook(settings).transform(small_model().train(), x, y, ctx)

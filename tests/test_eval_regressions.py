@@ -45,13 +45,20 @@ def test_outcome_files_are_unique_to_the_threat_model_and_checked(tmp_path, batc
     # the example: same name, steps, eps; step size and precision differ
     a = AttackSpec("pgd-untargeted", eps=64 / 255, steps=2, precision="bf16")
     b = AttackSpec("pgd-untargeted", eps=64 / 255, steps=2, step_size=1 / 255)
-    (row_a,) = evaluate_checkpoint(_target(run), [a], **common)
-    (row_b,) = evaluate_checkpoint(_target(run), [b], **common)
+    # evaluation adds a clean row to every call: keep the attack's row
+    (row_a,) = [
+        r for r in evaluate_checkpoint(_target(run), [a], **common) if r["attack"] == a.name
+    ]
+    (row_b,) = [
+        r for r in evaluate_checkpoint(_target(run), [b], **common) if r["attack"] == b.name
+    ]
     assert row_a["outcomes_file"] != row_b["outcomes_file"]
     for written in (row_a, row_b):
         data = load_outcomes(run / written["outcomes_file"])
         assert 100 * data["correct"].mean() == pytest.approx(written["accuracy"])
     rows = read_result_csv(out_csv)
+    rows = rows[rows["attack"] == a.name].reset_index(drop=True)
+    assert len(rows) == 2
     assert paired_test(rows.iloc[0], rows.iloc[1])["note"] == ""
     # a row pointing at another row's file is refused, with the differing fields
     swapped = rows.iloc[0].copy()

@@ -16,6 +16,7 @@ from helpers import FAST, image_folder, invoke_cli, run_cli
 
 from robustlr.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from robustlr.cli.train import train
+from robustlr.data.registry import dataset_spec
 from robustlr.errors import UserError
 from robustlr.train import (
     BatchHook,
@@ -46,7 +47,8 @@ def test_config_layers_and_overrides(tmp_path) -> None:
     )
     assert (cfg.arch, cfg.epochs, cfg.lr, cfg.milestones) == ("lrnet26", 3, 0.05, [1, 2])
     assert cfg.model_options == {"kernel_size": 5, "m": 4} and cfg.label_smoothing == 0.1
-    assert cfg.image_size == 8 and cfg.width == 0.25  # digits defaults fill the rest
+    digits = dataset_spec("digits")  # its registry defaults fill the rest
+    assert (cfg.image_size, cfg.width) == (digits.info.image_size, digits.training.width)
     assert resolve({"dataset": "cifar10"}).image_size == 32
     with pytest.raises(ConfigError, match="unknown setting 'lrr'"):
         resolve(parse_overrides(["lrr=1"]))
