@@ -34,7 +34,8 @@ def test_bench_op_runs_and_writes_ratios(tmp_path):
     result = CliRunner().invoke(
         cli,
         ["bench", "op", "--device", "cpu", "--shapes", "16x6x6,24x8x8/s2", "--batch-size", "2",
-         "--repeats", "1", "--kernel-size", "3", "--csv", str(path)],
+         "--repeats", "1", "--kernel-size", "3", "--threads", "1", "--cpu-time",
+         "--csv", str(path)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "speedup" in result.output

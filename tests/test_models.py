@@ -392,3 +392,18 @@ if __name__ == "__main__":
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(golden_sizes(), indent=2, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_bench_model_threads_and_cpu_time_restore_the_thread_count():
+    import torch
+
+    from robustlr.cli.bench_model import model
+
+    before = torch.get_num_threads()
+    args = ["--archs", "resnet18", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+            "--warmup", "0", "--width", "0.125", "--device", "cpu"]  # fmt: skip
+    args += ["--threads", "1", "--cpu-time"]
+    result = CliRunner().invoke(model, args)
+    assert result.exit_code == 0, result.output
+    assert "1 threads, process_cpu clock" in " ".join(result.output.split())
+    assert torch.get_num_threads() == before

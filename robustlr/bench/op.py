@@ -174,10 +174,19 @@ def _peak_rss_mb() -> float:
 
 
 def measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
-    """Time one variant at one shape, and measure the extra peak memory of a forward+backward."""
-    cuda = settings.device.startswith("cuda")
+    """Time one variant at one shape, and measure the extra peak memory of a forward+backward
+    (with ``settings.threads`` intra-op threads, restored afterwards)."""
+    saved_threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    try:
+        return _measure(case, variant, settings)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _measure(case: OpCase, variant: str, settings: OpSettings) -> OpTiming:
+    cuda = settings.device.startswith("cuda")
     # warm libraries up on a tiny case first, so that the peak below is the case's own
     tiny_call, _ = _make_call(OpCase(case.channels, 4, 4, case.stride), variant, settings, 1)
     _step_times(tiny_call, settings.device)

@@ -146,22 +146,26 @@ def model(
                 "applies to LR-Nets only: name only lrnet archs", param_hint="--lr-backend"
             )
         options["lr_backend"] = lr_backend
-    if threads is not None:
-        import torch
+    import torch
 
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
-    rows = bench_models(
-        archs,
-        input_size,
-        batch_size,
-        device,
-        repeats=repeats,
-        warmup=warmup,
-        small_input=small_input,
-        channels_last=channels_last,
-        cpu_time=cpu_time,
-        **options,
-    )
+    try:
+        rows = bench_models(
+            archs,
+            input_size,
+            batch_size,
+            device,
+            repeats=repeats,
+            warmup=warmup,
+            small_input=small_input,
+            channels_last=channels_last,
+            cpu_time=cpu_time,
+            **options,
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
     first = rows[0]
     table = Table(
         title=f"Training step on {first['device']}: {input_size}x{input_size}, batch "
