@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from robustlr.bench.op import LRNET26_CASES, OpCase, OpSettings, bench_op, summarize
+from robustlr.cli.params import cpu_time_option, threads_option
 from robustlr.ops import BACKENDS
 
 
@@ -72,18 +73,8 @@ def _parse_cases(text: str | None) -> tuple[OpCase, ...]:
     help="Force robustlr's backend [default: automatic; the reference backend is measured "
     "beside any other].",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
-)
-@click.option(
-    "--cpu-time",
-    is_flag=True,
-    help="Time CPU runs in process CPU time, not wall time (for a shared machine; with "
-    "--threads 1 it counts each op's own work).",
-)
+@threads_option()
+@cpu_time_option("op")
 @click.option(
     "--csv",
     "csv_path",

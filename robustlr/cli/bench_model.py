@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from robustlr.bench.model import bench_models
+from robustlr.cli.params import cpu_time_option, threads_option
 from robustlr.models import list_models
 from robustlr.ops import BACKENDS
 
@@ -93,18 +94,8 @@ def _fmt(value: object) -> str:
     help="Small-image stem (default: when --input-size < 64).",
 )
 @click.option("--channels-last", is_flag=True, help="Model and input in channels_last.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
-)
-@click.option(
-    "--cpu-time",
-    is_flag=True,
-    help="Time CPU steps in process CPU time, not wall time (for a shared machine; with "
-    "--threads 1 it counts each step's own work).",
-)
+@threads_option()
+@cpu_time_option("step")
 @click.option(
     "--lr-backend",
     type=click.Choice(BACKENDS),

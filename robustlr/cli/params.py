@@ -25,6 +25,26 @@ def device_option(default: str | None = "auto") -> Any:
     return click.option("--device", default=default, help=f"{DEVICE_HELP}.{shown}")
 
 
+def threads_option() -> Any:
+    """The benches' ``--threads`` option (intra-op threads while measuring)."""
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Intra-op threads (torch.set_num_threads) [default: PyTorch's].",
+    )
+
+
+def cpu_time_option(what: str) -> Any:
+    """The benches' ``--cpu-time`` option; ``what`` names the unit timed ("op", "step")."""
+    return click.option(
+        "--cpu-time",
+        is_flag=True,
+        help="Time CPU runs in process CPU time, not wall time (for a shared machine; with "
+        f"--threads 1 it counts each {what}'s own work).",
+    )
+
+
 def split_list(values: Iterable[str] | None) -> list[str]:
     """The items of a list option given repeated and/or comma-separated: ('a,b', 'c') ->
     ['a', 'b', 'c'] (blanks dropped)."""
