@@ -29,6 +29,20 @@ class LocalRelationShape:
     def padding(self) -> int:
         return self.kernel_size // 2
 
+    def sizes(self) -> tuple[int, ...]:
+        """The extents the compiled kernels take, in their argument order:
+        (B, C, H, W, G, m, Ho, Wo)."""
+        return (
+            self.batch,
+            self.channels,
+            self.height,
+            self.width,
+            self.groups,
+            self.channels_per_group,
+            self.out_height,
+            self.out_width,
+        )
+
 
 def output_size(size: int, stride: int) -> int:
     """Output extent along one axis: ``(size - 1) // stride + 1`` (padding K // 2, K odd)."""

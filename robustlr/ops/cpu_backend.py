@@ -188,18 +188,7 @@ def cpu_backend_available() -> tuple[bool, str]:
 
 
 def _dims(shape: LocalRelationShape) -> ctypes.Array:
-    values = (
-        shape.batch,
-        shape.channels,
-        shape.height,
-        shape.width,
-        shape.groups,
-        shape.channels_per_group,
-        shape.out_height,
-        shape.out_width,
-        shape.kernel_size,
-        shape.stride,
-    )
+    values = (*shape.sizes(), shape.kernel_size, shape.stride)
     return (ctypes.c_int64 * len(values))(*values)
 
 

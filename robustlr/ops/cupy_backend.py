@@ -251,19 +251,7 @@ def _prepare(x: Tensor, q: Tensor, k: Tensor, geo: Tensor) -> tuple[Tensor, Tens
 
 
 def _sizes(shape: LocalRelationShape) -> tuple:
-    return tuple(
-        np.int64(v)
-        for v in (
-            shape.batch,
-            shape.channels,
-            shape.height,
-            shape.width,
-            shape.groups,
-            shape.channels_per_group,
-            shape.out_height,
-            shape.out_width,
-        )
-    )
+    return tuple(np.int64(v) for v in shape.sizes())
 
 
 def _launcher(factory: LauncherFactory, x: Tensor, shape: LocalRelationShape) -> Launcher:
