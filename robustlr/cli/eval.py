@@ -22,7 +22,7 @@ from robustlr.attacks.spec import (
 )
 from robustlr.attacks.suites import load_suite
 from robustlr.cli.errors import UsageFailure, command
-from robustlr.cli.params import device_option
+from robustlr.cli.params import checkpoint_options, device_option
 from robustlr.distributed import close_distributed, init_distributed
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint, with_clean
 from robustlr.runs import EVAL_CSV, OUTCOMES, find_checkpoint
@@ -61,20 +61,7 @@ def build_specs(
 
 
 @command("eval")
-@click.option(
-    "--checkpoint",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Checkpoint to evaluate [default: the newest run's best.pt].",
-)
-@click.option(
-    "--runs",
-    "runs_root",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Where runs live (to find the newest one).",
-)
+@checkpoint_options
 @click.option(
     "--attack",
     "attacks",

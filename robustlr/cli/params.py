@@ -12,17 +12,39 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from robustlr.device import DEVICE_HELP
+from robustlr.runs import BEST, CHECKPOINT
 
 
 def device_option(default: str | None = "auto") -> Any:
     """The ``--device`` option (default ``auto``; None lets a recipe or saved run decide)."""
     shown = f" [default: {default}]" if default is not None else " [default: auto]"
     return click.option("--device", default=default, help=f"{DEVICE_HELP}.{shown}")
+
+
+def checkpoint_options(command: Any) -> Any:
+    """``--checkpoint`` (a checkpoint or a run directory) and ``--runs`` (where the newest run
+    is looked for when it is not given), as :func:`robustlr.runs.find_checkpoint` takes them."""
+    command = click.option(
+        "--runs",
+        "runs_root",
+        type=click.Path(path_type=Path),
+        default=Path("runs"),
+        show_default=True,
+        help="Where runs live (to find the newest one).",
+    )(command)
+    return click.option(
+        "--checkpoint",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"Checkpoint or run directory [default: the newest run's {BEST}, else its "
+        f"{CHECKPOINT}].",
+    )(command)
 
 
 def threads_option() -> Any:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from robustlr.attacks.spec import AttackSpec, format_eps, parse_eps
 from robustlr.cli.errors import UsageFailure, command
-from robustlr.cli.params import device_option, int_list, split_list
+from robustlr.cli.params import checkpoint_options, device_option, int_list, split_list
 from robustlr.device import resolve_device
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
@@ -177,21 +177,7 @@ def report(
 
 
 @command("check")
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Model checkpoint or run directory [default: the newest run's best.pt, else its "
-    "checkpoint.pt].",
-)
-@click.option(
-    "--runs",
-    "runs_root",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Where runs live (to find the newest one).",
-)
+@checkpoint_options
 @click.option("--data", "data_root", default=None, help="Data path [default: the run's].")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option(
