@@ -33,6 +33,12 @@ def relative_positions(kernel_size: int) -> torch.Tensor:
     return torch.stack([dy, dx])
 
 
+def check_prior_init(init: str) -> None:
+    """ValueError unless ``init`` is one of ``PRIOR_INITS``."""
+    if init not in PRIOR_INITS:
+        raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {init!r}")
+
+
 def prior_sharpness(groups: int) -> torch.Tensor:
     """Per-group sharpness of the "centre" prior init: log-uniform over PRIOR_SHARPNESS.
 
@@ -69,8 +75,7 @@ class GeometricPrior(nn.Module):
         self, groups: int, kernel_size: int, hidden: int = 32, init: str = "centre"
     ) -> None:
         super().__init__()
-        if init not in PRIOR_INITS:
-            raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {init!r}")
+        check_prior_init(init)
         if hidden < 4:
             raise ValueError(f"the prior network needs at least 4 hidden units, got {hidden}")
         self.register_buffer("positions", relative_positions(kernel_size), persistent=False)
@@ -106,8 +111,7 @@ class DirectGeometricPrior(nn.Module):
 
     def __init__(self, groups: int, kernel_size: int, init: str = "centre") -> None:
         super().__init__()
-        if init not in PRIOR_INITS:
-            raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {init!r}")
+        check_prior_init(init)
         start = (
             centre_prior_logits(groups, kernel_size)
             if init == "centre"
@@ -175,8 +179,7 @@ class LocalRelation2d(nn.Module):
         elif geometric_prior == "direct":
             self.geometric_prior = DirectGeometricPrior(self.groups, kernel_size, init=prior_init)
         else:
-            if prior_init not in PRIOR_INITS:
-                raise ValueError(f"prior_init must be one of {PRIOR_INITS}, got {prior_init!r}")
+            check_prior_init(prior_init)
             self.geometric_prior = None
         self.project = nn.Conv2d(channels, channels, 1, bias=False)
         nn.init.kaiming_normal_(self.project.weight, mode="fan_out", nonlinearity="relu")
