@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 import torch
 from torch import nn
 
@@ -45,13 +48,16 @@ def run_attack(
     _check_images(x, y)
     x, y = x.detach(), y.to(x.device)
     with eval_mode(model), frozen_parameters(model):
-        with torch.no_grad():
-            clean_logits = model(x).float()
-        num_classes = clean_logits.shape[1]
+
+        @cache
+        def clean_logits() -> Tensor:  # one forward, only for the attacks that read it
+            with torch.no_grad():
+                return model(x).float()
+
         if spec.target == "random" and targets is None:
-            targets = draw_random_targets(y, num_classes, spec.seed)
+            targets = draw_random_targets(y, clean_logits().shape[1], spec.seed)
         elif spec.target == "least-likely":
-            targets = least_likely_targets(clean_logits, y)
+            targets = least_likely_targets(clean_logits(), y)
         if targets is not None:
             targets = targets.to(x.device)
             if spec.targeted and bool((targets == y).any()):
@@ -61,18 +67,22 @@ def run_attack(
         )
 
 
-def _clean(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
+CleanLogits = Callable[[], Tensor]
+
+
+def _clean(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
+    logits = clean_logits()
     return AttackOutcome(
-        x_adv=x, logits=clean_logits, success=clean_logits.argmax(1) != y, targets=None, passes=0
+        x_adv=x, logits=logits, success=logits.argmax(1) != y, targets=None, passes=0
     )
 
 
-def _own(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
+def _own(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
     return pgd(model, x, y, spec, targets, start, example_ids)
 
 
-def _torchattacks(model, x, y, spec, clean_logits, targets, start, example_ids) -> AttackOutcome:
-    raw = torchattacks_adversarial(model, x, y, spec, clean_logits.shape[1])
+def _torchattacks(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
+    raw = torchattacks_adversarial(model, x, y, spec, clean_logits().shape[1])
     return bounded_outcome(model, x, y, spec, raw)
 
 

@@ -25,7 +25,7 @@ from robustlr.models.blocks import (
 from robustlr.models.normalize import IMAGENET_MEAN, IMAGENET_STD, make_normalize
 from robustlr.models.registry import register_model
 from robustlr.models.resnet import BOTTLENECK_EXPANSION, STAGE_WIDTHS
-from robustlr.nn import LocalRelation2d
+from robustlr.nn import DEFAULT_PRIOR_INIT, LocalRelation2d
 
 # Table 2: bottleneck inner widths 100/200/400/800 instead of 64/128/256/512.
 BOTTLENECK_INNER_WIDTHS = (100, 200, 400, 800)
@@ -140,7 +140,7 @@ def lrnet18(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
-    prior_init: str = "centre",
+    prior_init: str = DEFAULT_PRIOR_INIT,
     alpha: float = LRNET18_ALPHA,
 ) -> ResidualNetwork:
     """LR-Net-18: 2-2-2-2 basic blocks as 1x1 (C -> alpha*C), LR, 1x1 (-> C) (Fig. 3(c))."""
@@ -180,7 +180,7 @@ def lrnet26(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
-    prior_init: str = "centre",
+    prior_init: str = DEFAULT_PRIOR_INIT,
 ) -> ResidualNetwork:
     """LR-Net-26: bottleneck blocks 2-2-2-2, inner widths 100/200/400/800 (the ablation net)."""
     return build_lrnet(
@@ -218,7 +218,7 @@ def lrnet50(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
-    prior_init: str = "centre",
+    prior_init: str = DEFAULT_PRIOR_INIT,
 ) -> ResidualNetwork:
     """LR-Net-50: bottleneck blocks 3-4-6-3, inner widths 100/200/400/800 (Table 2)."""
     return build_lrnet(
@@ -256,7 +256,7 @@ def lrnet101(
     composability: str = "sqdiff",
     qk_dim: int = 1,
     lr_backend: str | None = None,
-    prior_init: str = "centre",
+    prior_init: str = DEFAULT_PRIOR_INIT,
 ) -> ResidualNetwork:
     """LR-Net-101: bottleneck blocks 3-4-23-3, inner widths 100/200/400/800."""
     return build_lrnet(

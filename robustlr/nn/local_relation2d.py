@@ -10,14 +10,22 @@ from torch import nn
 from robustlr.ops import COMPOSABILITIES, local_relation
 
 GEOMETRIC_PRIORS = ("mlp", "direct", "none")
-# How a geometric prior starts (docs/lrnet-training.md): "centre" peaks every group's prior at
-# the window centre, logits -s_g * (|dy| + |dx|) in pixels, with per-group sharpness s_g spread
-# log-uniformly over PRIOR_SHARPNESS, so that groups start as different local blurs (their
-# differences, mixed by the 1x1 after aggregation, are edge detectors) and the window does not
-# start as a uniform average; "default" is PyTorch's default initialisation (near-uniform
-# weights over the whole window, the behaviour of robustlr 0.1).
-PRIOR_INITS = ("centre", "default")
-PRIOR_SHARPNESS = (0.5, 3.0)
+# How a geometric prior starts (docs/lrnet-training.md). The peaked inits start every group's
+# logits at -s_g * (L1 distance in pixels to the group's peak), with per-group sharpness s_g
+# spread log-uniformly over PRIOR_SHARPNESS, so that the window starts local rather than as a
+# uniform average and the groups start different:
+# - "shift" (the default) peaks the groups at the centre and the 8 pixels around it in turn
+#   (SHIFT_PEAKS), so each group starts as a nearly pure shift of its channels and the 1x1 after
+#   aggregation mixes shifted copies: the layer starts as a shift-and-mix convolution (Wu et al.,
+#   "Shift: A Zero FLOP, Zero Parameter Alternative to Spatial Convolutions", 2018), which can
+#   form edge detectors from the first step;
+# - "centre" peaks every group at the window centre (groups differ only by sharpness: blurs);
+# - "default" is PyTorch's default initialisation (near-uniform weights over the whole window,
+#   the behaviour of robustlr 0.1).
+PRIOR_INITS = ("shift", "centre", "default")
+DEFAULT_PRIOR_INIT = "shift"
+PRIOR_SHARPNESS = (1.0, 4.0)
+SHIFT_PEAKS = ((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
 
 def relative_positions(kernel_size: int) -> torch.Tensor:
@@ -40,7 +48,7 @@ def check_prior_init(init: str) -> None:
 
 
 def prior_sharpness(groups: int) -> torch.Tensor:
-    """Per-group sharpness of the "centre" prior init: log-uniform over PRIOR_SHARPNESS.
+    """Per-group sharpness of the peaked prior inits: log-uniform over PRIOR_SHARPNESS.
 
     Shape: (G,).
     """
@@ -50,52 +58,77 @@ def prior_sharpness(groups: int) -> torch.Tensor:
     return torch.exp(torch.linspace(low, high, groups))
 
 
-def centre_prior_logits(groups: int, kernel_size: int) -> torch.Tensor:
-    """The "centre" init target: -s_g times the L1 distance (in pixels) to the window centre.
+def prior_peaks(groups: int, kernel_size: int, init: str) -> list[tuple[int, int]]:
+    """Each group's peak (dy, dx) in pixels from the window centre under a peaked ``init``."""
+    if init != "shift" or kernel_size < 3:
+        return [(0, 0)] * groups
+    return [SHIFT_PEAKS[g % len(SHIFT_PEAKS)] for g in range(groups)]
+
+
+def peaked_prior_logits(groups: int, kernel_size: int, init: str) -> torch.Tensor:
+    """A peaked init's target: -s_g times the L1 distance (in pixels) to group g's peak.
 
     Shape: (G, K, K).
     """
     half = max(1, kernel_size // 2)
-    distance = relative_positions(kernel_size).abs().sum(0) * half
+    positions = relative_positions(kernel_size) * half
+    peaks = torch.tensor(prior_peaks(groups, kernel_size, init)).float().view(groups, 2, 1, 1)
+    distance = (positions.unsqueeze(0) - peaks).abs().sum(1)
     return -prior_sharpness(groups).view(groups, 1, 1) * distance
 
 
 class GeometricPrior(nn.Module):
     """The paper's small network on relative positions: 1x1 (2 -> hidden), ReLU, 1x1 (-> G).
 
-    With ``init="centre"`` four hidden units start as ReLU(+-dy), ReLU(+-dx), whose sum is the
-    L1 distance, and the output layer reads them with weight -s_g * K // 2, so the network starts
-    exactly at :func:`centre_prior_logits`; the other hidden units start with PyTorch's default
-    weights and a zero output weight (they join as training moves the output layer).
+    With a peaked ``init`` ("shift" or "centre") the first hidden units start as
+    ReLU(+-(dy - a)) and ReLU(+-(dx - a)) for each peak coordinate a in use (pairs summing to
+    |dy - a| and |dx - a|), and the output layer reads group g's four units with weight
+    -s_g * K // 2, so the network starts exactly at :func:`peaked_prior_logits`; the other hidden
+    units start with PyTorch's default weights and a zero output weight (they join as training
+    moves the output layer).
 
     Shape: () -> (G, K, K) logits.
     """
 
     def __init__(
-        self, groups: int, kernel_size: int, hidden: int = 32, init: str = "centre"
+        self, groups: int, kernel_size: int, hidden: int = 32, init: str = DEFAULT_PRIOR_INIT
     ) -> None:
         super().__init__()
         check_prior_init(init)
-        if hidden < 4:
-            raise ValueError(f"the prior network needs at least 4 hidden units, got {hidden}")
         self.register_buffer("positions", relative_positions(kernel_size), persistent=False)
         self.net = nn.Sequential(
             nn.Conv2d(2, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, groups, 1)
         )
-        if init == "centre":
-            self._init_centre(groups, kernel_size)
+        if init != "default":
+            self._init_peaked(groups, kernel_size, init)
 
     @torch.no_grad()
-    def _init_centre(self, groups: int, kernel_size: int) -> None:
+    def _init_peaked(self, groups: int, kernel_size: int, init: str) -> None:
         first, last = self.net[0], self.net[2]
-        first.weight[:4].zero_()
-        first.bias[:4].zero_()
-        for unit, (axis, sign) in enumerate([(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]):
+        peaks = prior_peaks(groups, kernel_size, init)
+        half = max(1, kernel_size // 2)
+        units: dict[tuple[int, int, float], int] = {}  # (axis, peak coordinate, sign) -> unit
+        for axis in (0, 1):
+            for coordinate in sorted({peak[axis] for peak in peaks}):
+                for sign in (1.0, -1.0):
+                    units[(axis, coordinate, sign)] = len(units)
+        if len(units) > first.out_channels:
+            raise ValueError(
+                f"the {init!r} prior init needs {len(units)} hidden units, got {first.out_channels}"
+            )
+        for (axis, coordinate, sign), unit in units.items():
+            first.weight[unit].zero_()
             first.weight[unit, axis] = sign
+            first.bias[unit] = -sign * coordinate / half
         last.weight.zero_()
         last.bias.zero_()
-        half = max(1, kernel_size // 2)
-        last.weight[:, :4, 0, 0] = -(prior_sharpness(groups) * half).unsqueeze(1)
+        sharpness = prior_sharpness(groups)
+        for group, peak in enumerate(peaks):
+            for axis in (0, 1):
+                for sign in (1.0, -1.0):
+                    last.weight[group, units[(axis, peak[axis], sign)], 0, 0] = (
+                        -sharpness[group] * half
+                    )
 
     def forward(self) -> torch.Tensor:
         return self.net(self.positions.unsqueeze(0)).squeeze(0)
@@ -104,18 +137,18 @@ class GeometricPrior(nn.Module):
 class DirectGeometricPrior(nn.Module):
     """Geometric prior values learnt directly, one per group and offset (G* in Table 3).
 
-    ``init="centre"`` starts at :func:`centre_prior_logits`, "default" at zeros (uniform).
+    A peaked ``init`` starts at :func:`peaked_prior_logits`, "default" at zeros (uniform).
 
     Shape: () -> (G, K, K) logits.
     """
 
-    def __init__(self, groups: int, kernel_size: int, init: str = "centre") -> None:
+    def __init__(self, groups: int, kernel_size: int, init: str = DEFAULT_PRIOR_INIT) -> None:
         super().__init__()
         check_prior_init(init)
         start = (
-            centre_prior_logits(groups, kernel_size)
-            if init == "centre"
-            else torch.zeros(groups, kernel_size, kernel_size)
+            torch.zeros(groups, kernel_size, kernel_size)
+            if init == "default"
+            else peaked_prior_logits(groups, kernel_size, init)
         )
         self.logits = nn.Parameter(start)
 
@@ -147,7 +180,7 @@ class LocalRelation2d(nn.Module):
         geometric_prior: str = "mlp",
         qk_dim: int = 1,
         backend: str | None = None,
-        prior_init: str = "centre",
+        prior_init: str = DEFAULT_PRIOR_INIT,
     ) -> None:
         super().__init__()
         if composability not in COMPOSABILITIES:

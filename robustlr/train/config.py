@@ -34,7 +34,8 @@ class TrainConfig:
     None mean the dataset's defaults (:func:`dataset_defaults`). ``mode`` is "regular" or
     "adversarial"; an adversarial run's threat model is ``adversarial`` (resolved to every
     field of :class:`robustlr.train.adversarial.AdversarialTraining`), and a regular run has
-    none. A resumed run keeps both: they decide how it trains.
+    none. A resumed run keeps both: they decide how it trains. ``channels_last`` None means
+    on (model and batches in channels_last memory format, on any device).
     """
 
     arch: str = "resnet26"
