@@ -32,6 +32,7 @@ from robustlr.train import (
     resolve,
 )
 from robustlr.train import train as train_engine
+from robustlr.train.engine import is_new_best
 from robustlr.train.schedule import lr_factor
 
 
@@ -365,3 +366,13 @@ def test_progress_renderer_on_a_terminal(tmp_path) -> None:
     renderer(RunFinished(tmp_path, 1, 0.2))
     out = buf.getvalue()
     assert "epoch 1/1" in out and "val acc 0.2000" in out and "best val acc 0.2000" in out
+
+
+def test_best_checkpoint_is_the_highest_held_out_accuracy_and_ties_go_to_the_later_epoch():
+    accuracies = [0.50, 0.90, 0.85, 0.90, 0.88]
+    best, chosen = None, None
+    for epoch, accuracy in enumerate(accuracies, 1):
+        if is_new_best(accuracy, best):
+            best, chosen = accuracy, epoch
+    assert (best, chosen) == (0.90, 4)
+    assert not is_new_best(0.89, 0.90) and is_new_best(0.1, None)

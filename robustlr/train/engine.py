@@ -77,6 +77,13 @@ class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+def is_new_best(accuracy: float, best: float | None) -> bool:
+    """Whether an epoch's held-out accuracy makes its checkpoint ``best.pt``: a tie goes to the
+    later epoch, which has trained longer (on a few hundred held-out images ties are common,
+    and the first of them is often a model still at a high learning rate)."""
+    return best is None or accuracy >= best
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Where the run wrote its files and how it ended."""
@@ -355,7 +362,7 @@ class _Run:
                 best,
             )
             acc = row["val_acc"] if val_set is not None else row["train_acc"]
-            is_best = best is None or acc > best
+            is_best = is_new_best(acc, best)
             best = acc if is_best else best
             if ctx.is_main:
                 self.metrics.append(row)
