@@ -1,7 +1,8 @@
 """Training-loss curves of LR-Net-26 and ResNet-26 on CIFAR-10 (docs/lrnet-training.md).
 
 A short run of each (32x32, small-input stem, width 0.25, batch 32, a few hundred steps of one
-cosine cycle) through the real training engine, plus LR-Net-26 with robustlr 0.1's start
+cosine cycle) through the real training engine, plus LR-Net-26 with the first round's
+centre-peaked prior (``prior_init=centre``) and with robustlr 0.1's start
 (``prior_init=default``, ``relation_lr_scale=1``) to show what the fix changes. Writes
 ``curves.csv`` (per-step loss), ``accuracy.csv`` (accuracy on the first test images) and
 ``curves.png``.
@@ -23,6 +24,7 @@ from robustlr.train import StepEnded, resolve, train
 RUNS = {
     "resnet26": ("resnet26", {}),
     "lrnet26": ("lrnet26", {}),
+    "lrnet26 (centre prior)": ("lrnet26", {"model_options": {"prior_init": "centre"}}),
     "lrnet26 (0.1 start)": (
         "lrnet26",
         {"model_options": {"prior_init": "default"}, "relation_lr_scale": 1.0},

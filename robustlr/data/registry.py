@@ -99,7 +99,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
         # that ``robustlr train`` takes a few minutes on 2 CPU cores. Weight decay 5e-4 (the
         # usual value for small data sets, CIFAR's included): on these 1,294 images it gives
         # LR-Net 98.1% on three seeds of three against 96.4/98.3/96.9 at 1e-4, and ResNet-26
-        # 98.9/97.5/* against 99.4/98.6/98.9 (docs/lrnet-training.md). Adversarial training:
+        # 98.9/97.5/97.8 against 99.4/98.6/98.9 (docs/lrnet-training.md). Adversarial training:
         # 10 epochs (PGD-16: 18 passes a step) take lrnet26 past 80% clean accuracy.
         DatasetSpec(
             DatasetInfo("digits", 10, 16, 3, (0.5,) * 3, (0.5,) * 3, True),
