@@ -199,3 +199,26 @@ def test_start_point_replaces_the_first_random_start(batch):
     start = (x + 1.0).clamp(0, 1)  # projected back into the ball: x + eps where possible
     adv = run_attack(model, x, y, spec, start=start).x_adv
     torch.testing.assert_close(adv, torch.min(x + 8 / 255, torch.ones_like(x)))
+
+
+@pytest.mark.parametrize(
+    ("spec", "given_targets", "forwards"),
+    [
+        # PGD with its targets given (adversarial training, evaluation): steps + 1 final forward,
+        # no clean forward
+        (AttackSpec("pgd-targeted", eps=0.1, steps=3), True, 4),
+        # random targets drawn here need the class count: one clean forward more
+        (AttackSpec("pgd-targeted", eps=0.1, steps=3), False, 5),
+        (AttackSpec("pgd-least-likely", eps=0.1, steps=3), False, 5),
+        (AttackSpec("clean"), False, 1),
+    ],
+    ids=["pgd-given-targets", "pgd-drawn-targets", "least-likely", "clean"],
+)
+def test_the_clean_forward_runs_only_when_read(batch, spec, given_targets, forwards):
+    x, y = batch
+    model = small_model()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    targets = draw_random_targets(y, 10, seed=3) if given_targets else None
+    run_attack(model, x, y, spec, targets=targets)
+    assert len(calls) == forwards

@@ -70,18 +70,24 @@ def run_attack(
 CleanLogits = Callable[[], Tensor]
 
 
-def _clean(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
+def _clean(
+    model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids
+) -> AttackOutcome:
     logits = clean_logits()
     return AttackOutcome(
         x_adv=x, logits=logits, success=logits.argmax(1) != y, targets=None, passes=0
     )
 
 
-def _own(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
+def _own(
+    model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids
+) -> AttackOutcome:
     return pgd(model, x, y, spec, targets, start, example_ids)
 
 
-def _torchattacks(model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids):
+def _torchattacks(
+    model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids
+) -> AttackOutcome:
     raw = torchattacks_adversarial(model, x, y, spec, clean_logits().shape[1])
     return bounded_outcome(model, x, y, spec, raw)
 
