@@ -62,6 +62,15 @@ def random_inputs(B, C, H, W, G, kernel_size, stride, qk_dim=1, dtype=torch.floa
     return x, q, k, geo
 
 
+def output_and_grads(fn, inputs, grad_out):
+    """fn(*inputs) (detached) and the gradients of <fn(*inputs), grad_out> w.r.t. fresh copies
+    of the inputs. Shape: inputs as the op's (x, q, k, geo); grad_out as its output."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*inputs)
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    return y.detach(), grads
+
+
 # The shape grid every backend is tested on: (B, C, H, W, G, K, stride).
 SHAPES = [
     (2, 8, 6, 7, 2, 3, 1),

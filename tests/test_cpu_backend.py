@@ -6,16 +6,15 @@ import logging
 
 import pytest
 import torch
-from lr_naive import COMPOSABILITIES, SHAPES, naive_local_relation, random_inputs
+from lr_naive import (
+    COMPOSABILITIES,
+    SHAPES,
+    naive_local_relation,
+    output_and_grads,
+    random_inputs,
+)
 
 from robustlr.ops import BACKEND_ENV, cpu_backend, local_relation, resolve_backend
-
-
-def _grads(fn, inputs, grad_out):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    y = fn(*inputs)
-    grads = torch.autograd.grad(y, inputs, grad_out)
-    return y.detach(), grads
 
 
 def _cpu(*t, **kw):
@@ -28,10 +27,10 @@ def test_forward_and_gradients_match_naive_loop(shape, composability):
     B, C, H, W, G, K, s = shape
     inputs = random_inputs(B, C, H, W, G, K, s, seed=hash(shape) % 1000 + 1)
     grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1, dtype=torch.float64)
-    y_ref, g_ref = _grads(
+    y_ref, g_ref = output_and_grads(
         lambda *t: naive_local_relation(*t, K, s, composability), inputs, grad_out
     )
-    y, g = _grads(
+    y, g = output_and_grads(
         lambda *t: _cpu(*t, kernel_size=K, stride=s, composability=composability),
         inputs,
         grad_out,
@@ -61,7 +60,7 @@ def test_float32_equals_the_reference_backend(shape, composability):
     inputs[1].mul_(1.5)  # a wide spread of logits
     grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1)
     results = {
-        name: _grads(
+        name: output_and_grads(
             lambda *t, name=name: local_relation(
                 *t, kernel_size=K, stride=s, composability=composability, backend=name
             ),
@@ -110,8 +109,8 @@ def test_weights_ignore_out_of_image_neighbours():
 def test_backward_is_deterministic():
     inputs = [t.float() for t in random_inputs(4, 24, 10, 10, 3, 7, 1, seed=8)]
     grad_out = torch.randn(4, 24, 10, 10)
-    _, g1 = _grads(lambda *t: _cpu(*t, kernel_size=7), inputs, grad_out)
-    _, g2 = _grads(lambda *t: _cpu(*t, kernel_size=7), inputs, grad_out)
+    _, g1 = output_and_grads(lambda *t: _cpu(*t, kernel_size=7), inputs, grad_out)
+    _, g2 = output_and_grads(lambda *t: _cpu(*t, kernel_size=7), inputs, grad_out)
     for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lr_naive import COMPOSABILITIES, SHAPES, naive_local_relation, random_inputs
+from lr_naive import (
+    COMPOSABILITIES,
+    SHAPES,
+    naive_local_relation,
+    output_and_grads,
+    random_inputs,
+)
 
 from robustlr.ops import BACKEND_ENV, local_relation
 
 
-# (B, C, H, W, G, K, stride): odd/even sizes, images smaller than the window, ragged last group,
-# m = 1 (G == C), strides 1-3, every kernel size the layer offers.
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     """These tests specify the reference backend (the automatic choice on CPU is 'cpu')."""
     monkeypatch.setenv(BACKEND_ENV, "reference")
-
-
-def _grads(fn, inputs, grad_out):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    y = fn(*inputs)
-    grads = torch.autograd.grad(y, inputs, grad_out)
-    return y.detach(), grads
 
 
 @pytest.mark.parametrize("composability", COMPOSABILITIES)
@@ -31,10 +28,10 @@ def test_forward_and_gradients_match_naive_loop(shape, composability):
     inputs = random_inputs(B, C, H, W, G, K, s, seed=hash(shape) % 1000)
     grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1, dtype=torch.float64)
 
-    y_ref, g_ref = _grads(
+    y_ref, g_ref = output_and_grads(
         lambda *t: naive_local_relation(*t, K, s, composability), inputs, grad_out
     )
-    y, g = _grads(
+    y, g = output_and_grads(
         lambda *t: local_relation(*t, kernel_size=K, stride=s, composability=composability),
         inputs,
         grad_out,
@@ -62,8 +59,12 @@ def test_vector_query_and_key_sum_over_qk_dim():
     B, C, H, W, G, K, s, D = 2, 6, 5, 5, 2, 3, 1, 3
     inputs = random_inputs(B, C, H, W, G, K, s, qk_dim=D, seed=3)
     grad_out = torch.randn(B, C, H, W, dtype=torch.float64)
-    y_ref, g_ref = _grads(lambda *t: naive_local_relation(*t, K, s, qk_dim=D), inputs, grad_out)
-    y, g = _grads(lambda *t: local_relation(*t, kernel_size=K, qk_dim=D), inputs, grad_out)
+    y_ref, g_ref = output_and_grads(
+        lambda *t: naive_local_relation(*t, K, s, qk_dim=D), inputs, grad_out
+    )
+    y, g = output_and_grads(
+        lambda *t: local_relation(*t, kernel_size=K, qk_dim=D), inputs, grad_out
+    )
     torch.testing.assert_close(y, y_ref)
     for got, want in zip(g, g_ref, strict=True):
         torch.testing.assert_close(got, want)
@@ -136,10 +137,10 @@ def test_window_split_into_row_chunks_matches_naive_loop(
     inputs = random_inputs(B, C, H, W, G, K, s, qk_dim=D, seed=rows_per_chunk)
     inputs[1].mul_(2.0)  # spread the logits so the running max changes between chunks
     grad_out = torch.randn(B, C, (H - 1) // s + 1, (W - 1) // s + 1, dtype=torch.float64)
-    y_ref, g_ref = _grads(
+    y_ref, g_ref = output_and_grads(
         lambda *t: naive_local_relation(*t, K, s, composability, qk_dim=D), inputs, grad_out
     )
-    y, g = _grads(
+    y, g = output_and_grads(
         lambda *t: local_relation(
             *t, kernel_size=K, stride=s, composability=composability, qk_dim=D
         ),
