@@ -94,41 +94,21 @@ def _settings(spec: AttackSpec, num_classes: int) -> list[tuple[str, dict[str, A
                 },
             ),
         ]
-    if spec.name == "autoattack-fast":
-        # torchattacks.AutoAttack(version="standard") as of torchattacks 3.5.1
+    # torchattacks.AutoAttack's reduced ensembles as of torchattacks 3.5.1: 10-step attacks
+    reduced = {**common, "steps": 10, "n_restarts": 1}
+    apgdt_10 = ("APGDT", {**reduced, "n_classes": num_classes})
+    fab_t_10 = ("FAB", {**reduced, "n_classes": num_classes, "multi_targeted": True})
+    square_5000 = ("Square", {**common, "n_queries": 5000, "n_restarts": 1, "resc_schedule": True})
+    if spec.name == "autoattack-fast":  # AutoAttack(version="standard")
+        return [("APGD", {**reduced, "loss": "ce"}), apgdt_10, fab_t_10, square_5000]
+    if spec.name == "autoattack-plus":  # AutoAttack(version="plus")
         return [
-            ("APGD", {**common, "steps": 10, "n_restarts": 1, "loss": "ce"}),
-            ("APGDT", {**common, "steps": 10, "n_restarts": 1, "n_classes": num_classes}),
-            (
-                "FAB",
-                {
-                    **common,
-                    "steps": 10,
-                    "n_restarts": 1,
-                    "n_classes": num_classes,
-                    "multi_targeted": True,
-                },
-            ),
-            ("Square", {**common, "n_queries": 5000, "n_restarts": 1, "resc_schedule": True}),
-        ]
-    if spec.name == "autoattack-plus":
-        # torchattacks.AutoAttack(version="plus") as of torchattacks 3.5.1
-        return [
-            ("APGD", {**common, "steps": 10, "n_restarts": 5, "loss": "ce"}),
-            ("APGD", {**common, "steps": 10, "n_restarts": 5, "loss": "dlr"}),
-            ("FAB", {**common, "steps": 10, "n_restarts": 5, "n_classes": num_classes}),
-            ("Square", {**common, "n_queries": 5000, "n_restarts": 1, "resc_schedule": True}),
-            ("APGDT", {**common, "steps": 10, "n_restarts": 1, "n_classes": num_classes}),
-            (
-                "FAB",
-                {
-                    **common,
-                    "steps": 10,
-                    "n_restarts": 1,
-                    "n_classes": num_classes,
-                    "multi_targeted": True,
-                },
-            ),
+            ("APGD", {**reduced, "n_restarts": 5, "loss": "ce"}),
+            ("APGD", {**reduced, "n_restarts": 5, "loss": "dlr"}),
+            ("FAB", {**reduced, "n_restarts": 5, "n_classes": num_classes}),
+            square_5000,
+            apgdt_10,
+            fab_t_10,
         ]
     raise ValueError(f"{spec.name!r} is not a torchattacks attack")
 
