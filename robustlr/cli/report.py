@@ -20,7 +20,14 @@ from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
 from robustlr.report.pipeline import make_report
 from robustlr.report.table9 import ReportSettings, Table9
-from robustlr.report.writers import FORMATS, SUFFIXES, rich_table_data, write_frame
+from robustlr.report.writers import (
+    CHECKS_CSV,
+    FORMATS,
+    PLOTS_DIR,
+    report_file,
+    rich_table_data,
+    write_frame,
+)
 from robustlr.runs import find_checkpoint
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -160,14 +167,14 @@ def report(
         runs=tuple(split_list(run_names)),
     )
     if out is None:
-        out = (Path(".") if results else runs_dir) / f"table9{SUFFIXES[fmt]}"
+        out = report_file(Path(".") if results else runs_dir, fmt)
     made = make_report(
         settings,
         out,
         results=results,
         runs_dir=runs_dir,
         fmt=fmt,
-        plots_dir=None if no_plots else (plots_dir or out.parent / "plots"),
+        plots_dir=None if no_plots else (plots_dir or out.parent / PLOTS_DIR),
     )
     console = Console()
     print_table9(console, made.table)
@@ -269,7 +276,7 @@ def check(
         from robustlr.report.plots import plot_image_grid
 
         write_frame(live.rows, out_dir / "check_eval.csv")
-        write_frame(checks_frame(live.checks), out_dir / "checks.csv")
+        write_frame(checks_frame(live.checks), out_dir / CHECKS_CSV)
         spec = AttackSpec("pgd-untargeted", eps=eps_value, steps=min(step_counts))
         from robustlr.attacks import attack
 

@@ -14,6 +14,7 @@ from robustlr.attacks.spec import AttackSpec
 from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.report import print_checks, print_pairs, print_table9
 from robustlr.cli.train import _Renderer
+from robustlr.report.writers import report_file
 from robustlr.study import (
     Stage,
     StageStatus,
@@ -142,5 +143,5 @@ def run(
         print_checks(console, result.report.checks)
     ran = ", ".join(result.ran) or "nothing (every stage was done)"
     console.print(f"ran: {ran}", highlight=False)
-    if (out / "table9.md").is_file():
-        console.print(f"report: {out / 'table9.csv'}, {out / 'table9.md'}", highlight=False)
+    if report_file(out, "md").is_file():
+        console.print(f"report: {report_file(out)}, {report_file(out, 'md')}", highlight=False)

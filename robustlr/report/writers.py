@@ -15,6 +15,18 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "md", "latex")
 SUFFIXES = {"csv": ".csv", "md": ".md", "latex": ".tex"}
+# the report's files in its directory: table9.csv (+ .md twin, or .tex), checks, pairs, plots
+REPORT_STEM = "table9"
+CHECKS_CSV = "checks.csv"
+PAIRS_CSV = "pairs.csv"
+PLOTS_DIR = "plots"
+
+
+def report_file(directory: str | Path, fmt: str = "csv") -> Path:
+    """Where a report of format ``fmt`` lives in ``directory`` (``table9.csv`` for csv)."""
+    return Path(directory) / f"{REPORT_STEM}{SUFFIXES[fmt]}"
+
+
 HEADERS = {
     "adv_clean": "adv. clean",
     "adv_targeted": "adv. targeted",
@@ -276,8 +288,8 @@ def write_report(
         out.write_text(to_latex(table))
         written.append(out)
     if checks is not None:
-        written.append(write_frame(checks_frame(checks), out.parent / "checks.csv"))
+        written.append(write_frame(checks_frame(checks), out.parent / CHECKS_CSV))
     if pairs is not None:
-        written.append(write_frame(pairs, out.parent / "pairs.csv"))
+        written.append(write_frame(pairs, out.parent / PAIRS_CSV))
     log.info("wrote %s", ", ".join(map(str, written)))
     return written

@@ -23,6 +23,7 @@ from robustlr.device import resolve_device
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint
 from robustlr.report.pipeline import Report, make_report
 from robustlr.report.table9 import ReportSettings
+from robustlr.report.writers import PLOTS_DIR, report_file
 from robustlr.runs import CHECKPOINT, EVAL_CSV, OUTCOMES
 from robustlr.study.recipe import Recipe
 from robustlr.study.stages import (
@@ -187,9 +188,9 @@ def report_stage(recipe: Recipe, out_dir: Path) -> Report:
     )
     report = make_report(
         settings,
-        out_dir / "table9.csv",
+        report_file(out_dir),
         results=files,
-        plots_dir=out_dir / "plots" if options.plots else None,
+        plots_dir=out_dir / PLOTS_DIR if options.plots else None,
         checkpoint_names=(CHECKPOINT,),
     )
     marker = {"recipe": recipe.name, "inputs": inputs_digest(files)}

@@ -24,12 +24,13 @@ import torch
 
 from robustlr.checkpoint import CheckpointError, read_checkpoint
 from robustlr.eval.session import file_sha256, with_clean
+from robustlr.report.writers import report_file
 from robustlr.runs import BEST, CHECKPOINT, EVAL_CSV
 from robustlr.study.recipe import Recipe
 
 PARTIAL_CSV = "eval.partial.csv"
 REPORT_MARKER = "report.json"
-REPORT_FILES = ("table9.csv", "table9.md")
+REPORT_FILES = (report_file(".").name, report_file(".", "md").name)
 DONE, PENDING = "done", "pending"
 
 
