@@ -24,6 +24,7 @@ from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec
 from robustlr.attacks.targets import draw_random_targets, save_targets, targets_sha256
 from robustlr.eval.stats import wilson_interval
+from robustlr.runs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +192,16 @@ def save_outcomes(path: str | Path, result: AttackResult, row: Mapping[str, Any]
     """Per-example outcomes of one attack as ``.npz``: ``correct``, ``success``, ``targets``
     (empty when untargeted) and ``threat``, the threat key of its eval.csv ``row`` (images,
     checkpoint and full threat model) that readers check with ``verify_outcomes``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     key = threat_key(row)
-    with tmp.open("wb") as fh:
-        np.savez(
-            fh,
-            correct=result.correct,
-            success=result.success,
-            targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
-            subset_sha256=np.array(key["subset_sha256"]),
-            targets_sha256=np.array(result.targets_sha256),
-            threat=np.array(json.dumps(key, sort_keys=True)),
-        )
-    tmp.replace(path)
-    return path
+    arrays = dict(
+        correct=result.correct,
+        success=result.success,
+        targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
+        subset_sha256=np.array(key["subset_sha256"]),
+        targets_sha256=np.array(result.targets_sha256),
+        threat=np.array(json.dumps(key, sort_keys=True)),
+    )
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_outcomes(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from robustlr.eval.runner import (
     save_outcomes,
     subset_sha256,
 )
-from robustlr.runs import TARGETS
+from robustlr.runs import TARGETS, locked_append
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -93,7 +95,7 @@ def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
         "arch": saved.arch,
         "train_mode": saved.mode,
         "dataset": saved.data.name if saved.data else config.get("dataset", ""),
-        "checkpoint_sha256": file_sha256(path),
+        "checkpoint_sha256": saved.sha256,  # of the very bytes the model was built from
     }
     return EvalTarget(
         checkpoint=path,
@@ -130,22 +132,26 @@ def load_eval_images(
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Append rows to a results CSV, writing the header only for a new file. An existing file
-    keeps its own column order (columns it lacks are dropped from the new rows, with a log)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fieldnames = list(RESULT_COLUMNS)
-    exists = path.is_file() and path.stat().st_size > 0
-    if exists:
-        with path.open(newline="") as fh:
-            fieldnames = next(csv.reader(fh), fieldnames)
-        dropped = set(rows[0]) - set(fieldnames) if rows else set()
-        if dropped:
-            log.warning("%s has no column(s) %s; they are not written", path, sorted(dropped))
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames, extrasaction="ignore")
-        if not exists:
+    keeps its own column order (columns it lacks are dropped from the new rows, with a log).
+    The file is locked while the header is read and the rows appended, so processes appending
+    to one eval.csv side by side lose, duplicate and interleave nothing."""
+
+    def text(size: int) -> str:
+        fieldnames = list(RESULT_COLUMNS)
+        if size:
+            with path.open(newline="") as fh:
+                fieldnames = next(csv.reader(fh), fieldnames)
+            dropped = set(rows[0]) - set(fieldnames) if rows else set()
+            if dropped:
+                log.warning("%s has no column(s) %s; they are not written", path, sorted(dropped))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
+        if not size:
             writer.writeheader()
         writer.writerows(rows)
-        fh.flush()
+        return out.getvalue()
+
+    locked_append(path, text)
 
 
 def evaluate_checkpoint(
