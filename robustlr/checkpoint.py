@@ -196,6 +196,9 @@ class DataRecord:
     root: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
+    # the test split's identity (robustlr.data.identity); empty in older checkpoints
+    source_shape: tuple[int, ...] = ()
+    fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,6 +209,8 @@ class DataRecord:
             "root": self.root,
             "val_fraction": self.val_fraction,
             "split_seed": self.split_seed,
+            "source_shape": list(self.source_shape),
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -219,6 +224,8 @@ class DataRecord:
             root=d.get("root", config.get("data")),
             val_fraction=float(d.get("val_fraction", config.get("val_fraction", 0.1))),
             split_seed=int(d.get("split_seed", config.get("split_seed", 0))),
+            source_shape=tuple(int(v) for v in d.get("source_shape") or ()),
+            fingerprint=str(d.get("fingerprint") or ""),
         )
 
 

@@ -93,6 +93,11 @@ def atomic_write(
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: name the target
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -129,6 +134,29 @@ def locked_append(path: str | Path, text: Callable[[int], str]) -> Path:
     finally:
         os.close(fd)  # releases the lock
     return path
+
+
+def check_output_path(path: str | Path, option: str, *, directory: bool = True) -> None:
+    """UserError unless ``path`` can be written as a directory (``directory``) or a file: no
+    existing part of it is a file where a folder must be (nor, for a file, a folder), and
+    its nearest existing folder is writable. Commands call it before any work."""
+    from robustlr.errors import UserError
+
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise UserError(f"{option} {path} is a file, not a folder")
+        if not directory and path.is_dir():
+            raise UserError(f"{option} {path} is a folder, not a file")
+    existing = path if (directory and path.is_dir()) else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path} cannot be written: {existing} is not writable")
+    if path.exists() and not directory and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path} cannot be written (no write permission)")
 
 
 def new_run_dir(runs_root: str | Path, arch: str, mode: str) -> Path:
@@ -253,6 +281,7 @@ __all__ = [
     "LoadedRun",
     "atomic_write",
     "atomic_write_text",
+    "check_output_path",
     "find_checkpoint",
     "latest_run",
     "load_run",

@@ -23,6 +23,7 @@ from robustlr.attacks.modes import eval_mode
 from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec
 from robustlr.attacks.targets import draw_random_targets, save_targets, targets_sha256
+from robustlr.errors import UserError
 from robustlr.eval.stats import wilson_interval
 from robustlr.runs import atomic_write
 
@@ -37,6 +38,7 @@ RESULT_COLUMNS = (
     "split",
     "n",
     "subset_sha256",
+    "data_sha256",
     "attack",
     "norm",
     "eps",
@@ -79,6 +81,10 @@ THREAT_KEY_COLUMNS = (
     "precision",
     "attack_settings",
 )
+
+
+class ModelOutputError(UserError):
+    """The evaluated model's output is unusable (NaN or inf logits)."""
 
 
 @dataclass
@@ -269,6 +275,11 @@ def evaluate(
     """
     device = torch.device(device)
     ids = torch.arange(len(labels)) if example_ids is None else example_ids.long().cpu()
+    for spec in specs:
+        try:
+            spec.check_images(tuple(images.shape[1:]))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     results = []
     num_classes = _num_classes(model, images[:1].to(device)) if len(ids) else 0
     for spec in specs:
@@ -284,6 +295,11 @@ def evaluate(
             outcome = run_attack(
                 model, x, y, spec, targets=t, example_ids=ids[lo : lo + batch_size]
             )
+            if not bool(torch.isfinite(outcome.logits).all()):
+                raise ModelOutputError(
+                    f"the model gives NaN/inf logits ({spec.describe()}, images {lo}.."
+                    f"{lo + len(x) - 1}): its results would be meaningless"
+                )
             correct.append((outcome.logits.argmax(1) == y).cpu())
             success.append(outcome.success.cpu())
             if outcome.targets is not None:
