@@ -162,7 +162,7 @@ def test_nan_weights_unknown_options_and_nan_logits_are_one_line(runs, tmp_path)
         c.model[name].fill_(-1.0)
 
     for label, edit, named in (
-        ("nan", nan_weight, "NaN/inf"),
+        ("nan", nan_weight, "NaN/inf value(s): the model is broken"),
         ("option", unknown_option, "no_such_option"),
         ("logits", nan_logits, "NaN/inf logits"),
     ):
