@@ -164,3 +164,33 @@ def test_a_full_disk_during_eval_writes_no_row_and_no_temp(tmp_path, monkeypatch
     assert_one_error(out.output, "no space left", OUTCOMES)
     assert not (tmp_path / "run" / EVAL_CSV).exists()
     assert _no_temp_files(tmp_path) == []
+
+
+def _append_one(path: str, ready) -> None:
+    ready.set()
+    append_rows(Path(path), [{"run": "late", "accuracy": 1.0}])
+
+
+def test_an_append_waits_for_the_lock(tmp_path) -> None:
+    """The lock, not luck, orders appends: one held here keeps another process's rows (and
+    its decision whether to write a header) out until it is released."""
+    import fcntl
+    import time
+
+    path = tmp_path / EVAL_CSV
+    append_rows(path, [{"run": "first", "accuracy": 1.0}])
+    before = path.read_bytes()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    with path.open("a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        child = ctx.Process(target=_append_one, args=(str(path), ready))
+        child.start()
+        assert ready.wait(timeout=120)
+        time.sleep(1.0)
+        assert path.read_bytes() == before  # the child waits for the lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    with path.open(newline="") as fh:
+        assert [r["run"] for r in csv.DictReader(fh)] == ["first", "late"]

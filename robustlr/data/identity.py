@@ -119,7 +119,9 @@ def test_identity(name: str, **load_options: Any) -> DataIdentity | None:
     from robustlr.data.errors import DataError
     from robustlr.data.load import load
 
-    options = {k: v for k, v in load_options.items() if k not in ("seed", "augment")}
+    # the files as listed, corrupt ones included: training and evaluation fingerprint alike
+    skipped = ("seed", "augment", "skip_corrupt", "download")
+    options = {k: v for k, v in load_options.items() if k not in skipped}
     try:
         return split_identity(load(name, "test", augment=False, **options))
     except DataError as exc:
