@@ -12,11 +12,10 @@ Pickled Python objects are never executed: loading such a file fails with
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
-import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,75 +25,65 @@ import torch
 from torch import nn
 
 from robustlr.errors import UserError
+from robustlr.runs import atomic_write, temp_glob
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "arch", "model_options", "num_classes", "epoch")
+# config entries that say where a run lives, not what it is: never written into a checkpoint,
+# so that a checkpoint's bytes (and its SHA-256) depend on its contents only
+LOCATION_KEYS = ("out",)
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe, or for another model."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
+def _serialise(payload: dict[str, Any]) -> bytes:
+    """``payload`` as torch.save bytes (serialised in memory, so that a write to disk fails
+    only as an OSError, a full disk included, never inside torch's zip writer)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` to ``path`` atomically: temp file in the same directory, flush, fsync,
-    rename. A reader never sees a half-written file, whenever the writer is killed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write ``payload`` to ``path`` atomically (:func:`robustlr.runs.atomic_write`: a uniquely
+    named temp file in the same directory, flush, fsync, rename). A reader never sees a
+    half-written file, whenever the writer is killed; a failed write (a full disk) leaves the
+    previous checkpoint and no temp file."""
+    data = _serialise(payload)
+    return atomic_write(path, lambda fh: fh.write(data), durable=True)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomically copy a checkpoint file (e.g. checkpoint.pt -> best.pt)."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+    data = Path(src).read_bytes()
+    return atomic_write(dst, lambda fh: fh.write(data), durable=True)
 
 
 def remove_stale_temp_files(directory: str | Path) -> int:
     """Delete temp files left by writers that were killed mid-write; return how many."""
     n = 0
-    for p in Path(directory).glob(".*.pt.*.tmp"):
+    for p in Path(directory).glob(temp_glob("*.pt")):
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def bytes_sha256(data: bytes) -> str:
+    """SHA-256 (hex) of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint_bytes(path: str | Path) -> bytes:
+    """The bytes of checkpoint file ``path``, read once (CheckpointError if absent)."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
 
 
 def load_checkpoint(
@@ -105,15 +94,25 @@ def load_checkpoint(
     Raises :class:`CheckpointError` if the file is missing, corrupt, carries pickled objects,
     lacks required keys, or (when ``arch`` is given) was written for another architecture.
     """
+    return load_checkpoint_bytes(read_checkpoint_bytes(path), path, arch, map_location)
+
+
+def load_checkpoint_bytes(
+    data: bytes,
+    path: str | Path,
+    arch: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """:func:`load_checkpoint` of bytes already read (``path`` names them in messages)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):
+    buffer = io.BytesIO(data)
+    if not zipfile.is_zipfile(buffer):
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a checkpoint (no torch.save archive)"
         )
+    buffer.seek(0)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(buffer, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"checkpoint {path} refused: it holds pickled Python objects that a safe "
@@ -143,7 +142,16 @@ def build_model(payload: dict[str, Any]) -> nn.Module:
     arch = payload["arch"]
     if arch not in list_models():
         raise CheckpointError(f"checkpoint is for unknown arch {arch!r}")
-    model = create_model(arch, num_classes=int(payload["num_classes"]), **payload["model_options"])
+    check_finite(payload["model"])
+    try:
+        model = create_model(
+            arch, num_classes=int(payload["num_classes"]), **payload["model_options"]
+        )
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint model options do not fit arch {arch!r}: {first}"
+        ) from None
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as exc:
@@ -152,6 +160,17 @@ def build_model(payload: dict[str, Any]) -> nn.Module:
             f"checkpoint weights do not fit arch {arch!r} with its options: {first}"
         ) from None
     return model
+
+
+def check_finite(state: dict[str, Any]) -> None:
+    """CheckpointError naming the first weight tensor of ``state`` that holds NaN or inf."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"checkpoint weight {name} holds {bad} NaN/inf value(s): the model is broken"
+                )
 
 
 def load_model(
@@ -177,6 +196,9 @@ class DataRecord:
     root: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
+    # the test split's identity (robustlr.data.identity); empty in older checkpoints
+    source_shape: tuple[int, ...] = ()
+    fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,6 +209,8 @@ class DataRecord:
             "root": self.root,
             "val_fraction": self.val_fraction,
             "split_seed": self.split_seed,
+            "source_shape": list(self.source_shape),
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -200,6 +224,8 @@ class DataRecord:
             root=d.get("root", config.get("data")),
             val_fraction=float(d.get("val_fraction", config.get("val_fraction", 0.1))),
             split_seed=int(d.get("split_seed", config.get("split_seed", 0))),
+            source_shape=tuple(int(v) for v in d.get("source_shape") or ()),
+            fingerprint=str(d.get("fingerprint") or ""),
         )
 
 
@@ -234,6 +260,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     data: DataRecord | None = None
     training: TrainingState | None = None
+    sha256: str = ""  # of the bytes it was read from ("" for one built in memory)
 
     @property
     def mode(self) -> str:
@@ -249,7 +276,7 @@ class Checkpoint:
             "model": self.model,
             "epoch": self.epoch,
             "step": self.step,
-            "config": dict(self.config),
+            "config": {k: v for k, v in self.config.items() if k not in LOCATION_KEYS},
         }
         if self.data is not None:
             payload["dataset"] = self.data.to_dict()
@@ -309,8 +336,15 @@ def write_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
 def read_checkpoint(
     path: str | Path, arch: str | None = None, map_location: str | torch.device = "cpu"
 ) -> Checkpoint:
-    """Read a checkpoint safely (see :func:`load_checkpoint`) as a :class:`Checkpoint`."""
-    return Checkpoint.from_payload(load_checkpoint(path, arch=arch, map_location=map_location))
+    """Read a checkpoint safely (see :func:`load_checkpoint`) as a :class:`Checkpoint`.
+
+    The file is read once: its ``sha256`` is the hash of exactly the bytes that were loaded
+    (a writer replacing the file meanwhile cannot make them disagree)."""
+    data = read_checkpoint_bytes(path)
+    payload = load_checkpoint_bytes(data, path, arch=arch, map_location=map_location)
+    checkpoint = Checkpoint.from_payload(payload)
+    checkpoint.sha256 = bytes_sha256(data)
+    return checkpoint
 
 
 __all__ = [
@@ -319,10 +353,14 @@ __all__ = [
     "DataRecord",
     "TrainingState",
     "build_model",
+    "bytes_sha256",
+    "check_finite",
     "copy_checkpoint",
     "load_checkpoint",
+    "load_checkpoint_bytes",
     "load_model",
     "read_checkpoint",
+    "read_checkpoint_bytes",
     "remove_stale_temp_files",
     "save_checkpoint",
     "write_checkpoint",

@@ -151,3 +151,32 @@ def write_run(runs: Path, name: str, arch: str, mode: str, rows: list[dict[str, 
     (run / CONFIG).write_text(json.dumps({"arch": arch, "mode": mode}))
     pd.DataFrame(rows).to_csv(run / EVAL_CSV, index=False)
     return run
+
+
+# a run trained for two steps of one epoch: what checkpoint and eval tests need, in seconds
+TINY_TRAIN = [
+    *FAST,
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--set",
+    "max_steps_per_epoch=2",
+    "--set",
+    "val_fraction=0.05",
+]
+
+
+def assert_one_error(output: str, *needles: str) -> str:
+    """The output of a refused command is exactly one ``Error: ...`` line (containing every
+    ``needle``), never a traceback; returns that line."""
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    for needle in needles:
+        assert needle in errors[0], output
+    return errors[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -19,32 +20,62 @@ DEFAULT_QUERIES = 5000
 ATTACK_TARGETS: dict[str, str | None] = {name: ATTACKS[name].target for name in ATTACK_NAMES}
 
 
+def _nonzero_text(text: str) -> bool:
+    """Whether a number's text has a nonzero digit in its mantissa ("1e-400": yes)."""
+    mantissa = text.lower().split("e", 1)[0]
+    return any(c in "123456789" for c in mantissa)
+
+
 def parse_number(value: str | float | int) -> float:
-    """Read ``16/255``, ``0.0627`` or a number as a float."""
+    """Read ``16/255``, ``0.0627`` or a number as a finite float. A nonzero number that rounds
+    to 0 as a float (``1e-400``) is refused, never read as 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number such as 16/255 or 0.0627, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
-    text = value.strip()
-    try:
-        if "/" in text:
-            numerator, denominator = text.split("/", 1)
-            return float(numerator) / float(denominator)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read {value!r} as a number such as 16/255 or 0.0627") from None
-
-
-def parse_eps(value: str | float | int) -> float:
-    """Parse an L-inf eps or step size (``16/255``, ``0.0627``); it must lie in [0, 1]."""
-    number = parse_number(value)
-    if not 0.0 <= number <= 1.0:
-        raise ValueError(f"{value!r} = {number:g} is outside [0, 1] (images are on [0, 1])")
+        number, nonzero = float(value), value != 0
+    else:
+        text = value.strip()
+        try:
+            if "/" in text:
+                numerator, denominator = text.split("/", 1)
+                number = float(numerator) / float(denominator)
+                nonzero = _nonzero_text(numerator)
+            else:
+                number, nonzero = float(text), _nonzero_text(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(
+                f"cannot read {value!r} as a number such as 16/255 or 0.0627"
+            ) from None
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    if number == 0 and nonzero:
+        raise ValueError(f"{value!r} is too small: it rounds to 0")
     return number
 
 
-def format_eps(value: float) -> str:
-    """Write eps as k/255 when it is one, else as a decimal."""
+def parse_eps(value: str | float | int, norm: str = "linf") -> float:
+    """Parse an eps or step size (``16/255``, ``0.0627``, ``2``): L-inf within [0, 1] (images
+    are on [0, 1]); L2 any radius >= 0 (its upper bound, the image's diameter, is checked
+    against the images: :meth:`AttackSpec.check_images`)."""
+    number = parse_number(value)
+    if norm == "linf" and not 0.0 <= number <= 1.0:
+        raise ValueError(f"{value!r} = {number:g} is outside [0, 1] (L-inf, images are on [0, 1])")
+    if number < 0:
+        raise ValueError(f"{value!r} is negative; a radius is >= 0")
+    return number
+
+
+def format_eps(value: float, norm: str = "linf") -> str:
+    """Write an L-inf eps as k/255 when it is one, else (and any L2 radius) as a decimal."""
     k = value * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{value:g}"
+    if norm == "linf" and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{value:g}"
+
+
+def image_diameter(shape: tuple[int, ...]) -> float:
+    """The L2 diameter of [0, 1] images of ``shape`` (C, H, W): sqrt(C * H * W)."""
+    return math.sqrt(math.prod(int(v) for v in shape))
 
 
 @dataclass(frozen=True)
@@ -90,20 +121,14 @@ class AttackSpec:
         for key in ("eps", "step_size"):  # "16/255" is accepted everywhere
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, parse_number(getattr(self, key)))
-        if self.norm == "linf":
-            object.__setattr__(self, "eps", parse_eps(self.eps))
-        elif self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        object.__setattr__(self, "eps", parse_eps(self.eps, self.norm))
         if self.steps < 1 or self.restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
         if self.queries < 1:
             raise ValueError(f"queries must be >= 1, got {self.queries}")
         self._refuse_unused(info)
         if self.step_size is not None:
-            if self.step_size < 0:
-                raise ValueError(f"step size must be >= 0, got {self.step_size}")
-            if self.norm == "linf":
-                object.__setattr__(self, "step_size", parse_eps(self.step_size))
+            object.__setattr__(self, "step_size", parse_eps(self.step_size, self.norm))
         if info.family == "fgsm":
             object.__setattr__(self, "steps", 1)
 
@@ -120,6 +145,21 @@ class AttackSpec:
             what = ", ".join(k.replace("_", " ") for k in unused)
             runs = "in fp32 only" if unused == ["precision"] else f"without {what}"
             raise ValueError(f"attack {self.name!r} runs {runs}; do not set {what}")
+
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """ValueError when an L2 eps or step size exceeds the diameter of images of ``shape``
+        (C, H, W): no two such images are farther apart."""
+        if self.norm != "l2" or self.info.family == "clean":
+            return
+        diameter = image_diameter(shape)
+        step = self.resolved_step_size
+        for what, value in (("eps", self.eps), ("step size", step)):
+            if value is not None and value > diameter:
+                size = "x".join(str(int(v)) for v in shape)
+                raise ValueError(
+                    f"l2 {what} {value:g} exceeds the diameter {diameter:.4g} of {size} images "
+                    "on [0, 1]"
+                )
 
     @property
     def info(self) -> AttackInfo:
@@ -175,10 +215,10 @@ class AttackSpec:
     def describe(self) -> str:
         if self.info.family == "clean":
             return "clean"
-        parts = [self.name, f"{self.norm} eps={format_eps(self.eps)}"]
+        parts = [self.name, f"{self.norm} eps={format_eps(self.eps, self.norm)}"]
         step = self.resolved_step_size
         if step is not None:
-            parts.append(f"step={format_eps(step)}")
+            parts.append(f"step={format_eps(step, self.norm)}")
         if "steps" in self.info.takes:
             parts.append(f"steps={self.steps}")
         if self.restarts > 1:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustlr.runs import atomic_write
+
 
 def random_target_shifts(n: int, num_classes: int, seed: int) -> torch.Tensor:
     """The first ``n`` draws of ``seed``: per image a shift in [1, num_classes - 1], so that
@@ -48,12 +50,8 @@ def targets_sha256(targets: torch.Tensor) -> str:
 
 def save_targets(path: str | Path, targets: torch.Tensor) -> str:
     """Write the targets as a ``.npy`` int64 array; returns their SHA-256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, targets.detach().cpu().long().numpy().astype("<i8"))
-    tmp.replace(path)
+    array = targets.detach().cpu().long().numpy().astype("<i8")
+    atomic_write(path, lambda fh: np.save(fh, array))
     return targets_sha256(targets)
 
 

@@ -8,6 +8,7 @@ robustlr``, click's test runner).
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import Any
 
@@ -26,14 +27,43 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+# output faults that are the machine's, not a bug: one line, exit 2
+OUTPUT_FAULTS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def output_fault(exc: OSError) -> str:
+    """The one line shown for an output fault (a full disk while writing ``exc.filename``)."""
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    return (
+        f"{OUTPUT_FAULTS[exc.errno]}{where}; files written completely before are kept "
+        "(checkpoints are replaced only whole): free space and run the command again"
+    )
+
+
+def _translate(exc: BaseException) -> BadInput | None:
+    if isinstance(exc, UserError):
+        return BadInput(one_line(exc))
+    if isinstance(exc, OSError) and exc.errno in OUTPUT_FAULTS:
+        return BadInput(output_fault(exc))
+    return None
+
+
 class UserErrorCommand(click.Command):
-    """A click command that turns a :class:`UserError` into :class:`BadInput`."""
+    """A click command that turns a :class:`UserError` (or an output fault such as a full
+    disk) into :class:`BadInput`."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            raise BadInput(one_line(exc)) from None
+        except (UserError, OSError) as exc:
+            bad = _translate(exc)
+            if bad is None:
+                raise
+            raise bad from None
 
 
 class UserErrorGroup(click.Group):
@@ -44,8 +74,11 @@ class UserErrorGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            raise BadInput(one_line(exc)) from None
+        except (UserError, OSError) as exc:
+            bad = _translate(exc)
+            if bad is None:
+                raise
+            raise bad from None
 
 
 command = functools.partial(click.command, cls=UserErrorCommand)
@@ -59,4 +92,5 @@ __all__ = [
     "command",
     "group",
     "one_line",
+    "output_fault",
 ]

@@ -25,14 +25,14 @@ from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.params import checkpoint_options, device_option
 from robustlr.distributed import close_distributed, init_distributed
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint, with_clean
-from robustlr.runs import EVAL_CSV, OUTCOMES, find_checkpoint
+from robustlr.runs import EVAL_CSV, OUTCOMES, check_output_path, find_checkpoint
 
 
 def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return parse_eps(value)
+        return parse_eps(value, norm="l2")  # >= 0 here; each attack's norm bounds it further
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -90,6 +90,12 @@ def build_specs(
     default=None,
     help="Data path [default: the one the run was trained with].",
 )
+@click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Evaluate on data that differs from what the checkpoint was trained on (the rows "
+    "then name the data used) instead of refusing it.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @device_option()
 @click.option(
@@ -108,7 +114,7 @@ def build_specs(
 )
 def eval_command(
     checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
-    limit, split, data, batch_size, device, out_csv, examples_dir,
+    limit, split, data, allow_other_data, batch_size, device, out_csv, examples_dir,
 ):  # fmt: skip
     """Evaluate a checkpoint under white-box attacks (the run's test images)."""
     overrides = {
@@ -119,26 +125,31 @@ def eval_command(
     specs = with_clean(build_specs(attacks, suite, overrides))  # the rows evaluation writes
     dist_ctx = init_distributed(device)  # a world of one unless under torchrun
     try:
-        _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size,
-                  out_csv, examples_dir)  # fmt: skip
+        _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, allow_other_data,
+                  batch_size, out_csv, examples_dir)  # fmt: skip
     finally:
         close_distributed(dist_ctx)
 
 
 def _evaluate(
-    dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size, out_csv, examples_dir
-) -> None:
+    dist_ctx, specs, checkpoint, runs_root, limit, split, data, allow_other_data, batch_size,
+    out_csv, examples_dir,
+) -> None:  # fmt: skip
     dev = dist_ctx.device
     console = Console(quiet=not dist_ctx.is_main)
     try:
         path = find_checkpoint(checkpoint, runs_root)
     except FileNotFoundError as exc:
         raise UsageFailure(str(exc)) from None
-    target = open_checkpoint(path, dev)
-    dataset = target.meta["dataset"]
-    images, labels, indices = target.load_images(split, data, limit)
-    out_csv = out_csv or target.run_dir / EVAL_CSV
+    out_csv = out_csv or path.parent / EVAL_CSV
     examples_dir = examples_dir or out_csv.parent / OUTCOMES
+    check_output_path(out_csv, "--out", directory=False)  # before any work
+    check_output_path(examples_dir, "--save-examples")
+    target = open_checkpoint(path, dev)
+    images, labels, indices = target.load_images(
+        split, data, limit, allow_other_data=allow_other_data
+    )
+    dataset = target.meta["dataset"]
     console.print(
         f"[bold]eval[/] {target.meta['arch']} ({target.meta['train_mode'] or '?'}) from {path}: "
         f"{len(labels)} {dataset} {split} images on {dev}"
@@ -174,7 +185,7 @@ def _evaluate(
     for spec, row in zip(specs, rows, strict=True):
         table.add_row(
             spec.name,
-            format_eps(spec.eps) if spec.name != "clean" else "-",
+            format_eps(spec.eps, spec.norm) if spec.name != "clean" else "-",
             str(row["steps"] or "-"),
             row["target_policy"] or "-",
             f"{row['accuracy']:.2f}",

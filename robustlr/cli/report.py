@@ -28,7 +28,7 @@ from robustlr.report.writers import (
     rich_table_data,
     write_frame,
 )
-from robustlr.runs import find_checkpoint
+from robustlr.runs import check_output_path, find_checkpoint
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
@@ -168,6 +168,9 @@ def report(
     )
     if out is None:
         out = report_file(Path(".") if results else runs_dir, fmt)
+    check_output_path(out, "--out", directory=False)  # before any work
+    if not no_plots and plots_dir is not None:
+        check_output_path(plots_dir, "--plots")
     made = make_report(
         settings,
         out,
@@ -230,6 +233,8 @@ def check(
     step_counts = tuple(int_list(steps, "--steps"))
     if not step_counts or min(step_counts) < 1:
         raise click.BadParameter("give positive step counts, e.g. 10,20,50", param_hint="--steps")
+    if out_dir is not None:
+        check_output_path(out_dir, "--out")
     dev = resolve_device(device)
     try:
         path = find_checkpoint(checkpoint, runs_root)

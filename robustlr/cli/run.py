@@ -15,6 +15,7 @@ from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.report import print_checks, print_pairs, print_table9
 from robustlr.cli.train import _Renderer
 from robustlr.report.writers import report_file
+from robustlr.runs import check_output_path
 from robustlr.study import (
     Stage,
     StageStatus,
@@ -104,6 +105,7 @@ def run(
     console = Console(file=sys.stdout, soft_wrap=True)
     study = load_recipe(recipe, overrides)
     out = out_dir or default_out_dir(study)
+    check_output_path(out, "--out")  # before any work
     statuses = study_status(study, out)
     names = [stage.name for stage, _ in statuses]
     if until is not None and until not in names:

@@ -28,7 +28,7 @@ from rich.progress import (
 from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.params import device_option
 from robustlr.data import DATASETS
-from robustlr.runs import latest_run
+from robustlr.runs import check_output_path, latest_run
 from robustlr.train import (
     CheckpointSaved,
     EpochEnded,
@@ -259,6 +259,7 @@ class _Renderer:
 def run_training(config: TrainConfig, resume: bool) -> TrainResult:
     """Run the engine (it trains the way ``config`` says) with rich rendering; divergence ->
     exit 1."""
+    check_output_path(config.out or config.runs_root, "--out" if config.out else "--runs")
     renderer = _Renderer(Console(file=sys.stdout, soft_wrap=True))
     try:
         return train_engine(config, on_event=renderer, resume=resume)

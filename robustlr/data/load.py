@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from robustlr.data.errors import DataError
+from robustlr.data.identity import check_labels
 from robustlr.data.registry import DATASETS, DatasetInfo, base_info
 from robustlr.data.splits import train_val_indices
 from robustlr.data.tensor_dataset import CropFlip, ImageTensorDataset
@@ -112,6 +113,10 @@ def load(
             download,
         )
         crop = _AUGMENT[name]
+    source_shape = tuple(images.shape[1:])
+    if images.shape[1] == 1:  # grey images are served as 3 channels (the value replicated)
+        images = images.expand(-1, 3, -1, -1)
+    check_labels(labels, info.num_classes, f"{name} {split} split{f' at {root}' if root else ''}")
     if split != "test":
         train_idx, val_idx = train_val_indices(len(labels), val_fraction, split_seed)
         keep = train_idx if split == "train" else val_idx
@@ -119,6 +124,7 @@ def load(
     size = image_size or (info.image_size if name == "digits" else images.shape[-1])
     ds = ImageTensorDataset(images, labels, size, crop if augment else None, seed)
     ds.info = dataclasses.replace(info, image_size=size)  # type: ignore[attr-defined]
+    ds.source_shape = source_shape  # type: ignore[attr-defined]
     return ds
 
 
@@ -162,6 +168,7 @@ def _read_npz(path: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"cannot read {path} as an .npz archive: {exc}") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
         raise DataError(f"{path}: x_{part} must be uint8 NHWC (or NHW) with one label per image")
+    check_labels(y, 0, f"{path}: y_{part}")
     t = torch.from_numpy(x)
     t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
     return t.contiguous(), torch.from_numpy(y.astype(np.int64))
@@ -170,14 +177,12 @@ def _read_npz(path: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 def _arrays(
     name: str, root: Path | None, train: bool, download: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 NCHW images (3 channels) and int64 labels from an .npz or torchvision."""
+    """uint8 NCHW images (1 or 3 channels) and int64 labels from an .npz or torchvision."""
     if root is not None and root.is_file():
         x, y = _read_npz(root, train)
     else:
         x, y = _torchvision(name, root or default_root(), train, download)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
+    if x.shape[1] not in (1, 3):
         raise DataError(f"{name}: expected 1 or 3 channels, got {x.shape[1]}")
     return x, y
 

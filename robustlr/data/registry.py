@@ -21,7 +21,8 @@ class DatasetInfo:
 
     ``image_size`` is the side of the images the loader yields (after any resize), ``channels``
     their channel count; ``mean``/``std`` are per-channel statistics of the [0, 1] pixels, meant
-    for the normalisation layer inside the model.
+    for the normalisation layer inside the model. ``embedded``: the data ships with a library
+    and its loader takes no data path.
     """
 
     name: str
@@ -31,6 +32,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     small_images: bool
+    embedded: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
         # 98.9/97.5/97.8 against 99.4/98.6/98.9 (docs/lrnet-training.md). Adversarial training:
         # 10 epochs (PGD-16: 18 passes a step) take lrnet26 past 80% clean accuracy.
         DatasetSpec(
-            DatasetInfo("digits", 10, 16, 3, (0.5,) * 3, (0.5,) * 3, True),
+            DatasetInfo("digits", 10, 16, 3, (0.5,) * 3, (0.5,) * 3, True, embedded=True),
             TrainingDefaults(
                 width=0.25,
                 epochs=12,

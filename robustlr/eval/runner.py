@@ -23,7 +23,9 @@ from robustlr.attacks.modes import eval_mode
 from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec
 from robustlr.attacks.targets import draw_random_targets, save_targets, targets_sha256
+from robustlr.errors import UserError
 from robustlr.eval.stats import wilson_interval
+from robustlr.runs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ RESULT_COLUMNS = (
     "split",
     "n",
     "subset_sha256",
+    "data_sha256",
     "attack",
     "norm",
     "eps",
@@ -78,6 +81,10 @@ THREAT_KEY_COLUMNS = (
     "precision",
     "attack_settings",
 )
+
+
+class ModelOutputError(UserError):
+    """The evaluated model's output is unusable (NaN or inf logits)."""
 
 
 @dataclass
@@ -191,22 +198,16 @@ def save_outcomes(path: str | Path, result: AttackResult, row: Mapping[str, Any]
     """Per-example outcomes of one attack as ``.npz``: ``correct``, ``success``, ``targets``
     (empty when untargeted) and ``threat``, the threat key of its eval.csv ``row`` (images,
     checkpoint and full threat model) that readers check with ``verify_outcomes``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     key = threat_key(row)
-    with tmp.open("wb") as fh:
-        np.savez(
-            fh,
-            correct=result.correct,
-            success=result.success,
-            targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
-            subset_sha256=np.array(key["subset_sha256"]),
-            targets_sha256=np.array(result.targets_sha256),
-            threat=np.array(json.dumps(key, sort_keys=True)),
-        )
-    tmp.replace(path)
-    return path
+    arrays = dict(
+        correct=result.correct,
+        success=result.success,
+        targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
+        subset_sha256=np.array(key["subset_sha256"]),
+        targets_sha256=np.array(result.targets_sha256),
+        threat=np.array(json.dumps(key, sort_keys=True)),
+    )
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_outcomes(path: str | Path) -> dict[str, Any]:
@@ -274,6 +275,11 @@ def evaluate(
     """
     device = torch.device(device)
     ids = torch.arange(len(labels)) if example_ids is None else example_ids.long().cpu()
+    for spec in specs:
+        try:
+            spec.check_images(tuple(images.shape[1:]))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     results = []
     num_classes = _num_classes(model, images[:1].to(device)) if len(ids) else 0
     for spec in specs:
@@ -289,6 +295,11 @@ def evaluate(
             outcome = run_attack(
                 model, x, y, spec, targets=t, example_ids=ids[lo : lo + batch_size]
             )
+            if not bool(torch.isfinite(outcome.logits).all()):
+                raise ModelOutputError(
+                    f"the model gives NaN/inf logits ({spec.describe()}, images {lo}.."
+                    f"{lo + len(x) - 1}): its results would be meaningless"
+                )
             correct.append((outcome.logits.argmax(1) == y).cpu())
             success.append(outcome.success.cpu())
             if outcome.targets is not None:

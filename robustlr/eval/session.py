@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from torch import nn
 
 from robustlr.attacks.spec import AttackSpec
 from robustlr.checkpoint import Checkpoint, read_checkpoint
+from robustlr.data import DATASETS, DataError
 from robustlr.data import load as load_dataset
+from robustlr.data.identity import identity_differences, test_identity
+from robustlr.data.registry import base_info
 from robustlr.distributed import DistContext
 from robustlr.eval.runner import (
     RESULT_COLUMNS,
@@ -27,7 +31,7 @@ from robustlr.eval.runner import (
     save_outcomes,
     subset_sha256,
 )
-from robustlr.runs import TARGETS
+from robustlr.runs import TARGETS, locked_append
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +58,69 @@ class EvalTarget:
         return self.saved.data.root if self.saved.data is not None else self.config.get("data")
 
     def load_images(
-        self, split: str = "test", root: str | Path | None = None, limit: int | None = None
+        self,
+        split: str = "test",
+        root: str | Path | None = None,
+        limit: int | None = None,
+        *,
+        allow_other_data: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """This checkpoint's ``split`` images as its training served them (see
-        :func:`load_eval_images`); ``root`` overrides the recorded data path."""
-        return load_eval_images(
-            self.meta["dataset"],
-            split,
-            root if root is not None else self.data_root,
-            self.image_size,
-            limit,
+        :func:`load_eval_images`); ``root`` overrides the recorded data path.
+
+        The data found there is checked against the identity the checkpoint records
+        (:meth:`check_data`) before any image is attacked."""
+        name = self.meta["dataset"]
+        if root is not None and name in DATASETS and base_info(name).embedded:
+            raise DataError(
+                f"{name} is built in and takes no data path: --data {root} would not be used "
+                "(evaluate a run trained on that data instead)"
+            )
+        root = root if root is not None else self.data_root
+        self.check_data(root, allow_other_data)
+        return load_eval_images(name, split, root, self.image_size, limit)
+
+    def check_data(self, root: str | Path | None, allow_other_data: bool = False) -> None:
+        """Compare the test split at ``root`` with the data identity the checkpoint records.
+
+        Data that differs raises DataError naming what differs, unless ``allow_other_data``:
+        then the rows record the data actually used (``dataset`` becomes the data path's name
+        and ``data_sha256`` its fingerprint). A checkpoint of an older robustlr records no
+        fingerprint: what it records is compared, with a warning."""
+        record = self.saved.data
+        name = self.meta["dataset"]
+        if record is None:
+            log.warning("%s records no data set: the data cannot be checked", self.checkpoint)
+            return
+        actual = test_identity(
+            record.name,
+            root=root,
+            image_size=self.image_size or None,
+            val_fraction=record.val_fraction,
+            split_seed=record.split_seed,
         )
+        if actual is None:
+            return
+        if not record.fingerprint:
+            log.warning(
+                "%s records no data fingerprint (older robustlr): only its class count is "
+                "checked; retrain or evaluate with care",
+                self.checkpoint,
+            )
+        differ = identity_differences(
+            record.num_classes, record.source_shape, record.fingerprint, actual
+        )
+        self.meta["data_sha256"] = actual.fingerprint
+        if not differ:
+            return
+        where = f"the data at {root}" if root is not None else f"the {name} data found"
+        if not allow_other_data:
+            raise DataError(
+                f"{where} is not the {name} data checkpoint {self.checkpoint} was trained on "
+                f"({'; '.join(differ)}); pass --allow-other-data to evaluate on it anyway"
+            )
+        log.warning("evaluating on other data than trained on: %s", "; ".join(differ))
+        self.meta["dataset"] = Path(root).name if root is not None else f"{name}?"
 
 
 def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
@@ -76,6 +132,7 @@ def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -93,7 +150,7 @@ def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
         "arch": saved.arch,
         "train_mode": saved.mode,
         "dataset": saved.data.name if saved.data else config.get("dataset", ""),
-        "checkpoint_sha256": file_sha256(path),
+        "checkpoint_sha256": saved.sha256,  # of the very bytes the model was built from
     }
     return EvalTarget(
         checkpoint=path,
@@ -130,22 +187,26 @@ def load_eval_images(
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Append rows to a results CSV, writing the header only for a new file. An existing file
-    keeps its own column order (columns it lacks are dropped from the new rows, with a log)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fieldnames = list(RESULT_COLUMNS)
-    exists = path.is_file() and path.stat().st_size > 0
-    if exists:
-        with path.open(newline="") as fh:
-            fieldnames = next(csv.reader(fh), fieldnames)
-        dropped = set(rows[0]) - set(fieldnames) if rows else set()
-        if dropped:
-            log.warning("%s has no column(s) %s; they are not written", path, sorted(dropped))
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames, extrasaction="ignore")
-        if not exists:
+    keeps its own column order (columns it lacks are dropped from the new rows, with a log).
+    The file is locked while the header is read and the rows appended, so processes appending
+    to one eval.csv side by side lose, duplicate and interleave nothing."""
+
+    def text(size: int) -> str:
+        fieldnames = list(RESULT_COLUMNS)
+        if size:
+            with path.open(newline="") as fh:
+                fieldnames = next(csv.reader(fh), fieldnames)
+            dropped = set(rows[0]) - set(fieldnames) if rows else set()
+            if dropped:
+                log.warning("%s has no column(s) %s; they are not written", path, sorted(dropped))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
+        if not size:
             writer.writeheader()
         writer.writerows(rows)
-        fh.flush()
+        return out.getvalue()
+
+    locked_append(path, text)
 
 
 def evaluate_checkpoint(

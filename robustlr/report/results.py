@@ -13,7 +13,8 @@ import pandas as pd
 from robustlr.attacks.registry import RENAMED
 from robustlr.errors import UserError
 from robustlr.eval.runner import RESULT_COLUMNS
-from robustlr.runs import EVAL_CSV, read_run_config
+from robustlr.eval.session import file_sha256
+from robustlr.runs import CHECKPOINT_PREFERENCE, EVAL_CSV, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def read_result_csv(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ResultsError(f"{path} is not an eval.csv (missing column(s) {', '.join(missing)})")
     directory = path.parent.resolve()
+    frame = drop_stale_rows(frame, directory, path)
     try:
         return normalise_results(
             frame,
@@ -91,6 +93,38 @@ def read_result_csv(path: str | Path) -> pd.DataFrame:
         )
     except ValueError as exc:
         raise ResultsError(f"{path}: {exc}") from None
+
+
+def current_checkpoint_hashes(run_dir: Path) -> set[str]:
+    """SHA-256 of each checkpoint a run directory holds now (best.pt, checkpoint.pt)."""
+    hashes = set()
+    for name in CHECKPOINT_PREFERENCE:
+        file = run_dir / name
+        if file.is_file():
+            hashes.add(file_sha256(file))
+    return hashes
+
+
+def drop_stale_rows(frame: pd.DataFrame, run_dir: Path, source: Path) -> pd.DataFrame:
+    """``frame`` without the rows whose checkpoint is no longer one of the run's (its
+    checkpoint.pt / best.pt were replaced since, e.g. by ``train --resume``), with a warning
+    naming how many were left out. A folder that holds no checkpoint is not checked."""
+    if "checkpoint_sha256" not in frame.columns or not len(frame):
+        return frame
+    current = current_checkpoint_hashes(run_dir)
+    if not current:
+        return frame
+    recorded = frame["checkpoint_sha256"].fillna("").astype(str).str.strip()
+    stale = (recorded != "") & ~recorded.isin(current)
+    if stale.any():
+        log.warning(
+            "%s: %d row(s) left out: they evaluated a checkpoint that is no longer the run's "
+            "(%s replaced since); run robustlr eval again for current rows",
+            source,
+            int(stale.sum()),
+            " / ".join(CHECKPOINT_PREFERENCE),
+        )
+    return frame[~stale].reset_index(drop=True)
 
 
 def normalise_results(

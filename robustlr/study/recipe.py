@@ -19,7 +19,10 @@ before it is checked, so they obey the same rules.
 
 from __future__ import annotations
 
+import math
 import tomllib
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,16 +141,82 @@ def apply_overrides(data: dict[str, Any], pairs: Iterable[str]) -> dict[str, Any
     pairs = list(pairs)
     for pair in pairs:
         try:
-            parts, _ = parse_assignment(pair)
+            parts, value = parse_assignment(pair)
         except SettingError:
-            parts = ()
+            parts, value = (), None
         if len(parts) < 2:
             raise RecipeError(f"--set expects section.key=value, got {pair!r}")
         if parts[0] == "network":
             raise RecipeError(
                 f"--set {'.'.join(parts)}: a network's keys are set in the recipe file"
             )
+        check_set_value(parts, value)
     return apply_assignments(data, pairs)
+
+
+# --set keys whose numbers must be > 0 (every other number of the schema must be >= 0)
+POSITIVE_KEYS = frozenset(
+    (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "lr",
+        "image_size",
+        "width",
+        "steps",
+        "limit",
+        "attack_steps",
+        "max_steps_per_epoch",
+    )
+)
+
+
+def _schema(section: str) -> dict[str, Any]:
+    """The type of every key of a recipe section (from the dataclass it fills)."""
+    if section in ("train", "data"):
+        hints = typing.get_type_hints(TrainConfig)
+        if section == "data":
+            return {key: hints[field] for key, field in DATA_KEYS.items()}
+        return hints
+    source = {"adversarial": AdversarialTraining, "eval": EvalSettings, "report": ReportOptions}
+    return typing.get_type_hints(source[section]) if section in source else {}
+
+
+def check_set_value(parts: tuple[str, ...], value: Any) -> None:
+    """RecipeError unless a ``--set section.key=value`` value has the type the recipe schema
+    gives the key (a boolean is a boolean, an int an int, a number a number: never a string
+    read as one) and, for a number, is >= 0 (> 0 for :data:`POSITIVE_KEYS`). Keys the schema
+    does not know are left to the recipe check (which names them)."""
+    if len(parts) != 2:
+        return  # model options (train.model.x): checked when the model is built
+    section, key = parts
+    hint = _schema(section).get(key)
+    if hint is None:
+        return
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    allowed = {typing.get_origin(a) or a for a in args} - {type(None)}
+    name = f"--set {section}.{key}"
+    if key in NUMBER_KEYS and isinstance(value, str):
+        try:
+            value = parse_number(value)  # "16/255"
+        except ValueError as exc:
+            raise RecipeError(f"{name}: {exc}") from None
+    if isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = bool(allowed & {int, float})
+    elif isinstance(value, float):
+        ok = float in allowed
+    else:
+        ok = any(isinstance(value, t) for t in allowed if t not in (int, float, bool))
+    if not ok:
+        expected = " or ".join(sorted(t.__name__ for t in allowed))
+        raise RecipeError(f"{name} expects {expected}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value) or value < 0 or (key in POSITIVE_KEYS and value == 0):
+        bound = "> 0" if key in POSITIVE_KEYS else ">= 0"
+        raise RecipeError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:

@@ -81,8 +81,8 @@ class AdversarialTraining:
 
     def describe(self) -> str:
         return (
-            f"PGD-{self.steps} {self.norm} eps={format_eps(self.eps)} "
-            f"step={format_eps(self.step_size)} target={self.target} mix={self.mix}"
+            f"PGD-{self.steps} {self.norm} eps={format_eps(self.eps, self.norm)} "
+            f"step={format_eps(self.step_size, self.norm)} target={self.target} mix={self.mix}"
         )
 
 

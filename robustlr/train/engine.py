@@ -33,6 +33,7 @@ from robustlr.checkpoint import (
     write_checkpoint,
 )
 from robustlr.data import ImageTensorDataset, collate_batch, epoch_seed, load
+from robustlr.data.identity import test_identity
 from robustlr.distributed import (
     DistContext,
     all_reduce,
@@ -200,6 +201,7 @@ class _Run:
         if cfg.download and self.ctx.is_main:
             barrier(self.ctx)
         val_set = load(cfg.dataset, "val", **kwargs) if cfg.val_fraction > 0 else None
+        self.test_identity = test_identity(cfg.dataset, **kwargs)
         return train_set, val_set
 
     def _model(self, num_classes: int, info: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -572,6 +574,8 @@ class _Run:
                 root=cfg.data,
                 val_fraction=cfg.val_fraction,
                 split_seed=cfg.split_seed,
+                source_shape=self.test_identity.source_shape if self.test_identity else (),
+                fingerprint=self.test_identity.fingerprint if self.test_identity else "",
             ),
             training=TrainingState(
                 optimizer=self.optimizer.state_dict(),
