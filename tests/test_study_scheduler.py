@@ -107,6 +107,8 @@ def test_stages_start_once_their_dependencies_are_done(tmp_path: Path) -> None:
             assert position[("end", train)] < position[("start", name)], name
     last_eval_end = max(position[("end", n)] for n in names if n.startswith("eval "))
     assert position[("start", "report")] > last_eval_end
+    with (tmp_path / "study" / "logs" / "stages.csv").open(newline="") as fh:
+        assert sorted(r["stage"] for r in csv.DictReader(fh)) == sorted(names)
     # trains run side by side: the first three starts are trainings
     assert [name.split()[0] for _, name in fake.log[:3]] == ["train", "advtrain", "train"]
 

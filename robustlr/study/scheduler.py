@@ -12,6 +12,7 @@ reports :class:`StageEvent` objects; only the CLI prints.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import json
 import logging
@@ -44,6 +45,8 @@ from robustlr.study.stages import (
 log = logging.getLogger(__name__)
 
 LOGS_DIR = "logs"  # DIR/logs/<stage>.log: each stage process's stderr
+TIMES_CSV = "stages.csv"  # DIR/logs/stages.csv: one row per stage run (wall seconds)
+TIMES_COLUMNS = ("stage", "kind", "seconds", "slots")
 LOCK_FILE = ".study.lock"
 
 
@@ -276,6 +279,7 @@ def run_scheduled(
         running: list[Any] = []
         ran: list[str] = []
         failure = ""
+        started: dict[str, float] = {}
 
         def ready(stage: Stage) -> bool:
             return all(d.name in finished for d in dependencies(stage, plan))
@@ -309,6 +313,8 @@ def run_scheduled(
                     if outcome == "":
                         finished.add(handle.stage.name)
                         ran.append(handle.stage.name)
+                        took = time.monotonic() - started[handle.stage.name]
+                        record_time(out_dir, handle.stage, took, executor.slots)
                         emit(StageEvent(handle.stage, "done", 1.0))
                     else:
                         failure = failure or f"stage {handle.stage.name!r} failed: {outcome}"
@@ -323,6 +329,18 @@ def run_scheduled(
         if failure:
             raise StudyError(failure)
         return ScheduleResult(out_dir, statuses, ran)
+
+
+def record_time(out_dir: Path, stage: Stage, seconds: float, slots: int) -> None:
+    """Append the stage's wall time to ``DIR/logs/stages.csv`` (the study's time breakdown)."""
+    path = out_dir / LOGS_DIR / TIMES_CSV
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(TIMES_COLUMNS)
+        writer.writerow([stage.name, stage.kind, f"{seconds:.1f}", slots])
 
 
 def _pending_detail(stage: Stage, recipe: Recipe, out_dir: Path) -> str:
