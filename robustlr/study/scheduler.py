@@ -298,6 +298,7 @@ def run_scheduled(
                         emit(
                             StageEvent(stage, "start", 0.0, _pending_detail(stage, recipe, out_dir))
                         )
+                        started[stage.name] = time.monotonic()
                         running.append(executor.submit(stage))
                 elif not running:
                     break
