@@ -187,13 +187,13 @@ def _executor(
     "--jobs",
     type=int,
     default=None,
-    help="Stages run at once [default: one per CPU core (local), 64 (slurm)].",
+    help="Stages run at once [default: cores / threads (local), 64 (slurm)].",
 )
 @click.option(
     "--threads",
     type=int,
     default=None,
-    help="Torch threads per stage [default: cores / jobs, at least 1; 1 without --jobs].",
+    help="Torch threads per stage [default: 1; a stage's weights depend on it, --jobs does not].",
 )
 @click.option(
     "--executor",

@@ -75,18 +75,16 @@ def core_count() -> int:
 def jobs_and_threads(
     jobs: int | None, threads: int | None, cores: int | None = None
 ) -> tuple[int, int]:
-    """``(jobs, threads per job)`` with jobs x threads <= cores: by default one single-thread
-    stage per core (two 1-thread processes beat one 2-thread process on these small models,
-    docs/study.md); ``jobs`` alone gets ``cores // jobs`` threads each."""
+    """``(jobs, threads per job)``: ``threads`` default 1 whatever ``jobs`` is, because a
+    stage's weights depend on its thread count (docs/study.md), so ``--jobs`` must not change
+    it; ``jobs`` default ``cores // threads`` (jobs x threads <= cores)."""
     cores = cores or core_count()
     if jobs is not None and jobs < 1:
         raise StudyError(f"--jobs must be at least 1, not {jobs}")
     if threads is not None and threads < 1:
         raise StudyError(f"--threads must be at least 1, not {threads}")
-    if jobs is None:
-        threads = threads or 1
-        return max(1, cores // threads), threads
-    return jobs, threads or max(1, cores // jobs)
+    threads = threads or 1
+    return jobs or max(1, cores // threads), threads
 
 
 class Handle(Protocol):
@@ -129,7 +127,7 @@ def last_error_line(log_file: Path) -> str:
     except OSError:
         return "no log"
     errors = [line for line in lines if line.startswith("Error: ")]
-    return (errors or lines or ["no output"])[-1]
+    return (errors or lines or ["no output"])[-1].removeprefix("Error: ")
 
 
 @dataclass
