@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -152,6 +153,8 @@ def _executor(
     slurm: dict[str, object],
 ):  # type: ignore[no-untyped-def]
     if executor == "local":
+        if jobs is None and torch.cuda.is_available():
+            jobs = 1  # the stages would share one GPU; --jobs N to run several anyway
         n, t = jobs_and_threads(jobs, threads)
         return LocalExecutor(study, out, n, t), f"{n} job(s) x {t} thread(s)"
     from robustlr.study.slurm import SlurmOptions, SubmititExecutor
@@ -187,7 +190,7 @@ def _executor(
     "--jobs",
     type=int,
     default=None,
-    help="Stages run at once [default: cores / threads (local), 64 (slurm)].",
+    help="Stages run at once [default: cores / threads, or 1 with a GPU (local); 64 (slurm)].",
 )
 @click.option(
     "--threads",
