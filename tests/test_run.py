@@ -45,10 +45,10 @@ step_size = "8/255"
 steps = 2
 """
 STAGES = [
-    "train resnet26",
-    "advtrain resnet26",
-    "eval resnet26-regular",
-    "eval resnet26-adversarial",
+    "train resnet26-regular-s1",
+    "advtrain resnet26-adversarial-s1",
+    "eval resnet26-regular-s1",
+    "eval resnet26-adversarial-s1",
     "report",
 ]
 
@@ -86,15 +86,15 @@ def test_study_runs_skips_completed_stages_and_resumes(tmp_path: Path) -> None:
     assert not study.exists()
 
     # stop after the first eval, then leave rows of a killed eval of the adversarial run
-    out = _run(tmp_path, "--until", "eval resnet26-regular")
-    assert "ran: train resnet26, advtrain resnet26, eval resnet26-regular" in out
-    regular, adversarial = study / "resnet26-regular", study / "resnet26-adversarial"
+    out = _run(tmp_path, "--until", "eval resnet26-regular-s1")
+    assert f"ran: {', '.join(STAGES[:3])}" in out
+    regular, adversarial = study / "resnet26-regular-s1", study / "resnet26-adversarial-s1"
     assert len(_rows(regular / "eval.csv")) == 3
     assert not (adversarial / "eval.csv").exists() and not (study / "table9.csv").exists()
     (adversarial / "eval.partial.csv").write_text((regular / "eval.csv").read_text())
 
     out = _run(tmp_path)
-    assert "ran: eval resnet26-adversarial, report" in out
+    assert "ran: eval resnet26-adversarial-s1, report" in out
     assert not (adversarial / "eval.partial.csv").exists()
     for run in (regular, adversarial):
         rows = _rows(run / "eval.csv")
@@ -112,13 +112,12 @@ def test_study_runs_skips_completed_stages_and_resumes(tmp_path: Path) -> None:
     assert "ran: nothing" in _run(tmp_path)
     assert {p: p.read_bytes() for p in study.rglob("eval.csv")} == before
 
-    # a longer training resumes from the checkpoint, then its evaluation is redone once
-    assert _stage_states(tmp_path, "train.epochs=2") == dict.fromkeys(STAGES, "pending")
-    _run(tmp_path, "--set", "train.epochs=2")
-    for run in (regular, adversarial):
-        assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1", "2"]
-        assert len(_rows(run / "eval.csv")) == 3
-    assert _stage_states(tmp_path, "train.epochs=2") == dict.fromkeys(STAGES, "done")
+    # other training settings are not these models': refused, nothing touched
+    states = _stage_states(tmp_path, "train.epochs=2")
+    assert states[STAGES[0]] == states[STAGES[1]] == "conflict"
+    proc = run_cli("run", "tiny.toml", "--out", "study", "--set", "train.epochs=2", cwd=tmp_path)
+    assert proc.returncode == 2 and "train.epochs was 1, now 2" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in study.rglob("eval.csv")} == before
 
 
 @pytest.mark.parametrize(

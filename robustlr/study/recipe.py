@@ -4,13 +4,16 @@ Layout (every table but ``[[network]]`` optional)::
 
     name = "table9-digits"            # default: the file's stem
     description = "..."
+    seeds = [0, 1, 2]                 # training seeds, one run per (network, mode, seed);
+                                      # default: [train] seed alone
     [data]                            # dataset, path, image_size, download, val_fraction, ...
     [train]                           # TrainConfig keys shared by every run; [train.model]
     [adversarial]                     # AdversarialTraining keys (eps may be "16/255")
-    [[network]]                       # arch, modes, any TrainConfig key; [network.model],
-                                      # [network.adversarial] override the shared tables
+    [[network]]                       # arch, modes, seeds, any TrainConfig key;
+                                      # [network.model], [network.adversarial] override
     [eval]                            # suite or [[eval.attack]], limit, batch_size, split,
-                                      # checkpoint ("final" or "best"), device
+                                      # checkpoint ("final" or "best"), device, sweep_suite
+                                      # (its attacks too, for the runs of sweep_seeds: [0])
     [report]                          # eps, attack_steps, target_policy, plots
 
 ``--set section.key=value`` overrides (e.g. ``data.path=/data/cifar10``) edit the parsed TOML
@@ -38,7 +41,17 @@ from robustlr.train.adversarial import AdversarialTraining
 from robustlr.train.config import ConfigError, TrainConfig, resolve
 
 MODES = ("regular", "adversarial")
-TOP_KEYS = ("name", "description", "data", "train", "adversarial", "network", "eval", "report")
+TOP_KEYS = (
+    "name",
+    "description",
+    "seeds",
+    "data",
+    "train",
+    "adversarial",
+    "network",
+    "eval",
+    "report",
+)
 # [data] key -> TrainConfig field
 DATA_KEYS = {
     "dataset": "dataset",
@@ -53,7 +66,17 @@ DATA_KEYS = {
 }
 # TrainConfig fields the study sets itself
 RESERVED = ("arch", "mode", "out", "runs_root", "adversarial", "model_options")
-EVAL_KEYS = ("suite", "attack", "limit", "batch_size", "split", "checkpoint", "device")
+EVAL_KEYS = (
+    "suite",
+    "attack",
+    "limit",
+    "batch_size",
+    "split",
+    "checkpoint",
+    "device",
+    "sweep_suite",
+    "sweep_seeds",
+)
 REPORT_KEYS = ("eps", "attack_steps", "target_policy", "plots")
 NUMBER_KEYS = ("eps", "step_size")  # adversarial keys that may be written "16/255"
 
@@ -70,6 +93,7 @@ class Network:
     modes: tuple[str, ...]
     train: dict[str, Any]  # TrainConfig layer over the shared one (model_options merge)
     adversarial: dict[str, Any]  # AdversarialTraining keys over the shared ones
+    seeds: tuple[int, ...] | None = None  # this network's training seeds (over the study's)
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,18 @@ class EvalSettings:
     split: str = "test"
     checkpoint: str = "final"  # "final" (checkpoint.pt) or "best" (best.pt)
     device: str = "auto"
+    sweep_suite: str | None = None
+    sweep_attacks: tuple[AttackSpec, ...] = ()
+    sweep_seeds: tuple[int, ...] = (0,)
+
+    def attacks_for(self, seed: int) -> tuple[AttackSpec, ...]:
+        """The attacks of a run trained with ``seed``: the suite's, plus the sweep suite's
+        (those not already in the suite) when ``seed`` is one of ``sweep_seeds``."""
+        if seed not in self.sweep_seeds:
+            return self.attacks
+        return self.attacks + tuple(
+            dict.fromkeys(a for a in self.sweep_attacks if a not in self.attacks)
+        )
 
 
 @dataclass(frozen=True)
@@ -107,16 +143,34 @@ class Recipe:
     networks: tuple[Network, ...]
     eval: EvalSettings
     report: ReportOptions = field(default_factory=ReportOptions)
+    seeds: tuple[int, ...] | None = None  # None: the [train] seed alone
+    overrides: tuple[str, ...] = ()  # the --set pairs it was loaded with
 
     def network(self, arch: str) -> Network:
         return next(n for n in self.networks if n.arch == arch)
 
+    def seeds_for(self, network: Network) -> tuple[int, ...]:
+        """The training seeds of ``network``: its own, else the study's, else [train] seed."""
+        seeds = network.seeds or self.seeds
+        if seeds is not None:
+            return seeds
+        return (resolve(self.train, network.train).seed,)
+
     def adversarial_settings(self, network: Network) -> AdversarialTraining:
         return AdversarialTraining(**{**self.adversarial, **network.adversarial})
 
-    def train_config(self, network: Network, mode: str, run_dir: Path) -> TrainConfig:
-        """The config of ``network`` trained in ``mode`` into ``run_dir``."""
-        layer: dict[str, Any] = {"arch": network.arch, "mode": mode, "out": str(run_dir)}
+    def train_config(
+        self, network: Network, mode: str, run_dir: Path, seed: int | None = None
+    ) -> TrainConfig:
+        """The config of ``network`` trained in ``mode`` with ``seed`` (default: its first
+        seed) into ``run_dir``."""
+        seed = self.seeds_for(network)[0] if seed is None else seed
+        layer: dict[str, Any] = {
+            "arch": network.arch,
+            "mode": mode,
+            "out": str(run_dir),
+            "seed": seed,
+        }
         if mode == "adversarial":
             layer["adversarial"] = self.adversarial_settings(network).as_dict()
         return resolve(self.train, network.train, layer)
@@ -228,8 +282,9 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
         raise RecipeError(f"cannot read recipe {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"recipe {path} is not valid TOML: {exc}") from None
+    overrides = tuple(overrides)
     try:
-        return parse_recipe(apply_overrides(data, overrides), path)
+        return parse_recipe(apply_overrides(data, overrides), path, overrides)
     except (ConfigError, TypeError, ValueError) as exc:
         if isinstance(exc, RecipeError):
             raise
@@ -285,12 +340,31 @@ def _networks(entries: Any, where: str) -> tuple[Network, ...]:
             raise RecipeError(f"{at}: modes must be a non-empty list of {MODES}, got {modes!r}")
         adversarial = _adversarial(_table(entry, "adversarial", at), f"{at} [adversarial]")
         entry.pop("adversarial", None)
-        networks.append(Network(arch, tuple(modes), _train_layer(entry, at), adversarial))
+        seeds = _seeds(entry.pop("seeds", None), at)
+        if seeds is not None and "seed" in entry:
+            raise RecipeError(f"{at}: give seeds = [...] or seed, not both")
+        networks.append(Network(arch, tuple(modes), _train_layer(entry, at), adversarial, seeds))
     archs = [n.arch for n in networks]
     repeated = sorted({a for a in archs if archs.count(a) > 1})
     if repeated:
         raise RecipeError(f"{where}: arch {', '.join(repeated)} listed twice (one network each)")
     return tuple(networks)
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...] | None:
+    """A ``seeds = [0, 1, 2]`` list (None when absent): distinct non-negative integers."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in value)
+        or len(set(value)) != len(value)
+    ):
+        raise RecipeError(
+            f"{where}: seeds must be a non-empty list of distinct integers >= 0, got {value!r}"
+        )
+    return tuple(value)
 
 
 def _eval(table: dict[str, Any], where: str) -> EvalSettings:
@@ -321,6 +395,11 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
         check_device_name(device)
     except DeviceError as exc:
         raise RecipeError(f"{where}: {exc}") from None
+    sweep_suite = table.get("sweep_suite")
+    if sweep_suite is not None and not isinstance(sweep_suite, str):
+        raise RecipeError(f"{where}: sweep_suite must be a suite name or file, not {sweep_suite!r}")
+    sweep_seeds = _seeds(table.get("sweep_seeds", [0]), f"{where} sweep_seeds")
+    assert sweep_seeds is not None
     return EvalSettings(
         attacks=tuple(specs),
         suite=str(suite) if suite is not None else "inline",
@@ -329,6 +408,9 @@ def _eval(table: dict[str, Any], where: str) -> EvalSettings:
         split=split,
         checkpoint=checkpoint,
         device=device,
+        sweep_suite=sweep_suite,
+        sweep_attacks=tuple(load_suite(sweep_suite)) if sweep_suite is not None else (),
+        sweep_seeds=sweep_seeds,
     )
 
 
@@ -346,7 +428,7 @@ def _report(table: dict[str, Any], where: str) -> ReportOptions:
     )
 
 
-def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
+def parse_recipe(data: dict[str, Any], path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
     """Check a parsed recipe and build every run's config once (so errors surface early)."""
     where = f"recipe {path}"
     _check_keys(data, TOP_KEYS, where)
@@ -354,6 +436,11 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
     _check_keys(data_table, DATA_KEYS, f"{where} [data]")
     train = {DATA_KEYS[k]: v for k, v in data_table.items()}
     train.update(_train_layer(_table(data, "train", where), f"{where} [train]"))
+    seeds = _seeds(data.get("seeds"), where)
+    if seeds is not None and "seed" in train:
+        raise RecipeError(
+            f"{where}: seeds = {list(seeds)} sets the training seeds; remove [train] seed"
+        )
     recipe = Recipe(
         name=str(data.get("name") or path.stem),
         description=str(data.get("description", "")),
@@ -363,6 +450,8 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
         networks=_networks(data.get("network"), where),
         eval=_eval(_table(data, "eval", where), f"{where} [eval]"),
         report=_report(_table(data, "report", where), f"{where} [report]"),
+        seeds=seeds,
+        overrides=overrides,
     )
     if "/" in recipe.name or recipe.name in ("", ".", ".."):
         raise RecipeError(f"{where}: name {recipe.name!r} cannot be a directory name")
@@ -374,5 +463,6 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
                 f"{where}: unknown arch {network.arch!r}; known: {', '.join(list_models())}"
             )
         for mode in network.modes:
-            recipe.train_config(network, mode, Path("."))  # raises on a bad value
+            for seed in recipe.seeds_for(network):
+                recipe.train_config(network, mode, Path("."), seed)  # raises on a bad value
     return recipe

@@ -11,7 +11,6 @@ reports.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,17 +27,30 @@ from robustlr.runs import CHECKPOINT, EVAL_CSV, OUTCOMES
 from robustlr.study.recipe import Recipe
 from robustlr.study.stages import (
     DONE,
+    EVAL_KEY,
     PARTIAL_CSV,
     PENDING,
     REPORT_MARKER,
+    TRAIN_KEY,
+    TRAIN_KINDS,
     Stage,
     StageStatus,
+    check_study_folder,
+    claim_study_folder,
     eval_checkpoint,
     eval_csvs,
+    eval_key,
+    eval_settings,
     inputs_digest,
     plan_stages,
+    refuse_conflicts,
+    report_key,
     resolve_stage,
     stage_status,
+    stage_train_config,
+    train_key,
+    train_settings,
+    write_json,
 )
 from robustlr.train import EventSink, TrainResult, resume_config
 from robustlr.train import train as train_engine
@@ -64,7 +76,9 @@ def default_out_dir(recipe: Recipe) -> Path:
 
 
 def study_status(recipe: Recipe, out_dir: Path) -> list[tuple[Stage, StageStatus]]:
-    """Every stage with its status; a stage after a pending stage it depends on is pending."""
+    """Every stage with its status; a stage after a pending stage it depends on is pending.
+    :class:`StudyError` when the folder is another recipe's."""
+    check_study_folder(recipe, out_dir)
     out: list[tuple[Stage, StageStatus]] = []
     untrained: set[Path] = set()  # run directories whose training is pending
     for stage in (resolve_stage(s, out_dir) for s in plan_stages(recipe)):
@@ -73,7 +87,7 @@ def study_status(recipe: Recipe, out_dir: Path) -> list[tuple[Stage, StageStatus
             status = StageStatus(PENDING, "after its training")
         if stage.kind == "report" and status.done and any(not s.done for _, s in out):
             status = StageStatus(PENDING, "after the pending stages")
-        if stage.kind in ("train", "advtrain") and not status.done and stage.run_dir:
+        if stage.kind in TRAIN_KINDS and not status.done and stage.run_dir:
             untrained.add(stage.run_dir)
         out.append((stage, status))
     return out
@@ -97,13 +111,15 @@ def run_study(
     if until is not None and until not in names:
         raise ValueError(f"no stage {until!r}; stages: {', '.join(names)}")
     statuses = study_status(recipe, out_dir)
+    refuse_conflicts(statuses, out_dir)
+    claim_study_folder(recipe, out_dir)
     result = StudyResult(out_dir, statuses, [])
     for stage, _ in statuses:
         status = stage_status(stage, recipe, out_dir)  # earlier stages may have changed it
         if status.done:
             if on_stage:
                 on_stage(stage, "skip", status)
-        elif stage.kind in ("train", "advtrain") or _rank() == 0:
+        elif stage.kind in TRAIN_KINDS or _rank() == 0:
             if on_stage:
                 on_stage(stage, "start", status)
             report = run_stage(stage, recipe, out_dir, on_train_event, on_eval)
@@ -124,7 +140,7 @@ def run_stage(
     on_eval: EvalProgress | None = None,
 ) -> Report | None:
     """Run one stage (whatever its status); the report stage returns what it built."""
-    if stage.kind in ("train", "advtrain"):
+    if stage.kind in TRAIN_KINDS:
         train_stage(stage, recipe, on_train_event)
         return None
     if stage.kind == "eval":
@@ -136,8 +152,12 @@ def run_stage(
 def train_stage(stage: Stage, recipe: Recipe, on_event: EventSink | None = None) -> TrainResult:
     """Train one run; a run with a checkpoint continues from it (the engine's resume)."""
     assert stage.run_dir is not None
-    network = recipe.network(stage.arch)
-    config = recipe.train_config(network, stage.mode, stage.run_dir)
+    config = stage_train_config(stage, recipe)
+    if _rank() == 0:
+        write_json(
+            stage.run_dir / TRAIN_KEY,
+            {"key": train_key(config), "settings": train_settings(config)},
+        )
     resume = (stage.run_dir / CHECKPOINT).is_file()
     if resume:
         config = resume_config(stage.run_dir, config.to_dict(), mode=stage.mode)
@@ -151,6 +171,7 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
     settings = recipe.eval
     device = resolve_device(settings.device)
     partial = stage.run_dir / PARTIAL_CSV
+    (stage.run_dir / EVAL_KEY).unlink(missing_ok=True)  # eval.csv is not this key's until done
     partial.unlink(missing_ok=True)  # rows of an interrupted attempt
     target = open_checkpoint(eval_checkpoint(stage.run_dir, settings.checkpoint), device)
     images, labels, indices = target.load_images(settings.split, limit=settings.limit)
@@ -162,7 +183,7 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
 
     evaluate_checkpoint(
         target,
-        settings.attacks,
+        settings.attacks_for(stage.seed),
         images=images,
         labels=labels,
         indices=indices,
@@ -175,6 +196,8 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
     )
     final = stage.run_dir / EVAL_CSV
     os.replace(partial, final)
+    record = {"key": eval_key(stage, recipe), "settings": eval_settings(stage, recipe)}
+    write_json(stage.run_dir / EVAL_KEY, record)
     return final
 
 
@@ -193,6 +216,6 @@ def report_stage(recipe: Recipe, out_dir: Path) -> Report:
         plots_dir=out_dir / PLOTS_DIR if options.plots else None,
         checkpoint_names=(CHECKPOINT,),
     )
-    marker = {"recipe": recipe.name, "inputs": inputs_digest(files)}
-    (out_dir / REPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    marker = {"recipe": recipe.name, "key": report_key(recipe), "inputs": inputs_digest(files)}
+    write_json(out_dir / REPORT_MARKER, marker)
     return report
