@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, run_checks
-from robustlr.report.pairs import pair_table
+from robustlr.report.pairs import pair_table, seed_pair_table
 from robustlr.report.results import collect_results
 from robustlr.report.table9 import ReportSettings, Table9, build_table9
 from robustlr.report.writers import write_report
@@ -24,6 +24,7 @@ class Report:
     table: Table9
     pairs: pd.DataFrame
     checks: list[CheckResult]
+    seed_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
     written: list[Path] = field(default_factory=list)
 
 
@@ -43,12 +44,13 @@ def make_report(
     ``checkpoint_names``. Raises ``ResultsError`` when there are no usable results."""
     table = build_table9(collect_results(results, runs_dir), settings)
     pairs = pair_table(table)
+    seed_pairs = seed_pair_table(table)
     checks = run_checks(table.results, table)
-    written = write_report(table, out, fmt, pairs, checks)
+    written = write_report(table, out, fmt, pairs, checks, seed_pairs)
     if plots_dir is not None:
         from robustlr.report.plots import report_plots, run_geo_prior_plots
 
         chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
         written += report_plots(chosen, plots_dir, table.eps)
         written += run_geo_prior_plots(table.runs, plots_dir, checkpoint_names)
-    return Report(table, pairs, checks, written)
+    return Report(table, pairs, checks, seed_pairs, written)
