@@ -28,6 +28,19 @@ class Report:
     written: list[Path] = field(default_factory=list)
 
 
+def with_model_checks(
+    checks: list[CheckResult], table: Table9, checkpoint_names: tuple[str, ...]
+) -> list[CheckResult]:
+    """``checks`` with the placeholders of the checks that need the models (eval-mode
+    determinism, transfer) replaced by those checks run on the report's runs (a check whose
+    model or data is missing says what is missing)."""
+    from robustlr.report.live_checks import model_checks
+
+    live = model_checks(table.runs, table.cells, table.networks, checkpoint_names)
+    names = {c.check for c in live}
+    return [c for c in checks if c.check not in names] + live
+
+
 def make_report(
     settings: ReportSettings,
     out: Path,
@@ -45,7 +58,7 @@ def make_report(
     table = build_table9(collect_results(results, runs_dir), settings)
     pairs = pair_table(table)
     seed_pairs = seed_pair_table(table)
-    checks = run_checks(table.results, table)
+    checks = with_model_checks(run_checks(table.results, table), table, checkpoint_names)
     written = write_report(table, out, fmt, pairs, checks, seed_pairs)
     if plots_dir is not None:
         from robustlr.report.plots import report_plots, run_geo_prior_plots
