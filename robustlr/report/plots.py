@@ -91,12 +91,11 @@ def sweep_steps(pgd: pd.DataFrame) -> int | None:
     return int(spread[spread == spread.max()].index.min())
 
 
-def plot_accuracy_vs_eps(
-    results: pd.DataFrame, path: str | Path, target_policy: str = "none", precision: str = "fp32"
-) -> Path | None:
-    """Accuracy vs eps x 255 (clean at eps 0) for one PGD setting (the sweep's step count, one
-    random start), the strongest row per eps, one curve per network, training mode and seed.
-    None (nothing written) when there is no PGD row."""
+def eps_curves(
+    results: pd.DataFrame, target_policy: str = "none", precision: str = "fp32"
+) -> tuple[int | None, dict[str, pd.DataFrame]]:
+    """The eps sweep's step count and its curves (``_curves``; clean rows at eps 0): PGD rows
+    of that step count with one random start, so every point is the same attack."""
     pgd = results[
         results["attack"].isin(PGD)
         & (results["target_policy"] == target_policy)
@@ -105,13 +104,23 @@ def plot_accuracy_vs_eps(
     ]
     steps = sweep_steps(pgd)
     if steps is None:
-        return None
+        return None, {}
     pgd = pgd[pgd["steps"] == steps]
     clean = results[(results["attack"] == "clean") & results[RUN_KEY].isin(set(pgd[RUN_KEY]))]
-    rows = pd.concat([clean.assign(eps=0.0), pgd])
+    return steps, _curves(pd.concat([clean.assign(eps=0.0), pgd]), "eps")
+
+
+def plot_accuracy_vs_eps(
+    results: pd.DataFrame, path: str | Path, target_policy: str = "none", precision: str = "fp32"
+) -> Path | None:
+    """Accuracy vs eps x 255 (``eps_curves``), one curve per network, training mode and seed.
+    None (nothing written) when there is no PGD row."""
+    steps, curves = eps_curves(results, target_policy, precision)
+    if steps is None:
+        return None
     kind = "untargeted" if target_policy == "none" else f"targeted ({target_policy})"
     return _line_plot(
-        _curves(rows, "eps"),
+        curves,
         "eps",
         "eps (x 1/255)",
         f"Accuracy vs eps, {kind} PGD-{steps} (measured points only)",
