@@ -34,9 +34,9 @@ def _analytic_sd(matrix: np.ndarray) -> float:
 
 def test_identical_seeds_give_the_image_level_interval():
     one = _outcomes([0.6], 359)[0]
-    ours = seed_image_bootstrap(np.stack([one, one, one]), resamples=20000)
+    ours = seed_image_bootstrap(np.stack([one, one, one]), resamples=10000)
     ref = stats.bootstrap(
-        (one.astype(float),), np.mean, method="percentile", n_resamples=20000, random_state=1
+        (one.astype(float),), np.mean, method="percentile", n_resamples=10000, random_state=1
     ).confidence_interval
     assert ours.estimate == pytest.approx(100 * one.mean())
     assert ours.low == pytest.approx(100 * ref.low, abs=0.6)
@@ -47,7 +47,7 @@ def test_identical_seeds_give_the_image_level_interval():
 def test_interval_width_matches_the_analytic_seed_and_image_variance():
     # seeds that disagree strongly: the seed level dominates the variance
     matrix = _outcomes([0.3, 0.5, 0.7, 0.9], 300, seed=2)
-    result = seed_image_bootstrap(matrix, resamples=20000)
+    result = seed_image_bootstrap(matrix, resamples=10000)
     sd = _analytic_sd(matrix.astype(float))
     assert (result.high - result.low) / (2 * 1.96) == pytest.approx(sd, rel=0.1)
     image_only = _analytic_sd(matrix.astype(float).mean(0, keepdims=True))

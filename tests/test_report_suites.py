@@ -12,7 +12,7 @@ from helpers import write_outcome_run
 
 from robustlr.attacks.suites import load_suite
 from robustlr.checkpoint import save_checkpoint
-from robustlr.eval.runner import subset_sha256
+from robustlr.eval.runner import RESULT_COLUMNS, subset_sha256
 from robustlr.eval.session import load_eval_images
 from robustlr.models import create_model
 from robustlr.report import ReportSettings, make_report
@@ -86,6 +86,16 @@ def test_every_check_runs_with_the_digits_suites(study, tmp_path):
     # the fake white-box outcomes keep most images; transfer from a random net breaks more
     transfer = [c for c in made.checks if c.check == "transfer_weaker"]
     assert len(transfer) == 2 and all("only transfer breaks" in c.numbers for c in transfer)
+
+
+def test_eval_rows_carry_the_training_seed(study):
+    import torch
+
+    from robustlr.eval.session import open_checkpoint
+
+    target = open_checkpoint(next(study.rglob(BEST)), torch.device("cpu"))
+    assert target.meta["train_seed"] == "0"
+    assert "train_seed" in RESULT_COLUMNS
 
 
 def test_model_checks_name_what_is_missing(study, tmp_path):
