@@ -1,5 +1,6 @@
-"""The paper's Table 9 from evaluation results: per network, its adversarially trained run's
-clean / targeted-PGD / untargeted-PGD accuracy and its regular-trained run's clean accuracy.
+"""The paper's Table 9 from evaluation results: per network, its adversarially trained runs'
+clean / targeted-PGD / untargeted-PGD accuracy and its regular-trained runs' clean accuracy,
+each a mean over training seeds with a 95% interval.
 
 Choices (stated in the report's notes):
 
@@ -7,13 +8,18 @@ Choices (stated in the report's notes):
   and the "test" split if present, else "val", else the first.
 * eps: the given one; else 16/255 (the paper's) if any PGD row has it; else the eps of most
   PGD rows (ties: the smaller).
-* run per network and training mode: the newest, i.e. the one whose eval.csv was modified
-  last (ties: the later run name); ``runs`` restricts the candidates to named runs.
+* replicates: runs are grouped by network and training mode; each training seed (eval
+  column ``train_seed``; rows without one are a single replicate) is a replicate, and per
+  seed the newest run counts, i.e. the one whose eval.csv was modified last (ties: the later
+  run name); ``runs`` restricts the candidates to named runs.
 * attack cells: PGD rows at the report's eps, norm and precision (fp32), targeted with target
   policy "random" (Kannan et al.) or untargeted; with ``attack_steps`` only rows with that
-  many steps. Among them the rows on the most images (sweeps on subsets do not fill the table)
-  and of those the strongest, i.e. the lowest accuracy (ties: more steps, then later row).
-* clean cells: the clean row on the most images (ties: the later row).
+  many steps. Every seed of a cell holds the same setting: among the settings all seeds have,
+  the one on the most images (sweeps on subsets do not fill the table), then the strongest
+  (lowest mean accuracy), then the most steps (``pick_across_seeds``).
+* clean cells: the clean row on the most images.
+* a cell's value is the mean over its seeds, its interval the two-level bootstrap over seeds
+  and images (``cell_stats``; docs/statistics.md).
 * reference cells beside the table (not in the paper): per training mode, the strongest row of
   each reference attack (registry ``reference``: APGD-CE, standard AutoAttack) at the report's
   eps and norm on the most images. The paper's PGD cannot cross the eps ball in 20 x 1/255 or
@@ -402,6 +408,8 @@ def cell_stats(rows: dict[str, pd.Series]) -> CellStats:
 
 def interval_note(stats: dict[tuple[str, str], CellStats]) -> str:
     """The notes line naming how the intervals were computed, and for which cells."""
+    if not stats:
+        return "intervals (95%): no filled cell"
     used: dict[str, int] = {}
     for cell in stats.values():
         used[cell.method] = used.get(cell.method, 0) + 1
@@ -433,8 +441,8 @@ def build_table9(results: pd.DataFrame, settings: ReportSettings | None = None) 
     eps = choose_eps(rows, settings)
     notes = [
         f"threat model: {dataset} {split}, {settings.norm} eps {format_eps(eps)}, "
-        f"{settings.precision}; attack cells hold the strongest (lowest accuracy) matching PGD "
-        "row on the most images"
+        f"{settings.precision}; attack cells hold, among the PGD settings every training seed "
+        "has, the one on the most images with the lowest mean accuracy"
         + (f" with {settings.attack_steps} steps" if settings.attack_steps else "")
     ]
     chosen, run_notes = choose_runs(rows)
