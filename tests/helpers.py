@@ -180,3 +180,32 @@ def assert_one_error(output: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], output
     return errors[0]
+
+
+def write_outcome_run(
+    runs: Path,
+    name: str,
+    arch: str,
+    mode: str,
+    attacks: list[tuple[object, list[bool] | np.ndarray]],
+    train_seed: str = "",
+    subset: str = "subset-x",
+) -> Path:
+    """A run whose eval.csv rows have outcomes files: ``attacks`` pairs an ``AttackSpec`` with
+    each image's correctness; targeted specs share the targets hash "targets-x"."""
+    from robustlr.eval.runner import AttackResult, save_outcomes
+
+    run = runs / name
+    rows = []
+    meta = {"run": name, "arch": arch, "train_mode": mode, "train_seed": train_seed,
+            "dataset": "digits", "split": "test", "subset_sha256": subset}  # fmt: skip
+    for i, (spec, correct) in enumerate(attacks):
+        c = np.asarray(correct, dtype=bool)
+        sha = "targets-x" if spec.targeted else ""  # type: ignore[attr-defined]
+        result = AttackResult(spec, c, ~c, None, passes=0, seconds=0.0, targets_sha256=sha)  # type: ignore[arg-type]
+        file = f"outcomes/{i}-{spec.name}.npz"  # type: ignore[attr-defined]
+        save_outcomes(run / file, result, result.row(meta))
+        rows.append(result.row(meta) | {"outcomes_file": file})
+    (run / CONFIG).write_text(json.dumps({"arch": arch, "mode": mode}))
+    pd.DataFrame(rows).to_csv(run / EVAL_CSV, index=False)
+    return run

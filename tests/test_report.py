@@ -20,6 +20,7 @@ from robustlr.models import create_model
 from robustlr.report import ReportSettings, build_table9, collect_results, pair_table, run_checks
 from robustlr.report.checks import checks_frame
 from robustlr.report.live_checks import check_determinism
+from robustlr.report.pairs import seed_pair_table
 from robustlr.report.plots import (
     geo_prior_maps,
     plot_geo_priors,
@@ -27,7 +28,7 @@ from robustlr.report.plots import (
     report_plots,
 )
 from robustlr.report.results import ResultsError
-from robustlr.report.writers import to_latex, to_markdown, write_report
+from robustlr.report.writers import SEEDS_CSV, to_latex, to_markdown, write_report
 
 EPS = REPORT_EPS
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +129,7 @@ def test_writers(runs, tmp_path):
     checks = run_checks(table.results, table)
     written = write_report(table, tmp_path / "out" / "table9.csv", "csv", pairs, checks)
     names = {p.name for p in written}
-    assert names == {"table9.csv", "table9.md", "checks.csv", "pairs.csv"}
+    assert names == {"table9.csv", "table9.md", "checks.csv", "pairs.csv", SEEDS_CSV}
     text = (tmp_path / "out" / "table9.csv").read_text().splitlines()
     assert text[0].startswith("network,adv_clean,adv_targeted,adv_untargeted,regular_clean,")
     assert text[1].startswith("resnet26,44.9,37.9,14.4,72.8,")
@@ -161,14 +162,22 @@ def test_mcnemar_pairs_from_outcome_files(tmp_path):
             rows.append(result.row(meta) | {"outcomes_file": name})
         pd.DataFrame(rows).to_csv(run / "eval.csv", index=False)
     table = build_table9(collect_results(runs_dir=root))
-    pairs = pair_table(table).set_index("cell")
+    pairs = seed_pair_table(table).set_index("cell")
     clean = pairs.loc["adv_clean"]
-    assert (clean["network_a"], clean["network_b"]) == ("resnet26", "lrnet26")
-    assert (clean["only_a"], clean["only_b"], clean["n"]) == (0, 10, 20)
+    assert (clean["network_a"], clean["network_b"]) == ("lrnet26", "resnet26")  # LR-Net - ResNet
+    assert (clean["only_a"], clean["only_b"], clean["n"]) == (10, 0, 20)
     assert clean["p_value"] == pytest.approx(2 / 2**10)
-    assert bool(clean["significant"]) and clean["difference"] == -50.0
+    assert bool(clean["significant"]) and clean["difference"] == 50.0
     targeted = pairs.loc["adv_targeted"]
     assert pd.isna(targeted["p_value"]) and "different targets" in targeted["note"]
+    compared = pair_table(table).set_index("cell")
+    assert compared.loc["adv_clean", "verdict"] == "lrnet26 higher"
+    assert compared.loc["adv_clean", "difference_low"] > 0
+    assert "lrnet26 higher: +50.0 [" in compared.loc["adv_clean", "sentence"]
+    assert (
+        "not tested (not paired: attacked toward different targets)"
+        in (compared.loc["adv_targeted", "sentence"])
+    )
 
 
 def test_result_plots_written(runs, tmp_path):

@@ -67,25 +67,14 @@ def print_checks(console: Console, checks: list[CheckResult], title: str = "Sani
 
 
 def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
-    """Render the paired tests."""
+    """Render the comparisons: one sentence each (difference of means over seeds, its 95%
+    interval and bootstrap p-value)."""
     if pairs.empty:
-        console.print("No two networks share a filled cell: no paired tests.")
+        console.print("No two networks share a filled cell: no comparisons.")
         return
-    rich = Table(title="Paired tests (McNemar)")
-    for name in ("cell", "networks", "accuracy", "only a / only b", "p", "significant", "note"):
-        rich.add_column(name, overflow="fold")
-    for _, p in pairs.iterrows():
-        tested = pd.notna(p["p_value"])
-        rich.add_row(
-            p["cell"],
-            f"{p['network_a']} vs {p['network_b']}",
-            f"{p['accuracy_a']:.1f} vs {p['accuracy_b']:.1f}",
-            f"{int(p['only_a'])} / {int(p['only_b'])}" if tested else "",
-            f"{p['p_value']:.3g}" if tested else "",
-            ("yes" if p["significant"] else "no") if tested else "",
-            p["note"],
-        )
-    console.print(rich)
+    console.print("[bold]LR-Net against ResNet (difference of means over seeds)[/]")
+    for text in pairs["sentence"]:
+        console.print(f"  {text}", highlight=False)
 
 
 @command("report")

@@ -34,6 +34,7 @@ RESULT_COLUMNS = (
     "run",
     "arch",
     "train_mode",
+    "train_seed",  # the checkpoint's training seed ("" when it records none): a replicate
     "dataset",
     "split",
     "n",

@@ -140,6 +140,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def train_seed(config: dict[str, Any]) -> str:
+    """The training seed a checkpoint's config records, as text ("" when it records none)."""
+    seed = config.get("seed")
+    return "" if seed is None or isinstance(seed, bool) else str(int(seed))
+
+
 def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
     """Load a checkpoint safely (``weights_only``) and build its model in eval mode."""
     saved = read_checkpoint(path, map_location="cpu")
@@ -149,6 +155,7 @@ def open_checkpoint(path: Path, device: torch.device) -> EvalTarget:
         "run": path.parent.name,
         "arch": saved.arch,
         "train_mode": saved.mode,
+        "train_seed": train_seed(config),
         "dataset": saved.data.name if saved.data else config.get("dataset", ""),
         "checkpoint_sha256": saved.sha256,  # of the very bytes the model was built from
     }

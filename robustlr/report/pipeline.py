@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, run_checks
-from robustlr.report.pairs import pair_table
+from robustlr.report.pairs import pair_table, seed_pair_table
 from robustlr.report.results import collect_results
 from robustlr.report.table9 import ReportSettings, Table9, build_table9
 from robustlr.report.writers import write_report
@@ -24,7 +24,21 @@ class Report:
     table: Table9
     pairs: pd.DataFrame
     checks: list[CheckResult]
+    seed_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
     written: list[Path] = field(default_factory=list)
+
+
+def with_model_checks(
+    checks: list[CheckResult], table: Table9, checkpoint_names: tuple[str, ...]
+) -> list[CheckResult]:
+    """``checks`` with the placeholders of the checks that need the models (eval-mode
+    determinism, transfer) replaced by those checks run on the report's runs (a check whose
+    model or data is missing says what is missing)."""
+    from robustlr.report.live_checks import model_checks
+
+    live = model_checks(table.runs, table.cells, table.networks, checkpoint_names)
+    names = {c.check for c in live}
+    return [c for c in checks if c.check not in names] + live
 
 
 def make_report(
@@ -43,12 +57,13 @@ def make_report(
     ``checkpoint_names``. Raises ``ResultsError`` when there are no usable results."""
     table = build_table9(collect_results(results, runs_dir), settings)
     pairs = pair_table(table)
-    checks = run_checks(table.results, table)
-    written = write_report(table, out, fmt, pairs, checks)
+    seed_pairs = seed_pair_table(table)
+    checks = with_model_checks(run_checks(table.results, table), table, checkpoint_names)
+    written = write_report(table, out, fmt, pairs, checks, seed_pairs)
     if plots_dir is not None:
         from robustlr.report.plots import report_plots, run_geo_prior_plots
 
         chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
         written += report_plots(chosen, plots_dir, table.eps)
         written += run_geo_prior_plots(table.runs, plots_dir, checkpoint_names)
-    return Report(table, pairs, checks, written)
+    return Report(table, pairs, checks, seed_pairs, written)

@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, Agg, PNG): accuracy vs eps and vs steps with Wilson bands, a
+"""Report figures (matplotlib, Agg, PNG): accuracy vs eps and vs steps (a marker and its
+interval at every measured point, lines only between measured points), a
 grid of clean / adversarial / perturbation images, and the learnt geometric priors after
 softmax, one panel per stage (the paper's Figure 4)."""
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from robustlr.attacks.registry import names_where
 from robustlr.nn import LocalRelation2d
-from robustlr.report.results import RUN_KEY
+from robustlr.report.results import RUN_KEY, TRAIN_SEED
 from robustlr.runs import CHECKPOINT_PREFERENCE
 
 log = logging.getLogger(__name__)
@@ -26,27 +27,42 @@ log = logging.getLogger(__name__)
 PGD = names_where(family="pgd")
 
 
+MIN_LINE_POINTS = 3  # fewer measured points are drawn as markers only, without a line
+
+
 def _curves(rows: pd.DataFrame, x: str) -> dict[str, pd.DataFrame]:
-    """Per (network, training mode): the strongest row per ``x`` value, sorted by ``x``."""
+    """Per (network, training mode, seed): the strongest row per ``x`` value, sorted by ``x``."""
     curves = {}
-    for (arch, mode), group in rows.groupby(["arch", "train_mode"], sort=True):
+    for (arch, mode, seed), group in rows.groupby(["arch", "train_mode", TRAIN_SEED], sort=True):
         best = group.sort_values("accuracy").groupby(x, sort=True).head(1).sort_values(x)
-        curves[f"{arch} ({mode})"] = best
+        label = f"{arch} ({mode}" + (f", seed {seed})" if seed else ")")
+        curves[label] = best
     return curves
 
 
 def _line_plot(
     curves: dict[str, pd.DataFrame], x: str, xlabel: str, title: str, path: Path, log_x: bool
 ) -> Path | None:
+    """A marker with its 95% interval (Wilson, per image) at every measured point; lines join
+    neighbouring measured points of a curve, and only when it has ``MIN_LINE_POINTS``."""
     if not curves:
         log.info("no data for %s", path.name)
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     for label, curve in curves.items():
         xs = curve[x].to_numpy(dtype=float) * (255 if x == "eps" else 1)
-        (line,) = ax.plot(xs, curve["accuracy"], marker="o", label=label)
-        ax.fill_between(
-            xs, curve["accuracy_low"], curve["accuracy_high"], color=line.get_color(), alpha=0.2
+        acc = curve["accuracy"].to_numpy(dtype=float)
+        errors = [acc - curve["accuracy_low"].to_numpy(), curve["accuracy_high"].to_numpy() - acc]
+        ax.errorbar(
+            xs,
+            acc,
+            yerr=errors,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            linewidth=1,
+            linestyle="-" if len(curve) >= MIN_LINE_POINTS else "none",
+            label=f"{label}, {len(curve)} points",
         )
     if log_x:
         ax.set_xscale("log")
@@ -54,11 +70,11 @@ def _line_plot(
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("top-1 accuracy (%), 95% interval")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -66,26 +82,48 @@ def _line_plot(
     return path
 
 
-def plot_accuracy_vs_eps(
-    results: pd.DataFrame, path: str | Path, target_policy: str = "none", precision: str = "fp32"
-) -> Path | None:
-    """Accuracy (strongest PGD row per eps, clean at eps 0) vs eps x 255, one line per network
-    and training mode, Wilson 95% bands. None (nothing written) when there is no PGD row."""
+def sweep_steps(pgd: pd.DataFrame) -> int | None:
+    """The step count of the eps sweep: the one with the most distinct eps values per run
+    (ties: fewer steps); None when there are no PGD rows."""
+    if pgd.empty:
+        return None
+    spread = pgd.groupby([RUN_KEY, "steps"])["eps"].nunique().groupby("steps").max()
+    return int(spread[spread == spread.max()].index.min())
+
+
+def eps_curves(
+    results: pd.DataFrame, target_policy: str = "none", precision: str = "fp32"
+) -> tuple[int | None, dict[str, pd.DataFrame]]:
+    """The eps sweep's step count and its curves (``_curves``; clean rows at eps 0): PGD rows
+    of that step count with one random start, so every point is the same attack."""
     pgd = results[
         results["attack"].isin(PGD)
         & (results["target_policy"] == target_policy)
         & (results["precision"] == precision)
+        & (results["restarts"] == 1)
     ]
-    if pgd.empty:
-        return None
+    steps = sweep_steps(pgd)
+    if steps is None:
+        return None, {}
+    pgd = pgd[pgd["steps"] == steps]
     clean = results[(results["attack"] == "clean") & results[RUN_KEY].isin(set(pgd[RUN_KEY]))]
-    rows = pd.concat([clean.assign(eps=0.0), pgd])
+    return steps, _curves(pd.concat([clean.assign(eps=0.0), pgd]), "eps")
+
+
+def plot_accuracy_vs_eps(
+    results: pd.DataFrame, path: str | Path, target_policy: str = "none", precision: str = "fp32"
+) -> Path | None:
+    """Accuracy vs eps x 255 (``eps_curves``), one curve per network, training mode and seed.
+    None (nothing written) when there is no PGD row."""
+    steps, curves = eps_curves(results, target_policy, precision)
+    if steps is None:
+        return None
     kind = "untargeted" if target_policy == "none" else f"targeted ({target_policy})"
     return _line_plot(
-        _curves(rows, "eps"),
+        curves,
         "eps",
         "eps (x 1/255)",
-        f"Accuracy vs eps, {kind} PGD",
+        f"Accuracy vs eps, {kind} PGD-{steps} (measured points only)",
         Path(path),
         False,
     )
@@ -98,18 +136,20 @@ def plot_accuracy_vs_steps(
     target_policy: str = "none",
     precision: str = "fp32",
 ) -> Path | None:
-    """Accuracy (strongest PGD row per step count) at ``eps`` vs steps (log x), one line per
-    network and training mode, Wilson 95% bands. None when there is no matching row."""
+    """Accuracy (strongest PGD row per step count, one random start) at ``eps`` vs steps
+    (log x), one curve per network, training mode and seed. None when there is no matching
+    row."""
     rows = results[
         results["attack"].isin(PGD)
         & ((results["eps"] - eps).abs() < 1e-6)
         & (results["target_policy"] == target_policy)
         & (results["precision"] == precision)
+        & (results["restarts"] == 1)
     ]
     if rows.empty:
         return None
     kind = "untargeted" if target_policy == "none" else f"targeted ({target_policy})"
-    title = f"Accuracy vs PGD steps, {kind}, eps {eps * 255:.3g}/255"
+    title = f"Accuracy vs PGD steps, {kind}, eps {eps * 255:.3g}/255 (measured points only)"
     return _line_plot(_curves(rows, "steps"), "steps", "attack steps", title, Path(path), True)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from robustlr.attacks.registry import RENAMED
 from robustlr.errors import UserError
-from robustlr.eval.runner import RESULT_COLUMNS
+from robustlr.eval.runner import RESULT_COLUMNS, load_outcomes, verify_outcomes
 from robustlr.eval.session import file_sha256
 from robustlr.runs import CHECKPOINT_PREFERENCE, EVAL_CSV, read_run_config
 
@@ -38,6 +38,7 @@ RUN_KEY = "run_key"  # a run's identity: its directory (two runs may share a nam
 MTIME = "mtime"  # the CSV file's modification time (newest run wins)
 ROW = "row"  # position within its file (later rows were appended later)
 OUTCOMES_PATH = "outcomes_path"  # absolute path of the outcomes file, "" when none
+TRAIN_SEED = "train_seed"  # a replicate of (arch, train_mode); "" for runs without one
 EPS_TOL = 1e-6
 
 REGULAR_NAMES = {"regular", "standard", "natural", "normal", "clean", "std"}
@@ -212,3 +213,22 @@ def collect_results(
 def eps_matches(series: pd.Series, eps: float) -> pd.Series:
     """Rows whose eps equals ``eps`` (to 1e-6)."""
     return (series - eps).abs() < EPS_TOL
+
+
+def row_outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
+    """The per-example ``correct`` array of a result row from its outcomes file, or (None, why
+    not) when there is none or it belongs to another row (``verify_outcomes``)."""
+    path = str(row.get(OUTCOMES_PATH, "") or "")
+    if not path:
+        return None, f"run {row['run']} saved no outcomes file for {row['attack']}"
+    if not Path(path).is_file():
+        return None, f"outcomes file {path} is missing"
+    try:
+        data = load_outcomes(path)
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"outcomes file {path} is unreadable ({exc})"
+    why = verify_outcomes(data, row, path)
+    if why:
+        log.warning("%s", why)
+        return None, why
+    return np.asarray(data["correct"], dtype=bool), ""

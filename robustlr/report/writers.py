@@ -9,7 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, checks_frame
-from robustlr.report.table9 import CELLS, REFERENCE_CELLS, TABLE9_COLUMNS, Table9, eps_text
+from robustlr.report.table9 import (
+    CELLS,
+    REFERENCE_CELLS,
+    TABLE9_COLUMNS,
+    Table9,
+    eps_text,
+    seed_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +25,9 @@ SUFFIXES = {"csv": ".csv", "md": ".md", "latex": ".tex"}
 # the report's files in its directory: table9.csv (+ .md twin, or .tex), checks, pairs, plots
 REPORT_STEM = "table9"
 CHECKS_CSV = "checks.csv"
-PAIRS_CSV = "pairs.csv"
+PAIRS_CSV = "pairs.csv"  # LR-Net vs ResNet per cell: difference over seeds, interval, p-value
+SEED_PAIRS_CSV = "pairs_seeds.csv"  # McNemar per training seed
+SEEDS_CSV = "table9_seeds.csv"  # every seed's value behind every cell
 PLOTS_DIR = "plots"
 
 
@@ -82,7 +91,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _pair_rows(pairs: pd.DataFrame) -> list[list[str]]:
+def _seed_pair_rows(pairs: pd.DataFrame) -> list[list[str]]:
     rows = []
     for _, p in pairs.iterrows():
         tested = pd.notna(p["p_value"])
@@ -90,24 +99,56 @@ def _pair_rows(pairs: pd.DataFrame) -> list[list[str]]:
             [
                 p["cell"],
                 f"{p['network_a']} vs {p['network_b']}",
+                str(p["train_seed"]) or "-",
                 f"{p['accuracy_a']:.1f} vs {p['accuracy_b']:.1f}",
                 f"{p['difference']:+.1f}",
                 f"{int(p['only_a'])} / {int(p['only_b'])}" if tested else "",
                 f"{p['p_value']:.3g}" if tested else "",
-                ("yes" if p["significant"] else "no") if tested else "",
                 p["note"],
             ]
         )
     return rows
 
 
+def _comparison_section(pairs: pd.DataFrame | None, seed_pairs: pd.DataFrame | None) -> list[str]:
+    """Markdown lines: one sentence per comparison, then McNemar per seed."""
+    parts: list[str] = []
+    if pairs is not None and len(pairs):
+        parts += [
+            "",
+            "## LR-Net against ResNet (difference of means over seeds, A - B)",
+            "",
+            "Paired on the same images and targets; 95% interval and p-value from the "
+            "two-level bootstrap (seeds of each network and images drawn anew in each "
+            "replicate, one image draw for both networks). A difference is resolved when its "
+            "interval excludes 0.",
+            "",
+            *(f"- {_md_escape(text)}" for text in pairs["sentence"]),
+        ]
+    if seed_pairs is not None and len(seed_pairs):
+        parts += [
+            "",
+            "## McNemar per training seed (exact binomial test on discordant images)",
+            "",
+            markdown_table(
+                ["cell", "networks", "seed", "accuracy", "diff", "only a / only b", "p", "note"],
+                _seed_pair_rows(seed_pairs),
+            ),
+        ]
+    return parts
+
+
 def to_markdown(
-    table: Table9, pairs: pd.DataFrame | None = None, checks: list[CheckResult] | None = None
+    table: Table9,
+    pairs: pd.DataFrame | None = None,
+    checks: list[CheckResult] | None = None,
+    seed_pairs: pd.DataFrame | None = None,
 ) -> str:
-    """The report as Markdown: Table 9, intervals and threat model, notes, pairs, checks."""
+    """The report as Markdown: Table 9 (means over seeds), intervals and threat model, notes,
+    comparisons with their sentences, McNemar per seed, checks."""
     frame = table.frame
     parts = [
-        "# Table 9: robustness to white-box attacks (top-1 %)",
+        "# Table 9: robustness to white-box attacks (top-1 %, mean over training seeds)",
         "",
         f"{table.dataset} ({table.split}), {table.settings.norm} eps {eps_text(table.eps)}, "
         f"{table.settings.precision}. Adversarial train: clean, targeted and untargeted PGD; "
@@ -118,10 +159,10 @@ def to_markdown(
             [[str(r["network"]), *(cell_text(r[c]) for c in CELLS)] for _, r in frame.iterrows()],
         ),
         "",
-        "## Intervals (Wilson 95%) and threat model",
+        "## Intervals (95%, method in the notes) and threat model",
         "",
         markdown_table(
-            ["network", *CELLS, "n", "steps", "step size", "restarts", "targets", "runs"],
+            ["network", *CELLS, "n", "steps", "step size", "restarts", "targets", "seeds", "runs"],
             [
                 [
                     str(r["network"]),
@@ -133,6 +174,7 @@ def to_markdown(
                     f"{r['target_policy']} (seed {r['targets_seed']})"
                     if r["target_policy"]
                     else "",
+                    _seeds_text(r),
                     " / ".join(x for x in (r["adv_run"], r["regular_run"]) if x),
                 ]
                 for _, r in frame.iterrows()
@@ -142,25 +184,7 @@ def to_markdown(
     parts += _reference_section(table)
     if table.notes:
         parts += ["", "## Notes", "", *(f"- {_md_escape(n)}" for n in table.notes)]
-    if pairs is not None and len(pairs):
-        parts += [
-            "",
-            "## Paired tests (McNemar, same images and targets)",
-            "",
-            markdown_table(
-                [
-                    "cell",
-                    "networks",
-                    "accuracy",
-                    "diff",
-                    "only a / only b",
-                    "p",
-                    "p < 0.05",
-                    "note",
-                ],
-                _pair_rows(pairs),
-            ),
-        ]
+    parts += _comparison_section(pairs, seed_pairs)
     if checks:
         parts += [
             "",
@@ -172,6 +196,13 @@ def to_markdown(
             ),
         ]
     return "\n".join(parts) + "\n"
+
+
+def _seeds_text(row: pd.Series) -> str:
+    """``adv 0/1/2, regular 0/1/2`` (the training seeds behind a network's cells)."""
+    return ", ".join(
+        f"{mode} {row[f'{mode}_seeds']}" for mode in ("adv", "regular") if row[f"{mode}_seeds"]
+    )
 
 
 def _reference_section(table: Table9) -> list[str]:
@@ -256,7 +287,7 @@ def rich_table_data(table: Table9) -> dict[str, object]:
         for _, r in table.frame.iterrows()
     ]
     title = (
-        f"Table 9: top-1 % [Wilson 95%], {table.dataset} {table.split}, "
+        f"Table 9: top-1 % mean over seeds [95%], {table.dataset} {table.split}, "
         f"{table.settings.norm} eps {eps_text(table.eps)}"
     )
     return {"title": title, "columns": columns, "rows": rows}
@@ -268,9 +299,11 @@ def write_report(
     fmt: str = "csv",
     pairs: pd.DataFrame | None = None,
     checks: list[CheckResult] | None = None,
+    seed_pairs: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write the table to ``out`` in ``fmt``; with csv also its Markdown twin (same stem, .md).
-    ``checks.csv`` and ``pairs.csv`` go next to it. Returns the paths written."""
+    ``table9_seeds.csv`` (every seed's value), ``checks.csv``, ``pairs.csv`` and
+    ``pairs_seeds.csv`` go next to it. Returns the paths written."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
@@ -279,17 +312,20 @@ def write_report(
     if fmt == "csv":
         written.append(write_csv(table, out))
         md = out.with_suffix(".md")
-        md.write_text(to_markdown(table, pairs, checks))
+        md.write_text(to_markdown(table, pairs, checks, seed_pairs))
         written.append(md)
     elif fmt == "md":
-        out.write_text(to_markdown(table, pairs, checks))
+        out.write_text(to_markdown(table, pairs, checks, seed_pairs))
         written.append(out)
     else:
         out.write_text(to_latex(table))
         written.append(out)
+    written.append(write_frame(seed_frame(table), out.parent / SEEDS_CSV))
     if checks is not None:
         written.append(write_frame(checks_frame(checks), out.parent / CHECKS_CSV))
     if pairs is not None:
         written.append(write_frame(pairs, out.parent / PAIRS_CSV))
+    if seed_pairs is not None:
+        written.append(write_frame(seed_pairs, out.parent / SEED_PAIRS_CSV))
     log.info("wrote %s", ", ".join(map(str, written)))
     return written
