@@ -1,4 +1,5 @@
-"""``robustlr eval``: attack a checkpoint and append Table 9-ready rows to ``eval.csv``."""
+"""``robustlr eval``: attack a checkpoint (or, with ``--model``, any model) and append Table
+9-ready rows to ``eval.csv``."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from robustlr.attacks.spec import (
 )
 from robustlr.attacks.suites import load_suite
 from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.external import external_model_options, external_options
 from robustlr.cli.params import checkpoint_options, device_option
 from robustlr.distributed import close_distributed, init_distributed
+from robustlr.eval.external import ExternalOptions, open_external
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint, with_clean
 from robustlr.runs import EVAL_CSV, OUTCOMES, find_checkpoint
 
@@ -62,6 +65,7 @@ def build_specs(
 
 @command("eval")
 @checkpoint_options
+@external_model_options
 @click.option(
     "--attack",
     "attacks",
@@ -108,9 +112,11 @@ def build_specs(
 )
 def eval_command(
     checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
-    limit, split, data, batch_size, device, out_csv, examples_dir,
+    limit, split, data, batch_size, device, out_csv, examples_dir, model_spec, **model_options,
 ):  # fmt: skip
-    """Evaluate a checkpoint under white-box attacks (the run's test images)."""
+    """Evaluate a checkpoint (or --model: any model) under white-box attacks (the run's test
+    images; --dataset's for --model)."""
+    external = external_options(model_spec, checkpoint, data, model_options)
     overrides = {
         "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts, "norm": norm,
         "seed": seed, "precision": precision,
@@ -120,21 +126,26 @@ def eval_command(
     dist_ctx = init_distributed(device)  # a world of one unless under torchrun
     try:
         _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size,
-                  out_csv, examples_dir)  # fmt: skip
+                  out_csv, examples_dir, external)  # fmt: skip
     finally:
         close_distributed(dist_ctx)
 
 
 def _evaluate(
-    dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size, out_csv, examples_dir
-) -> None:
+    dist_ctx, specs, checkpoint, runs_root, limit, split, data, batch_size, out_csv, examples_dir,
+    external: ExternalOptions | None = None,
+) -> None:  # fmt: skip
     dev = dist_ctx.device
     console = Console(quiet=not dist_ctx.is_main)
-    try:
-        path = find_checkpoint(checkpoint, runs_root)
-    except FileNotFoundError as exc:
-        raise UsageFailure(str(exc)) from None
-    target = open_checkpoint(path, dev)
+    if external is not None:  # rank 0 writes the run's record; every rank loads the model
+        target = open_external(external, runs_root, dev, write=dist_ctx.is_main)
+        path = external.spec
+    else:
+        try:
+            path = find_checkpoint(checkpoint, runs_root)
+        except FileNotFoundError as exc:
+            raise UsageFailure(str(exc)) from None
+        target = open_checkpoint(path, dev)
     dataset = target.meta["dataset"]
     images, labels, indices = target.load_images(split, data, limit)
     out_csv = out_csv or target.run_dir / EVAL_CSV

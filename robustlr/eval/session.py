@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -65,6 +65,14 @@ class EvalTarget:
             self.image_size,
             limit,
         )
+
+
+class ModelTarget(Protocol):
+    """What evaluation needs of a target (a checkpoint's :class:`EvalTarget` or an external
+    model's ``robustlr.eval.external.ExternalTarget``): the model and its rows' metadata."""
+
+    model: nn.Module
+    meta: dict[str, Any]
 
 
 def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
@@ -149,7 +157,7 @@ def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def evaluate_checkpoint(
-    target: EvalTarget,
+    target: ModelTarget,
     specs: Sequence[AttackSpec],
     *,
     images: torch.Tensor,
