@@ -14,8 +14,10 @@ from rich.table import Table
 
 from robustlr.attacks.spec import AttackSpec, format_eps, parse_eps
 from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.external import external_model_options, external_options
 from robustlr.cli.params import checkpoint_options, device_option, int_list, split_list
 from robustlr.device import resolve_device
+from robustlr.eval.external import open_external
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
 from robustlr.report.pipeline import make_report
@@ -185,6 +187,7 @@ def report(
 
 @command("check")
 @checkpoint_options
+@external_model_options
 @click.option("--data", "data_root", default=None, help="Data path [default: the run's].")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option(
@@ -220,9 +223,12 @@ def check(
     batch_size: int,
     device: str,
     out_dir: Path | None,
+    model_spec: str | None,
+    **model_options: object,
 ) -> None:
-    """Live sanity checks of one model: eval-mode determinism, step and eps sweeps, bf16 vs
-    fp32, targeted vs untargeted, zero gradients. Exit code 1 when a check fails."""
+    """Live sanity checks of one model (a checkpoint, or --model SPEC): eval-mode determinism,
+    step and eps sweeps, bf16 vs fp32, targeted vs untargeted, zero gradients. Exit code 1
+    when a check fails."""
     from robustlr.report.live_checks import check_model
 
     eps_value = _eps_option(eps)
@@ -231,11 +237,16 @@ def check(
     if not step_counts or min(step_counts) < 1:
         raise click.BadParameter("give positive step counts, e.g. 10,20,50", param_hint="--steps")
     dev = resolve_device(device)
-    try:
-        path = find_checkpoint(checkpoint, runs_root)
-    except FileNotFoundError as exc:
-        raise UsageFailure(f"{exc}; pass --checkpoint") from None
-    target = open_checkpoint(path, torch.device("cpu"))  # eval's discovery and image loading
+    external = external_options(model_spec, checkpoint, data_root, model_options)
+    if external is not None:  # checks write no rows: the run directory is left as it is
+        target = open_external(external, runs_root, torch.device("cpu"), write=False)
+        path = external.spec
+    else:
+        try:
+            path = find_checkpoint(checkpoint, runs_root)
+        except FileNotFoundError as exc:
+            raise UsageFailure(f"{exc}; pass --checkpoint") from None
+        target = open_checkpoint(path, torch.device("cpu"))  # eval's discovery and image loading
     model = target.model
     dataset = target.meta["dataset"]
     if not dataset:
