@@ -21,6 +21,7 @@ from robustlr.eval.external import open_external
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
 from robustlr.report.pipeline import make_report
+from robustlr.report.robustbench import ROBUSTBENCH_DIR, ROBUSTBENCH_FORMAT, write_robustbench
 from robustlr.report.table9 import ReportSettings, Table9
 from robustlr.report.writers import (
     CHECKS_CSV,
@@ -109,10 +110,12 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(FORMATS),
+    type=click.Choice((*FORMATS, ROBUSTBENCH_FORMAT)),
     default="csv",
     show_default=True,
-    help="csv also writes its Markdown twin (.md); checks.csv and pairs.csv go beside it.",
+    help="csv also writes its Markdown twin (.md); checks.csv and pairs.csv go beside it. "
+    f"{ROBUSTBENCH_FORMAT}: the csv report plus one RobustBench-style model-info JSON per "
+    f"model in {ROBUSTBENCH_DIR}/ beside it.",
 )
 @click.option(
     "--plots",
@@ -168,16 +171,19 @@ def report(
         target_policy=target_policy,
         runs=tuple(split_list(run_names)),
     )
+    table_fmt = "csv" if fmt == ROBUSTBENCH_FORMAT else fmt
     if out is None:
-        out = report_file(Path(".") if results else runs_dir, fmt)
+        out = report_file(Path(".") if results else runs_dir, table_fmt)
     made = make_report(
         settings,
         out,
         results=results,
         runs_dir=runs_dir,
-        fmt=fmt,
+        fmt=table_fmt,
         plots_dir=None if no_plots else (plots_dir or out.parent / PLOTS_DIR),
     )
+    if fmt == ROBUSTBENCH_FORMAT:
+        made.written += write_robustbench(made.table, out.parent / ROBUSTBENCH_DIR)
     console = Console()
     print_table9(console, made.table)
     print_pairs(console, made.pairs)
