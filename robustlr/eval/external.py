@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -223,6 +224,20 @@ def _load_state_dict(net: nn.Module, weights: Path) -> None:
         ) from None
 
 
+def _import_from_cwd(module_name: str) -> Any:
+    """Import ``module_name`` with the working directory first on ``sys.path`` (as ``python -m``
+    has it), so that ``mymodels:make`` finds ``./mymodels.py`` from the ``robustlr`` script."""
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def _call_factory(spec: str, kind: str, args: dict[str, Any]) -> nn.Module:
     if kind == "timm":
         try:
@@ -237,7 +252,7 @@ def _call_factory(spec: str, kind: str, args: dict[str, Any]) -> nn.Module:
     else:
         module_name, attr = spec.split(":", 1)
         try:
-            factory = importlib.import_module(module_name)
+            factory = _import_from_cwd(module_name)
         except ImportError as exc:
             raise ExternalModelError(
                 f"--model {spec}: cannot import {module_name}: {exc}"
