@@ -157,7 +157,7 @@ def test_external_model_under_torchrun_equals_one_process(exported):
     assert np.array_equal(correct_a, correct_b)
 
 
-def test_timm_model_appears_in_the_report_paired_with_lrnet(exported, tmp_path):
+def test_timm_model_appears_in_the_report_paired_with_lrnet(tmp_path):
     timm = pytest.importorskip("timm")
     net = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1)
     torch.save(net.state_dict(), tmp_path / "w.pt")
@@ -202,7 +202,7 @@ def test_timm_model_appears_in_the_report_paired_with_lrnet(exported, tmp_path):
     assert infos["timm-resnet18"]["robustlr"]["checkpoint_sha256"] == record["model_sha256"]
 
 
-def test_factory_with_args_and_weights_is_recorded(exported, tmp_path):
+def test_factory_with_args_and_weights_is_recorded(tmp_path):
     (tmp_path / "factories.py").write_text(FACTORIES)
     sys.path.insert(0, str(tmp_path))
     try:

@@ -421,9 +421,12 @@ def _check_same_model(run_dir: Path, record: ExternalModelRecord) -> None:
             )
         return
     if old.get("model_sha256") != record.model_sha256:
+        new = record.identity()
+        known = {**old, "files": {r: f.get("sha256") for r, f in old.get("files", {}).items()}}
+        differ = [k for k in new if known.get(k) != new[k]] or ["model_sha256"]
         raise ExternalModelError(
-            f"{run_dir} holds another model ({old.get('spec')}, sha256 "
-            f"{str(old.get('model_sha256'))[:12]}); choose another --name"
+            f"{run_dir} holds another model ({old.get('spec')}; differs in "
+            f"{', '.join(differ)}); choose another --name"
         )
     for key in ("dataset", "image_size"):
         if old.get(key) != getattr(record, key):
