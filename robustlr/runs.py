@@ -11,6 +11,10 @@ A run directory (``runs/<arch>-<mode>-<timestamp>`` by default) holds::
     outcomes/       per-example attack outcomes (npz)
     targets/        the random target classes drawn for targeted attacks (npy)
 
+A model robustlr did not train (``robustlr eval --model``) gets ``runs/<name>`` with
+``external.json`` (robustlr.eval.external: what was evaluated) in place of config and
+checkpoints, and the same eval.csv, outcomes/ and targets/.
+
 and ``<runs root>/latest`` names the newest run. This module is the only place these names
 are spelled out; train, eval, report and study import them from here.
 """
@@ -46,6 +50,7 @@ EVAL_CSV = "eval.csv"
 OUTCOMES = "outcomes"
 TARGETS = "targets"
 LATEST = "latest"
+EXTERNAL_RECORD = "external.json"  # an external model's record (robustlr.eval.external)
 # the checkpoint a run is evaluated with, in order of preference
 CHECKPOINT_PREFERENCE: tuple[str, ...] = (BEST, CHECKPOINT)
 
@@ -273,6 +278,7 @@ __all__ = [
     "CHECKPOINT_PREFERENCE",
     "CONFIG",
     "EVAL_CSV",
+    "EXTERNAL_RECORD",
     "LATEST",
     "METRICS",
     "OUTCOMES",

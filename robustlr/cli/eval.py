@@ -1,4 +1,5 @@
-"""``robustlr eval``: attack a checkpoint and append Table 9-ready rows to ``eval.csv``."""
+"""``robustlr eval``: attack a checkpoint (or, with ``--model``, any model) and append Table
+9-ready rows to ``eval.csv``."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from robustlr.attacks.spec import (
 )
 from robustlr.attacks.suites import load_suite
 from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.external import external_model_options, external_options
 from robustlr.cli.params import checkpoint_options, device_option
 from robustlr.distributed import close_distributed, init_distributed
+from robustlr.eval.external import ExternalOptions, open_external
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint, with_clean
 from robustlr.runs import EVAL_CSV, OUTCOMES, check_output_path, find_checkpoint
 
@@ -62,6 +65,7 @@ def build_specs(
 
 @command("eval")
 @checkpoint_options
+@external_model_options
 @click.option(
     "--attack",
     "attacks",
@@ -114,9 +118,12 @@ def build_specs(
 )
 def eval_command(
     checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
-    limit, split, data, allow_other_data, batch_size, device, out_csv, examples_dir,
+    limit, split, data, allow_other_data, batch_size, device, out_csv, examples_dir, model_spec,
+    **model_options,
 ):  # fmt: skip
-    """Evaluate a checkpoint under white-box attacks (the run's test images)."""
+    """Evaluate a checkpoint (or --model: any model) under white-box attacks (the run's test
+    images; --dataset's for --model)."""
+    external = external_options(model_spec, checkpoint, data, model_options)
     overrides = {
         "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts, "norm": norm,
         "seed": seed, "precision": precision,
@@ -126,29 +133,37 @@ def eval_command(
     dist_ctx = init_distributed(device)  # a world of one unless under torchrun
     try:
         _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, allow_other_data,
-                  batch_size, out_csv, examples_dir)  # fmt: skip
+                  batch_size, out_csv, examples_dir, external)  # fmt: skip
     finally:
         close_distributed(dist_ctx)
 
 
 def _evaluate(
     dist_ctx, specs, checkpoint, runs_root, limit, split, data, allow_other_data, batch_size,
-    out_csv, examples_dir,
+    out_csv, examples_dir, external: ExternalOptions | None = None,
 ) -> None:  # fmt: skip
     dev = dist_ctx.device
     console = Console(quiet=not dist_ctx.is_main)
-    try:
-        path = find_checkpoint(checkpoint, runs_root)
-    except FileNotFoundError as exc:
-        raise UsageFailure(str(exc)) from None
-    out_csv = out_csv or path.parent / EVAL_CSV
+    if external is not None:  # rank 0 writes the run's record; every rank loads the model
+        target = open_external(external, runs_root, dev, write=dist_ctx.is_main)
+        path, run_dir = external.spec, target.run_dir
+    else:
+        try:
+            path = find_checkpoint(checkpoint, runs_root)
+        except FileNotFoundError as exc:
+            raise UsageFailure(str(exc)) from None
+        run_dir = path.parent
+    out_csv = out_csv or run_dir / EVAL_CSV
     examples_dir = examples_dir or out_csv.parent / OUTCOMES
     check_output_path(out_csv, "--out", directory=False)  # before any work
     check_output_path(examples_dir, "--save-examples")
-    target = open_checkpoint(path, dev)
-    images, labels, indices = target.load_images(
-        split, data, limit, allow_other_data=allow_other_data
-    )
+    if external is not None:  # its data is --dataset's: there is no recorded identity to differ
+        images, labels, indices = target.load_images(split, data, limit)
+    else:
+        target = open_checkpoint(path, dev)
+        images, labels, indices = target.load_images(
+            split, data, limit, allow_other_data=allow_other_data
+        )
     dataset = target.meta["dataset"]
     console.print(
         f"[bold]eval[/] {target.meta['arch']} ({target.meta['train_mode'] or '?'}) from {path}: "

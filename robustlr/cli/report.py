@@ -14,11 +14,14 @@ from rich.table import Table
 
 from robustlr.attacks.spec import AttackSpec, format_eps, parse_eps
 from robustlr.cli.errors import UsageFailure, command
+from robustlr.cli.external import external_model_options, external_options
 from robustlr.cli.params import checkpoint_options, device_option, int_list, split_list
 from robustlr.device import resolve_device
+from robustlr.eval.external import open_external
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
 from robustlr.report.pipeline import make_report
+from robustlr.report.robustbench import ROBUSTBENCH_DIR, ROBUSTBENCH_FORMAT, write_robustbench
 from robustlr.report.table9 import ReportSettings, Table9
 from robustlr.report.writers import (
     CHECKS_CSV,
@@ -96,10 +99,12 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(FORMATS),
+    type=click.Choice((*FORMATS, ROBUSTBENCH_FORMAT)),
     default="csv",
     show_default=True,
-    help="csv also writes its Markdown twin (.md); checks.csv and pairs.csv go beside it.",
+    help="csv also writes its Markdown twin (.md); checks.csv and pairs.csv go beside it. "
+    f"{ROBUSTBENCH_FORMAT}: the csv report plus one RobustBench-style model-info JSON per "
+    f"model in {ROBUSTBENCH_DIR}/ beside it.",
 )
 @click.option(
     "--plots",
@@ -155,8 +160,9 @@ def report(
         target_policy=target_policy,
         runs=tuple(split_list(run_names)),
     )
+    table_fmt = "csv" if fmt == ROBUSTBENCH_FORMAT else fmt
     if out is None:
-        out = report_file(Path(".") if results else runs_dir, fmt)
+        out = report_file(Path(".") if results else runs_dir, table_fmt)
     check_output_path(out, "--out", directory=False)  # before any work
     if not no_plots and plots_dir is not None:
         check_output_path(plots_dir, "--plots")
@@ -165,9 +171,11 @@ def report(
         out,
         results=results,
         runs_dir=runs_dir,
-        fmt=fmt,
+        fmt=table_fmt,
         plots_dir=None if no_plots else (plots_dir or out.parent / PLOTS_DIR),
     )
+    if fmt == ROBUSTBENCH_FORMAT:
+        made.written += write_robustbench(made.table, out.parent / ROBUSTBENCH_DIR)
     console = Console()
     print_table9(console, made.table)
     print_pairs(console, made.pairs)
@@ -177,6 +185,7 @@ def report(
 
 @command("check")
 @checkpoint_options
+@external_model_options
 @click.option("--data", "data_root", default=None, help="Data path [default: the run's].")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option(
@@ -212,9 +221,12 @@ def check(
     batch_size: int,
     device: str,
     out_dir: Path | None,
+    model_spec: str | None,
+    **model_options: object,
 ) -> None:
-    """Live sanity checks of one model: eval-mode determinism, step and eps sweeps, bf16 vs
-    fp32, targeted vs untargeted, zero gradients. Exit code 1 when a check fails."""
+    """Live sanity checks of one model (a checkpoint, or --model SPEC): eval-mode determinism,
+    step and eps sweeps, bf16 vs fp32, targeted vs untargeted, zero gradients. Exit code 1
+    when a check fails."""
     from robustlr.report.live_checks import check_model
 
     eps_value = _eps_option(eps)
@@ -225,11 +237,16 @@ def check(
     if out_dir is not None:
         check_output_path(out_dir, "--out")
     dev = resolve_device(device)
-    try:
-        path = find_checkpoint(checkpoint, runs_root)
-    except FileNotFoundError as exc:
-        raise UsageFailure(f"{exc}; pass --checkpoint") from None
-    target = open_checkpoint(path, torch.device("cpu"))  # eval's discovery and image loading
+    external = external_options(model_spec, checkpoint, data_root, model_options)
+    if external is not None:  # checks write no rows: the run directory is left as it is
+        target = open_external(external, runs_root, torch.device("cpu"), write=False)
+        path = external.spec
+    else:
+        try:
+            path = find_checkpoint(checkpoint, runs_root)
+        except FileNotFoundError as exc:
+            raise UsageFailure(f"{exc}; pass --checkpoint") from None
+        target = open_checkpoint(path, torch.device("cpu"))  # eval's discovery and image loading
     model = target.model
     dataset = target.meta["dataset"]
     if not dataset:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -123,6 +123,14 @@ class EvalTarget:
         self.meta["dataset"] = Path(root).name if root is not None else f"{name}?"
 
 
+class ModelTarget(Protocol):
+    """What evaluation needs of a target (a checkpoint's :class:`EvalTarget` or an external
+    model's ``robustlr.eval.external.ExternalTarget``): the model and its rows' metadata."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+
+
 def with_clean(specs: Sequence[AttackSpec]) -> list[AttackSpec]:
     """``specs`` with a clean row first when they have none (every evaluation reports it)."""
     specs = list(specs)
@@ -217,7 +225,7 @@ def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def evaluate_checkpoint(
-    target: EvalTarget,
+    target: ModelTarget,
     specs: Sequence[AttackSpec],
     *,
     images: torch.Tensor,
