@@ -19,6 +19,7 @@ from robustlr.attacks.spec import (
     AttackSpec,
     format_eps,
     parse_eps,
+    parse_number,
 )
 from robustlr.attacks.suites import load_suite
 from robustlr.cli.errors import UsageFailure, command
@@ -35,6 +36,20 @@ def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -
         return parse_eps(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _radius_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """--eps: a number >= 0 such as 16/255 or 1.5 (an L-inf eps must lie in [0, 1]: the spec
+    refuses it otherwise, with one line)."""
+    if value is None:
+        return None
+    try:
+        number = parse_number(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if number < 0:
+        raise click.BadParameter(f"{value!r} is negative")
+    return number
 
 
 def build_specs(
@@ -70,7 +85,12 @@ def build_specs(
     help="Attack to run (repeatable).",
 )
 @click.option("--suite", default=None, help="A suite name from attacks/ or a .toml file.")
-@click.option("--eps", callback=_eps_option, default=None, help="e.g. 16/255 or 0.0627.")
+@click.option(
+    "--eps",
+    callback=_radius_option,
+    default=None,
+    help="e.g. 16/255 or 0.0627 (L-inf, in [0, 1]); 1.5 (L2).",
+)
 @click.option("--step-size", callback=_eps_option, default=None, help="e.g. 1/255.")
 @click.option("--steps", type=click.IntRange(min=1), default=None)
 @click.option("--restarts", type=click.IntRange(min=1), default=None)
