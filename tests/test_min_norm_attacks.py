@@ -219,3 +219,36 @@ def test_robustness_curve_is_the_per_example_worst_case(tmp_path):
     assert path.name == "robustness_curve_l2.png" and path.stat().st_size > 0
     assert curve.marks and curve.marks[0][0] == "pgd-untargeted"
     assert isinstance(frame, pd.DataFrame)
+
+
+@pytest.mark.slow
+def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
+    """Issue 23's acceptance: on a digits resnet26 trained with the defaults, all test images,
+    our FMN's median L2 and L-inf norms are within 5% of foolbox's FMN at the same 100 steps."""
+    fb = pytest.importorskip("foolbox")
+    from helpers import run_cli
+
+    from robustlr.eval.session import open_checkpoint
+
+    trained = run_cli("train", "--arch", "resnet26", "--out", "run", cwd=tmp_path, timeout=1200)
+    assert trained.returncode == 0, trained.stderr
+    target = open_checkpoint(tmp_path / "run" / "best.pt", torch.device("cpu"))
+    model = target.model.eval()
+    x, y, _ = target.load_images("test")
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    for norm, theirs_cls in (("linf", fb.attacks.LInfFMNAttack), ("l2", fb.attacks.L2FMNAttack)):
+        (ours,) = evaluate(model, x, y, [AttackSpec("fmn", norm=norm, eps=0.1, steps=100)])
+        theirs = []
+        for lo in range(0, len(x), 128):
+            xb, yb = x[lo : lo + 128], y[lo : lo + 128]
+            adv = theirs_cls(steps=100).run(fmodel, xb, fb.criteria.Misclassification(yb))
+            with torch.no_grad():
+                wrong = model(adv).argmax(1) != yb
+            theirs.append(torch.where(wrong, lp_norm(adv - xb, norm), float("inf")))
+        ours_median = float(np.median(ours.norms))
+        theirs_median = float(torch.cat(theirs).median())
+        assert abs(ours_median - theirs_median) <= 0.05 * theirs_median, (
+            norm,
+            ours_median,
+            theirs_median,
+        )
