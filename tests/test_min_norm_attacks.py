@@ -252,3 +252,34 @@ def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
             ours_median,
             theirs_median,
         )
+
+
+def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
+    from helpers import FAST, invoke_cli
+
+    tiny = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
+    trained = invoke_cli("train", *tiny, "--out", "runs/regular", cwd=tmp_path)
+    assert trained.exit_code == 0, trained.output
+    args = ["eval", "--checkpoint", "runs/regular/best.pt", "--limit", "12"]
+    args += ["--save-examples", "runs/regular/outcomes"]
+    for attack in (
+        ["--attack", "fmn", "--norm", "l2", "--steps", "3", "--eps", "1.5"],
+        ["--attack", "ddn", "--steps", "3", "--eps", "1.5"],
+        ["--attack", "pgd-untargeted", "--steps", "2", "--norm", "l2", "--eps", "1.5"],
+        ["--attack", "hopskipjump", "--eps", "1.5", "--queries", "60"],
+    ):
+        out = invoke_cli(*args, *attack, cwd=tmp_path)
+        assert out.exit_code == 0, out.output
+    rows = pd.read_csv(tmp_path / "runs/regular/eval.csv", keep_default_na=False)
+    fmn = rows[rows["attack"] == "fmn"].iloc[0]
+    assert fmn["norm"] == "l2" and fmn["eps"] == 1.5 and fmn["attack_settings"].startswith("FMN(")
+    hsj = rows[rows["attack"] == "hopskipjump"].iloc[0]
+    assert "queries_per_image=60" in hsj["attack_settings"] and 0 < hsj["passes"] <= 60 * 12
+    report = invoke_cli("report", "--runs", "runs", cwd=tmp_path)
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "runs/plots/robustness_curve_l2.png").is_file()
+    checks = pd.read_csv(tmp_path / "runs/checks.csv", keep_default_na=False)
+    masking = checks[checks["check"] == "gradient_masking"]
+    assert len(masking) == 1 and masking.iloc[0]["status"] in ("pass", "warn", "fail")
+    bad = invoke_cli(*args, "--attack", "ddn", "--norm", "linf", cwd=tmp_path)
+    assert bad.exit_code == 2 and "runs in norm l2" in bad.output

@@ -94,6 +94,12 @@ def build_specs(
 @click.option("--step-size", callback=_eps_option, default=None, help="e.g. 1/255.")
 @click.option("--steps", type=click.IntRange(min=1), default=None)
 @click.option("--restarts", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Query budget per image of a black-box attack (square, hopskipjump).",
+)
 @click.option("--norm", type=click.Choice(NORMS), default=None)
 @click.option("--seed", type=int, default=None, help="Seed of random targets and starts.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None)
@@ -127,13 +133,13 @@ def build_specs(
     help="Save per-example outcomes (npz) in this directory.",
 )
 def eval_command(
-    checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
-    limit, split, data, batch_size, device, out_csv, examples_dir,
+    checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, queries, norm, seed,
+    precision, limit, split, data, batch_size, device, out_csv, examples_dir,
 ):  # fmt: skip
     """Evaluate a checkpoint under white-box attacks (the run's test images)."""
     overrides = {
-        "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts, "norm": norm,
-        "seed": seed, "precision": precision,
+        "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts,
+        "queries": queries, "norm": norm, "seed": seed, "precision": precision,
     }  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
     specs = with_clean(build_specs(attacks, suite, overrides))  # the rows evaluation writes
