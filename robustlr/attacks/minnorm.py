@@ -47,9 +47,12 @@ def outcome_at_eps(
     )
 
 
-def run_min_norm(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, example_ids):
+def run_min_norm(
+    model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, example_ids: Tensor | None
+) -> AttackOutcome:
     """Run the minimum-norm attack of ``spec`` (FMN, DDN or HopSkipJump) on a model already
-    in attack state. Shape: x (B, C, H, W) on [0, 1], y (B,) -> AttackOutcome."""
+    in attack state; HopSkipJump keys each image's generator by ``example_ids`` (default
+    0..B-1). Shape: x (B, C, H, W) on [0, 1], y (B,), example_ids (B,) -> AttackOutcome."""
     family = spec.info.family
     if family == "fmn":
         best_delta, best_norm, passes = fmn.fmn(model, x, y, spec.norm, spec.steps)
