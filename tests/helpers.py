@@ -209,3 +209,23 @@ def write_outcome_run(
     (run / CONFIG).write_text(json.dumps({"arch": arch, "mode": mode}))
     pd.DataFrame(rows).to_csv(run / EVAL_CSV, index=False)
     return run
+
+
+def results_with_outcomes(
+    directory: Path, results: list, arch: str = "net", mode: str = "regular", run: str = "r"
+) -> pd.DataFrame:
+    """``evaluate`` results as the report reads them: rows of one run on one image subset,
+    each with its outcomes file saved in ``directory``."""
+    from robustlr.eval.runner import outcome_filename, save_outcomes
+    from robustlr.report.results import normalise_results
+
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"run": run, "arch": arch, "train_mode": mode, "dataset": "digits", "split": "test"}
+    rows = []
+    for result in results:
+        out = result.row({**meta, "subset_sha256": "subset-a"})
+        save_outcomes(directory / outcome_filename(out), result, out)
+        out["outcomes_file"] = outcome_filename(out)
+        rows.append(out)
+    frame = pd.DataFrame(rows)
+    return normalise_results(frame, source="test", run_key=str(directory), directory=directory)

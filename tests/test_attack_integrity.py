@@ -67,7 +67,7 @@ def test_every_attack_has_an_honest_row_and_is_checked_or_named(name, batch):
     (result,) = evaluate(small_model(), x[:4], y[:4], [AttackSpec.example(name)])
     out = result.row({})
     assert (out["step_size"] != "") == info.takes_step_size
-    assert (out["attack_settings"] != "") == (info.runner == "torchattacks")
+    assert (out["attack_settings"] != "") == (info.runner in ("torchattacks", "minnorm"))
     frame = pd.DataFrame([out | {"subset_sha256": "s", "run": "r"}])
     from robustlr.report.results import normalise_results
 

@@ -33,6 +33,7 @@ class AttackOutcome:
     targets: Tensor | None  # (B,) targets of a targeted attack
     passes: int  # forward+backward passes spent
     zero_grad_fraction: float = 0.0  # share of examples whose first input gradient was all zero
+    norms: Tensor | None = None  # (B,) a minimum-norm attack's smallest adversarial norm found
 
 
 def _objective(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:

@@ -12,6 +12,11 @@ Families:
 * ``apgd``: auto-PGD (Croce & Hein 2020), cross-entropy or targeted DLR loss (torchattacks).
 * ``fab``, ``cw``: minimum-norm attacks (torchattacks); ``square``: black-box (torchattacks).
 * ``ensemble``: AutoAttack, several attacks in turn, each on the images the previous missed.
+* ``fmn``, ``ddn``: robustlr's own minimum-norm attacks (Pintor et al. 2021; Rony et al. 2019).
+* ``decision``: HopSkipJump (Chen et al. 2020), robustlr's own decision-based attack.
+
+Minimum-norm attacks (``min_norm``) find each image's smallest adversarial perturbation; the
+spec's eps is only the radius their row reports accuracy at (the norms are in the outcomes).
 """
 
 from __future__ import annotations
@@ -19,8 +24,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("clean", "pgd", "fgsm", "apgd", "fab", "square", "cw", "ensemble")
-RUNNERS = ("clean", "pgd", "torchattacks")
+FAMILIES = (
+    "clean",
+    "pgd",
+    "fgsm",
+    "apgd",
+    "fab",
+    "square",
+    "cw",
+    "ensemble",
+    "fmn",
+    "ddn",
+    "decision",
+)
+RUNNERS = ("clean", "pgd", "torchattacks", "minnorm")
+ALL_NORMS = ("linf", "l2", "l1")
+DEFAULT_NORMS = ("linf", "l2")
 
 
 @dataclass(frozen=True)
@@ -28,7 +47,11 @@ class AttackInfo:
     """What one attack is and how it runs.
 
     ``target``: the target policy the name implies (None: the spec chooses, as for ``pgd``).
-    ``runner``: ``clean`` (no attack), ``pgd`` (robustlr's own loop) or ``torchattacks``.
+    ``runner``: ``clean`` (no attack), ``pgd`` (robustlr's own loop), ``torchattacks`` or
+    ``minnorm`` (robustlr's own minimum-norm attacks, ``robustlr.attacks.minnorm``).
+    ``norms``: the norms it runs in; the first is the spec's default.
+    ``min_norm``: it finds every image's smallest adversarial perturbation (the outcomes file
+    holds the norms; the row reports accuracy at the spec's eps from them).
     ``takes``: the spec options this attack uses besides eps, norm and seed (``step_size``,
     ``steps``, ``restarts``, ``random_start``, ``precision``, ``queries``); an option outside it
     is refused when given to the spec and left out of its result row.
@@ -48,6 +71,8 @@ class AttackInfo:
     bounded: bool = True
     batch_independent: bool = False
     reference: str | None = None
+    norms: tuple[str, ...] = DEFAULT_NORMS
+    min_norm: bool = False
     description: str = ""
     example: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -84,6 +109,7 @@ _ATTACKS = (
         "clean",
         "clean",
         batch_independent=True,
+        norms=ALL_NORMS,
         description="no attack: the model's clean accuracy",
     ),
     AttackInfo(
@@ -200,6 +226,41 @@ _ATTACKS = (
         "torchattacks",
         description="torchattacks' AutoAttack(version='plus'), 10-step attacks",
         example=_SMALL_ENSEMBLE,
+    ),
+    AttackInfo(
+        "fmn",
+        "fmn",
+        "minnorm",
+        takes=frozenset({"steps"}),
+        batch_independent=True,
+        norms=("linf", "l2", "l1"),
+        min_norm=True,
+        description="fast minimum-norm attack (Pintor et al. 2021), L-inf, L2 or L1",
+        example={"eps": 8 / 255, "steps": 5},
+    ),
+    AttackInfo(
+        "ddn",
+        "ddn",
+        "minnorm",
+        takes=frozenset({"steps"}),
+        batch_independent=True,
+        norms=("l2",),
+        min_norm=True,
+        description="decoupled direction and norm attack (Rony et al. 2019), L2",
+        example={"eps": 1.0, "steps": 5},
+    ),
+    AttackInfo(
+        "hopskipjump",
+        "decision",
+        "minnorm",
+        takes=frozenset({"queries"}),
+        white_box=False,
+        batch_independent=True,
+        norms=("l2", "linf"),
+        min_norm=True,
+        description="HopSkipJump decision-based attack (Chen et al. 2020), L2 or L-inf; "
+        "queries: the budget per image",
+        example={"eps": 1.0, "queries": 80},
     ),
 )
 

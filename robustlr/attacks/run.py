@@ -8,7 +8,8 @@ from functools import cache
 import torch
 from torch import nn
 
-from robustlr.attacks.adapters import torchattacks_adversarial
+from robustlr.attacks.adapters import attack_settings, torchattacks_adversarial
+from robustlr.attacks.minnorm import min_norm_settings, run_min_norm
 from robustlr.attacks.modes import eval_mode, frozen_parameters
 from robustlr.attacks.pgd import AttackOutcome, pgd
 from robustlr.attacks.spec import AttackSpec
@@ -118,8 +119,29 @@ def bounded_outcome(
     )
 
 
+def _min_norm(
+    model, x, y, spec, clean_logits: CleanLogits, targets, start, example_ids
+) -> AttackOutcome:
+    return run_min_norm(model, x, y, spec, example_ids)
+
+
 # how each registry ``runner`` runs (tests check that every runner has one)
-RUNNERS = {"clean": _clean, "pgd": _own, "torchattacks": _torchattacks}
+RUNNERS = {
+    "clean": _clean,
+    "pgd": _own,
+    "torchattacks": _torchattacks,
+    "minnorm": _min_norm,
+}
+
+
+def settings_of(spec: AttackSpec, num_classes: int) -> str:
+    """The exact settings an attack runs with beyond its spec's columns (the result row's
+    ``attack_settings``): torchattacks' and the minimum-norm attacks'; "" for the others."""
+    if spec.info.runner == "torchattacks":
+        return attack_settings(spec, num_classes)
+    if spec.info.runner == "minnorm":
+        return min_norm_settings(spec)
+    return ""
 
 
 def attack(

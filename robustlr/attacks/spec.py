@@ -6,9 +6,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from robustlr.attacks.registry import ATTACK_NAMES, ATTACKS, AttackInfo, attack_info
+from robustlr.attacks.registry import ALL_NORMS, ATTACK_NAMES, ATTACKS, AttackInfo, attack_info
 
-NORMS = ("linf", "l2")
+NORMS = ALL_NORMS
 TARGET_POLICIES = ("none", "random", "least-likely")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # spec options that only some attacks use (the registry's ``takes``); eps, norm, seed: all
@@ -94,7 +94,7 @@ class AttackSpec:
 
     name: str
     eps: float = 16 / 255
-    norm: str = "linf"
+    norm: str | None = None  # default: the attack's first norm (registry ``norms``)
     step_size: float | None = None  # None: derived from eps and steps (resolved_step_size)
     steps: int = DEFAULT_STEPS
     restarts: int = 1
@@ -102,7 +102,7 @@ class AttackSpec:
     random_start: bool = True
     seed: int = 0
     precision: str = "fp32"
-    queries: int = DEFAULT_QUERIES  # square
+    queries: int = DEFAULT_QUERIES  # square, hopskipjump (per image)
 
     def __post_init__(self) -> None:
         info = attack_info(self.name)
@@ -114,8 +114,14 @@ class AttackSpec:
                 f"attack {self.name!r} implies target policy {info.target!r}, not {target!r}"
             )
         object.__setattr__(self, "target", target)
+        if self.norm is None:
+            object.__setattr__(self, "norm", info.norms[0])
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm not in info.norms:
+            raise ValueError(
+                f"attack {self.name!r} runs in norm {' or '.join(info.norms)}, not {self.norm!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for key in ("eps", "step_size"):  # "16/255" is accepted everywhere

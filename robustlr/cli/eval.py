@@ -20,6 +20,7 @@ from robustlr.attacks.spec import (
     AttackSpec,
     format_eps,
     parse_eps,
+    parse_number,
 )
 from robustlr.attacks.suites import load_suite
 from robustlr.cli.errors import UsageFailure, command
@@ -38,6 +39,20 @@ def _eps_option(ctx: click.Context, param: click.Parameter, value: str | None) -
         return parse_eps(value, norm="l2")  # >= 0 here; each attack's norm bounds it further
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _radius_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """--eps: a number >= 0 such as 16/255 or 1.5 (an L-inf eps must lie in [0, 1]: the spec
+    refuses it otherwise, with one line)."""
+    if value is None:
+        return None
+    try:
+        number = parse_number(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if number < 0:
+        raise click.BadParameter(f"{value!r} is negative")
+    return number
 
 
 def build_specs(
@@ -74,10 +89,21 @@ def build_specs(
     help="Attack to run (repeatable).",
 )
 @click.option("--suite", default=None, help="A suite name from attacks/ or a .toml file.")
-@click.option("--eps", callback=_eps_option, default=None, help="e.g. 16/255 or 0.0627.")
+@click.option(
+    "--eps",
+    callback=_radius_option,
+    default=None,
+    help="e.g. 16/255 or 0.0627 (L-inf, in [0, 1]); 1.5 (L2).",
+)
 @click.option("--step-size", callback=_eps_option, default=None, help="e.g. 1/255.")
 @click.option("--steps", type=click.IntRange(min=1), default=None)
 @click.option("--restarts", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Query budget per image of a black-box attack (square, hopskipjump).",
+)
 @click.option("--norm", type=click.Choice(NORMS), default=None)
 @click.option("--seed", type=int, default=None, help="Seed of random targets and starts.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None)
@@ -117,16 +143,16 @@ def build_specs(
     help="Save per-example outcomes (npz) in this directory.",
 )
 def eval_command(
-    checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, norm, seed, precision,
-    limit, split, data, allow_other_data, batch_size, device, out_csv, examples_dir, model_spec,
-    **model_options,
+    checkpoint, runs_root, attacks, suite, eps, step_size, steps, restarts, queries, norm, seed,
+    precision, limit, split, data, allow_other_data, batch_size, device, out_csv, examples_dir,
+    model_spec, **model_options,
 ):  # fmt: skip
     """Evaluate a checkpoint (or --model: any model) under white-box attacks (the run's test
     images; --dataset's for --model)."""
     external = external_options(model_spec, checkpoint, data, model_options)
     overrides = {
-        "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts, "norm": norm,
-        "seed": seed, "precision": precision,
+        "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts,
+        "queries": queries, "norm": norm, "seed": seed, "precision": precision,
     }  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
     specs = with_clean(build_specs(attacks, suite, overrides))  # the rows evaluation writes

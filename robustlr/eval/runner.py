@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from robustlr import __version__
-from robustlr.attacks.adapters import attack_settings
 from robustlr.attacks.modes import eval_mode
-from robustlr.attacks.run import run_attack
+from robustlr.attacks.run import run_attack, settings_of
 from robustlr.attacks.spec import AttackSpec
 from robustlr.attacks.targets import draw_random_targets, save_targets, targets_sha256
 from robustlr.errors import UserError
@@ -101,7 +100,8 @@ class AttackResult:
     zero_grad_fraction: float = 0.0
     targets_sha256: str = ""
     example_ids: np.ndarray | None = None  # (N,) dataset indices of the images
-    settings: str = ""  # the exact settings of a torchattacks attack (attack_settings)
+    settings: str = ""  # the exact settings of a torchattacks or minimum-norm attack
+    norms: np.ndarray | None = None  # (N,) a minimum-norm attack's smallest norms (inf: none)
 
     def finish(self, targets_dir: str | Path | None = None) -> None:
         """Hash the targets (and save them in ``targets_dir`` for random targets)."""
@@ -197,13 +197,16 @@ def outcome_filename(row: Mapping[str, Any]) -> str:
 
 def save_outcomes(path: str | Path, result: AttackResult, row: Mapping[str, Any]) -> Path:
     """Per-example outcomes of one attack as ``.npz``: ``correct``, ``success``, ``targets``
-    (empty when untargeted) and ``threat``, the threat key of its eval.csv ``row`` (images,
+    (empty when untargeted), ``norms`` (a minimum-norm attack's smallest adversarial norm per
+    image, 0 where the clean image is wrong, inf where none was found; empty for the other
+    attacks) and ``threat``, the threat key of its eval.csv ``row`` (images,
     checkpoint and full threat model) that readers check with ``verify_outcomes``."""
     key = threat_key(row)
     arrays = dict(
         correct=result.correct,
         success=result.success,
         targets=result.targets if result.targets is not None else np.zeros(0, dtype=np.int64),
+        norms=result.norms if result.norms is not None else np.zeros(0, dtype=np.float32),
         subset_sha256=np.array(key["subset_sha256"]),
         targets_sha256=np.array(result.targets_sha256),
         threat=np.array(json.dumps(key, sort_keys=True)),
@@ -219,6 +222,7 @@ def load_outcomes(path: str | Path) -> dict[str, Any]:
         out["subset_sha256"] = str(data["subset_sha256"])
         out["targets_sha256"] = str(data["targets_sha256"])
         out["threat"] = json.loads(str(data["threat"])) if "threat" in data.files else {}
+        out["norms"] = data["norms"] if "norms" in data.files else np.zeros(0, dtype=np.float32)
     return out
 
 
@@ -287,7 +291,7 @@ def evaluate(
         targets = None
         if spec.target == "random" and len(ids):
             targets = draw_random_targets(labels, num_classes, spec.seed, ids)
-        correct, success, chosen = [], [], []
+        correct, success, chosen, norms = [], [], [], []
         passes, zero, start = 0, 0.0, time.perf_counter()
         for lo in range(0, len(images), batch_size):
             x = images[lo : lo + batch_size].to(device)
@@ -305,6 +309,8 @@ def evaluate(
             success.append(outcome.success.cpu())
             if outcome.targets is not None:
                 chosen.append(outcome.targets.cpu())
+            if outcome.norms is not None:
+                norms.append(outcome.norms.float().cpu())
             passes += outcome.passes * len(x) if outcome.passes > 0 else 0
             zero += outcome.zero_grad_fraction * len(x)
             if on_batch:
@@ -318,9 +324,8 @@ def evaluate(
             seconds=time.perf_counter() - start,
             zero_grad_fraction=zero / max(len(images), 1),
             example_ids=ids.numpy(),
-            settings=attack_settings(spec, num_classes)
-            if spec.info.runner == "torchattacks" and num_classes
-            else "",
+            settings=settings_of(spec, num_classes) if num_classes else "",
+            norms=torch.cat(norms).numpy() if norms else None,
         )
         result.finish(targets_dir)
         log.info(
@@ -351,6 +356,7 @@ def merge_shards(
         zero_grad_fraction=sum(r.zero_grad_fraction * r.n for r in shards) / n,
         example_ids=ids[order],
         settings=shards[0].settings,
+        norms=cat("norms") if shards[0].norms is not None else None,
     )
     merged.finish(targets_dir)
     return merged

@@ -13,12 +13,13 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pandas as pd
 
 from robustlr.attacks.registry import ATTACKS, names_where
 from robustlr.eval.stats import mcnemar
-from robustlr.report.pairs import row_outcomes
-from robustlr.report.results import RUN_KEY, eps_matches
+from robustlr.report.curves import broken_within
+from robustlr.report.results import RUN_KEY, eps_matches, row_outcomes
 from robustlr.report.table9 import Table9, eps_text
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ BLACK_BOX = names_where(white_box=False)
 ZERO_GRADIENT_ATTACKS = tuple(a.name for a in ATTACKS.values() if a.reports_zero_gradients)
 PRECISION_ATTACKS = tuple(a.name for a in ATTACKS.values() if "precision" in a.takes)
 REFERENCE_ATTACKS = tuple(a.name for a in ATTACKS.values() if a.reference == "apgd_ce")
+WHITE_BOX = tuple(a.name for a in ATTACKS.values() if a.white_box and a.family != "clean")
+MIN_NORM_WHITE_BOX = names_where(min_norm=True, white_box=True)
+MASKING_SHARE = 0.01  # images only a black-box attack breaks: up to this share (or 1) warns
 # the attacks whose rows each check examines (all chosen by registry properties, so a new
 # attack joins the checks its properties call for; ``check_coverage`` names the others)
 CHECK_SUBJECTS: dict[str, tuple[str, ...]] = {
@@ -49,6 +53,7 @@ CHECK_SUBJECTS: dict[str, tuple[str, ...]] = {
     "pgd_not_optimistic": (*PGD, *REFERENCE_ATTACKS),
     "low_precision_agrees": PRECISION_ATTACKS,
     "zero_gradients": ZERO_GRADIENT_ATTACKS,
+    "gradient_masking": (*BLACK_BOX, *MIN_NORM_WHITE_BOX),
 }
 
 
@@ -457,6 +462,83 @@ def check_zero_gradients(results: pd.DataFrame) -> list[CheckResult]:
     return out
 
 
+def _eps_label(norm: str, eps: float) -> str:
+    return eps_text(eps) if norm == "linf" else f"{eps:g}"
+
+
+def check_gradient_masking(results: pd.DataFrame) -> list[CheckResult]:
+    """No black-box attack (registry ``white_box`` False: decision-based HopSkipJump,
+    score-based Square) breaks images that no white-box attack breaks, per example, on the
+    same run, images, norm and eps: the white-box attacks are fixed-budget rows at that eps or
+    below and minimum-norm rows (FMN, DDN) through their norms. Gradient masking makes
+    white-box attacks miss what a gradient-free one finds. Fails when more than
+    ``MASKING_SHARE`` of the images (and more than one) are broken only by the black box."""
+    name = "gradient_masking"
+    out = []
+    for _, bb in results[results["attack"].isin(BLACK_BOX)].iterrows():
+        attack, norm, eps = str(bb["attack"]), str(bb["norm"]), float(bb["eps"])
+        subject = f"{bb['run']} {attack} {norm} eps {_eps_label(norm, eps)}"
+        white = results[
+            (results[RUN_KEY] == bb[RUN_KEY])
+            & results["attack"].isin(WHITE_BOX)
+            & (results["norm"] == norm)
+            & (results["subset_sha256"] == bb["subset_sha256"])
+        ]
+        black, why = broken_within(bb, eps)
+        if black is None:
+            out.append(CheckResult(name, "skip", subject, "", f"no per-example outcomes: {why}"))
+            continue
+        union = np.zeros_like(black)
+        used = []
+        for _, wb in white.iterrows():
+            broken, _ = broken_within(wb, eps)
+            if broken is not None and broken.shape == black.shape:
+                union |= broken
+                used.append(str(wb["attack"]))
+        if not used:
+            out.append(
+                CheckResult(
+                    name,
+                    "skip",
+                    subject,
+                    "",
+                    "no white-box row with outcomes on the same images, norm and eps "
+                    "(robustlr eval --save-examples)",
+                )
+            )
+            continue
+        n = int(black.size)
+        only = int((black & ~union).sum())
+        numbers = (
+            f"{attack} breaks {int(black.sum())}/{n}, white-box ({', '.join(sorted(set(used)))}) "
+            f"{int(union.sum())}/{n}; only {attack}: {only}"
+        )
+        if only > max(1, MASKING_SHARE * n):
+            status = "fail"
+            message = (
+                f"{attack} (black-box) breaks images no white-box attack breaks: the white-box "
+                "attacks are weaker than a gradient-free one (gradient masking?)"
+            )
+        elif only:
+            status = "warn"
+            message = f"{attack} (black-box) breaks a few images no white-box attack breaks"
+        else:
+            status = "pass"
+            message = f"every image {attack} (black-box) breaks, a white-box attack breaks too"
+        out.append(CheckResult(name, status, subject, numbers, message))
+    if not out:
+        out.append(
+            CheckResult(
+                name,
+                "skip",
+                "all",
+                "",
+                f"no black-box ({', '.join(BLACK_BOX)}) rows in the results",
+            )
+        )
+    return out
+
+
 def check_coverage(results: pd.DataFrame) -> list[CheckResult]:
     """Attacks in the results that no sanity check examines are named (skip), and attack
     names unknown to the registry warn: no attack drops out of the checks silently."""
@@ -495,6 +577,7 @@ def run_checks(results: pd.DataFrame, table: Table9 | None = None) -> list[Check
         *check_pgd_vs_apgd(table),
         *check_low_precision(results),
         *check_zero_gradients(results),
+        *check_gradient_masking(results),
         *check_coverage(results),
         CheckResult(
             "eval_determinism",

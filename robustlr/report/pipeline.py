@@ -61,9 +61,11 @@ def make_report(
     checks = with_model_checks(run_checks(table.results, table), table, checkpoint_names)
     written = write_report(table, out, fmt, pairs, checks, seed_pairs)
     if plots_dir is not None:
+        from robustlr.report.curves import plot_robustness_curves
         from robustlr.report.plots import report_plots, run_geo_prior_plots
 
         chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
         written += report_plots(chosen, plots_dir, table.eps)
+        written += plot_robustness_curves(chosen, plots_dir)
         written += run_geo_prior_plots(table.runs, plots_dir, checkpoint_names)
     return Report(table, pairs, checks, seed_pairs, written)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -218,6 +219,13 @@ def eps_matches(series: pd.Series, eps: float) -> pd.Series:
 def row_outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
     """The per-example ``correct`` array of a result row from its outcomes file, or (None, why
     not) when there is none or it belongs to another row (``verify_outcomes``)."""
+    data, why = row_outcome_data(row)
+    return (None, why) if data is None else (np.asarray(data["correct"], dtype=bool), "")
+
+
+def row_outcome_data(row: pd.Series) -> tuple[dict[str, Any] | None, str]:
+    """A result row's outcomes file as read by ``load_outcomes`` (``correct``, ``norms``...),
+    or (None, why not) when there is none or it belongs to another row."""
     path = str(row.get(OUTCOMES_PATH, "") or "")
     if not path:
         return None, f"run {row['run']} saved no outcomes file for {row['attack']}"
@@ -231,4 +239,4 @@ def row_outcomes(row: pd.Series) -> tuple[np.ndarray | None, str]:
     if why:
         log.warning("%s", why)
         return None, why
-    return np.asarray(data["correct"], dtype=bool), ""
+    return data, ""

@@ -1,0 +1,173 @@
+"""HopSkipJump (Chen et al. 2020), L2 and L-inf: robustlr's own decision-based attack.
+
+It sees only the model's decisions (is the prediction wrong?). Start: the first of up to
+``INIT_TRIES`` uniform-noise images the model gets wrong, searched back to the decision
+boundary (binary search on the segment to the clean image for L2, on the L-inf radius of
+the clipped point for L-inf). Each iteration t then estimates the boundary's normal from the
+decisions at ``INIT_EVALS * sqrt(t)`` random probes around the boundary point (a Monte-Carlo
+gradient with the mean decision as baseline), steps along it (L2: normalised; L-inf: its sign)
+with a geometric search from dist / sqrt(t), and searches back to the boundary. Every image has
+its own query budget and its own generator keyed by (seed, image id): results do not depend on
+the batch. An iteration starts only when the budget covers its worst case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from robustlr.attacks.norms import l2_normalised, lp_norm, per_example
+from robustlr.attacks.pgd import example_seed
+
+Tensor = torch.Tensor
+
+INIT_TRIES = 50  # uniform-noise images tried per image for a first adversarial point
+INIT_EVALS = 100  # probes of the first gradient estimate (times sqrt(t) at iteration t)
+MAX_EVALS = 1000  # at most this many probes per estimate
+SEARCH_STEPS = 10  # binary-search steps back to the boundary
+STEP_TRIES = 10  # halvings of the geometric step before the iteration stays put
+FIRST_PROBE = 0.1  # probe radius of the first iteration (then dist / d)
+CHUNK = 2048  # images per forward pass
+
+
+def settings(norm: str, queries: int, seed: int) -> str:
+    """HopSkipJump's exact settings, for the result row's ``attack_settings``."""
+    return (
+        f"HopSkipJump(norm={norm}, queries_per_image={queries}, init=uniform noise "
+        f"<= {INIT_TRIES} tries + binary search, evals=min({INIT_EVALS}*sqrt(t), {MAX_EVALS}), "
+        f"probe={FIRST_PROBE:g} then dist/d, step=geometric from dist/sqrt(t) "
+        f"<= {STEP_TRIES} halvings, binary_search_steps={SEARCH_STEPS}, seed={seed} per image)"
+    )
+
+
+class _Oracle:
+    """The model's decisions (True: misclassified), counting queries per image."""
+
+    def __init__(self, model: nn.Module, y: Tensor) -> None:
+        self.model, self.y = model, y
+        self.spent = torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+    @torch.no_grad()
+    def wrong(self, points: Tensor, rows: Tensor) -> Tensor:
+        """Shape: points (R, C, H, W) of the images ``rows`` (R,) -> (R,) bool."""
+        preds = [self.model(part).argmax(1) for part in points.split(CHUNK)]
+        self.spent += torch.bincount(rows, minlength=len(self.spent))
+        return torch.cat(preds) != self.y[rows]
+
+
+def _between(x: Tensor, far: Tensor, level: Tensor, norm: str) -> Tensor:
+    """L2: the point ``level`` of the way from x to far; L-inf: far clipped to the L-inf ball
+    of radius ``level`` around x. Shape: x, far (R, C, H, W), level (R,) -> like x."""
+    a = per_example(level, x)
+    if norm == "l2":
+        return x + a * (far - x)
+    return torch.min(torch.max(far, x - a), x + a)
+
+
+def _to_boundary(oracle: _Oracle, x: Tensor, far: Tensor, rows: Tensor, norm: str) -> Tensor:
+    """Binary search from the adversarial points ``far`` towards x: the closest adversarial
+    point found on the way. Shape: x, far (R, C, H, W), rows (R,) -> like x."""
+    high = torch.ones(len(x), device=x.device) if norm == "l2" else lp_norm(far - x, "linf")
+    low = torch.zeros_like(high)
+    for _ in range(SEARCH_STEPS):
+        mid = (low + high) / 2
+        ok = oracle.wrong(_between(x, far, mid, norm), rows)
+        high = torch.where(ok, mid, high)
+        low = torch.where(ok, low, mid)
+    return _between(x, far, high, norm)
+
+
+def _draw(generators: list[torch.Generator], rows: Tensor, shape, norm: str) -> Tensor:
+    """Per image, from its own generator: Gaussian (L2) or uniform [-1, 1] (L-inf) draws.
+    Shape: rows (R,) -> (R, *shape) on the CPU."""
+    if norm == "l2":
+        return torch.stack([torch.randn(shape, generator=generators[i]) for i in rows.tolist()])
+    return torch.stack([2 * torch.rand(shape, generator=generators[i]) - 1 for i in rows.tolist()])
+
+
+def hopskipjump(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: str,
+    queries: int,
+    seed: int,
+    example_ids: Tensor,
+) -> tuple[Tensor, Tensor, int]:
+    """HopSkipJump on a model in eval mode, at most ``queries`` decisions per image.
+
+    Returns each image's smallest adversarial perturbation found, its ``norm`` (0: the clean
+    image is already wrong; inf: none found) and the most queries one image spent.
+    Shape: x (B, C, H, W) on [0, 1], y (B,), example_ids (B,) -> delta, norms (B,), int.
+    """
+    x = x.detach()
+    n, shape, d = len(x), x.shape[1:], x[0].numel()
+    generators = [torch.Generator().manual_seed(example_seed(seed, 0, int(i))) for i in example_ids]
+    oracle = _Oracle(model, y)
+    every = torch.arange(n, device=x.device)
+    clean_wrong = oracle.wrong(x, every)
+    best_norm = torch.where(clean_wrong, 0.0, float("inf")).to(x.device)
+    boundary = x.clone()
+    started = clean_wrong.clone()
+    for _ in range(INIT_TRIES):
+        rows = (~started & (oracle.spent < queries)).nonzero().squeeze(1)
+        if not len(rows):
+            break
+        noise = torch.stack([torch.rand(shape, generator=generators[i]) for i in rows.tolist()]).to(
+            x
+        )
+        ok = oracle.wrong(noise, rows)
+        boundary[rows[ok]] = noise[ok]
+        started[rows[ok]] = True
+    fresh = (started & ~clean_wrong).nonzero().squeeze(1)
+    budget_left = oracle.spent[fresh] + SEARCH_STEPS <= queries
+    fresh = fresh[budget_left]
+    if len(fresh):
+        boundary[fresh] = _to_boundary(oracle, x[fresh], boundary[fresh], fresh, norm)
+    reached = torch.zeros(n, dtype=torch.bool, device=x.device)
+    reached[fresh] = True
+    best_norm = torch.where(reached, lp_norm(boundary - x, norm), best_norm)
+    best_delta = torch.where(per_example(reached, x), boundary - x, 0.0)
+    t = 0
+    while True:
+        t += 1
+        evals = min(int(INIT_EVALS * math.sqrt(t)), MAX_EVALS)
+        cost = evals + STEP_TRIES + SEARCH_STEPS
+        rows = (reached & (oracle.spent + cost <= queries)).nonzero().squeeze(1)
+        if not len(rows):
+            break
+        x0, xb = x[rows], boundary[rows]
+        dist = lp_norm(xb - x0, norm)
+        probe = torch.full_like(dist, FIRST_PROBE) if t == 1 else (dist / d).clamp_min(1e-6)
+        u = l2_normalised(_draw(generators, rows, (evals, d), norm).flatten(0, 1))
+        u = u.view(len(rows), evals, *shape).to(x)
+        r = probe.view(-1, 1, *([1] * len(shape)))
+        probes = (xb[:, None] + r * u).clamp(0, 1)
+        u = (probes - xb[:, None]) / r
+        decided = oracle.wrong(probes.flatten(0, 1), rows.repeat_interleave(evals))
+        phi = decided.view(len(rows), evals).float() * 2 - 1
+        mean = phi.mean(1, keepdim=True)
+        centred = torch.where(mean.abs() == 1, phi, phi - mean)
+        grad = (centred.view(*centred.shape, *([1] * len(shape))) * u).mean(1)
+        direction = l2_normalised(grad) if norm == "l2" else grad.sign()
+        eta = dist / math.sqrt(t)
+        searching = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+        for _ in range(STEP_TRIES):
+            idx = searching.nonzero().squeeze(1)
+            if not len(idx):
+                break
+            step = per_example(eta[idx], xb[idx]) * direction[idx]
+            ok = oracle.wrong((xb[idx] + step).clamp(0, 1), rows[idx])
+            searching[idx[ok]] = False
+            eta[idx[~ok]] /= 2
+        far = torch.where(
+            per_example(~searching, xb), (xb + per_example(eta, xb) * direction).clamp(0, 1), xb
+        )
+        boundary[rows] = _to_boundary(oracle, x0, far, rows, norm)
+        size = lp_norm(boundary[rows] - x0, norm)
+        better = rows[size < best_norm[rows]]
+        best_norm[better] = lp_norm(boundary[better] - x[better], norm)
+        best_delta[better] = boundary[better] - x[better]
+    return best_delta, best_norm, int(oracle.spent.max())

@@ -1,0 +1,285 @@
+"""Minimum-norm and decision-based attacks (FMN, DDN, HopSkipJump): their norms against the
+exact minimum of a linear model, the outcomes file and the row at eps, robustness curves, and
+the gradient-masking check on a model with masked gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import results_with_outcomes
+from torch import nn
+
+from robustlr.attacks import AttackSpec, run_attack
+from robustlr.attacks.norms import DUAL, lp_norm, project_l1
+from robustlr.cli.errors import UsageFailure
+from robustlr.cli.eval import build_specs
+from robustlr.eval.runner import evaluate, load_outcomes, save_outcomes
+from robustlr.report.checks import CHECK_SUBJECTS, check_gradient_masking
+from robustlr.report.curves import plot_robustness_curves, robustness_curves
+
+SHAPE = (3, 4, 4)
+D = 48
+
+
+def linear_model(seed: int = 0, classes: int = 4) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, classes))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(classes, D, generator=gen))
+        model[1].bias.zero_()
+    return model.eval()
+
+
+def central_images(n: int = 24, seed: int = 1) -> torch.Tensor:
+    """Images near 0.5, so the box [0, 1] does not bind the L-inf / L2 minima."""
+    gen = torch.Generator().manual_seed(seed)
+    return 0.5 + 0.05 * torch.randn(n, *SHAPE, generator=gen)
+
+
+def exact_min_norm(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """A linear model's smallest perturbation (box ignored) that changes its prediction:
+    min over the other classes of margin / dual norm of the weight difference."""
+    weight = model[1].weight.detach()
+    with torch.no_grad():
+        logits = model(x)
+    pred = logits.argmax(1)
+    best = torch.full((len(x),), float("inf"))
+    for j in range(weight.shape[0]):
+        w = weight[pred] - weight[j]  # (B, D)
+        margin = logits.gather(1, pred[:, None]).squeeze(1) - logits[:, j]
+        dist = margin / lp_norm(w, DUAL[norm]).clamp_min(1e-12)
+        best = torch.where(pred == j, best, torch.min(best, dist))
+    return best
+
+
+@pytest.mark.parametrize(
+    ("name", "norm", "options", "median_ratio"),
+    [
+        ("fmn", "linf", {"steps": 30}, 1.02),
+        ("fmn", "l2", {"steps": 30}, 1.02),
+        ("fmn", "l1", {"steps": 30}, 1.10),
+        ("ddn", "l2", {"steps": 30}, 1.10),
+        ("hopskipjump", "l2", {"queries": 1000}, 1.15),
+        ("hopskipjump", "linf", {"queries": 1000}, 1.30),
+    ],
+)
+def test_min_norms_are_near_the_exact_minimum_and_never_below(name, norm, options, median_ratio):
+    model, x = linear_model(), central_images()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    outcome = run_attack(model, x, y, AttackSpec(name, norm=norm, eps=0.1, **options))
+    exact = exact_min_norm(model, x, norm)
+    found = torch.isfinite(outcome.norms)
+    assert found.float().mean() >= 0.9, outcome.norms
+    assert (outcome.norms[found] >= exact[found] * (1 - 1e-3)).all()  # sound: never below
+    ratio = (outcome.norms / exact).median()
+    assert ratio <= median_ratio, (outcome.norms, exact)
+
+
+def test_norms_are_zero_for_wrong_clean_images_and_inf_when_none_is_found():
+    class Constant(nn.Module):  # predicts class 0 whatever the input: nothing flips it
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sum(1) * 0 + 1, x.flatten(1).sum(1) * 0], 1)
+
+    x, y = central_images(4), torch.tensor([0, 1, 0, 1])
+    for spec in (AttackSpec("fmn", steps=3), AttackSpec("ddn", steps=3)):
+        norms = run_attack(Constant(), x, y, spec).norms
+        assert norms.tolist() == [float("inf"), 0.0, float("inf"), 0.0]
+
+
+def test_l1_projection_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(5, 3, 4, 4, generator=gen)
+    radius = torch.tensor([0.0, 0.5, 3.0, 1e3, float("inf")])
+    projected = project_l1(delta, radius)
+    sizes = lp_norm(projected, "l1")
+    assert torch.allclose(sizes[:3], radius[:3], atol=1e-4)
+    assert torch.equal(projected[3:], delta[3:])  # inside: unchanged
+    # the projection is the closest point: no random point of the ball is closer
+    for _ in range(50):
+        other = project_l1(torch.randn(5, 3, 4, 4, generator=gen), radius)
+        closest = lp_norm(delta - projected, "l2")
+        assert (closest <= lp_norm(delta - other, "l2") + 1e-5).all()
+
+
+def test_outcomes_hold_the_norms_and_the_row_reports_accuracy_at_eps(tmp_path):
+    model, x = linear_model(), central_images(12)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 4  # clean image already wrong: norm 0
+    eps = 0.2
+    (result,) = evaluate(model, x, y, [AttackSpec("fmn", norm="l2", eps=eps, steps=20)])
+    row = result.row({"subset_sha256": "s"})
+    assert result.norms[0] == 0.0
+    assert row["accuracy"] == pytest.approx(100 * np.mean(result.norms > eps), abs=1e-3)
+    assert "steps=20" in row["attack_settings"] and "cosine" in row["attack_settings"]
+    data = load_outcomes(save_outcomes(tmp_path / "o.npz", result, row))
+    assert np.array_equal(data["norms"], result.norms)
+    assert np.array_equal(data["correct"], result.norms > eps)
+
+
+def test_hopskipjump_keeps_to_its_budget_and_does_not_depend_on_the_batch():
+    model, x = linear_model(), central_images(6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    spec = AttackSpec("hopskipjump", eps=0.3, queries=300, seed=3)
+    ids = torch.arange(10, 16)
+    whole = run_attack(model, x, y, spec, example_ids=ids)
+    halves = [
+        run_attack(model, x[s], y[s], spec, example_ids=ids[s]) for s in (slice(0, 3), slice(3, 6))
+    ]
+    assert 0 < whole.passes <= 300
+    assert torch.allclose(torch.cat([h.norms for h in halves]), whole.norms)
+    other_seed = run_attack(model, x, y, AttackSpec("hopskipjump", eps=0.3, queries=300, seed=4))
+    assert not torch.equal(other_seed.norms, whole.norms)
+
+
+def test_norms_of_each_attack_are_declared_and_refused_elsewhere():
+    assert AttackSpec("ddn").norm == "l2" and AttackSpec("fmn").norm == "linf"
+    assert AttackSpec("fmn", norm="l1").describe().startswith("fmn l1 eps=")
+    with pytest.raises(ValueError, match="runs in norm l2"):
+        AttackSpec("ddn", norm="linf")
+    with pytest.raises(ValueError, match="not 'l1'"):
+        AttackSpec("pgd", norm="l1")
+    (spec,) = build_specs(("fmn",), None, {"norm": "l1", "eps": 2.5})
+    assert spec.norm == "l1" and spec.eps == 2.5
+    with pytest.raises(UsageFailure, match="outside"):
+        build_specs(("fmn",), None, {"eps": 2.5})  # an L-inf eps above 1
+
+
+class Quantised(nn.Module):
+    """Input quantisation in front of a model: torch.round has a zero gradient everywhere,
+    so every input gradient is zero (masked), while the decisions are those of a real model."""
+
+    def __init__(self, inner: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.inner, self.levels = inner, levels
+
+    def forward(self, x):
+        return self.inner(torch.round(x * self.levels) / self.levels)
+
+
+def _masking_rows(tmp_path, model, x, y, eps):
+    specs = [
+        AttackSpec("pgd-untargeted", norm="l2", eps=eps, steps=10),
+        AttackSpec("fmn", norm="l2", eps=eps, steps=20),
+        AttackSpec("hopskipjump", eps=eps, queries=400),
+    ]
+    return results_with_outcomes(tmp_path, evaluate(model, x, y, specs))
+
+
+def test_masking_check_fails_on_masked_gradients_and_passes_without(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(40, *SHAPE, generator=gen)
+    statuses = {}
+    for name, model in (("plain", linear_model()), ("masked", Quantised(linear_model()))):
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        (statuses[name],) = check_gradient_masking(_masking_rows(tmp_path / name, model, x, y, 0.6))
+    assert statuses["plain"].status == "pass", statuses["plain"]
+    assert statuses["masked"].status == "fail", statuses["masked"]
+    assert "only hopskipjump" in statuses["masked"].numbers
+
+
+def test_gradient_masking_check_examines_the_black_box_and_min_norm_attacks():
+    assert {"hopskipjump", "square", "fmn", "ddn"} <= set(CHECK_SUBJECTS["gradient_masking"])
+
+
+def test_robustness_curve_is_the_per_example_worst_case(tmp_path):
+    model, x = linear_model(), central_images(30)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4
+    eps = 0.15
+    specs = [
+        AttackSpec("clean"),
+        AttackSpec("pgd-untargeted", norm="l2", eps=eps, steps=5),
+        AttackSpec("fmn", norm="l2", eps=eps, steps=20),
+        AttackSpec("ddn", eps=eps, steps=10),
+    ]
+    results = evaluate(model, x, y, specs)
+    frame = results_with_outcomes(tmp_path, results, arch="linear", mode="regular")
+    (curve,) = robustness_curves(frame)
+    assert curve.norm == "l2" and curve.n == 30 and len(curve.attacks) == 4
+    assert curve.accuracy(0.0) == pytest.approx(100 * results[0].accuracy)
+    for result in results[1:]:  # never above any attack at its eps
+        assert curve.accuracy(eps) <= 100 * result.accuracy + 1e-9
+    worst = np.min([r.norms for r in results[2:]], axis=0)
+    worst = np.where(results[0].correct, worst, 0.0)
+    worst = np.where(results[1].correct, worst, np.minimum(worst, eps))
+    for e in (0.05, 0.1, 0.2, 0.4):
+        assert curve.accuracy(e) == pytest.approx(100 * np.mean(worst > e))
+    breakers = set(curve.broken_by[np.isfinite(curve.breaking)])
+    assert breakers <= {"clean", "pgd-untargeted", "fmn", "ddn"} and "clean" in breakers
+    xs, ys = curve.steps()
+    assert xs[0] == 0 and (np.diff(ys) <= 0).all()
+    (path,) = plot_robustness_curves(frame, tmp_path / "plots")
+    assert path.name == "robustness_curve_l2.png" and path.stat().st_size > 0
+    assert curve.marks and curve.marks[0][0] == "pgd-untargeted"
+    assert isinstance(frame, pd.DataFrame)
+
+
+@pytest.mark.slow
+def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
+    """Issue 23's acceptance: on a digits resnet26 trained with the defaults, all test images,
+    our FMN's median L2 and L-inf norms are within 5% of foolbox's FMN at the same 50 steps."""
+    fb = pytest.importorskip("foolbox")
+    from helpers import run_cli
+
+    from robustlr.eval.session import open_checkpoint
+
+    trained = run_cli("train", "--arch", "resnet26", "--out", "run", cwd=tmp_path, timeout=1200)
+    assert trained.returncode == 0, trained.stderr
+    target = open_checkpoint(tmp_path / "run" / "best.pt", torch.device("cpu"))
+    model = target.model.eval()
+    x, y, _ = target.load_images("test")
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    for norm, theirs_cls in (("linf", fb.attacks.LInfFMNAttack), ("l2", fb.attacks.L2FMNAttack)):
+        (ours,) = evaluate(model, x, y, [AttackSpec("fmn", norm=norm, eps=0.1, steps=50)])
+        theirs = []
+        for lo in range(0, len(x), 128):
+            xb, yb = x[lo : lo + 128], y[lo : lo + 128]
+            adv = theirs_cls(steps=50).run(fmodel, xb, fb.criteria.Misclassification(yb))
+            with torch.no_grad():
+                wrong = model(adv).argmax(1) != yb
+            theirs.append(torch.where(wrong, lp_norm(adv - xb, norm), float("inf")))
+        ours_median = float(np.median(ours.norms))
+        theirs_median = float(torch.cat(theirs).median())
+        assert abs(ours_median - theirs_median) <= 0.05 * theirs_median, (
+            norm,
+            ours_median,
+            theirs_median,
+        )
+
+
+def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
+    from helpers import FAST, invoke_cli
+
+    tiny = [*FAST, "--epochs", "1", "--set", "max_steps_per_epoch=2", "--batch-size", "16"]
+    trained = invoke_cli("train", *tiny, "--out", "runs/regular", cwd=tmp_path)
+    assert trained.exit_code == 0, trained.output
+    args = ["eval", "--checkpoint", "runs/regular/best.pt", "--limit", "12"]
+    args += ["--save-examples", "runs/regular/outcomes"]
+    for attack in (
+        ["--attack", "fmn", "--norm", "l2", "--steps", "3", "--eps", "1.5"],
+        ["--attack", "ddn", "--steps", "3", "--eps", "1.5"],
+        ["--attack", "pgd-untargeted", "--steps", "2", "--norm", "l2", "--eps", "1.5"],
+        ["--attack", "hopskipjump", "--eps", "1.5", "--queries", "60"],
+    ):
+        out = invoke_cli(*args, *attack, cwd=tmp_path)
+        assert out.exit_code == 0, out.output
+    rows = pd.read_csv(tmp_path / "runs/regular/eval.csv", keep_default_na=False)
+    fmn = rows[rows["attack"] == "fmn"].iloc[0]
+    assert fmn["norm"] == "l2" and fmn["eps"] == 1.5 and fmn["attack_settings"].startswith("FMN(")
+    hsj = rows[rows["attack"] == "hopskipjump"].iloc[0]
+    assert "queries_per_image=60" in hsj["attack_settings"] and 0 < hsj["passes"] <= 60 * 12
+    report = invoke_cli("report", "--runs", "runs", cwd=tmp_path)
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "runs/plots/robustness_curve_l2.png").is_file()
+    checks = pd.read_csv(tmp_path / "runs/checks.csv", keep_default_na=False)
+    masking = checks[checks["check"] == "gradient_masking"]
+    assert len(masking) == 1 and masking.iloc[0]["status"] in ("pass", "warn", "fail")
+    bad = invoke_cli(*args, "--attack", "ddn", "--norm", "linf", cwd=tmp_path)
+    assert bad.exit_code == 2 and "runs in norm l2" in bad.output
