@@ -151,3 +151,25 @@ def write_run(runs: Path, name: str, arch: str, mode: str, rows: list[dict[str, 
     (run / CONFIG).write_text(json.dumps({"arch": arch, "mode": mode}))
     pd.DataFrame(rows).to_csv(run / EVAL_CSV, index=False)
     return run
+
+
+def digits_linear_model(
+    seed: int = 0, steps: int = 300
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear classifier of scikit-learn's 8x8 digits (inputs on [0, 1], shape (B, 1, 8, 8)),
+    trained full-batch on the first 1500 images in about a second; returns the model in eval
+    mode and 100 held-out images and labels. Linear, so every gradient attack has an easy,
+    known job: at eps 0.3 (L-inf) or 2 (L2) almost every image can be misclassified."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[:1500]), y[:1500]).backward()
+        optimizer.step()
+    return model.eval(), x[1500:1600], y[1500:1600]
