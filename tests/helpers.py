@@ -93,6 +93,13 @@ def small_model(seed: int = 0) -> nn.Module:
     )
 
 
+def random_batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random 3x8x8 images on [0, 1] and labels of 10 classes, from a seeded generator.
+    Shape: -> (n, 3, 8, 8), (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
 def image_folder(root: Path, corrupt: bool) -> Path:
     """A two-class ImageFolder tree (train: 5 per class, val: 2) of random PNGs; with
     ``corrupt`` one unreadable file in train/dog."""

@@ -24,21 +24,12 @@ from robustlr.report.writers import rich_table_data, to_markdown
 from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
 from robustlr.train.hooks import StepContext
 
-
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-
-
 # --- the registry: every attack name ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_every_attack_runs_from_its_small_spec(name, batch):
     info = ATTACKS[name]
-    if info.runner == "torchattacks":
-        pytest.importorskip("torchattacks")
     assert info.runner in RUNNERS
     spec = AttackSpec.example(name)
     x, y = batch
@@ -60,8 +51,6 @@ def test_every_attack_runs_from_its_small_spec(name, batch):
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_every_attack_has_an_honest_row_and_is_checked_or_named(name, batch):
-    if ATTACKS[name].runner == "torchattacks":
-        pytest.importorskip("torchattacks")
     info = ATTACKS[name]
     x, y = batch
     (result,) = evaluate(small_model(), x[:4], y[:4], [AttackSpec.example(name)])
@@ -156,7 +145,6 @@ def test_unbounded_attack_examples_outside_the_ball_count_as_failures(batch):
 
 
 def test_torchattacks_leaves_the_global_rng_alone(batch):
-    pytest.importorskip("torchattacks")
     x, y = batch
     model = small_model()  # (seeds the global RNG itself)
     torch.manual_seed(123)
