@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from helpers import FAST, invoke_cli
+from helpers import FAST, assert_same, invoke_cli
 
 from robustlr.checkpoint import (
     Checkpoint,
@@ -20,28 +19,6 @@ from robustlr.checkpoint import (
     write_checkpoint,
 )
 from robustlr.runs import BEST, CHECKPOINT
-
-
-def assert_same(a: Any, b: Any, where: str = "checkpoint") -> None:
-    """Deep equality: dataclasses field by field, containers item by item, tensors by dtype,
-    shape and value (bitwise)."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if dataclasses.is_dataclass(a):
-        for f in dataclasses.fields(a):
-            assert_same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: values differ"
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def _full_checkpoint() -> Checkpoint:
