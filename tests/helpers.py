@@ -3,11 +3,13 @@ location, CLI subprocesses, fast training arguments, small models and fixtures o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,6 +82,28 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k] - b[k]).abs().max()})"
 
 
+def assert_same(a: Any, b: Any, where: str = "value") -> None:
+    """Deep equality: dataclasses field by field, containers item by item, tensors by dtype,
+    shape and value (bitwise)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            assert_same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: values differ"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
 def small_model(seed: int = 0) -> nn.Module:
     """A tiny conv net for 8x8 inputs (BatchNorm and Dropout, to check eval-mode handling)."""
     torch.manual_seed(seed)
@@ -91,6 +115,13 @@ def small_model(seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8 * 8 * 8, 10),
     )
+
+
+def random_batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random 3x8x8 images on [0, 1] and labels of 10 classes, from a seeded generator.
+    Shape: -> (n, 3, 8, 8), (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
 def image_folder(root: Path, corrupt: bool) -> Path:
@@ -229,3 +260,23 @@ def results_with_outcomes(
         rows.append(out)
     frame = pd.DataFrame(rows)
     return normalise_results(frame, source="test", run_key=str(directory), directory=directory)
+
+
+def digits_linear_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear classifier of scikit-learn's 8x8 digits (inputs on [0, 1], shape (B, 1, 8, 8)),
+    trained full-batch (100 Adam steps, half a second) on the first 1500 images; returns the
+    model in eval mode and 100 held-out images and labels. Linear, so every gradient attack
+    has an easy, known job: at eps 0.3 (L-inf) or 2 (L2) almost every image can be broken."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[:1500]), y[:1500]).backward()
+        optimizer.step()
+    return model.eval(), x[1500:1600], y[1500:1600]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import small_model
+from helpers import random_batch, small_model
 
 from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
 from robustlr.train.hooks import StepContext
@@ -24,8 +24,7 @@ def ctx(seed: int) -> StepContext:
 
 @pytest.fixture
 def batch():
-    gen = torch.Generator().manual_seed(3)
-    return torch.rand(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    return random_batch(8, seed=3)
 
 
 def test_mixed_batch_is_clean_then_adversarial_and_inside_the_ball(batch):

@@ -11,7 +11,7 @@ import torch
 from helpers import row, small_model, write_run
 
 from robustlr.attacks import AttackSpec, run_attack
-from robustlr.attacks.adapters import TORCHATTACKS_NAMES, attack_settings
+from robustlr.attacks.adapters import TORCHATTACKS_NAMES, attack_settings, build_torchattack
 from robustlr.attacks.registry import ATTACK_NAMES, ATTACKS, names_where
 from robustlr.attacks.run import RUNNERS, bounded_outcome
 from robustlr.attacks.threat import L2Ball, LinfBall
@@ -24,21 +24,12 @@ from robustlr.report.writers import rich_table_data, to_markdown
 from robustlr.train.adversarial import AdversarialHook, AdversarialTraining
 from robustlr.train.hooks import StepContext
 
-
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-
-
 # --- the registry: every attack name ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_every_attack_runs_from_its_small_spec(name, batch):
     info = ATTACKS[name]
-    if info.runner == "torchattacks":
-        pytest.importorskip("torchattacks")
     assert info.runner in RUNNERS
     spec = AttackSpec.example(name)
     x, y = batch
@@ -60,8 +51,6 @@ def test_every_attack_runs_from_its_small_spec(name, batch):
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_every_attack_has_an_honest_row_and_is_checked_or_named(name, batch):
-    if ATTACKS[name].runner == "torchattacks":
-        pytest.importorskip("torchattacks")
     info = ATTACKS[name]
     x, y = batch
     (result,) = evaluate(small_model(), x[:4], y[:4], [AttackSpec.example(name)])
@@ -138,13 +127,35 @@ def test_adversarial_hook_draws_every_tensor_on_the_generator_device(monkeypatch
 # --- the torchattacks adapters ------------------------------------------------------------
 
 
+def _members(name: str, num_classes: int = 10) -> list:
+    """The torchattacks objects an ensemble runs, in order (what the adapter builds)."""
+    return build_torchattack(small_model(), AttackSpec(name, eps=8 / 255), num_classes).attacks
+
+
 def test_autoattack_is_named_honestly_and_standard_has_the_original_settings():
-    standard = attack_settings(AttackSpec("autoattack", eps=8 / 255), 10)
-    assert standard.count("steps=100") == 3 and standard.count("n_target_classes=9") == 2
-    assert "n_queries=5000" in standard and "resc_schedule=False" in standard
-    fast = attack_settings(AttackSpec("autoattack-fast", eps=8 / 255), 10)
-    assert fast.count("steps=10,") == 3 and "resc_schedule=True" in fast
-    assert "n_target_classes=4" in attack_settings(AttackSpec("autoattack"), 5)
+    # the original AutoAttack (Croce & Hein 2020): APGD-CE, APGD-T, FAB-T, Square; 100
+    # iterations, 9 target classes, 5000 queries with p_init 0.8 and no schedule rescaling
+    standard = _members("autoattack")
+    assert [type(a).__name__ for a in standard] == ["APGD", "APGDT", "FAB", "Square"]
+    apgd, apgdt, fab, square = standard
+    assert apgd.loss == "ce" and fab.multi_targeted
+    assert apgd.steps == apgdt.steps == fab.steps == 100
+    assert apgdt.n_target_classes == fab.n_target_classes == 9
+    assert (square.n_queries, square.p_init, square.rescale_schedule) == (5000, 0.8, False)
+    assert all(a.n_restarts == 1 and a.eps == 8 / 255 for a in standard)
+    # fewer classes: every wrong class is a target
+    assert [a.n_target_classes for a in _members("autoattack", 5)[1:3]] == [4, 4]
+    # torchattacks' reduced ensemble: 10-step members, Square's rescaled schedule
+    fast = _members("autoattack-fast")
+    assert [a.steps for a in fast[:3]] == [10, 10, 10] and fast[3].rescale_schedule
+    # the recorded settings name every member, in order
+    recorded = attack_settings(AttackSpec("autoattack", eps=8 / 255), 10)
+    assert [part.split("(")[0] for part in recorded.split(" + ")] == [
+        "APGD",
+        "APGDT",
+        "FAB",
+        "Square",
+    ]
 
 
 def test_unbounded_attack_examples_outside_the_ball_count_as_failures(batch):
@@ -156,7 +167,6 @@ def test_unbounded_attack_examples_outside_the_ball_count_as_failures(batch):
 
 
 def test_torchattacks_leaves_the_global_rng_alone(batch):
-    pytest.importorskip("torchattacks")
     x, y = batch
     model = small_model()  # (seeds the global RNG itself)
     torch.manual_seed(123)

@@ -18,12 +18,6 @@ from robustlr.attacks import (
 )
 
 
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-
-
 def _assert_inside(x_adv, x, spec):
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     if spec.norm == "linf":
@@ -59,7 +53,6 @@ TORCHATTACKS = [
 
 @pytest.mark.parametrize("spec", TORCHATTACKS, ids=lambda s: s.name)
 def test_torchattacks_adapters_stay_inside_and_report_honestly(spec, batch):
-    pytest.importorskip("torchattacks")
     x, y = batch
     model = small_model()
     outcome = run_attack(model, x, y, spec)

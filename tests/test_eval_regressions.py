@@ -19,13 +19,6 @@ from robustlr.eval.session import EvalTarget, evaluate_checkpoint
 from robustlr.report.pairs import paired_test
 from robustlr.report.results import read_result_csv
 
-
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-
-
 # --- defect 1: outcome files belong to their rows ------------------------------------------
 
 
