@@ -12,14 +12,14 @@ __global__ void lr_read_past_end(const float* __restrict__ in, float* __restrict
 // Reverses `in` within each block through shared memory; without the barrier a thread reads a
 // slot another thread has not written yet (a data race).
 __global__ void lr_missing_sync(const float* __restrict__ in, float* __restrict__ out) {
-    __shared__ float tile[64];
+    LR_SHARED(float, tile, 64);
     const int t = threadIdx.x;
     tile[t] = in[blockIdx.x * blockDim.x + t];
     out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
 }
 
 __global__ void lr_with_sync(const float* __restrict__ in, float* __restrict__ out) {
-    __shared__ float tile[64];
+    LR_SHARED(float, tile, 64);
     const int t = threadIdx.x;
     tile[t] = in[blockIdx.x * blockDim.x + t];
     __syncthreads();
