@@ -161,15 +161,19 @@ def test_16bit_wide_windows_match_naive(lib, case, dtype):
     check_case(lib, case, dtype=dtype, tol=1e-2, seed=31)
 
 
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_largest_supported_window_matches_naive(lib, stride):
-    """The largest K whose kernels fit 48 KB of static shared memory at this stride, and the next
-    K is refused (the automatic backend falls back with that reason)."""
-    largest = max(K for K in range(1, 80, 2) if cupy_backend.kernels_fit(K, stride)[0])
-    assert largest == {1: 39, 2: 45, 3: 37}[stride]  # built into host_launchers.cpp
-    check_case(lib, (1, 3, 6, 7, 2, largest, stride, "sqdiff"), seed=37)
-    ok, reason = cupy_backend.kernels_fit(largest + 2, stride)
+@pytest.mark.parametrize("kernel_size", [3, 13])
+def test_largest_supported_stride_matches_naive(lib, kernel_size):
+    """K = 13 (cupy_backend.MAX_KERNEL_SIZE) and the largest stride whose kernels fit 48 KB of
+    static shared memory; the next stride and K = 15 are refused (the automatic backend falls
+    back with that reason)."""
+    assert cupy_backend.MAX_KERNEL_SIZE == 13
+    largest = max(s for s in range(1, 40) if cupy_backend.kernels_fit(kernel_size, s)[0])
+    assert largest == {3: 6, 13: 5}[kernel_size]  # built into host_launchers.cpp
+    check_case(lib, (1, 3, 9, 8, 2, kernel_size, largest, "sqdiff"), seed=37)
+    ok, reason = cupy_backend.kernels_fit(kernel_size, largest + 1)
     assert not ok and "shared memory" in reason and "reference" in reason
+    ok, reason = cupy_backend.kernels_fit(15, 1)
+    assert not ok and "kernel_size <= 13" in reason
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,10 @@ MAX_BLOCKS = (1 << 31) - 1
 THREADS_PER_SM = 2048
 #: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
 MAX_STATIC_SHARED = 48 * 1024
+#: Largest window of the kernels: their window loops are unrolled with K * K-float arrays per
+#: thread; at K = 13 NVRTC takes about a minute and ptxas spills, at K = 39 it had not finished
+#: after 15 minutes (docs/gpu-kernels.md).
+MAX_KERNEL_SIZE = 13
 
 
 def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
@@ -91,8 +95,14 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
 
 
 def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
-    """Whether every kernel of (K, stride) fits the static shared-memory limit; the reason
-    when not (the automatic backend then falls back to the next one)."""
+    """Whether the kernels run (K, stride): K <= MAX_KERNEL_SIZE and every kernel within the
+    static shared-memory limit; the reason when not (the automatic backend then falls back to
+    the next one)."""
+    if kernel_size > MAX_KERNEL_SIZE:
+        return False, (
+            f"the 'cupy' kernels support kernel_size <= {MAX_KERNEL_SIZE}, got {kernel_size}; "
+            "use the 'cpu' or 'reference' backend"
+        )
     need = max(static_shared_bytes(k, kernel_size, stride) for k in KERNEL_NAMES)
     if need > MAX_STATIC_SHARED:
         return False, (
