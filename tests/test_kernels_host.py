@@ -16,6 +16,7 @@ from lr_naive import make_case, naive_local_relation, output_and_grads
 
 from robustlr.ops import cpu_backend, cupy_backend
 from robustlr.ops.contract import check_inputs
+from robustlr.ops.nvrtc import PtxasUsage
 from robustlr.ops.reference import local_relation_reference
 
 NAMES = ("y", "x", "q", "k", "geo")
@@ -347,6 +348,38 @@ def test_host_launcher_rejects_bad_geometry(lib, change):
     launcher = HostLauncher(lib, "float", 3, 1, override={"lr_forward": change})
     with pytest.raises((LaunchError, KeyError)):
         launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+@pytest.mark.parametrize(
+    ("usage", "message"),
+    [(PtxasUsage(registers=513, stack_frame=0, spill_stores=0, spill_loads=0, shared=756),
+      "513 registers x 128 threads"),
+     (PtxasUsage(registers=64, stack_frame=0, spill_stores=0, spill_loads=0, shared=49 * 1024),
+      "50176 bytes of static")],
+)  # fmt: skip
+def test_host_launcher_checks_the_ptxas_report(lib, usage, message):
+    shape, args = _forward_args()
+    fine = PtxasUsage(registers=512, stack_frame=0, spill_stores=0, spill_loads=0, shared=756)
+    HostLauncher(lib, "float", 3, 1, usage={"lr_forward": fine}).launch(
+        cupy_backend.plan_forward(shape), tuple(args)
+    )  # 512 x 128 = 65,536 registers: the limit itself is allowed
+    launcher = HostLauncher(lib, "float", 3, 1, usage={"lr_forward": usage})
+    with pytest.raises(LaunchError, match=message):
+        launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+def test_host_launcher_counts_static_and_dynamic_shared_memory(lib):
+    shape, args = _forward_args()
+    static = cupy_backend.static_shared_bytes("lr_forward", 3, 1)
+    room = {"lr_forward": {"shared_bytes": 48 * 1024 - static}}
+    HostLauncher(lib, "float", 3, 1, override=room).launch(
+        cupy_backend.plan_forward(shape), tuple(args)
+    )
+    over = {"lr_forward": {"shared_bytes": 48 * 1024 - static + 4}}
+    with pytest.raises(LaunchError, match="static"):
+        HostLauncher(lib, "float", 3, 1, override=over).launch(
+            cupy_backend.plan_forward(shape), tuple(args)
+        )
 
 
 def test_query_grid_must_match_its_chunk_count(lib):
