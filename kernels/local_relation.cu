@@ -38,8 +38,8 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
     constexpr int KK = K * K;
     constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;  // input rows under one output tile
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    __shared__ float s_in[IH * IW];
-    __shared__ float s_geo[KK];
+    LR_SHARED(float, s_in, IH * IW);
+    LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
@@ -57,7 +57,7 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
         const long long qidx = ((b * G + g) * Ho + i) * Wo + j;
 
         __syncthreads();  // the previous tile is done with s_in and s_geo
-        if (tid < KK) s_geo[tid] = geo[g * KK + tid];
+        lr_load_geo<KK>(s_geo, geo + g * KK, tid);
         lr_load_tile<IH, IW>(s_in, k + (b * G + g) * H * W, r0, c0, H, W, tid);
         __syncthreads();
 
@@ -79,7 +79,8 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
         float sum = 0.0f;
 #pragma unroll
         for (int o = 0; o < KK; ++o) {
-            w[o] = w[o] > -1.0e38f ? expf(w[o] - peak) : 0.0f;
+            // NaN logits (a NaN q, k or geo) give a NaN weight, so NaN in gives NaN out
+            w[o] = !(w[o] <= -1.0e38f) ? expf(w[o] - peak) : 0.0f;
             sum += w[o];
         }
         if (active) lse[qidx] = peak + logf(sum);
@@ -116,11 +117,11 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
     constexpr int KK = K * K;
     constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    __shared__ float s_k[IH * IW];
-    __shared__ float s_x[IH * IW];
-    __shared__ float s_geo[KK];
-    __shared__ float s_red[LR_THREADS / 16 * LR_THREADS];
-    __shared__ float s_part[LR_THREADS];
+    LR_SHARED(float, s_k, IH * IW);
+    LR_SHARED(float, s_x, IH * IW);
+    LR_SHARED(float, s_geo, KK);
+    LR_SHARED(float, s_red, LR_THREADS / 16 * LR_THREADS);
+    LR_SHARED(float, s_part, LR_THREADS);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long g = blockIdx.x / nchunks;
     const long long chunk = blockIdx.x % nchunks;
@@ -128,7 +129,7 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
     const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
     const long long ntiles = B * tiles_h * tiles_w;  // of this group
     const int base = ty * STRIDE * IW + tx * STRIDE;
-    if (tid < KK) s_geo[tid] = geo[g * KK + tid];
+    lr_load_geo<KK>(s_geo, geo + g * KK, tid);
 
     float gacc[KK];
 #pragma unroll
@@ -239,11 +240,11 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
     // ceil((LR_TILE_H - 1) / STRIDE) past the first row's, and each row reads NC of them
     constexpr int OH = (LR_TILE_H + STRIDE - 2) / STRIDE + NC;
     constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
-    __shared__ float s_q[OH * OW];
-    __shared__ float s_lse[OH * OW];
-    __shared__ float s_d[OH * OW];
-    __shared__ float s_gy[OH * OW];
-    __shared__ float s_geo[KK];
+    LR_SHARED(float, s_q, OH * OW);
+    LR_SHARED(float, s_lse, OH * OW);
+    LR_SHARED(float, s_d, OH * OW);
+    LR_SHARED(float, s_gy, OH * OW);
+    LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + LR_TILE_H - 1) / LR_TILE_H;
@@ -263,7 +264,7 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
         const long long plane = (b * G + g) * Ho * Wo;
 
         __syncthreads();
-        if (tid < KK) s_geo[tid] = geo[g * KK + tid];
+        lr_load_geo<KK>(s_geo, geo + g * KK, tid);
         lr_load_tile<OH, OW>(s_q, q + plane, oi0, oj0, Ho, Wo, tid);
         lr_load_tile<OH, OW>(s_lse, lse + plane, oi0, oj0, Ho, Wo, tid);
         lr_load_tile<OH, OW>(s_d, dsum + plane, oi0, oj0, Ho, Wo, tid);

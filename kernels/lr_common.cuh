@@ -135,6 +135,14 @@ __device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
     return q;
 }
 
+// ---- shared memory ----------------------------------------------------------------------------
+
+// A static shared array. The CUDA execution emulator of the tests (tests/host_shim) defines its
+// own, which poisons the array at the start of every block and keeps concurrent blocks apart.
+#ifndef LR_SHARED
+#define LR_SHARED(T, name, count) __shared__ T name[count]
+#endif
+
 // ---- tiles --------------------------------------------------------------------------------
 
 // Output tile of one block: LR_TILE_W x LR_TILE_H threads, one output (forward, backward query)
@@ -161,4 +169,12 @@ __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* _
         const long long c = c0 + e % COLS;
         dst[e] = (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
     }
+}
+
+// Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works
+// with any block size (K * K may exceed LR_THREADS: 169 at K = 13).
+template <int KK>
+__device__ __forceinline__ void lr_load_geo(float* __restrict__ dst, const float* __restrict__ src,
+                                            int tid) {
+    for (int e = tid; e < KK; e += LR_THREADS) dst[e] = src[e];
 }

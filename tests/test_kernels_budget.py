@@ -17,7 +17,7 @@ from multiprocessing import get_context
 import pytest
 from host_shim.host_launcher import _cache_dir
 
-from robustlr.ops import nvrtc
+from robustlr.ops import cupy_backend, nvrtc
 
 try:
     from cupy.cuda import nvrtc as cupy_nvrtc
@@ -78,3 +78,17 @@ def test_registers_leave_room_for_two_blocks_per_sm(table):
     for r in table:
         blocks, _ = nvrtc.occupancy(r.usage, r.arch)
         assert blocks >= 2, r
+
+
+def test_static_shared_memory_formula_is_what_ptxas_reports(table):
+    """cupy_backend.static_shared_bytes (used by kernels_fit and the host launcher) mirrors the
+    kernels' LR_SHARED arrays byte for byte."""
+    for r in table:
+        want = cupy_backend.static_shared_bytes(r.kernel, r.kernel_size, r.stride)
+        assert r.usage.shared == want, r
+
+
+def test_registers_per_block_within_the_register_file(table):
+    threads = cupy_backend.TILE[0] * cupy_backend.TILE[1]
+    for r in table:
+        assert r.usage.registers * threads <= 65536, r

@@ -6,8 +6,12 @@
   clean under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer, with the
   same results as the plain build;
 - negative controls: a kernel reading one element past its input makes ASan fire, a kernel
-  missing a __syncthreads makes TSan fire (and its fixed twin is clean).
-The sanitizer builds are cached by source hash, and run on small shapes only.
+  missing a __syncthreads makes TSan fire (and its fixed twin is clean), a kernel reading a
+  shared slot it never loaded reads the poison (NaN) in every block, two blocks writing one
+  element make TSan fire (blocks of a launch run concurrently; the twin writing its own element
+  is clean).
+The sanitizer builds are cached by source hash; the default tier replays small shapes, the slow
+tier K = 7 (fp32 and bf16) on images of >= 3 x 3 tiles with B = 2.
 """
 
 from __future__ import annotations
@@ -66,18 +70,25 @@ def plain():
     return ctypes.CDLL(str(build_library("plain")))
 
 
-# small shapes: ragged last group, image smaller than the window, stride 2, fp16 storage
+# (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage; the
+# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 8 outputs each) with B = 2
 SANITIZED_CASES = [
-    (1, 5, 6, 5, 2, 3, 1, "sqdiff"),
-    (1, 3, 4, 3, 3, 5, 2, "absdiff"),
-    (1, 4, 5, 4, 2, 3, 2, "mul"),
+    ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
+    ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
+    ((1, 4, 5, 4, 2, 3, 2, "mul"), torch.float16),
+    pytest.param((2, 4, 17, 33, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
+    pytest.param((2, 3, 34, 66, 3, 7, 2, "mul"), torch.bfloat16, marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
-@pytest.mark.parametrize("case", SANITIZED_CASES, ids=lambda c: "K{}s{}-{}".format(*c[5:]))
-def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case):
-    dtype = torch.float16 if case[5:7] == (3, 2) else torch.float32
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    SANITIZED_CASES,
+    ids=lambda v: str(v).split(".")[-1] if isinstance(v, torch.dtype) else "B{}H{}K{}s{}".format(
+        v[0], v[2], *v[5:7]),
+)  # fmt: skip
+def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case, dtype):
     script, after = record_backend(plain, case, dtype)
     assert [name.split("<")[0] for name, _, _ in script] == [
         "lr_forward",
@@ -154,3 +165,32 @@ def test_warp_intrinsics_atomics_and_dynamic_shared_memory(tmp_path):
         assert row[4] == float((lanes > 100).any())
         assert row[5] == 1.0
         assert row[6] == src[(32 * w + 33) % block]  # written by another warp before the barrier
+
+
+def test_poisoned_shared_memory_catches_an_unloaded_slot(tmp_path):
+    """Every block starts with NaN in shared memory: the slot the kernel never loads reads NaN
+    in every block (4 blocks on 2 concurrent slots: the re-poisoning between blocks counts)."""
+    block, grid = 64, 4
+    src = torch.arange(block * grid, dtype=torch.float32)
+    launch = ("lr_unloaded_slot", config(grid, block),
+              [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(block * grid))])  # fmt: skip
+    proc = run_sanitized("asan", write_script(tmp_path, [launch]))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = read_out(tmp_path, 0, 1, src).view(grid, block)
+    assert got[:, 0].isnan().all()  # thread 0 reads the unloaded last slot
+    want = src.view(grid, block).flip(1)
+    assert torch.equal(got[:, 1:], want[:, 1:])
+
+
+def test_tsan_fires_on_a_race_between_blocks(tmp_path):
+    racy = ("lr_block_race", config(4, 32), [ScriptArg("ptr", torch.zeros(4))])
+    proc = run_sanitized("tsan", write_script(tmp_path, [racy]))
+    assert proc.returncode != 0
+    assert "ThreadSanitizer: data race" in proc.stderr
+
+
+def test_tsan_is_clean_when_blocks_write_their_own_elements(tmp_path):
+    fixed = ("lr_block_own", config(4, 32), [ScriptArg("ptr", torch.zeros(4))])
+    proc = run_sanitized("tsan", write_script(tmp_path, [fixed]))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert torch.equal(read_out(tmp_path, 0, 0, torch.zeros(4)), torch.ones(4))

@@ -12,10 +12,12 @@ import ctypes
 import pytest
 import torch
 from host_shim.host_launcher import HostLauncher, LaunchError, build_library, host_factory
-from lr_naive import make_case, naive_local_relation
+from lr_naive import make_case, naive_local_relation, output_and_grads
 
-from robustlr.ops import cupy_backend
+from robustlr.ops import cpu_backend, cupy_backend
 from robustlr.ops.contract import check_inputs
+from robustlr.ops.nvrtc import PtxasUsage
+from robustlr.ops.reference import local_relation_reference
 
 NAMES = ("y", "x", "q", "k", "geo")
 
@@ -121,6 +123,104 @@ def test_fp32_composabilities_ragged_groups(lib, comp):
 )  # fmt: skip
 def test_16bit_storage_matches_naive(lib, case, dtype):
     check_case(lib, case, dtype=dtype, tol=1e-2, seed=11)
+
+
+# ---- every window the op accepts (issue 19, item 1) ----------------------------------------
+# K * K > LR_THREADS from K = 13 on: every shared array is loaded with a strided loop. Images of
+# at least 7 x 7 put the window's last offsets (beyond the 128th at K = 13) inside the image.
+SLOW = pytest.mark.slow
+WIDE_CASES = [
+    pytest.param((2, 5, 9, 8, 2, 9, 1, "sqdiff"), marks=SLOW),  # m = 3, ragged
+    pytest.param((1, 4, 12, 11, 4, 9, 2, "absdiff"), marks=SLOW),  # m = 1
+    (1, 6, 14, 13, 2, 9, 3, "mul"),
+    pytest.param((1, 7, 8, 9, 3, 11, 1, "absdiff"), marks=SLOW),  # m = 3, last group holds 1
+    pytest.param((2, 4, 13, 12, 2, 11, 2, "sqdiff"), marks=SLOW),
+    (1, 3, 15, 14, 3, 11, 3, "sqdiff"),  # m = 1
+    pytest.param((2, 5, 8, 8, 2, 13, 1, "mul"), marks=SLOW),  # image smaller than the window
+    (1, 7, 7, 9, 4, 13, 1, "sqdiff"),  # m = 2, last group holds 1
+    pytest.param((1, 7, 14, 15, 3, 13, 2, "absdiff"), marks=SLOW),
+    (1, 4, 16, 14, 2, 13, 3, "sqdiff"),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
+def test_fp32_wide_windows_match_naive(lib, case):
+    check_case(lib, case, seed=29)
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [((1, 6, 10, 9, 2, 9, 2, "sqdiff"), torch.float16),
+     pytest.param((1, 5, 9, 8, 2, 11, 1, "mul"), torch.float16, marks=SLOW),
+     ((1, 4, 15, 16, 2, 13, 3, "absdiff"), torch.float16),
+     ((1, 6, 13, 12, 3, 9, 3, "absdiff"), torch.bfloat16),
+     pytest.param((1, 5, 11, 12, 2, 11, 2, "sqdiff"), torch.bfloat16, marks=SLOW),
+     pytest.param((2, 3, 8, 9, 3, 13, 1, "mul"), torch.bfloat16, marks=SLOW)],
+    ids=lambda v: str(v).split(".")[-1] if isinstance(v, torch.dtype) else "K{}s{}".format(*v[5:7]),
+)  # fmt: skip
+def test_16bit_wide_windows_match_naive(lib, case, dtype):
+    check_case(lib, case, dtype=dtype, tol=1e-2, seed=31)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 13])
+def test_largest_supported_stride_matches_naive(lib, kernel_size):
+    """K = 13 (cupy_backend.MAX_KERNEL_SIZE) and the largest stride whose kernels fit 48 KB of
+    static shared memory; the next stride and K = 15 are refused (the automatic backend falls
+    back with that reason)."""
+    assert cupy_backend.MAX_KERNEL_SIZE == 13
+    largest = max(s for s in range(1, 40) if cupy_backend.kernels_fit(kernel_size, s)[0])
+    assert largest == {3: 6, 13: 5}[kernel_size]  # built into host_launchers.cpp
+    check_case(lib, (1, 3, 9, 8, 2, kernel_size, largest, "sqdiff"), seed=37)
+    ok, reason = cupy_backend.kernels_fit(kernel_size, largest + 1)
+    assert not ok and "shared memory" in reason and "reference" in reason
+    ok, reason = cupy_backend.kernels_fit(15, 1)
+    assert not ok and "kernel_size <= 13" in reason
+
+
+@pytest.mark.parametrize(
+    "case",
+    [(2, 5, 17, 33, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 34, 66, 2, 5, 2, "mul"), marks=SLOW)],
+    ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c),
+)
+def test_images_of_three_by_three_tiles_match_naive(lib, case):
+    """Outputs (and backward-input positions) span >= 3 x 3 tiles of 16 x 8, B = 2."""
+    H, W, s = case[2], case[3], case[6]
+    assert case[0] >= 2
+    assert -(-((H - 1) // s + 1) // 8) >= 3 and -(-((W - 1) // s + 1) // 16) >= 3
+    check_case(lib, case, seed=41)
+
+
+# ---- NaN in, NaN out, the same on every backend ----------------------------------------------
+# Contract: the output is NaN exactly where it depends on a NaN (a NaN q, in-image k or geo logit
+# makes the whole softmax of that (b, g, i, j) NaN; a NaN x makes its channel's outputs NaN):
+# the same mask on the reference, cpu and cupy backends as on the float64 loop. Gradients: every
+# entry the float64 loop makes NaN is NaN on every backend (a NaN is never dropped); a backend may
+# add NaN where it multiplies a NaN by a zero weight (an out-of-image neighbour).
+
+
+@pytest.mark.parametrize("comp", ["sqdiff", "mul"])
+@pytest.mark.parametrize("which", ["x", "q", "k", "geo", "gy"])
+def test_nan_in_gives_nan_out_on_every_backend(lib, which, comp):
+    ok, reason = cpu_backend.cpu_backend_available()
+    if not ok:
+        pytest.skip(reason)
+    K, s = 3, 1
+    x, q, k, geo, gy = make_case(1, 4, 6, 7, 2, K, s, seed=43)
+    poisoned = {"x": x, "q": q, "k": k, "geo": geo, "gy": gy}[which]
+    poisoned.view(-1)[poisoned.numel() // 2 + 1] = float("nan")
+    shape = check_inputs(x, q, k, geo, K, s, comp)
+    want = [t.isnan() for t in naive_results(x, q, k, geo, gy, K, s, comp)]
+    assert want[0].any() or which == "gy"
+    runs = {
+        "reference": lambda *a: local_relation_reference(*a, shape, comp),
+        "cpu": lambda *a: cpu_backend.local_relation_cpu(*a, shape, comp),
+        "cupy": lambda *a: cupy_backend.local_relation_cupy(*a, shape, comp, host_factory(lib)),
+    }
+    for backend, fn in runs.items():
+        y, grads = output_and_grads(fn, (x, q, k, geo), gy)
+        assert torch.equal(y.isnan(), want[0]), f"{backend}: forward NaN mask"
+        for name, g, w in zip(NAMES[1:], grads, want[1:], strict=True):
+            assert g.isnan()[w].all(), f"{backend}: grad {name} drops a NaN"
 
 
 def test_grid_size_does_not_change_results(lib):
@@ -248,6 +348,38 @@ def test_host_launcher_rejects_bad_geometry(lib, change):
     launcher = HostLauncher(lib, "float", 3, 1, override={"lr_forward": change})
     with pytest.raises((LaunchError, KeyError)):
         launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+@pytest.mark.parametrize(
+    ("usage", "message"),
+    [(PtxasUsage(registers=513, stack_frame=0, spill_stores=0, spill_loads=0, shared=756),
+      "513 registers x 128 threads"),
+     (PtxasUsage(registers=64, stack_frame=0, spill_stores=0, spill_loads=0, shared=49 * 1024),
+      "50176 bytes of static")],
+)  # fmt: skip
+def test_host_launcher_checks_the_ptxas_report(lib, usage, message):
+    shape, args = _forward_args()
+    fine = PtxasUsage(registers=512, stack_frame=0, spill_stores=0, spill_loads=0, shared=756)
+    HostLauncher(lib, "float", 3, 1, usage={"lr_forward": fine}).launch(
+        cupy_backend.plan_forward(shape), tuple(args)
+    )  # 512 x 128 = 65,536 registers: the limit itself is allowed
+    launcher = HostLauncher(lib, "float", 3, 1, usage={"lr_forward": usage})
+    with pytest.raises(LaunchError, match=message):
+        launcher.launch(cupy_backend.plan_forward(shape), tuple(args))
+
+
+def test_host_launcher_counts_static_and_dynamic_shared_memory(lib):
+    shape, args = _forward_args()
+    static = cupy_backend.static_shared_bytes("lr_forward", 3, 1)
+    room = {"lr_forward": {"shared_bytes": 48 * 1024 - static}}
+    HostLauncher(lib, "float", 3, 1, override=room).launch(
+        cupy_backend.plan_forward(shape), tuple(args)
+    )
+    over = {"lr_forward": {"shared_bytes": 48 * 1024 - static + 4}}
+    with pytest.raises(LaunchError, match="static"):
+        HostLauncher(lib, "float", 3, 1, override=over).launch(
+            cupy_backend.plan_forward(shape), tuple(args)
+        )
 
 
 def test_query_grid_must_match_its_chunk_count(lib):

@@ -67,6 +67,50 @@ TILE = (16, 8)
 MAX_BLOCKS = (1 << 31) - 1
 #: Resident threads per SM that the backward-query grid aims for (2048 on sm_80 and sm_90).
 THREADS_PER_SM = 2048
+#: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
+MAX_STATIC_SHARED = 48 * 1024
+#: Largest window of the kernels: their window loops are unrolled with K * K-float arrays per
+#: thread; at K = 13 NVRTC takes about a minute and ptxas spills, at K = 39 it had not finished
+#: after 15 minutes (docs/gpu-kernels.md).
+MAX_KERNEL_SIZE = 13
+
+
+def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
+    """Bytes of the ``__shared__`` arrays of one kernel instantiation, as declared in
+    kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas)."""
+    K, S = kernel_size, stride
+    threads = TILE[0] * TILE[1]
+    in_h, in_w = (TILE[1] - 1) * S + K, (TILE[0] - 1) * S + K  # input tile with its halo
+    if kernel == "lr_forward":  # s_in, s_geo
+        floats = in_h * in_w + K * K
+    elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_red, s_part
+        floats = 2 * in_h * in_w + K * K + threads // 16 * threads + threads
+    elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
+        nc = (K - 1) // S + 1
+        out_h, out_w = (TILE[1] + S - 2) // S + nc, (TILE[0] + S - 2) // S + nc
+        floats = 4 * out_h * out_w + K * K
+    else:
+        raise KeyError(kernel)
+    return 4 * floats
+
+
+def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
+    """Whether the kernels run (K, stride): K <= MAX_KERNEL_SIZE and every kernel within the
+    static shared-memory limit; the reason when not (the automatic backend then falls back to
+    the next one)."""
+    if kernel_size > MAX_KERNEL_SIZE:
+        return False, (
+            f"the 'cupy' kernels support kernel_size <= {MAX_KERNEL_SIZE}, got {kernel_size}; "
+            "use the 'cpu' or 'reference' backend"
+        )
+    need = max(static_shared_bytes(k, kernel_size, stride) for k in KERNEL_NAMES)
+    if need > MAX_STATIC_SHARED:
+        return False, (
+            f"the 'cupy' kernels need {need} bytes of shared memory per block at "
+            f"kernel_size={kernel_size}, stride={stride} (limit {MAX_STATIC_SHARED}); "
+            "use the 'cpu' or 'reference' backend"
+        )
+    return True, ""
 
 
 @dataclass(frozen=True)
@@ -337,6 +381,9 @@ def local_relation_cupy(
     """
     if shape.qk_dim != 1:
         raise ValueError("the 'cupy' backend supports qk_dim = 1 only")
+    fits, reason = kernels_fit(shape.kernel_size, shape.stride)
+    if not fits:
+        raise ValueError(reason)
     if launcher is None and x.device.type != "cuda":
         raise RuntimeError(f"the 'cupy' backend runs on CUDA tensors, got a {x.device} tensor")
     if x.dtype not in CTYPE_OF_DTYPE:

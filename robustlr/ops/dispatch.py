@@ -9,6 +9,9 @@ The seam between the op and its backends is the table ``BACKEND_TABLE``; each en
   why not, in words a user can act on;
 - ``run(x, q, k, geo, shape, composability) -> y``: the differentiable op (an autograd
   Function), called with arguments already checked by ``contract.check_inputs``;
+- ``fits(kernel_size, stride) -> (ok, reason)`` (optional): whether this backend can run that
+  window (the cupy kernels stage their tiles in at most 48 KB of static shared memory, so
+  large windows and strides go to the next backend);
 - ``probe(device, dtype) -> ok`` (optional): a costlier check the automatic choice alone makes
   (the cupy entry compiles one kernel once per device and dtype and, when that fails, logs one
   warning naming what to install); a forced backend is not probed, so its errors surface.
@@ -55,6 +58,16 @@ class Backend:
     supports: Callable[[torch.device, torch.dtype, int], Support]
     run: Runner
     probe: Probe | None = None
+    fits: Callable[[int, int], Support] | None = None
+
+    def check(
+        self, device: torch.device, dtype: torch.dtype, qk_dim: int, window: tuple[int, int] | None
+    ) -> Support:
+        """``supports`` and, for a known (kernel_size, stride) window, ``fits``."""
+        ok, reason = self.supports(device, dtype, qk_dim)
+        if ok and window is not None and self.fits is not None:
+            ok, reason = self.fits(*window)
+        return ok, reason
 
 
 def cupy_available() -> bool:
@@ -81,6 +94,12 @@ def _cupy_probe(device: torch.device, dtype: torch.dtype) -> bool:
 
     ctype = cupy_backend.CTYPE_OF_DTYPE.get(dtype)
     return ctype is None or cupy_backend.kernels_usable(device.index or 0, ctype)
+
+
+def _cupy_fits(kernel_size: int, stride: int) -> Support:
+    from robustlr.ops.cupy_backend import kernels_fit
+
+    return kernels_fit(kernel_size, stride)
 
 
 def _run_cupy(*args: object) -> torch.Tensor:
@@ -111,7 +130,7 @@ def _reference_supports(device: torch.device, dtype: torch.dtype, qk_dim: int) -
 
 #: Every backend, in the order the automatic choice tries them.
 BACKEND_TABLE: tuple[Backend, ...] = (
-    Backend("cupy", _cupy_supports, _run_cupy, _cupy_probe),
+    Backend("cupy", _cupy_supports, _run_cupy, _cupy_probe, _cupy_fits),
     Backend("cpu", _cpu_supports, _run_cpu),
     Backend("reference", _reference_supports, local_relation_reference),
 )
@@ -131,21 +150,23 @@ def resolve_backend(
     backend: str | None = None,
     dtype: torch.dtype = torch.float32,
     qk_dim: int = 1,
+    window: tuple[int, int] | None = None,
 ) -> str:
     """Pick the backend: the argument, else $ROBUSTLR_LR_BACKEND, else automatic.
 
-    Automatic means the first entry of ``BACKEND_TABLE`` that supports the call. A forced
-    backend that cannot run the call raises RuntimeError with the reason.
+    Automatic means the first entry of ``BACKEND_TABLE`` that supports the call (and fits
+    ``window`` = (kernel_size, stride) when given). A forced backend that cannot run the call
+    raises RuntimeError with the reason.
     """
     choice = backend or os.environ.get(BACKEND_ENV) or AUTO
     if choice == AUTO:
         for entry in BACKEND_TABLE:
-            ok, reason = entry.supports(device, dtype, qk_dim)
+            ok, reason = entry.check(device, dtype, qk_dim, window)
             if ok and (entry.probe is None or entry.probe(device, dtype)):
                 return entry.name
             log.debug("local relation backend %r skipped: %s", entry.name, reason)
         raise RuntimeError("no local relation backend supports this call")  # reference does
-    ok, reason = get_backend(choice).supports(device, dtype, qk_dim)
+    ok, reason = get_backend(choice).check(device, dtype, qk_dim, window)
     if not ok:
         raise RuntimeError(reason)
     return choice
@@ -176,5 +197,5 @@ def local_relation(
     shape: LocalRelationShape = check_inputs(
         x, q, k, geo, kernel_size, stride, composability, qk_dim
     )
-    chosen = resolve_backend(x.device, backend, x.dtype, qk_dim)
+    chosen = resolve_backend(x.device, backend, x.dtype, qk_dim, (kernel_size, stride))
     return get_backend(chosen).run(x, q, k, geo, shape, composability)

@@ -1,14 +1,22 @@
 // A CUDA execution emulator for the CPU, so that the unchanged kernels of kernels/*.cu compile
 // with g++ and run in the tests (tests/host_shim/host_launchers.cpp, host_launcher.py).
 //
-// Execution model, as on a GPU as far as a correct kernel can tell:
+// Execution model, as on a GPU as far as a correct kernel can tell, and made to show what a GPU
+// would show of an incorrect one:
 // - every CUDA thread of a block runs as its own std::thread (threadIdx is thread_local);
-//   blocks run one after another, reusing the same threads;
+//   LR_EMU_CONCURRENT_BLOCKS blocks of a launch run at the same time, each on its own set of
+//   threads ("slot" s runs blocks s, s + LR_EMU_CONCURRENT_BLOCKS, ...), with no ordering between
+//   slots, so ThreadSanitizer sees two blocks writing one global element as a data race;
 // - __syncthreads() is a real barrier of the block's threads (threads that returned early
 //   leave the barrier, as exited threads do on the GPU);
-// - __shared__ variables are function-local statics: one copy, used by one block at a time,
-//   i.e. a per-block arena; dynamic shared memory (LR_DYNAMIC_SHARED, the portable spelling
-//   of `extern __shared__ T name[]`) is an exactly sized heap buffer per launch;
+// - shared arrays are declared with LR_SHARED(T, name, count) (lr_common.cuh; on the GPU a
+//   plain `__shared__ T name[count]`); here each is an exactly sized heap buffer per slot, the
+//   same for every thread of the block (declarations run in the same order in every thread),
+//   filled with 0xff bytes (a NaN as fp32) at the start of every block, so a read of a slot the
+//   block did not write gives NaN, as a GPU gives whatever the previous block left; more than
+//   48 KB of them per block aborts (CUDA's static limit); raw __shared__ does not compile here;
+//   dynamic shared memory (LR_DYNAMIC_SHARED, the portable spelling of
+//   `extern __shared__ T name[]`) is an exactly sized heap buffer per slot, poisoned likewise;
 // - warps are groups of 32 consecutive threads; __shfl_*_sync, __ballot_sync, __any_sync,
 //   __all_sync and __syncwarp exchange values through a per-warp slot array between two
 //   warp barriers; all lanes named in the mask must take part;
@@ -25,10 +33,12 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -36,8 +46,12 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define LR_SHARED(T, name, count) T* const name = lr_emu::shared_array<T>(count)
 #define LR_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(lr_emu::dynamic_shared())
+
+#ifndef LR_EMU_CONCURRENT_BLOCKS
+#define LR_EMU_CONCURRENT_BLOCKS 2
+#endif
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -92,16 +106,62 @@ struct Warp {
     unsigned long long slots[32];
 };
 
+//: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
+constexpr std::size_t kMaxStaticShared = 48 * 1024;
+//: The byte every shared array is filled with at the start of a block: 0xffffffff is a NaN.
+constexpr int kPoison = 0xff;
+
+// One slot: the threads of one running block, its barriers and its shared memory.
 struct BlockState {
     Barrier block;
     std::vector<Warp> warps;
     void* dynamic_shared = nullptr;
+    std::size_t dynamic_bytes = 0;
+    std::mutex shared_mu;
+    std::vector<std::pair<void*, std::size_t>> shared;  // LR_SHARED arrays in declaration order
+
+    // At the start of a block (one thread, the others waiting): every shared byte poisoned.
+    void poison() {
+        for (auto& a : shared) std::memset(a.first, kPoison, a.second);
+        if (dynamic_shared) std::memset(dynamic_shared, kPoison, dynamic_bytes);
+    }
+    ~BlockState() {
+        for (auto& a : shared) std::free(a.first);
+        std::free(dynamic_shared);
+    }
 };
 
 inline thread_local BlockState* current = nullptr;
 inline thread_local int linear_tid = 0;
+inline thread_local std::size_t shared_declared = 0;  // LR_SHARED arrays this thread has passed
 
 inline void* dynamic_shared() { return current->dynamic_shared; }
+
+// The next LR_SHARED array of this thread's block: the first thread to declare it allocates it
+// (exactly sized, poisoned); the others get the same buffer.
+template <typename T>
+T* shared_array(std::size_t count) {
+    BlockState& st = *current;
+    const std::size_t bytes = count * sizeof(T);
+    std::lock_guard<std::mutex> lock(st.shared_mu);
+    const std::size_t i = shared_declared++;
+    if (i == st.shared.size()) {
+        std::size_t total = bytes;
+        for (auto& a : st.shared) total += a.second;
+        if (total > kMaxStaticShared) {
+            std::fprintf(stderr, "lr_emu: %zu bytes of static shared memory (limit %zu)\n", total,
+                         kMaxStaticShared);
+            std::abort();
+        }
+        void* p = std::malloc(bytes ? bytes : 1);
+        std::memset(p, kPoison, bytes);
+        st.shared.emplace_back(p, bytes);
+    } else if (i > st.shared.size() || st.shared[i].second != bytes) {
+        std::fprintf(stderr, "lr_emu: shared arrays declared differently by the threads\n");
+        std::abort();
+    }
+    return static_cast<T*>(st.shared[i].first);
+}
 
 inline int lane() { return linear_tid % 32; }
 inline Warp& warp() { return current->warps[linear_tid / 32]; }
@@ -138,53 +198,65 @@ V exchange(unsigned mask, V v, Src src) {
     return out;
 }
 
-// Run `body` (one kernel invocation) for every thread of every block of the grid.
+// Run `body` (one kernel invocation) for every thread of every block of the grid, with
+// LR_EMU_CONCURRENT_BLOCKS blocks running at a time (see the top of this file).
 template <typename Body>
 void launch(dim3 grid, dim3 block, std::size_t dynamic_bytes, Body body) {
     const int nthreads = static_cast<int>(block.x * block.y * block.z);
     const unsigned long long nblocks = 1ull * grid.x * grid.y * grid.z;
-    BlockState state;
-    state.warps = std::vector<Warp>((nthreads + 31) / 32);
-    state.dynamic_shared = dynamic_bytes ? std::malloc(dynamic_bytes) : nullptr;
-    Barrier end_of_block;
-    end_of_block.reset(nthreads);
-    auto reset_block = [&] {
+    const int nslots = static_cast<int>(
+        nblocks < LR_EMU_CONCURRENT_BLOCKS ? nblocks : LR_EMU_CONCURRENT_BLOCKS);
+    struct Slot {
+        BlockState state;
+        Barrier end_of_block, start_of_block;
+    };
+    std::vector<Slot> slots(nslots);
+    for (Slot& slot : slots) {
+        slot.state.warps = std::vector<Warp>((nthreads + 31) / 32);
+        slot.state.dynamic_bytes = dynamic_bytes;
+        slot.state.dynamic_shared = dynamic_bytes ? std::malloc(dynamic_bytes) : nullptr;
+        slot.end_of_block.reset(nthreads);
+        slot.start_of_block.reset(nthreads);
+    }
+    auto reset_block = [&](BlockState& state) {
         state.block.reset(nthreads);
         for (std::size_t w = 0; w < state.warps.size(); ++w) {
             const int lanes = nthreads - static_cast<int>(w) * 32;
             state.warps[w].barrier.reset(lanes < 32 ? lanes : 32);
         }
+        state.poison();
     };
-    reset_block();
-    Barrier start_of_block;
-    start_of_block.reset(nthreads);
+    for (Slot& slot : slots) reset_block(slot.state);
 
-    auto thread_main = [&](int t) {
+    auto thread_main = [&](int s, int t) {
         _mm_setcsr(_mm_getcsr() | 0x8040u);  // flush-to-zero and denormals-are-zero
-        current = &state;
+        Slot& slot = slots[s];
+        current = &slot.state;
         linear_tid = t;
         blockDim = block;
         gridDim = grid;
         threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-        for (unsigned long long b = 0; b < nblocks; ++b) {
+        for (unsigned long long b = s; b < nblocks; b += nslots) {
             blockIdx = {static_cast<unsigned>(b % grid.x),
                         static_cast<unsigned>((b / grid.x) % grid.y),
                         static_cast<unsigned>(b / (1ull * grid.x * grid.y))};
+            shared_declared = 0;
             body();
             // a finished thread leaves its block's and its warp's barriers for this block
-            state.block.arrive_and_drop();
+            slot.state.block.arrive_and_drop();
             warp().barrier.arrive_and_drop();
-            end_of_block.arrive_and_wait();
-            if (t == 0) reset_block();
-            start_of_block.arrive_and_wait();
+            slot.end_of_block.arrive_and_wait();
+            if (t == 0) reset_block(slot.state);
+            slot.start_of_block.arrive_and_wait();
         }
         current = nullptr;
     };
     std::vector<std::thread> threads;
-    threads.reserve(nthreads);
-    for (int t = 0; t < nthreads; ++t) threads.emplace_back(thread_main, t);
+    threads.reserve(static_cast<std::size_t>(nslots) * nthreads);
+    for (int s = 0; s < nslots; ++s) {
+        for (int t = 0; t < nthreads; ++t) threads.emplace_back(thread_main, s, t);
+    }
     for (auto& th : threads) th.join();
-    std::free(state.dynamic_shared);
 }
 
 }  // namespace lr_emu

@@ -14,8 +14,12 @@ tests. At every launch it checks, as the GPU would need them to be:
 - behind every pointer: a CPU tensor of the pointee's dtype, contiguous, holding exactly the
   element count that the kernel's own size arguments give (``EXTENTS``), and no overlap of an
   output with any other buffer (the kernels' ``__restrict__``);
-- the grid and block limits of CUDA and the shared-memory limit, and the block shape the
-  kernels are written for (LR_TILE_W x LR_TILE_H, read from kernels/lr_common.cuh).
+- the grid and block limits of CUDA and the block shape the kernels are written for
+  (LR_TILE_W x LR_TILE_H, read from kernels/lr_common.cuh);
+- shared memory: the kernel's static arrays (``cupy_backend.static_shared_bytes``, which
+  tests/test_kernels_budget.py checks against ptxas) plus the dynamic bytes <= 48 KB;
+- given a ptxas report of the instantiation (``usage``, e.g. from ``nvrtc.ptxas_table``):
+  registers x threads per block <= 65,536 and ptxas's static shared memory <= 48 KB.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 
 from robustlr.ops import cupy_backend
-from robustlr.ops.nvrtc import name_expression
+from robustlr.ops.nvrtc import PtxasUsage, name_expression
 from robustlr.resources import resource_dir
 
 SHIM_DIR = Path(__file__).resolve().parent
@@ -88,6 +92,8 @@ MAX_BLOCK = (1024, 1024, 64)
 MAX_THREADS_PER_BLOCK = 1024
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_DYNAMIC_SHARED = 48 * 1024  # without an opt-in attribute
+MAX_SHARED_PER_BLOCK = 48 * 1024  # static + dynamic, without an opt-in attribute
+MAX_REGISTERS_PER_BLOCK = 65536
 
 
 class LaunchError(AssertionError):
@@ -184,6 +190,7 @@ class HostLauncher:
         stride: int,
         multiprocessors: int = 2,
         override: dict[str, dict[str, Any]] | None = None,
+        usage: dict[str, PtxasUsage] | None = None,
     ) -> None:
         self.lib = lib
         self.ctype = ctype
@@ -191,6 +198,7 @@ class HostLauncher:
         self.stride = stride
         self.multiprocessors = multiprocessors
         self.override = override or {}
+        self.usage = usage or {}  # ptxas report per kernel name (lr_forward, ...)
         self.records: list[LaunchRecord] = []
 
     def context(self) -> contextlib.AbstractContextManager[None]:
@@ -199,7 +207,15 @@ class HostLauncher:
     def launch(self, config: cupy_backend.LaunchConfig, args: tuple) -> None:
         config = replace(config, **self.override.get(config.kernel, {}))
         name = name_expression(config.kernel, self.ctype, self.kernel_size, self.stride)
-        values, nbytes = check_launch(self.lib, name, config, args, self.kernel_size)
+        values, nbytes = check_launch(
+            self.lib,
+            name,
+            config,
+            args,
+            self.kernel_size,
+            self.stride,
+            self.usage.get(config.kernel),
+        )
         self.records.append(LaunchRecord(config, name))
         grid = (ctypes.c_uint * 3)(*config.grid)
         block = (ctypes.c_uint * 3)(*config.block)
@@ -219,6 +235,8 @@ def check_launch(
     config: cupy_backend.LaunchConfig,
     args: tuple,
     kernel_size: int,
+    stride: int,
+    usage: PtxasUsage | None = None,
 ) -> tuple[list[Any], list[int]]:
     """Check one launch as described in the module docstring; return the ctypes values and the
     byte size behind each pointer (0 for scalars)."""
@@ -235,6 +253,7 @@ def check_launch(
     if len(args) != len(params):
         raise LaunchError(f"{name}: {len(args)} arguments for {len(params)} parameters")
     _check_geometry(name, config)
+    _check_resources(name, config, kernel_size, stride, usage)
     packed = [cupy_backend.pack_arg(a) for a in args]
     sizes = {"K": kernel_size}
     for (c, pname), value in zip(params, packed, strict=True):
@@ -299,6 +318,31 @@ def _check_geometry(name: str, config: cupy_backend.LaunchConfig) -> None:
         raise LaunchError(f"{name}: {block} is more than 1024 threads per block")
     if not 0 <= config.shared_bytes <= MAX_DYNAMIC_SHARED:
         raise LaunchError(f"{name}: {config.shared_bytes} bytes of dynamic shared memory")
+
+
+def _check_resources(
+    name: str,
+    config: cupy_backend.LaunchConfig,
+    kernel_size: int,
+    stride: int,
+    usage: PtxasUsage | None,
+) -> None:
+    """Shared memory per block and, with a ptxas report, registers per block."""
+    threads = config.block[0] * config.block[1] * config.block[2]
+    kernel = name.partition("<")[0]
+    static = cupy_backend.static_shared_bytes(kernel, kernel_size, stride)
+    if usage is not None:
+        static = max(static, usage.shared)
+        if usage.registers * threads > MAX_REGISTERS_PER_BLOCK:
+            raise LaunchError(
+                f"{name}: {usage.registers} registers x {threads} threads per block > "
+                f"{MAX_REGISTERS_PER_BLOCK}"
+            )
+    if static + config.shared_bytes > MAX_SHARED_PER_BLOCK:
+        raise LaunchError(
+            f"{name}: {static} bytes of static + {config.shared_bytes} of dynamic shared memory "
+            f"> {MAX_SHARED_PER_BLOCK}"
+        )
 
 
 def host_factory(lib: ctypes.CDLL, **kwargs: Any):

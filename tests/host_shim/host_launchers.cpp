@@ -94,13 +94,21 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
 const std::vector<Entry>& registry() {
     static const std::vector<Entry> entries = {
 #ifdef LR_HOST_SMALL
-        // sanitizer builds: a few instantiations keep the build short
+        // sanitizer builds: a few instantiations keep the build short (K = 7 and bf16 included)
         LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(lr_half, 3, 2),
+        LR_ENTRIES(float, 7, 1), LR_ENTRIES(lr_bf16, 7, 2),
 #else
         LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 3, 2), LR_ENTRIES(float, 3, 3),
         LR_ENTRIES(float, 5, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(float, 5, 3),
         LR_ENTRIES(float, 7, 1), LR_ENTRIES(float, 7, 2), LR_ENTRIES(float, 7, 3),
         LR_ENTRIES(float, 9, 1), LR_ENTRIES(float, 9, 2), LR_ENTRIES(float, 9, 3),
+        LR_ENTRIES(float, 11, 1), LR_ENTRIES(float, 11, 2), LR_ENTRIES(float, 11, 3),
+        LR_ENTRIES(float, 13, 1), LR_ENTRIES(float, 13, 2), LR_ENTRIES(float, 13, 3),
+        // the largest stride whose kernels fit 48 KB of static shared memory at K = 13 and 3
+        // (cupy_backend.kernels_fit)
+        LR_ENTRIES(float, 13, 5), LR_ENTRIES(float, 3, 6),
+        LR_ENTRIES(lr_half, 9, 2), LR_ENTRIES(lr_half, 11, 1), LR_ENTRIES(lr_half, 13, 3),
+        LR_ENTRIES(lr_bf16, 9, 3), LR_ENTRIES(lr_bf16, 11, 2), LR_ENTRIES(lr_bf16, 13, 1),
         LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 3, 2), LR_ENTRIES(lr_half, 5, 2),
         LR_ENTRIES(lr_half, 7, 1),
         LR_ENTRIES(lr_half, 7, 2), LR_ENTRIES(lr_bf16, 3, 1), LR_ENTRIES(lr_bf16, 5, 2),
@@ -111,6 +119,9 @@ const std::vector<Entry>& registry() {
         make_entry("lr_missing_sync", &lr_missing_sync),
         make_entry("lr_with_sync", &lr_with_sync),
         make_entry("lr_warp_ops", &lr_warp_ops),
+        make_entry("lr_unloaded_slot", &lr_unloaded_slot),
+        make_entry("lr_block_race", &lr_block_race),
+        make_entry("lr_block_own", &lr_block_own),
 #endif
     };
     return entries;

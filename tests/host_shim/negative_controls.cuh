@@ -12,14 +12,14 @@ __global__ void lr_read_past_end(const float* __restrict__ in, float* __restrict
 // Reverses `in` within each block through shared memory; without the barrier a thread reads a
 // slot another thread has not written yet (a data race).
 __global__ void lr_missing_sync(const float* __restrict__ in, float* __restrict__ out) {
-    __shared__ float tile[64];
+    LR_SHARED(float, tile, 64);
     const int t = threadIdx.x;
     tile[t] = in[blockIdx.x * blockDim.x + t];
     out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
 }
 
 __global__ void lr_with_sync(const float* __restrict__ in, float* __restrict__ out) {
-    __shared__ float tile[64];
+    LR_SHARED(float, tile, 64);
     const int t = threadIdx.x;
     tile[t] = in[blockIdx.x * blockDim.x + t];
     __syncthreads();
@@ -55,4 +55,25 @@ __global__ void lr_warp_ops(const float* __restrict__ in, float* __restrict__ ou
         out[8 + 8 * w + 5] = (float)all;
         out[8 + 8 * w + 6] = dyn[(t + 33) % blockDim.x];
     }
+}
+
+// Reverses `in` within each block through shared memory but never loads the block's last slot:
+// the thread reading it gets whatever the shared memory held (on a GPU the previous block's
+// data; in the emulator the poison, a NaN, at every block start).
+__global__ void lr_unloaded_slot(const float* __restrict__ in, float* __restrict__ out) {
+    LR_SHARED(float, tile, 64);
+    const int t = threadIdx.x;
+    if (t < (int)blockDim.x - 1) tile[t] = in[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
+}
+
+// Thread 0 of every block increments out[0] without an atomic: a race between blocks.
+__global__ void lr_block_race(float* __restrict__ out) {
+    if (threadIdx.x == 0) out[0] += 1.0f;
+}
+
+// Its correct twin: every block increments its own element.
+__global__ void lr_block_own(float* __restrict__ out) {
+    if (threadIdx.x == 0) out[blockIdx.x] += 1.0f;
 }
