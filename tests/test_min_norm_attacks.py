@@ -224,7 +224,10 @@ def test_robustness_curve_is_the_per_example_worst_case(tmp_path):
 @pytest.mark.slow
 def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
     """Issue 23's acceptance: on a digits resnet26 trained with the defaults, all test images,
-    our FMN's median L2 and L-inf norms are within 5% of foolbox's FMN at the same 50 steps."""
+    our FMN-L-inf median norm is within 5% of foolbox's FMN at the same 50 steps. foolbox
+    3.3.4's L2 FMN never projects onto its ball (``L2FMNAttack.project`` scales by
+    norms / norms = 1), so its L2 norms are larger: ours must not exceed them, and must be
+    within 5% of our DDN's (docs/attacks.md)."""
     fb = pytest.importorskip("foolbox")
     from helpers import run_cli
 
@@ -236,6 +239,7 @@ def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
     model = target.model.eval()
     x, y, _ = target.load_images("test")
     fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    medians = {}
     for norm, theirs_cls in (("linf", fb.attacks.LInfFMNAttack), ("l2", fb.attacks.L2FMNAttack)):
         (ours,) = evaluate(model, x, y, [AttackSpec("fmn", norm=norm, eps=0.1, steps=50)])
         theirs = []
@@ -245,13 +249,13 @@ def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
             with torch.no_grad():
                 wrong = model(adv).argmax(1) != yb
             theirs.append(torch.where(wrong, lp_norm(adv - xb, norm), float("inf")))
-        ours_median = float(np.median(ours.norms))
-        theirs_median = float(torch.cat(theirs).median())
-        assert abs(ours_median - theirs_median) <= 0.05 * theirs_median, (
-            norm,
-            ours_median,
-            theirs_median,
-        )
+        medians[norm] = (float(np.median(ours.norms)), float(torch.cat(theirs).median()))
+    ours_linf, theirs_linf = medians["linf"]
+    assert abs(ours_linf - theirs_linf) <= 0.05 * theirs_linf, medians
+    (ddn_result,) = evaluate(model, x, y, [AttackSpec("ddn", eps=1.0, steps=50)])
+    ours_l2, theirs_l2 = medians["l2"]
+    ddn_median = float(np.median(ddn_result.norms))
+    assert ours_l2 <= theirs_l2 and abs(ours_l2 - ddn_median) <= 0.05 * ddn_median, medians
 
 
 def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
