@@ -15,7 +15,9 @@
 // time (grid-stride over tiles, so any grid size is correct). The tile's inputs, with their
 // halo, are staged in shared memory (fp32); window loops run over compile-time bounds
 // (#pragma unroll) with validity masks, so the per-thread window arrays stay in registers
-// (ptxas: 0 bytes of stack frame for K <= 7, checked by tests/test_kernels_budget.py).
+// (ptxas: 0 bytes of stack frame for K <= 7, checked by tests/test_kernels_budget.py). At stride 1
+// the shared tiles' row pitch is padded (lr_pitch) so that every window read of a warp is one
+// shared-memory transaction (tests/test_kernels_budget.py counts them).
 //
 // Backward (w = softmax weights of one (b, g, i, j), gy = grad of y):
 //   dw_o = sum_{c in g} gy_c x_{o,c},  D = sum_o w_o dw_o (= sum_c gy_c y_c),
@@ -38,13 +40,14 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
     constexpr int KK = K * K;
     constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;  // input rows under one output tile
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    LR_SHARED(float, s_in, IH * IW);
+    constexpr int PW = lr_pitch<IW, STRIDE>();  // row pitch of the shared tiles
+    LR_SHARED(float, s_in, IH * PW);
     LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
     const long long ntiles = B * G * tiles_h * tiles_w;
-    const int base = ty * STRIDE * IW + tx * STRIDE;  // this thread's window in the tile
+    const int base = ty * STRIDE * PW + tx * STRIDE;  // this thread's window in the tile
 
     for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const long long tw = tile % tiles_w;
@@ -58,7 +61,7 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
 
         __syncthreads();  // the previous tile is done with s_in and s_geo
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_tile<IH, IW>(s_in, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        lr_load_tile<IH, IW, PW>(s_in, k + (b * G + g) * H * W, r0, c0, H, W, tid);
         __syncthreads();
 
         const float qv = active ? lr_load(q, qidx) : 0.0f;
@@ -71,7 +74,7 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
 #pragma unroll
             for (int bb = 0; bb < K; ++bb) {
                 const bool ok = top + a >= 0 && top + a < H && left + bb >= 0 && left + bb < W;
-                const float l = lr_phi(comp, qv, s_in[base + a * IW + bb]) + s_geo[a * K + bb];
+                const float l = lr_phi(comp, qv, s_in[base + a * PW + bb]) + s_geo[a * K + bb];
                 w[a * K + bb] = ok ? l : -3.0e38f;
                 peak = fmaxf(peak, w[a * K + bb]);
             }
@@ -89,13 +92,13 @@ __global__ void lr_forward(const T* __restrict__ x, const T* __restrict__ q, con
         const long long c_end = g * m + m < C ? g * m + m : C;
         for (long long c = g * m; c < c_end; ++c) {
             __syncthreads();  // everyone is done with the previous tile in s_in
-            lr_load_tile<IH, IW>(s_in, x + (b * C + c) * H * W, r0, c0, H, W, tid);
+            lr_load_tile<IH, IW, PW>(s_in, x + (b * C + c) * H * W, r0, c0, H, W, tid);
             __syncthreads();
             float acc = 0.0f;
 #pragma unroll
             for (int a = 0; a < K; ++a) {
 #pragma unroll
-                for (int bb = 0; bb < K; ++bb) acc += w[a * K + bb] * s_in[base + a * IW + bb];
+                for (int bb = 0; bb < K; ++bb) acc += w[a * K + bb] * s_in[base + a * PW + bb];
             }
             if (active) lr_store(y, ((b * C + c) * Ho + i) * Wo + j, acc * inv);
         }
@@ -117,8 +120,9 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
     constexpr int KK = K * K;
     constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    LR_SHARED(float, s_k, IH * IW);
-    LR_SHARED(float, s_x, IH * IW);
+    constexpr int PW = lr_pitch<IW, STRIDE>();
+    LR_SHARED(float, s_k, IH * PW);
+    LR_SHARED(float, s_x, IH * PW);
     LR_SHARED(float, s_geo, KK);
     LR_SHARED(float, s_red, LR_THREADS / 16 * LR_THREADS);
     LR_SHARED(float, s_part, LR_THREADS);
@@ -128,7 +132,7 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
     const long long ntiles = B * tiles_h * tiles_w;  // of this group
-    const int base = ty * STRIDE * IW + tx * STRIDE;
+    const int base = ty * STRIDE * PW + tx * STRIDE;
     lr_load_geo<KK>(s_geo, geo + g * KK, tid);
 
     float gacc[KK];
@@ -145,7 +149,7 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
         const long long qidx = ((b * G + g) * Ho + i) * Wo + j;
 
         __syncthreads();
-        lr_load_tile<IH, IW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        lr_load_tile<IH, IW, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
         __syncthreads();
         const float qv = active ? lr_load(q, qidx) : 0.0f;
         const float lse_v = active ? lse[qidx] : 0.0f;
@@ -157,7 +161,7 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
             for (int bb = 0; bb < K; ++bb) {
                 const bool ok = active && top + a >= 0 && top + a < H && left + bb >= 0 &&
                                 left + bb < W;
-                const float l = lr_phi(comp, qv, s_k[base + a * IW + bb]) + s_geo[a * K + bb];
+                const float l = lr_phi(comp, qv, s_k[base + a * PW + bb]) + s_geo[a * K + bb];
                 w[a * K + bb] = ok ? expf(l - lse_v) : 0.0f;
                 dw[a * K + bb] = 0.0f;
             }
@@ -165,13 +169,13 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
         const long long c_end = g * m + m < C ? g * m + m : C;
         for (long long c = g * m; c < c_end; ++c) {
             __syncthreads();
-            lr_load_tile<IH, IW>(s_x, x + (b * C + c) * H * W, r0, c0, H, W, tid);
+            lr_load_tile<IH, IW, PW>(s_x, x + (b * C + c) * H * W, r0, c0, H, W, tid);
             __syncthreads();
             const float gyv = active ? lr_load(gy, ((b * C + c) * Ho + i) * Wo + j) : 0.0f;
 #pragma unroll
             for (int a = 0; a < K; ++a) {
 #pragma unroll
-                for (int bb = 0; bb < K; ++bb) dw[a * K + bb] += gyv * s_x[base + a * IW + bb];
+                for (int bb = 0; bb < K; ++bb) dw[a * K + bb] += gyv * s_x[base + a * PW + bb];
             }
         }
         float dot = 0.0f;
@@ -184,7 +188,7 @@ __global__ void lr_backward_query(const T* __restrict__ x, const T* __restrict__
             for (int bb = 0; bb < K; ++bb) {
                 const int o = a * K + bb;
                 const float dl = w[o] * (dw[o] - dot);
-                gqv += dl * lr_dphi_dq(comp, qv, s_k[base + a * IW + bb]);
+                gqv += dl * lr_dphi_dq(comp, qv, s_k[base + a * PW + bb]);
                 gacc[o] += dl;
             }
         }
@@ -240,10 +244,11 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
     // ceil((LR_TILE_H - 1) / STRIDE) past the first row's, and each row reads NC of them
     constexpr int OH = (LR_TILE_H + STRIDE - 2) / STRIDE + NC;
     constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
-    LR_SHARED(float, s_q, OH * OW);
-    LR_SHARED(float, s_lse, OH * OW);
-    LR_SHARED(float, s_d, OH * OW);
-    LR_SHARED(float, s_gy, OH * OW);
+    constexpr int PO = lr_pitch<OW, STRIDE>();  // row pitch of the shared tiles
+    LR_SHARED(float, s_q, OH * PO);
+    LR_SHARED(float, s_lse, OH * PO);
+    LR_SHARED(float, s_d, OH * PO);
+    LR_SHARED(float, s_gy, OH * PO);
     LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
@@ -265,15 +270,15 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
 
         __syncthreads();
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_tile<OH, OW>(s_q, q + plane, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW>(s_lse, lse + plane, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW>(s_d, dsum + plane, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO>(s_q, q + plane, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO>(s_lse, lse + plane, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO>(s_d, dsum + plane, oi0, oj0, Ho, Wo, tid);
         __syncthreads();
 
         // the outputs covering (h, wc): i = i_first + ti, j = j_first + tj, ti, tj in [0, NC)
         const long long i_first = lr_floor_div(h + P - K + STRIDE, STRIDE);
         const long long j_first = lr_floor_div(wc + P - K + STRIDE, STRIDE);
-        const int sbase = (int)((i_first - oi0) * OW + (j_first - oj0));
+        const int sbase = (int)((i_first - oi0) * PO + (j_first - oj0));
         const float kv = active ? lr_load(k, ((b * G + g) * H + h) * W + wc) : 0.0f;
         float wv[NC * NC], wdk[NC * NC];
         float gk_acc = 0.0f;
@@ -285,7 +290,7 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
                 const long long a = h + P - i * STRIDE, bb = wc + P - j * STRIDE;
                 const bool ok = active && i >= 0 && i < Ho && j >= 0 && j < Wo && a >= 0 &&
                                 bb >= 0;
-                const int s = sbase + ti * OW + tj;
+                const int s = sbase + ti * PO + tj;
                 const int o = ok ? (int)(a * K + bb) : 0;
                 const float qv = s_q[ok ? s : 0];
                 const float e = expf(lr_phi(comp, qv, kv) + s_geo[o] - s_lse[ok ? s : 0]);
@@ -298,14 +303,14 @@ __global__ void lr_backward_input(const T* __restrict__ x, const T* __restrict__
         const long long c_end = g * m + m < C ? g * m + m : C;
         for (long long c = g * m; c < c_end; ++c) {
             __syncthreads();
-            lr_load_tile<OH, OW>(s_gy, gy + (b * C + c) * Ho * Wo, oi0, oj0, Ho, Wo, tid);
+            lr_load_tile<OH, OW, PO>(s_gy, gy + (b * C + c) * Ho * Wo, oi0, oj0, Ho, Wo, tid);
             __syncthreads();
             float gxv = 0.0f, gkc = 0.0f;
 #pragma unroll
             for (int ti = 0; ti < NC; ++ti) {
 #pragma unroll
                 for (int tj = 0; tj < NC; ++tj) {
-                    const float v = s_gy[sbase + ti * OW + tj];
+                    const float v = s_gy[sbase + ti * PO + tj];
                     gxv += wv[ti * NC + tj] * v;
                     gkc += wdk[ti * NC + tj] * v;
                 }

@@ -157,17 +157,29 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
     return (q * b > a) ? q - 1 : q;
 }
 
+// Row pitch (in floats) of a shared tile COLS wide whose rows are read by LR_TILE_W threads at
+// STRIDE apart. At stride 1 a warp reads 16 consecutive floats in each of two rows; they fall in
+// 32 distinct banks (one transaction) when the pitch is 16 modulo 32, so the pitch is padded to
+// that. Other strides keep COLS (their window reads are 2-way bank conflicts).
+// robustlr.ops.cupy_backend.shared_pitch mirrors it.
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_pitch() {
+    return STRIDE == 1 ? COLS + (48 - COLS % 32) % 32 : COLS;
+}
+
 // Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32, with zeros where the window leaves the plane. All threads of the block take
-// part (tid in [0, LR_THREADS)).
-template <int ROWS, int COLS, typename T>
+// memory as fp32 (row pitch PITCH), with zeros where the window leaves the plane. All threads of
+// the block take part (tid in [0, LR_THREADS)).
+template <int ROWS, int COLS, int PITCH, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
                                              long long r0, long long c0, long long H, long long W,
                                              int tid) {
     for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
         const long long r = r0 + e / COLS;
         const long long c = c0 + e % COLS;
-        dst[e] = (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
+        // row e / COLS starts at (e / COLS) * PITCH (written so that PITCH == COLS costs nothing)
+        dst[e + (e / COLS) * (PITCH - COLS)] =
+            (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
     }
 }
 

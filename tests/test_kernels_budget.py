@@ -92,3 +92,64 @@ def test_registers_per_block_within_the_register_file(table):
     threads = cupy_backend.TILE[0] * cupy_backend.TILE[1]
     for r in table:
         assert r.usage.registers * threads <= 65536, r
+
+
+# ---- shared-memory bank conflicts of the window reads -----------------------------------------
+
+
+def transactions(addresses: list[int]) -> int:
+    """Shared-memory transactions of one warp request of 4-byte words: the most distinct words
+    that fall in one of the 32 banks (lanes reading the same word share it)."""
+    per_bank: dict[int, set[int]] = {}
+    for a in addresses:
+        per_bank.setdefault(a % 32, set()).add(a)
+    return max(len(words) for words in per_bank.values())
+
+
+def window_read_transactions(kernel: str, K: int, S: int) -> int:
+    """Worst warp request over the window offsets of one kernel's window reads, from its index
+    expressions in kernels/local_relation.cu (16 x 8 block, warp w = rows 2w and 2w + 1):
+    forward / backward_query read tile[ty*S*PW + tx*S + a*PW + b], backward_input reads
+    tile[(i_first - oi0)*PO + (j_first - oj0) + ti*PO + tj] for every tile origin modulo S."""
+    tw, th = cupy_backend.TILE
+    worst = 0
+    for warp in range(tw * th // 32):
+        lanes = [(t % tw, t // tw) for t in range(32 * warp, 32 * warp + 32)]
+        if kernel in ("lr_forward", "lr_backward_query"):
+            pw = cupy_backend.shared_pitch((tw - 1) * S + K, S)
+            for a in range(K):
+                for b in range(K):
+                    req = [ty * S * pw + tx * S + a * pw + b for tx, ty in lanes]
+                    worst = max(worst, transactions(req))
+        else:
+            nc = (K - 1) // S + 1
+            po = cupy_backend.shared_pitch((tw + S - 2) // S + nc, S)
+            P = K // 2
+            for r0 in range(S):  # tile origins h0, w0 modulo S
+                first0 = (r0 + P - K + S) // S
+                for ti in range(nc):
+                    for tj in range(nc):
+                        req = [
+                            ((r0 + ty + P - K + S) // S - first0) * po
+                            + ((r0 + tx + P - K + S) // S - first0)
+                            + ti * po
+                            + tj
+                            for tx, ty in lanes
+                        ]
+                        worst = max(worst, transactions(req))
+    return worst
+
+
+@pytest.mark.parametrize("K", [3, 5, 7, 9, 11, 13])
+@pytest.mark.parametrize("kernel", nvrtc.KERNEL_NAMES)
+def test_window_reads_are_one_transaction_per_warp_at_stride_1(kernel, K):
+    assert window_read_transactions(kernel, K, 1) == 1
+
+
+def test_bank_conflict_model_sees_conflicts():
+    """The count is not trivially 1: stride 2 window reads of the forward are 2-way conflicts
+    (documented in docs/gpu-kernels.md), and an unpadded pitch of 22 at K = 7 is 2-way too."""
+    assert window_read_transactions("lr_forward", 7, 2) == 2
+    assert transactions([ty * 22 + tx for ty in (0, 1) for tx in range(16)]) == 2
+    assert transactions([ty * 48 + tx for ty in (0, 1) for tx in range(16)]) == 1
+    assert transactions([0] * 32) == 1  # a broadcast

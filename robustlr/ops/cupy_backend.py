@@ -75,19 +75,28 @@ MAX_STATIC_SHARED = 48 * 1024
 MAX_KERNEL_SIZE = 13
 
 
+def shared_pitch(cols: int, stride: int) -> int:
+    """Row pitch (floats) of a shared tile ``cols`` wide (``lr_pitch`` in lr_common.cuh): at
+    stride 1 padded to 16 modulo 32, so that a warp's window read (16 consecutive floats in each
+    of two rows) touches 32 distinct banks; other strides keep ``cols``."""
+    return cols + (48 - cols % 32) % 32 if stride == 1 else cols
+
+
 def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of the ``__shared__`` arrays of one kernel instantiation, as declared in
     kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas)."""
     K, S = kernel_size, stride
     threads = TILE[0] * TILE[1]
-    in_h, in_w = (TILE[1] - 1) * S + K, (TILE[0] - 1) * S + K  # input tile with its halo
+    in_h = (TILE[1] - 1) * S + K  # input tile with its halo, rows x pitch
+    in_w = shared_pitch((TILE[0] - 1) * S + K, S)
     if kernel == "lr_forward":  # s_in, s_geo
         floats = in_h * in_w + K * K
     elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_red, s_part
         floats = 2 * in_h * in_w + K * K + threads // 16 * threads + threads
     elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
         nc = (K - 1) // S + 1
-        out_h, out_w = (TILE[1] + S - 2) // S + nc, (TILE[0] + S - 2) // S + nc
+        out_h = (TILE[1] + S - 2) // S + nc
+        out_w = shared_pitch((TILE[0] + S - 2) // S + nc, S)
         floats = 4 * out_h * out_w + K * K
     else:
         raise KeyError(kernel)
