@@ -5,6 +5,8 @@ its training mode and threat model, a checkpoint rebuilds the test data it was t
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -170,4 +172,6 @@ def test_training_checkpoint_round_trip(runs, tmp_path) -> None:
     assert saved.mode == "adversarial" and saved.training is not None
     assert saved.training.world_size == 1 and saved.training.step_in_epoch == 0
     assert saved.data is not None and saved.data.name == "digits"
-    assert_same(read_checkpoint(write_checkpoint(saved, tmp_path / "copy.pt")), saved)
+    copy = read_checkpoint(write_checkpoint(saved, tmp_path / "copy.pt"))
+    assert copy.sha256 == hashlib.sha256((tmp_path / "copy.pt").read_bytes()).hexdigest()
+    assert_same(copy, dataclasses.replace(saved, sha256=copy.sha256))
