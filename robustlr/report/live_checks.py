@@ -229,8 +229,9 @@ def transfer_checks(
 ) -> list[CheckResult]:
     """``transfer_weaker``: per training mode, Table 9's untargeted PGD crafted on the first
     network's model (on the cell's first ``limit`` images), transferred to every other network
-    of that mode, is not stronger than the white-box PGD of its cell (McNemar on the same images: fail when transfer breaks
-    significantly more images, warn when it breaks more than 1% that white-box PGD missed)."""
+    of that mode, is not stronger than the white-box PGD of its cell (McNemar on the same
+    images: fail when transfer breaks significantly more images, warn when it breaks more than
+    1% that white-box PGD missed)."""
     name = "transfer_weaker"
     out = []
     for mode, prefix in (("adversarial", "adv"), ("regular", "regular")):
