@@ -34,6 +34,9 @@ ZERO_GRAD_WARN = 0.10
 SQUARE_EXTRA_SHARE = 0.01
 PGD_APGD_GAP = 3.0  # points by which Table 9's PGD may exceed APGD-CE before a warning
 PGD = names_where(family="pgd")  # robustlr's own PGD attacks
+# where the rows a skipped check needs come from (named in its message)
+SWEEP_SUITE = "the digits-sweeps suite (attacks/digits-sweeps.toml)"
+SWEEPS = f"{SWEEP_SUITE} or `robustlr check`"
 BLACK_BOX = names_where(white_box=False)
 ZERO_GRADIENT_ATTACKS = tuple(a.name for a in ATTACKS.values() if a.reports_zero_gradients)
 PRECISION_ATTACKS = tuple(a.name for a in ATTACKS.values() if "precision" in a.takes)
@@ -148,12 +151,8 @@ def check_monotone(results: pd.DataFrame, along: str) -> list[CheckResult]:
                 "skip",
                 "all",
                 "",
-                f"no PGD rows differing only in {along} "
-                + (
-                    "(`robustlr check` runs a step sweep)"
-                    if along == "steps"
-                    else "(see the strong suite)"
-                ),
+                f"no PGD rows differing only in {along} (same run, attack, eps, images, "
+                f"{other}): run a sweep such as {SWEEPS}",
             )
         )
     return out
@@ -202,7 +201,8 @@ def check_eps_sweep(results: pd.DataFrame) -> list[CheckResult]:
                 "skip",
                 "all",
                 "",
-                "no PGD rows at several eps (`robustlr check` runs an eps sweep)",
+                "no PGD rows at several eps with equal steps and restarts on the same run and "
+                f"images: run an eps sweep such as {SWEEPS}",
             )
         )
     return out
@@ -335,11 +335,18 @@ def check_blackbox_weaker(results: pd.DataFrame) -> list[CheckResult]:
                 "skip",
                 "all",
                 "",
-                f"no black-box ({', '.join(BLACK_BOX)}) rows in the results",
+                f"no black-box ({', '.join(BLACK_BOX)}) rows in the results: run one, as "
+                f"{SWEEP_SUITE} does",
             )
         )
     out.append(
-        CheckResult("transfer_weaker", "skip", "all", "", "transfer attacks are not evaluated yet")
+        CheckResult(
+            "transfer_weaker",
+            "skip",
+            "all",
+            "",
+            "needs the models: the report runs it from the runs' checkpoints",
+        )
     )
     return out
 
@@ -430,7 +437,13 @@ def check_low_precision(results: pd.DataFrame) -> list[CheckResult]:
     if not out:
         out.append(
             CheckResult(
-                name, "skip", "all", "", "no bf16/fp16 attack with an fp32 twin in the results"
+                name,
+                "skip",
+                "all",
+                "",
+                "no bf16/fp16 attack with an fp32 twin (same attack, eps, steps, step size, "
+                f"restarts, targets, images) in the results: run one, as {SWEEP_SUITE} "
+                "does",
             )
         )
     return out
@@ -584,7 +597,8 @@ def run_checks(results: pd.DataFrame, table: Table9 | None = None) -> list[Check
             "skip",
             "all",
             "",
-            "needs the model: run `robustlr check --checkpoint PATH`",
+            "needs the model: the report runs it from the runs' checkpoints (or `robustlr check "
+            "--checkpoint PATH`)",
         ),
     ]
     log.info("checks: %s", ", ".join(f"{c.check}={c.status}" for c in checks))
