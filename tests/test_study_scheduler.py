@@ -198,7 +198,13 @@ def _training_started(study: Path) -> bool:
 
 
 def _eval_running(study: Path) -> bool:
-    return any(study.glob("*/eval.partial.csv"))
+    """An eval stage has drawn its targets (mid-attack) and has not written eval.csv yet (its
+    rows are written together at the end)."""
+    return any(
+        (study / log.stem.removeprefix("eval-") / "targets").is_dir()
+        and not (study / log.stem.removeprefix("eval-") / "eval.csv").exists()
+        for log in (study / "logs").glob("eval-*.log")
+    )
 
 
 def _report_running(study: Path) -> bool:
