@@ -4,6 +4,7 @@ executor, all giving the same table9.csv."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -189,7 +190,8 @@ def _kill_when(tmp_path: Path, ready) -> None:  # type: ignore[no-untyped-def]
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (the study ended: the failure says so)
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
@@ -198,7 +200,13 @@ def _training_started(study: Path) -> bool:
 
 
 def _eval_running(study: Path) -> bool:
-    return any(study.glob("*/eval.partial.csv"))
+    """An eval stage has drawn its targets (mid-attack) and has not written eval.csv yet (its
+    rows are written together at the end)."""
+    return any(
+        (study / log.stem.removeprefix("eval-") / "targets").is_dir()
+        and not (study / log.stem.removeprefix("eval-") / "eval.csv").exists()
+        for log in (study / "logs").glob("eval-*.log")
+    )
 
 
 def _report_running(study: Path) -> bool:

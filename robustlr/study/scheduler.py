@@ -238,7 +238,8 @@ def selected_stages(recipe: Recipe, until: str | None) -> list[Stage]:
 
 @dataclass
 class ScheduleResult:
-    """Each selected stage with its status before the study ran, and the stages run now."""
+    """Each selected stage with its status before the study ran, and the stages run now (in
+    plan order)."""
 
     out_dir: Path
     statuses: list[tuple[Stage, StageStatus]]
@@ -327,7 +328,8 @@ def run_scheduled(
             _drain(events, emit, 0)
         if failure:
             raise StudyError(failure)
-        return ScheduleResult(out_dir, statuses, ran)
+        order = {s.name: i for i, s in enumerate(plan)}
+        return ScheduleResult(out_dir, statuses, sorted(ran, key=order.__getitem__))
 
 
 def record_time(out_dir: Path, stage: Stage, seconds: float, slots: int) -> None:
