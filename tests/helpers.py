@@ -280,3 +280,44 @@ def digits_linear_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.T
         nn.functional.cross_entropy(model(x[:1500]), y[:1500]).backward()
         optimizer.step()
     return model.eval(), x[1500:1600], y[1500:1600]
+
+
+def linear_min_norm_in_box(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """The exact smallest perturbation that keeps ``x + delta`` in [0, 1] and changes the
+    prediction of a linear model ``Sequential(Flatten, Linear)``, per image (inf: none in the
+    box). For each other class j it solves min ||delta|| s.t. (w_pred - w_j) . delta <= -margin:
+    L2 and L-inf by bisection on t in delta = clip(-t w) (L2) or clip(-t sign w) (L-inf); L1
+    greedily, moving the pixels with the largest |w| to their bounds first (a fractional
+    knapsack). Computed in float64. Shape: x (B, ...) -> (B,)."""
+    weight = model[1].weight.detach().double()
+    bias = model[1].bias.detach().double()
+    flat = x.flatten(1).double()
+    logits = flat @ weight.T + bias
+    pred = logits.argmax(1)
+    best = torch.full((len(x),), float("inf"), dtype=torch.float64)
+    low, high = -flat, 1 - flat  # the box for delta
+    for j in range(weight.shape[0]):
+        w = weight[pred] - weight[j]
+        margin = logits.gather(1, pred[:, None]).squeeze(1) - logits[:, j]
+        farthest = torch.where(w > 0, low, high)  # every pixel at its bound against w
+        feasible = (pred != j) & (-(w * farthest).sum(1) >= margin)
+        if norm == "l1":
+            order = w.abs().argsort(1, descending=True)
+            gain_per_unit, room = w.abs().gather(1, order), farthest.abs().gather(1, order)
+            gain, cost = (gain_per_unit * room).cumsum(1), room.cumsum(1)
+            full = (gain < margin[:, None]).sum(1).clamp(max=w.shape[1] - 1)  # pixels at bound
+            before = (full - 1).clamp(min=0)[:, None]
+            gained = torch.where(full > 0, gain.gather(1, before).squeeze(1), 0.0)
+            spent = torch.where(full > 0, cost.gather(1, before).squeeze(1), 0.0)
+            size = spent + (margin - gained) / gain_per_unit.gather(1, full[:, None]).squeeze(1)
+        else:
+            direction = w if norm == "l2" else w.sign()
+            lo, hi = torch.zeros_like(margin), torch.full_like(margin, 1e4)
+            for _ in range(80):
+                t = (lo + hi) / 2
+                enough = -(w * (-t[:, None] * direction).clamp(low, high)).sum(1) >= margin
+                hi, lo = torch.where(enough, t, hi), torch.where(enough, lo, t)
+            delta = (-hi[:, None] * direction).clamp(low, high)
+            size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(1)
+        best = torch.where(feasible, torch.min(best, size), best)
+    return best.float()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import row, write_run
+from helpers import results_with_outcomes, row, write_run
 from torch import nn
 
 from robustlr.attacks.spec import AttackSpec
@@ -107,9 +107,9 @@ def test_every_check_has_cases(tmp_path):
     """Every check run_checks can emit (on results that exercise all of them) has cases here,
     with a failing or warning one and a passing one, or is a placeholder with a reason."""
     emitted = {c.check for c in run_checks(collect_results(runs_dir=_all_rows(tmp_path)))}
-    covered = set(CASES) | set(PLACEHOLDERS) | {"blackbox_weaker"}
+    covered = set(CASES) | set(OUTCOME_CASES) | set(PLACEHOLDERS) | {"blackbox_weaker"}
     assert emitted <= covered, f"checks without bite cases: {sorted(emitted - covered)}"
-    for check, cases in CASES.items():
+    for check, cases in {**CASES, **OUTCOME_CASES}.items():
         statuses = {status for status, _ in cases}
         assert statuses & {"fail", "warn"} and statuses & {"pass", "skip"}, check
 
@@ -182,6 +182,52 @@ def test_blackbox_breaking_a_few_pgd_misses_warns(tmp_path):
 
 def test_blackbox_weaker_than_pgd_passes(tmp_path):
     assert _blackbox_status(tmp_path, [True] * 50 + [False] * 50, [False] * 100) == "pass"
+
+
+# --- gradient_masking: per-example outcomes of black-box and white-box attacks -------------
+
+N_IMAGES, L2_EPS = 100, 1.0
+Broken = dict[str, range]  # attack -> the images it breaks at L2_EPS
+
+
+def _masking_result(name: str, broken: range) -> AttackResult:
+    """``name``'s result at L2_EPS on N_IMAGES images (all correct when clean) that breaks
+    ``broken``; a minimum-norm attack carries norms (L2_EPS / 2 there, 2 L2_EPS elsewhere)."""
+    spec = AttackSpec(name, norm="l2", eps=L2_EPS) if name != "clean" else AttackSpec(name)
+    hit = np.isin(np.arange(N_IMAGES), list(broken))
+    norms = np.where(hit, L2_EPS / 2, 2 * L2_EPS) if spec.info.min_norm else None
+    return AttackResult(spec, ~hit, hit, None, passes=0, seconds=0.0, norms=norms)
+
+
+# check -> [(expected worst status, the images each attack breaks)], judged on results with
+# outcomes files (``helpers.results_with_outcomes``) through run_checks
+OUTCOME_CASES: dict[str, list[tuple[str, Broken]]] = {
+    "gradient_masking": [
+        # Square (score-based) breaks 10 images PGD misses: more than 1% of them
+        ("fail", {"square": range(10), "pgd-untargeted": range(10, 30)}),
+        ("warn", {"square": range(11), "pgd-untargeted": range(1, 30)}),  # only image 0
+        ("pass", {"square": range(10), "pgd-untargeted": range(30)}),
+        # HopSkipJump (decision-based, a minimum-norm attack: judged by its norms)
+        ("fail", {"hopskipjump": range(10), "pgd-untargeted": range(0)}),
+        # FMN (white-box, minimum-norm) breaks them through its norms
+        ("pass", {"hopskipjump": range(10), "pgd-untargeted": range(0), "fmn": range(10)}),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("check", "expected", "broken"),
+    [
+        pytest.param(check, status, broken, id=f"{check}-{status}-{'-'.join(broken)}")
+        for check, cases in OUTCOME_CASES.items()
+        for status, broken in cases
+    ],
+)
+def test_outcome_check_bites(tmp_path, check, expected, broken):
+    results = [_masking_result("clean", range(0))]
+    results += [_masking_result(name, images) for name, images in broken.items()]
+    frame = results_with_outcomes(tmp_path, results, arch="resnet26", mode="adversarial")
+    assert worst_status(c.status for c in run_checks(frame) if c.check == check) == expected
 
 
 # --- checks that need the model ------------------------------------------------------------

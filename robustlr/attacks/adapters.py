@@ -64,8 +64,6 @@ def _settings(spec: AttackSpec, num_classes: int) -> list[tuple[str, dict[str, A
         kw = {"n_queries": spec.queries, "n_restarts": spec.restarts, "p_init": SQUARE_P_INIT}
         return [("Square", {**common, **kw, "resc_schedule": True})]
     if spec.name == "cw":
-        if spec.norm != "l2":
-            raise ValueError("cw is an L2 attack: use norm 'l2' (or apgd-ce / pgd for L-inf)")
         return [("CW", {"c": 1.0, "kappa": 0.0, "steps": spec.steps, "lr": 0.01})]
     if spec.name == "autoattack":
         # torchattacks' APGDT / FAB attack n_classes - 1 targets: pass targets + 1 classes

@@ -200,8 +200,9 @@ _ATTACKS = (
         "torchattacks",
         takes=frozenset({"steps"}),
         bounded=False,
+        norms=("l2",),
         description="Carlini-Wagner L2 (torchattacks CW, c=1, kappa=0, lr=0.01)",
-        example={"eps": 1.0, "norm": "l2", "steps": 3},
+        example={"eps": 1.0, "steps": 3},
     ),
     AttackInfo(
         "autoattack",
