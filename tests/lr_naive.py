@@ -90,3 +90,20 @@ def make_case(B, C, H, W, G, K, s, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed + 1)
     gy = torch.randn(B, C, Ho, Wo, generator=gen, dtype=torch.float64).to(dtype)
     return x, q, k, geo, gy
+
+
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 1e-6
+) -> None:
+    """Elementwise |a - e| <= tol * (|e| + max(max|e|, floor)).
+
+    Relative, with a floor at the tensor's scale, and an absolute floor for tensors that are
+    analytically zero (e.g. absdiff gradients where q lies beyond every key of its window),
+    where rounding noise of 1e-17 must not fail the test.
+    """
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().clamp_min(floor)
+    err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"

@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 cupy = pytest.importorskip("cupy", reason="the cupy backend needs CuPy (robustlr[cuda13])")
 
+from lr_naive import assert_close_rel  # noqa: E402
+
 from robustlr.ops import cupy_backend  # noqa: E402
 
 COMPS = ("sqdiff", "absdiff", "mul")
@@ -43,16 +45,6 @@ def run(x, q, k, geo, gy, K, s, comp, backend):
 def exact(x, q, k, geo, gy, K, s, comp):
     """The reference backend in float64 on the same (already rounded) inputs."""
     return run(*(t.double() for t in (x, q, k, geo, gy)), K, s, comp, "reference")
-
-
-def assert_close_rel(actual, expected, tol, what, floor=1e-6):
-    """Elementwise |a - e| <= tol * (|e| + max(max|e|, floor)) (floor: for all-zero gradients)."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(floor)
-    err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
 def check_against_exact(inputs, K, s, comp, tol, what=""):

@@ -12,7 +12,7 @@ import ctypes
 import pytest
 import torch
 from host_shim.host_launcher import HostLauncher, LaunchError, build_library, host_factory
-from lr_naive import make_case, naive_local_relation, output_and_grads
+from lr_naive import assert_close_rel, make_case, naive_local_relation, output_and_grads
 
 from robustlr.ops import cpu_backend, cupy_backend
 from robustlr.ops.contract import check_inputs
@@ -56,23 +56,6 @@ def naive_results(x, q, k, geo, gy, kernel_size, stride, composability):
     y = naive_local_relation(*leaves, kernel_size, stride, composability)
     grads = torch.autograd.grad(y, leaves, gy.double())
     return [y.detach(), *grads]
-
-
-def assert_close_rel(
-    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 1e-6
-) -> None:
-    """Elementwise |a - e| <= tol * (|e| + max(max|e|, floor)).
-
-    Relative, with a floor at the tensor's scale, and an absolute floor for tensors that are
-    analytically zero (e.g. absdiff gradients where q lies beyond every key of its window),
-    where rounding noise of 1e-17 must not fail the test.
-    """
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(floor)
-    err = ((actual - expected).abs() / (expected.abs() + scale)).max().item()
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
 def check_case(lib, case, dtype=torch.float32, tol=1e-5, seed=0, **kwargs):
