@@ -115,6 +115,26 @@ def test_seeds_make_one_run_per_network_mode_seed(tmp_path: Path) -> None:
     assert one.seed == 0
 
 
+def test_set_seeds_or_one_train_seed_gives_new_runs(tmp_path: Path) -> None:
+    """``--set seeds=[...]`` replaces the study's seeds; ``--set train.seed=N`` asks for seed N
+    alone (issue 21: a rerun with another seed trains new models, the old ones untouched); a
+    network's own seeds stay its own."""
+    recipe_file = _recipe(tmp_path)
+
+    def trains(overrides: list[str]) -> list[str]:
+        stages = plan_stages(load_recipe(recipe_file, overrides))
+        return sorted(s.name for s in stages if s.kind == "train")
+
+    assert trains(["train.seed=7"]) == ["train lrnet26-regular-s5", "train resnet26-regular-s7"]
+    assert trains(["seeds=[7, 8]"]) == [
+        "train lrnet26-regular-s5",
+        "train resnet26-regular-s7",
+        "train resnet26-regular-s8",
+    ]
+    with pytest.raises(RecipeError, match="seeds must be"):
+        load_recipe(recipe_file, ["seeds=[-1]"])
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

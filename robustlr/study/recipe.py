@@ -22,6 +22,7 @@ before it is checked, so they obey the same rules.
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 import types
@@ -40,11 +41,14 @@ from robustlr.settings import SettingError, apply_assignments, parse_assignment
 from robustlr.train.adversarial import AdversarialTraining
 from robustlr.train.config import ConfigError, TrainConfig, resolve
 
+log = logging.getLogger(__name__)
+
 MODES = ("regular", "adversarial")
+SEEDS_KEY = "seeds"  # the study's training seeds (top level; a [[network]] may override them)
 TOP_KEYS = (
     "name",
     "description",
-    "seeds",
+    SEEDS_KEY,
     "data",
     "train",
     "adversarial",
@@ -198,8 +202,17 @@ def apply_overrides(data: dict[str, Any], pairs: Iterable[str]) -> dict[str, Any
             parts, value = parse_assignment(pair)
         except SettingError:
             parts, value = (), None
+        if parts == (SEEDS_KEY,):
+            continue  # the study's training seeds: checked with the recipe (``_seeds``)
         if len(parts) < 2:
-            raise RecipeError(f"--set expects section.key=value, got {pair!r}")
+            raise RecipeError(
+                f"--set expects section.key=value (or {SEEDS_KEY}=[...]), got {pair!r}"
+            )
+        if parts == ("train", "seed") and SEEDS_KEY in data:
+            # one training seed asked for: it replaces the study's list (new run directories,
+            # the runs of the other seeds untouched)
+            log.info("--set train.seed=%r replaces the recipe's %s", value, SEEDS_KEY)
+            data = {k: v for k, v in data.items() if k != SEEDS_KEY}
         if parts[0] == "network":
             raise RecipeError(
                 f"--set {'.'.join(parts)}: a network's keys are set in the recipe file"
@@ -436,7 +449,7 @@ def parse_recipe(data: dict[str, Any], path: Path, overrides: tuple[str, ...] = 
     _check_keys(data_table, DATA_KEYS, f"{where} [data]")
     train = {DATA_KEYS[k]: v for k, v in data_table.items()}
     train.update(_train_layer(_table(data, "train", where), f"{where} [train]"))
-    seeds = _seeds(data.get("seeds"), where)
+    seeds = _seeds(data.get(SEEDS_KEY), where)
     if seeds is not None and "seed" in train:
         raise RecipeError(
             f"{where}: seeds = {list(seeds)} sets the training seeds; remove [train] seed"
