@@ -21,6 +21,7 @@ def test_version_and_help():
     assert result.exit_code == 0 and "bench" in result.output
 
 
+@pytest.mark.slow  # a subprocess (the CLI's import alone is ~3 s of CPU)
 def test_python_dash_m_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "robustlr", "--help"], capture_output=True, text=True, check=True
@@ -46,6 +47,7 @@ def test_bench_op_runs_and_writes_ratios(tmp_path):
     assert all(float(r["total_ms"]) > 0 for r in rows)
 
 
+@pytest.mark.slow  # a subprocess (the CLI's import alone is ~3 s of CPU)
 def test_bad_bench_shape_is_one_line_error_exit_2():
     out = subprocess.run(
         [sys.executable, "-m", "robustlr", "bench", "op", "--shapes", "12x5", "--device", "cpu"],

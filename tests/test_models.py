@@ -184,6 +184,7 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
 # --- sizes: golden, paper, knobs ------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds every model at 224x224 and counts its FLOPs: seconds
 def test_sizes_match_golden():
     want = json.loads(GOLDEN.read_text())
     got = golden_sizes()
@@ -301,6 +302,7 @@ def test_small_input_stem_has_no_downsampling():
 # --- CLI and bench --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # every model's size at 224x224 in a subprocess: seconds each
 def test_models_command_csv():
     from robustlr.cli.models import models
 
@@ -317,6 +319,7 @@ def test_models_command_csv():
     assert by_arch["lrnet50"]["paper_params_m"] == "23.3"
 
 
+@pytest.mark.slow  # every model's size at 224x224 in a subprocess: seconds each
 def test_models_command_other_sizes_have_no_paper_values_and_bad_input_exits_2():
     from robustlr.cli.models import models
 
