@@ -31,6 +31,7 @@ from robustlr.eval.runner import (
     save_outcomes,
     subset_sha256,
 )
+from robustlr.models.fold import fold_batchnorm
 from robustlr.runs import TARGETS, locked_append
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,11 @@ def evaluate_checkpoint(
     ids = torch.as_tensor(list(indices), dtype=torch.int64)
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx else (0, 1)
     targets_dir = out_csv.parent / TARGETS
+    # a checkpoint's model (the toolkit's own architectures) runs with its BatchNorm folded: the
+    # same function without BatchNorm passes; an external model runs as given
+    model = fold_batchnorm(target.model) if isinstance(target, EvalTarget) else target.model
     results = evaluate(
-        target.model,
+        model,
         images[rank::world],
         labels[rank::world],
         specs,
