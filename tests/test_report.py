@@ -19,6 +19,7 @@ from robustlr.eval.runner import AttackResult, save_outcomes
 from robustlr.models import create_model
 from robustlr.report import ReportSettings, build_table9, collect_results, pair_table, run_checks
 from robustlr.report.checks import checks_frame
+from robustlr.report.files import SEEDS_CSV
 from robustlr.report.live_checks import check_determinism
 from robustlr.report.pairs import seed_pair_table
 from robustlr.report.plots import (
@@ -28,7 +29,7 @@ from robustlr.report.plots import (
     report_plots,
 )
 from robustlr.report.results import ResultsError
-from robustlr.report.writers import SEEDS_CSV, to_latex, to_markdown, write_report
+from robustlr.report.writers import to_latex, to_markdown, write_report
 
 EPS = REPORT_EPS
 PNG = b"\x89PNG\r\n\x1a\n"

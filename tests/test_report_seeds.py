@@ -13,9 +13,9 @@ from helpers import write_outcome_run
 from robustlr.attacks.spec import AttackSpec
 from robustlr.eval.stats import paired_difference_bootstrap, seed_image_bootstrap
 from robustlr.report import build_table9, collect_results, make_report
+from robustlr.report.files import PAIRS_CSV, SEED_PAIRS_CSV, SEEDS_CSV, report_file
 from robustlr.report.pairs import NO_DIFFERENCE, pair_table, seed_pair_table
 from robustlr.report.table9 import ReportSettings
-from robustlr.report.writers import PAIRS_CSV, SEED_PAIRS_CSV, SEEDS_CSV, report_file
 
 EPS = 48 / 255
 N = 120

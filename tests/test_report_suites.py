@@ -17,8 +17,8 @@ from robustlr.eval.session import load_eval_images
 from robustlr.models import create_model
 from robustlr.report import ReportSettings, make_report
 from robustlr.report.checks import STATUSES
+from robustlr.report.files import report_file
 from robustlr.report.plots import eps_curves
-from robustlr.report.writers import report_file
 from robustlr.runs import BEST
 
 N = 32

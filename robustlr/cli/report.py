@@ -20,17 +20,11 @@ from robustlr.device import resolve_device
 from robustlr.eval.external import open_external
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
+from robustlr.report.files import CHECKS_CSV, FORMATS, PLOTS_DIR, report_file
 from robustlr.report.pipeline import make_report
 from robustlr.report.robustbench import ROBUSTBENCH_DIR, ROBUSTBENCH_FORMAT, write_robustbench
 from robustlr.report.table9 import ReportSettings, Table9
-from robustlr.report.writers import (
-    CHECKS_CSV,
-    FORMATS,
-    PLOTS_DIR,
-    report_file,
-    rich_table_data,
-    write_frame,
-)
+from robustlr.report.writers import rich_table_data, write_frame
 from robustlr.runs import check_output_path, find_checkpoint
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}

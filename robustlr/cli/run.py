@@ -25,7 +25,7 @@ from robustlr.attacks.spec import AttackSpec
 from robustlr.cli.errors import UsageFailure, command
 from robustlr.cli.report import print_checks, print_pairs, print_table9
 from robustlr.cli.train import _Renderer
-from robustlr.report.writers import report_file
+from robustlr.report.files import report_file
 from robustlr.runs import check_output_path
 from robustlr.study import (
     Stage,

@@ -9,6 +9,13 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, checks_frame
+from robustlr.report.files import (
+    CHECKS_CSV,
+    FORMATS,
+    PAIRS_CSV,
+    SEED_PAIRS_CSV,
+    SEEDS_CSV,
+)
 from robustlr.report.table9 import (
     CELLS,
     REFERENCE_CELLS,
@@ -19,22 +26,6 @@ from robustlr.report.table9 import (
 )
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("csv", "md", "latex")
-SUFFIXES = {"csv": ".csv", "md": ".md", "latex": ".tex"}
-# the report's files in its directory: table9.csv (+ .md twin, or .tex), checks, pairs, plots
-REPORT_STEM = "table9"
-CHECKS_CSV = "checks.csv"
-PAIRS_CSV = "pairs.csv"  # LR-Net vs ResNet per cell: difference over seeds, interval, p-value
-SEED_PAIRS_CSV = "pairs_seeds.csv"  # McNemar per training seed
-SEEDS_CSV = "table9_seeds.csv"  # every seed's value behind every cell
-PLOTS_DIR = "plots"
-
-
-def report_file(directory: str | Path, fmt: str = "csv") -> Path:
-    """Where a report of format ``fmt`` lives in ``directory`` (``table9.csv`` for csv)."""
-    return Path(directory) / f"{REPORT_STEM}{SUFFIXES[fmt]}"
-
 
 HEADERS = {
     "adv_clean": "adv. clean",

@@ -16,13 +16,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robustlr.attacks.spec import AttackSpec
 from robustlr.device import resolve_device
 from robustlr.eval.session import evaluate_checkpoint, open_checkpoint
-from robustlr.report.pipeline import Report, make_report
-from robustlr.report.table9 import ReportSettings
-from robustlr.report.writers import PLOTS_DIR, report_file
 from robustlr.runs import CHECKPOINT, EVAL_CSV, OUTCOMES
 from robustlr.study.recipe import Recipe
 from robustlr.study.stages import (
@@ -54,6 +52,9 @@ from robustlr.study.stages import (
 )
 from robustlr.train import EventSink, TrainResult, resume_config
 from robustlr.train import train as train_engine
+
+if TYPE_CHECKING:
+    from robustlr.report.pipeline import Report
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,12 @@ def eval_stage(stage: Stage, recipe: Recipe, on_eval: EvalProgress | None = None
 def report_stage(recipe: Recipe, out_dir: Path) -> Report:
     """Table 9, paired tests, sanity checks and plots from the study's eval.csv files (the
     same workflow as ``robustlr report``)."""
+    # imported here: the report's scipy and matplotlib cost every training and eval stage
+    # process about 2 s of CPU to import, and only this stage uses them
+    from robustlr.report.files import PLOTS_DIR, report_file
+    from robustlr.report.pipeline import make_report
+    from robustlr.report.table9 import ReportSettings
+
     files = [p for p in eval_csvs(recipe, out_dir) if p.is_file()]
     options = recipe.report
     settings = ReportSettings(

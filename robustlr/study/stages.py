@@ -34,7 +34,7 @@ import torch
 from robustlr.checkpoint import CheckpointError, read_checkpoint
 from robustlr.errors import UserError
 from robustlr.eval.session import file_sha256, with_clean
-from robustlr.report.writers import report_file
+from robustlr.report.files import report_file
 from robustlr.runs import BEST, CHECKPOINT, EVAL_CSV
 from robustlr.study.recipe import Recipe
 from robustlr.train.config import TrainConfig
