@@ -1,13 +1,14 @@
 """Adversarial training as a ``BatchHook``: the paper's targeted multi-step PGD (DESIGN.md §4).
 
 Per batch of B images: a targeted PGD toward a random wrong class (or least-likely, or
-untargeted) with BatchNorm in eval mode and frozen weights while it runs; then the model trains
-on ``[clean part, adversarial part]`` concatenated (ALP's mixed minibatch). ``mix`` is the
-share of clean images in the training batch: 0.5 trains on all B clean images and their B
-adversarial versions (2B images, pairs aligned for logit pairing), 0 on the adversarial images
-only (Xie et al.). ``logit_pairing`` adds lambda * mean squared difference of the paired
-logits (Kannan et al.). ``clean_start_prob`` starts each image's attack from the clean image
-with that probability instead of a uniform random point of the ball.
+untargeted) with BatchNorm in eval mode (folded into the convolutions) and frozen weights while
+it runs; then the model trains on ``[clean part, adversarial part]`` concatenated (ALP's mixed
+minibatch). ``mix`` is the share of clean images in the training batch: 0.5 trains on all B
+clean images and their B adversarial versions (2B images, pairs aligned for logit pairing), 0 on
+the adversarial images only (Xie et al.). ``logit_pairing`` adds lambda * mean squared
+difference of the paired logits (Kannan et al.). ``clean_start_prob`` starts each image's
+attack from the clean image with that probability instead of a uniform random point of the
+ball.
 
 Every random draw (targets, starts) comes from the step's generator, so a resumed run repeats
 the attacks exactly.
@@ -24,6 +25,7 @@ from torch import nn
 from robustlr.attacks.run import run_attack
 from robustlr.attacks.spec import AttackSpec, format_eps
 from robustlr.attacks.threat import threat_model
+from robustlr.models.fold import fold_batchnorm
 from robustlr.train.hooks import BatchHook, Criterion, HookedBatch, StepContext
 
 if TYPE_CHECKING:
@@ -125,7 +127,9 @@ class AdversarialHook(BatchHook):
             keep_clean = torch.rand(len(x), generator=gen, device=on) < s.clean_start_prob
             random_point = ball.init(x, gen) if s.random_start else x
             start = torch.where(keep_clean.to(x.device).view(-1, 1, 1, 1), x, random_point)
-        outcome = run_attack(model, x, y, spec, targets=targets, start=start)
+        # the attack sees the model in eval mode with frozen weights: BatchNorm folded into the
+        # convolutions is the same function, without BatchNorm passes (a copy per step)
+        outcome = run_attack(fold_batchnorm(model), x, y, spec, targets=targets, start=start)
         n_clean = min(len(x), round(len(x) * s.mix / (1 - s.mix))) if s.mix > 0 else 0
         x_train = torch.cat([x[:n_clean], outcome.x_adv.to(x.dtype)])
         return HookedBatch(
