@@ -157,19 +157,72 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
     return (q * b > a) ? q - 1 : q;
 }
 
-// Row pitch (in floats) of a shared tile COLS wide whose rows are read by LR_TILE_W threads at
-// STRIDE apart. At stride 1 a warp reads 16 consecutive floats in each of two rows; they fall in
-// 32 distinct banks (one transaction) when the pitch is 16 modulo 32, so the pitch is padded to
-// that. Other strides keep COLS (their window reads are 2-way bank conflicts).
-// robustlr.ops.cupy_backend.shared_pitch mirrors it.
+// Shared tiles read at a stride (forward, backward query) are stored phase by phase: column c of
+// a row sits at (c % STRIDE) * lr_phase_cols + c / STRIDE, so the 16 threads of a tile row, which
+// read columns tx * STRIDE + b, read 16 consecutive words. A warp covers two tile rows, STRIDE
+// input rows apart; the row pitch is padded so that STRIDE * pitch is 16 modulo 32 words, which
+// puts the two rows' 16 words in 32 distinct banks: every window read is one shared-memory
+// transaction. robustlr.ops.cupy_backend.phase_cols / shared_pitch mirror these.
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_phase_cols() {
+    return (COLS + STRIDE - 1) / STRIDE;
+}
+
 template <int COLS, int STRIDE>
 __host__ __device__ constexpr int lr_pitch() {
+    // the smallest pitch >= STRIDE * lr_phase_cols with STRIDE * pitch = 16 (mod 32); none for
+    // strides that are multiples of 32 (then unpadded)
+    int p = STRIDE * lr_phase_cols<COLS, STRIDE>();
+    for (int extra = 0; extra < 32; ++extra) {
+        if ((STRIDE * (p + extra)) % 32 == 16) return p + extra;
+    }
+    return p;
+}
+
+// Position of column `col` in a phase-ordered row (see above).
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_phase_col(int col) {
+    return (col % STRIDE) * lr_phase_cols<COLS, STRIDE>() + col / STRIDE;
+}
+
+// Row pitch of the backward-input tiles (read at stride 1 by lanes that share words at larger
+// strides): padded to 16 modulo 32 at stride 1, unpadded otherwise.
+// robustlr.ops.cupy_backend.plain_pitch mirrors it.
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_plain_pitch() {
     return STRIDE == 1 ? COLS + (48 - COLS % 32) % 32 : COLS;
 }
 
+// Channels of a group staged in shared memory at once (the window loops run over offsets
+// outside and these channels inside): at most LR_MAX_CHUNK, as many as 48 KB of static shared
+// memory hold next to FIXED floats, at least 1. robustlr.ops.cupy_backend.channel_chunk mirrors it.
+#define LR_MAX_CHUNK 8
+template <int FIXED, int PER>
+__host__ __device__ constexpr int lr_chunk() {
+    return (12288 - FIXED) / PER >= LR_MAX_CHUNK ? LR_MAX_CHUNK
+           : (12288 - FIXED) / PER < 1          ? 1
+                                                : (12288 - FIXED) / PER;
+}
+
 // Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32 (row pitch PITCH), with zeros where the window leaves the plane. All threads of
-// the block take part (tid in [0, LR_THREADS)).
+// memory as fp32 in phase order (lr_phase_col, row pitch lr_pitch), with zeros where the window
+// leaves the plane. All threads of the block take part (tid in [0, LR_THREADS)).
+template <int ROWS, int COLS, int STRIDE, typename T>
+__device__ __forceinline__ void lr_load_phased(float* __restrict__ dst,
+                                               const T* __restrict__ plane, long long r0,
+                                               long long c0, long long H, long long W, int tid) {
+    constexpr int PITCH = lr_pitch<COLS, STRIDE>();
+    for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
+        const int row = e / COLS, col = e % COLS;
+        const long long r = r0 + row, c = c0 + col;
+        dst[row * PITCH + lr_phase_col<COLS, STRIDE>(col)] =
+            (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
+    }
+}
+
+// Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
+// memory as fp32 in plain row order (row pitch PITCH), with zeros where the window leaves the
+// plane. All threads of the block take part.
 template <int ROWS, int COLS, int PITCH, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
                                              long long r0, long long c0, long long H, long long W,
