@@ -7,9 +7,11 @@ derives a time from four resources, each from the kernels themselves, not from a
   (``nvrtc.occupancy``). v3: compiled now through NVRTC (sm_90, fp32); v2: the ptxas figures of
   docs/gpu-kernels.md (its source is no longer built);
 - DRAM: bytes moved (low: every tensor once, halos hit in L2; high: every halo from DRAM), at
-  the lower of the peak bandwidth and what the loads in flight sustain (Little's law): the tile
-  loaders issue one 128-byte warp load at a time (each waits for its shared store; sm_90 SASS),
-  so an SM sustains resident warps x 128 B per DRAM latency;
+  the lower of the peak bandwidth and what the loads in flight sustain (Little's law: an SM
+  sustains resident warps x loads in flight per warp x 128 B per DRAM latency). Loads in flight
+  per warp, from the sm_90 SASS of the tile loaders (runs of LDG before the first STS; command
+  in docs/gpu-kernels.md): v2 1 (its loop's 4-way unrolled body never runs at 2-3 trips, the
+  remainder issues one load per store); v3 min(trips, LR_LOAD_BATCH = 4), 3 at K = 7;
 - shared memory: warp requests of the window reads x transactions per request (the static
   bank-conflict count of ``robustlr.ops.bank_model``; 2 for v2 at stride 1, docs/gpu-kernels.md),
   plus the loaders' stores and v3's grad-geo reduction, at 1 transaction per SM per clock;
@@ -33,6 +35,7 @@ from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.bank_model import window_read_transactions
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
+LOAD_BATCH = 4  # LR_LOAD_BATCH in kernels/lr_common.cuh
 FP32_LANES, MUFU_LANES, WARP_LOAD_BYTES = 128, 16, 128
 TILE_W, TILE_H = cupy_backend.TILE
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
@@ -97,12 +100,25 @@ def v3_usage() -> dict[str, nvrtc.PtxasUsage]:
     return {r.kernel: r.usage for r in rows}
 
 
+def loads_in_flight(kernel: str, version: str) -> int:
+    """Global loads a warp of the tile loader keeps in flight (see the module docstring)."""
+    if version == "v2":
+        return 1
+    if kernel == "lr_backward_input":
+        nc = (K - 1) // S + 1
+        elements = ((TILE_H + S - 2) // S + nc) * ((TILE_W + S - 2) // S + nc)
+    else:
+        elements = ((TILE_H - 1) * S + K) * ((TILE_W - 1) * S + K)
+    return min(-(-elements // (TILE_W * TILE_H)), LOAD_BATCH)
+
+
 def predict(kernel: str, version: str, C: int, H: int, usage: nvrtc.PtxasUsage, conflicts: int):
     """(low us, high us, bound, resident warps per SM) of one kernel at one stage."""
     w, slots = work(kernel, version, C, H)
     blocks, _ = nvrtc.occupancy(usage, "sm_90")
     warps = blocks * TILE_W * TILE_H // 32
-    bandwidth = min(DRAM, SMS * warps * WARP_LOAD_BYTES / LATENCY)
+    in_flight = warps * loads_in_flight(kernel, version) * WARP_LOAD_BYTES
+    bandwidth = min(DRAM, SMS * in_flight / LATENCY)
     warp_slots = slots / 32
     smem = warp_slots * (w.window_reads * conflicts + w.other_shared) / (SMS * CLOCK)
     fp32 = slots * w.fp32 / (SMS * FP32_LANES * CLOCK)
@@ -120,9 +136,9 @@ def main() -> None:
         "v2": {k: (nvrtc.PtxasUsage(r, 0, 0, 0, s), c) for k, (r, s, c) in V2.items()},
         "v3": {k: (usage[k], window_read_transactions(k, K, S)) for k in KERNELS},
     }
-    print("| stage (CxHxW) | kernel | version | registers | warps/SM | transactions/read "
-          "| bound by | predicted us |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| stage (CxHxW) | kernel | version | registers | warps/SM | loads in flight/warp "
+          "| transactions/read | bound by | predicted us |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     totals: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for C, H in SHAPES:
         for kernel in KERNELS:
@@ -132,7 +148,8 @@ def main() -> None:
                 direction = "forward" if kernel == "lr_forward" else "backward"
                 totals.setdefault((f"{C}x{H}x{H}", version), []).append((direction, low, high))
                 print(f"| {C}x{H}x{H} | {kernel} | {version} | {u.registers} | {warps} "
-                      f"| {conflicts} | {bound} | {low:.0f}-{high:.0f} |")  # fmt: skip
+                      f"| {loads_in_flight(kernel, version)} | {conflicts} | {bound} "
+                      f"| {low:.0f}-{high:.0f} |")  # fmt: skip
     print()
     print("| stage | version | forward floor us | forward predicted us | x floor "
           "| backward floor us | backward predicted us | x floor |")  # fmt: skip

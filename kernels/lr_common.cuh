@@ -204,36 +204,56 @@ __host__ __device__ constexpr int lr_chunk() {
                                                 : (12288 - FIXED) / PER;
 }
 
+// Most global loads a thread of the tile loader keeps in flight (registers it holds for them).
+#define LR_LOAD_BATCH 4
+
 // Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32 in phase order (lr_phase_col, row pitch lr_pitch), with zeros where the window
-// leaves the plane. All threads of the block take part (tid in [0, LR_THREADS)).
+// memory as fp32, with zeros where the window leaves the plane; element (row, col) goes to
+// row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col). All threads of the block take
+// part (tid in [0, LR_THREADS)). Pipelined: the trip count is a constant, and each thread
+// issues a batch of up to LR_LOAD_BATCH global loads before the first of their shared stores,
+// so a warp waits for one memory latency per batch instead of one per element.
+template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, typename T>
+__device__ __forceinline__ void lr_load_rows(float* __restrict__ dst, const T* __restrict__ plane,
+                                             long long r0, long long c0, long long H,
+                                             long long W, int tid) {
+    constexpr int N = ROWS * COLS;
+    constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
+    constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
+#pragma unroll 1
+    for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
+        float v[BATCH];
+#pragma unroll
+        for (int t = 0; t < BATCH; ++t) {
+            const int e = tid + (t0 + t) * LR_THREADS;
+            const long long r = r0 + e / COLS, c = c0 + e % COLS;
+            v[t] = (e < N && r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c)
+                                                                 : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < BATCH; ++t) {
+            const int e = tid + (t0 + t) * LR_THREADS;
+            const int row = e / COLS, col = e % COLS;
+            if (e < N) dst[row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)] = v[t];
+        }
+    }
+}
+
+// A tile read at STRIDE by the window loops: phase order, row pitch lr_pitch.
 template <int ROWS, int COLS, int STRIDE, typename T>
 __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst,
                                                const T* __restrict__ plane, long long r0,
                                                long long c0, long long H, long long W, int tid) {
-    constexpr int PITCH = lr_pitch<COLS, STRIDE>();
-    for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
-        const int row = e / COLS, col = e % COLS;
-        const long long r = r0 + row, c = c0 + col;
-        dst[row * PITCH + lr_phase_col<COLS, STRIDE>(col)] =
-            (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
-    }
+    lr_load_rows<ROWS, COLS, STRIDE, lr_pitch<COLS, STRIDE>(), true>(dst, plane, r0, c0, H, W,
+                                                                      tid);
 }
 
-// Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32 in plain row order (row pitch PITCH), with zeros where the window leaves the
-// plane. All threads of the block take part.
+// A tile in plain row order with row pitch PITCH.
 template <int ROWS, int COLS, int PITCH, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
                                              long long r0, long long c0, long long H, long long W,
                                              int tid) {
-    for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
-        const long long r = r0 + e / COLS;
-        const long long c = c0 + e % COLS;
-        // row e / COLS starts at (e / COLS) * PITCH (written so that PITCH == COLS costs nothing)
-        dst[e + (e / COLS) * (PITCH - COLS)] =
-            (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
-    }
+    lr_load_rows<ROWS, COLS, 1, PITCH, false>(dst, plane, r0, c0, H, W, tid);
 }
 
 // Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works
