@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import re
+import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import pytest
 from host_shim.host_launcher import _cache_dir
@@ -140,3 +145,58 @@ def test_bank_conflict_model_sees_conflicts():
     assert transactions([ty * 22 + tx for ty in (0, 1) for tx in range(16)]) == 2
     assert transactions([ty * 48 + tx for ty in (0, 1) for tx in range(16)]) == 1
     assert transactions([0] * 32) == 1  # a broadcast
+
+
+# ---- the tile loader's global loads, in the SASS ----------------------------------------------
+
+# A kernel that only runs the tile loader once: the forward's k / x tile at K = 7, stride 1
+# (14 x 22 elements: 3 trips of 128 threads).
+_LOADER_PROBE = """
+__global__ void lr_probe_loader(const float* __restrict__ plane, float* __restrict__ out,
+                                long long H, long long W) {
+    LR_SHARED(float, s, 14 * 48);
+    const int tid = threadIdx.y * LR_TILE_W + threadIdx.x;
+    lr_load_phased<14, 22, 1>(s, plane, -3, -3, H, W, tid);
+    __syncthreads();
+    out[tid] = s[(tid * 5) % (14 * 48)];
+}
+"""
+
+
+def _nvdisasm() -> str | None:
+    """nvdisasm from PATH or from the triton package that the CUDA build of torch installs."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return str(path) if path.exists() else None
+
+
+def ldg_runs(sass: str) -> list[int]:
+    """Lengths of the runs of global loads (LDG) between shared stores / barriers (STS, BAR)."""
+    runs, current = [], 0
+    for op in re.findall(r"\b(LDG|STS|BAR)\b", sass):
+        if op == "LDG":
+            current += 1
+        elif current:
+            runs.append(current)
+            current = 0
+    return runs + ([current] if current else [])
+
+
+def test_tile_loader_issues_its_loads_before_its_stores(tmp_path):
+    """lr_load_rows keeps a batch of global loads in flight per thread (one memory latency per
+    batch, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 3-trip tile is
+    one run of 3 LDG, where v2's loop issued one load per shared store (runs of 1)."""
+    nvdisasm = _nvdisasm()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    source = nvrtc.load_kernel_source("lr_common.cuh") + _LOADER_PROBE
+    prog = nvrtc.compile_source(source, ["lr_probe_loader"], "sm_90")
+    cubin = tmp_path / "probe.cubin"
+    cubin.write_bytes(prog.binary)
+    sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True)
+    assert ldg_runs(sass.stdout) == [3]
