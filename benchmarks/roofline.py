@@ -29,13 +29,17 @@ MUFU lanes per SM.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.bank_model import window_read_transactions
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
-LOAD_BATCH = 4  # LR_LOAD_BATCH in kernels/lr_common.cuh
+#: Global loads per thread the v3 tile loader issues before its stores (read from the kernel).
+LOAD_BATCH = int(
+    re.search(r"#define LR_LOAD_BATCH (\d+)", nvrtc.load_kernel_source("lr_common.cuh")).group(1)
+)
 FP32_LANES, MUFU_LANES, WARP_LOAD_BYTES = 128, 16, 128
 TILE_W, TILE_H = cupy_backend.TILE
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
