@@ -8,7 +8,8 @@
 #    (the bench CLI has no dtype option yet, so no bf16 model row);
 # 5. a short PGD-16 adversarial-training throughput run of lrnet26 and resnet26;
 # and prints one table of what ran, its status and where its output is. Without a GPU it runs
-# the CPU-side parts (the emulator and ptxas-budget tests, the ptxas report) and marks the GPU
+# the CPU-side parts (the emulator and ptxas-budget tests, the ptxas report, the roofline
+# prediction that bench op's figures are to be compared with) and marks the GPU
 # parts "skipped (no CUDA device)".
 set -uo pipefail
 out=${1:-bench-gpu}
@@ -39,6 +40,7 @@ step "emulator + budget tests (CPU)" "$out/cpu-tests.log" \
     "$py" -m pytest -q tests/test_kernels_host.py tests/test_kernels_emulator.py \
     tests/test_kernels_budget.py tests/test_kernels_planning.py tests/test_kernels_nvrtc.py
 step "ptxas report (NVRTC)" "$out/ptxas.md" "$py" benchmarks/ptxas_report.py
+step "roofline prediction (to set beside bench op)" "$out/roofline.md" "$py" benchmarks/roofline.py
 
 # ---- GPU parts ----------------------------------------------------------------------------------
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

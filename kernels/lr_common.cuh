@@ -157,30 +157,103 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
     return (q * b > a) ? q - 1 : q;
 }
 
-// Row pitch (in floats) of a shared tile COLS wide whose rows are read by LR_TILE_W threads at
-// STRIDE apart. At stride 1 a warp reads 16 consecutive floats in each of two rows; they fall in
-// 32 distinct banks (one transaction) when the pitch is 16 modulo 32, so the pitch is padded to
-// that. Other strides keep COLS (their window reads are 2-way bank conflicts).
-// robustlr.ops.cupy_backend.shared_pitch mirrors it.
+// Shared tiles read at a stride (forward, backward query) are stored phase by phase: column c of
+// a row sits at (c % STRIDE) * lr_phase_cols + c / STRIDE, so the 16 threads of a tile row, which
+// read columns tx * STRIDE + b, read 16 consecutive words. A warp covers two tile rows, STRIDE
+// input rows apart; the row pitch is padded so that STRIDE * pitch is 16 modulo 32 words, which
+// puts the two rows' 16 words in 32 distinct banks: every window read is one shared-memory
+// transaction. robustlr.ops.cupy_backend.phase_cols / shared_pitch mirror these.
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_phase_cols() {
+    return (COLS + STRIDE - 1) / STRIDE;
+}
+
 template <int COLS, int STRIDE>
 __host__ __device__ constexpr int lr_pitch() {
+    // the smallest pitch >= STRIDE * lr_phase_cols with STRIDE * pitch = 16 (mod 32); none for
+    // strides that are multiples of 32 (then unpadded)
+    int p = STRIDE * lr_phase_cols<COLS, STRIDE>();
+    for (int extra = 0; extra < 32; ++extra) {
+        if ((STRIDE * (p + extra)) % 32 == 16) return p + extra;
+    }
+    return p;
+}
+
+// Position of column `col` in a phase-ordered row (see above).
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_phase_col(int col) {
+    return (col % STRIDE) * lr_phase_cols<COLS, STRIDE>() + col / STRIDE;
+}
+
+// Row pitch of the backward-input tiles (read at stride 1 by lanes that share words at larger
+// strides): padded to 16 modulo 32 at stride 1, unpadded otherwise.
+// robustlr.ops.cupy_backend.plain_pitch mirrors it.
+template <int COLS, int STRIDE>
+__host__ __device__ constexpr int lr_plain_pitch() {
     return STRIDE == 1 ? COLS + (48 - COLS % 32) % 32 : COLS;
 }
 
+// Channels of a group staged in shared memory at once (the window loops run over offsets
+// outside and these channels inside): at most LR_MAX_CHUNK, as many as 48 KB of static shared
+// memory hold next to FIXED floats, at least 1. robustlr.ops.cupy_backend.channel_chunk mirrors it.
+#define LR_MAX_CHUNK 8
+template <int FIXED, int PER>
+__host__ __device__ constexpr int lr_chunk() {
+    return (12288 - FIXED) / PER >= LR_MAX_CHUNK ? LR_MAX_CHUNK
+           : (12288 - FIXED) / PER < 1          ? 1
+                                                : (12288 - FIXED) / PER;
+}
+
+// Most global loads a thread of the tile loader keeps in flight (registers it holds for them).
+#define LR_LOAD_BATCH 4
+
 // Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32 (row pitch PITCH), with zeros where the window leaves the plane. All threads of
-// the block take part (tid in [0, LR_THREADS)).
+// memory as fp32, with zeros where the window leaves the plane; element (row, col) goes to
+// row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col). All threads of the block take
+// part (tid in [0, LR_THREADS)). Pipelined: the trip count is a constant, and each thread
+// issues a batch of up to LR_LOAD_BATCH global loads before the first of their shared stores,
+// so a warp waits for one memory latency per batch instead of one per element.
+template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, typename T>
+__device__ __forceinline__ void lr_load_rows(float* __restrict__ dst, const T* __restrict__ plane,
+                                             long long r0, long long c0, long long H,
+                                             long long W, int tid) {
+    constexpr int N = ROWS * COLS;
+    constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
+    constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
+#pragma unroll 1
+    for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
+        float v[BATCH];
+#pragma unroll
+        for (int t = 0; t < BATCH; ++t) {
+            const int e = tid + (t0 + t) * LR_THREADS;
+            const long long r = r0 + e / COLS, c = c0 + e % COLS;
+            v[t] = (e < N && r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c)
+                                                                 : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < BATCH; ++t) {
+            const int e = tid + (t0 + t) * LR_THREADS;
+            const int row = e / COLS, col = e % COLS;
+            if (e < N) dst[row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)] = v[t];
+        }
+    }
+}
+
+// A tile read at STRIDE by the window loops: phase order, row pitch lr_pitch.
+template <int ROWS, int COLS, int STRIDE, typename T>
+__device__ __forceinline__ void lr_load_phased(float* __restrict__ dst,
+                                               const T* __restrict__ plane, long long r0,
+                                               long long c0, long long H, long long W, int tid) {
+    lr_load_rows<ROWS, COLS, STRIDE, lr_pitch<COLS, STRIDE>(), true>(dst, plane, r0, c0, H, W,
+                                                                      tid);
+}
+
+// A tile in plain row order with row pitch PITCH.
 template <int ROWS, int COLS, int PITCH, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
                                              long long r0, long long c0, long long H, long long W,
                                              int tid) {
-    for (int e = tid; e < ROWS * COLS; e += LR_THREADS) {
-        const long long r = r0 + e / COLS;
-        const long long c = c0 + e % COLS;
-        // row e / COLS starts at (e / COLS) * PITCH (written so that PITCH == COLS costs nothing)
-        dst[e + (e / COLS) * (PITCH - COLS)] =
-            (r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c) : 0.0f;
-    }
+    lr_load_rows<ROWS, COLS, 1, PITCH, false>(dst, plane, r0, c0, H, W, tid);
 }
 
 // Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works

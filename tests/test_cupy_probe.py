@@ -74,9 +74,9 @@ def test_forced_cupy_is_not_probed(broken_cupy, monkeypatch):
 
 
 def test_windows_beyond_the_shared_memory_limit_fall_back(monkeypatch):
-    """K = 13 at stride 6 needs more than 48 KB of static shared memory, K = 15 is past the
+    """K = 13 at stride 5 needs more than 48 KB of static shared memory, K = 15 is past the
     kernels' largest window: the automatic choice skips cupy for them (not for K = 13 at stride
-    5), a forced cupy says why, the op itself refuses them."""
+    4), a forced cupy says why, the op itself refuses them."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     entries = [
         dataclasses.replace(e, supports=lambda d, t, q: (True, ""), probe=None)
@@ -86,16 +86,16 @@ def test_windows_beyond_the_shared_memory_limit_fall_back(monkeypatch):
     ]
     monkeypatch.setattr(dispatch, "BACKEND_TABLE", tuple(entries))
     cpu = torch.device("cpu")
-    assert dispatch.resolve_backend(cpu, None, torch.float32, 1, (13, 5)) == "cupy"
-    assert dispatch.resolve_backend(cpu, None, torch.float32, 1, (13, 6)) != "cupy"
+    assert dispatch.resolve_backend(cpu, None, torch.float32, 1, (13, 4)) == "cupy"
+    assert dispatch.resolve_backend(cpu, None, torch.float32, 1, (13, 5)) != "cupy"
     assert dispatch.resolve_backend(cpu, None, torch.float32, 1, (15, 1)) != "cupy"
-    with pytest.raises(RuntimeError, match="shared memory per block at kernel_size=13, stride=6"):
-        dispatch.resolve_backend(cpu, "cupy", torch.float32, 1, (13, 6))
+    with pytest.raises(RuntimeError, match="shared memory per block at kernel_size=13, stride=5"):
+        dispatch.resolve_backend(cpu, "cupy", torch.float32, 1, (13, 5))
     with pytest.raises(RuntimeError, match="kernel_size <= 13, got 15"):
         dispatch.resolve_backend(cpu, "cupy", torch.float32, 1, (15, 1))
     from robustlr.ops.contract import check_inputs
 
-    for K, s in [(13, 6), (15, 1)]:
+    for K, s in [(13, 5), (15, 1)]:
         x, q, k, geo = (t.float() for t in random_inputs(1, 2, 3, 3, 1, K, s))
         shape = check_inputs(x, q, k, geo, K, s, "sqdiff")
         with pytest.raises(ValueError, match="'cupy' kernels"):

@@ -70,7 +70,8 @@ def check_case(lib, case, dtype=torch.float32, tol=1e-5, seed=0, **kwargs):
 
 
 # (B, C, H, W, G, K, stride, composability): every (K, stride) pair of {3,5,7,9} x {1,2,3},
-# ragged last groups (C not divisible by m), m = 1, images smaller than the window.
+# ragged last groups (C not divisible by m), m = 1, images smaller than the window, m larger
+# than the kernels' channel chunk.
 CASES = [
     (2, 6, 7, 8, 3, 3, 1, "sqdiff"),
     (1, 9, 7, 9, 3, 3, 2, "absdiff"),
@@ -84,6 +85,10 @@ CASES = [
     (1, 7, 4, 3, 3, 9, 1, "sqdiff"),  # m = 3, ragged, image smaller than the window
     (1, 2, 3, 2, 2, 9, 2, "mul"),  # tiny image, m = 1
     (1, 6, 8, 8, 2, 9, 3, "sqdiff"),
+    # m = 10 > the 8 channels the kernels stage at once (lr_chunk): chunks of 8 + 2 and, in the
+    # ragged last group of 9, 8 + 1
+    (1, 19, 9, 10, 2, 3, 1, "sqdiff"),
+    (1, 19, 7, 9, 2, 5, 2, "mul"),
 ]
 
 
@@ -152,7 +157,7 @@ def test_largest_supported_stride_matches_naive(lib, kernel_size):
     back with that reason)."""
     assert cupy_backend.MAX_KERNEL_SIZE == 13
     largest = max(s for s in range(1, 40) if cupy_backend.kernels_fit(kernel_size, s)[0])
-    assert largest == {3: 6, 13: 5}[kernel_size]  # built into host_launchers.cpp
+    assert largest == {3: 7, 13: 4}[kernel_size]  # built into host_launchers.cpp
     check_case(lib, (1, 3, 9, 8, 2, kernel_size, largest, "sqdiff"), seed=37)
     ok, reason = cupy_backend.kernels_fit(kernel_size, largest + 1)
     assert not ok and "shared memory" in reason and "reference" in reason
@@ -220,6 +225,24 @@ def test_grid_size_does_not_change_results(lib):
     for name, a, b in zip(NAMES[:4], got[:4], base[:4], strict=True):
         assert torch.equal(a, b), name
     assert_close_rel(got[4], base[4], 1e-6, "geo")
+
+
+def test_grad_geo_is_bitwise_reproducible(lib):
+    """lr_backward_query reduces grad geo in a fixed order (each window row through shared
+    memory, then the block's tiles and channel chunks in order, then torch.sum over the blocks):
+    repeated runs give the same bits although the emulator interleaves the block's threads and
+    its two concurrent blocks differently every time. Two tiles per block."""
+    x, q, k, geo, gy = make_case(1, 16, 16, 32, 8, 3, 1, seed=11)
+    needs = (False, False, False, True)
+    runs = [
+        backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff", needs=needs, multiprocessors=1)[4]
+        for _ in range(3)
+    ]
+    assert backend_run.made[-1].records[0].config.grid == (16, 1, 1)  # 2 chunks x 8 groups
+    want = naive_results(x, q, k, geo, gy, 3, 1, "sqdiff")[4]
+    assert_close_rel(runs[0], want, 1e-5, "geo")
+    for again in runs[1:]:
+        assert torch.equal(again, runs[0])
 
 
 def test_query_chunking_from_sm_count(lib):

@@ -10,8 +10,9 @@ output is always contiguous NCHW. q and k are cast to x's dtype and geo to fp32 
 gradients come back in each input's own dtype. Tensors are handed to the kernels as raw device
 pointers (which also works for bf16, which ``__cuda_array_interface__`` cannot describe).
 
-Forward saves x, q, k, geo (the prepared copies) and a per-(b, g, i, j) fp32 log-sum-exp.
-Backward runs two gather kernels, no atomics: ``lr_backward_query`` (grad q, D = sum gy * y, and
+Forward saves x, q, k, geo (the prepared copies), its output y and a per-(b, g, i, j) fp32
+log-sum-exp. Backward runs two gather kernels, no atomics: ``lr_backward_query`` (grad q,
+D = sum gy * y from the saved y, and
 one partial sum of grad geo per block, reduced afterwards by ``torch.sum``, so grad geo is
 deterministic for a given GPU) and ``lr_backward_input`` (grad x and grad k). Its grid is sized
 from the device's SM count (``query_chunks``).
@@ -69,38 +70,76 @@ MAX_BLOCKS = (1 << 31) - 1
 THREADS_PER_SM = 2048
 #: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
 MAX_STATIC_SHARED = 48 * 1024
-#: Largest window of the kernels: their window loops are unrolled with K * K-float arrays per
-#: thread; at K = 13 NVRTC takes about a minute and ptxas spills, at K = 39 it had not finished
-#: after 15 minutes (docs/gpu-kernels.md).
+#: Largest window of the kernels: the one the emulator tests cover against the float64 loop
+#: (lr_backward_query's row reduction allows K <= 16; docs/gpu-kernels.md).
 MAX_KERNEL_SIZE = 13
 
 
+#: Most channels of a group the kernels stage in shared memory at once (LR_MAX_CHUNK).
+MAX_CHANNEL_CHUNK = 8
+#: Pitch of lr_backward_query's per-row dlogit buffer (LR_RED_PITCH).
+RED_PITCH = TILE[0] * TILE[1] + 8
+
+
+def phase_cols(cols: int, stride: int) -> int:
+    """Columns of one phase of a phase-ordered shared row (``lr_phase_cols``)."""
+    return -(-cols // stride)
+
+
 def shared_pitch(cols: int, stride: int) -> int:
-    """Row pitch (floats) of a shared tile ``cols`` wide (``lr_pitch`` in lr_common.cuh): at
-    stride 1 padded to 16 modulo 32, so that a warp's window read (16 consecutive floats in each
-    of two rows) touches 32 distinct banks; other strides keep ``cols``."""
+    """Row pitch (floats) of a phase-ordered shared tile ``cols`` wide read at ``stride``
+    (``lr_pitch`` in lr_common.cuh): the smallest pitch >= stride * phase_cols with
+    stride * pitch = 16 (mod 32), so that a warp's window read (16 consecutive words in each of
+    two rows ``stride`` input rows apart) touches 32 distinct banks."""
+    p = stride * phase_cols(cols, stride)
+    for extra in range(32):
+        if stride * (p + extra) % 32 == 16:
+            return p + extra
+    return p
+
+
+def phase_col(col: int, cols: int, stride: int) -> int:
+    """Position of column ``col`` in a phase-ordered row (``lr_phase_col``)."""
+    return (col % stride) * phase_cols(cols, stride) + col // stride
+
+
+def plain_pitch(cols: int, stride: int) -> int:
+    """Row pitch of lr_backward_input's tiles (``lr_plain_pitch``): 16 modulo 32 at stride 1,
+    unpadded otherwise."""
     return cols + (48 - cols % 32) % 32 if stride == 1 else cols
+
+
+def channel_chunk(fixed: int, per: int) -> int:
+    """Channels staged at once (``lr_chunk``): as many tiles of ``per`` floats as fit next to
+    ``fixed`` floats in 48 KB, between 1 and MAX_CHANNEL_CHUNK."""
+    return max(1, min(MAX_CHANNEL_CHUNK, (MAX_STATIC_SHARED // 4 - fixed) // per))
+
+
+def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, int]:
+    """(floats of one staged tile, channels staged at once, other shared floats) of one kernel
+    instantiation, as declared in kernels/local_relation.cu."""
+    K, S = kernel_size, stride
+    if kernel in ("lr_forward", "lr_backward_query"):
+        in_h = (TILE[1] - 1) * S + K  # input tile with its halo, rows x pitch
+        tile = in_h * shared_pitch((TILE[0] - 1) * S + K, S)
+        # forward: s_k, s_x, s_geo; backward_query: s_k, s_x, s_geo, s_row, s_part, s_gacc
+        reduction = 0 if kernel == "lr_forward" else K * K + K * RED_PITCH + K * 8
+        fixed = tile + K * K + reduction
+    elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
+        nc = (K - 1) // S + 1
+        out_h = (TILE[1] + S - 2) // S + nc
+        tile = out_h * plain_pitch((TILE[0] + S - 2) // S + nc, S)
+        fixed = 3 * tile + K * K
+    else:
+        raise KeyError(kernel)
+    return tile, channel_chunk(fixed, tile), fixed
 
 
 def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of the ``__shared__`` arrays of one kernel instantiation, as declared in
     kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas)."""
-    K, S = kernel_size, stride
-    threads = TILE[0] * TILE[1]
-    in_h = (TILE[1] - 1) * S + K  # input tile with its halo, rows x pitch
-    in_w = shared_pitch((TILE[0] - 1) * S + K, S)
-    if kernel == "lr_forward":  # s_in, s_geo
-        floats = in_h * in_w + K * K
-    elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_red, s_part
-        floats = 2 * in_h * in_w + K * K + threads // 16 * threads + threads
-    elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
-        nc = (K - 1) // S + 1
-        out_h = (TILE[1] + S - 2) // S + nc
-        out_w = shared_pitch((TILE[0] + S - 2) // S + nc, S)
-        floats = 4 * out_h * out_w + K * K
-    else:
-        raise KeyError(kernel)
-    return 4 * floats
+    tile, chunk, fixed = kernel_tiles(kernel, kernel_size, stride)
+    return 4 * (fixed + chunk * tile)
 
 
 def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
@@ -326,7 +365,7 @@ class _LocalRelationCupy(torch.autograd.Function):
         if config is not None:
             with launcher.context():
                 launcher.launch(config, (xc, qc, kc, geoc, y, lse, *_sizes(shape), comp))
-        ctx.save_for_backward(xc, qc, kc, geoc, lse)
+        ctx.save_for_backward(xc, qc, kc, geoc, lse, y)
         ctx.shape = shape
         ctx.composability = composability
         ctx.input_dtypes = dtypes
@@ -336,7 +375,7 @@ class _LocalRelationCupy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, q, k, geo, lse = ctx.saved_tensors
+        x, q, k, geo, lse, y = ctx.saved_tensors
         shape: LocalRelationShape = ctx.shape
         q_dtype, k_dtype, geo_dtype = ctx.input_dtypes
         need_x, need_q, need_k, need_geo = ctx.needs_input_grad[:4]
@@ -361,7 +400,21 @@ class _LocalRelationCupy(torch.autograd.Function):
             if (need_q or need_k or need_geo) and query is not None:
                 launcher.launch(
                     query,
-                    (x, q, k, geo, lse, gy, gq, dsum, geo_partial, *sizes, np.int64(nchunks), comp),
+                    (
+                        x,
+                        q,
+                        k,
+                        geo,
+                        lse,
+                        y,
+                        gy,
+                        gq,
+                        dsum,
+                        geo_partial,
+                        *sizes,
+                        np.int64(nchunks),
+                        comp,
+                    ),
                 )
             if (need_x or need_k) and inputs is not None:
                 launcher.launch(inputs, (x, q, k, geo, lse, dsum, gy, gx, gk, *sizes, comp))

@@ -106,7 +106,7 @@ const std::vector<Entry>& registry() {
         LR_ENTRIES(float, 13, 1), LR_ENTRIES(float, 13, 2), LR_ENTRIES(float, 13, 3),
         // the largest stride whose kernels fit 48 KB of static shared memory at K = 13 and 3
         // (cupy_backend.kernels_fit)
-        LR_ENTRIES(float, 13, 5), LR_ENTRIES(float, 3, 6),
+        LR_ENTRIES(float, 13, 4), LR_ENTRIES(float, 3, 7),
         LR_ENTRIES(lr_half, 9, 2), LR_ENTRIES(lr_half, 11, 1), LR_ENTRIES(lr_half, 13, 3),
         LR_ENTRIES(lr_bf16, 9, 3), LR_ENTRIES(lr_bf16, 11, 2), LR_ENTRIES(lr_bf16, 13, 1),
         LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 3, 2), LR_ENTRIES(lr_half, 5, 2),
