@@ -17,7 +17,7 @@ from helpers import cli_command, cli_env, run_cli
 
 from robustlr.study import load_recipe, plan_stages
 from robustlr.study.scheduler import jobs_and_threads, run_scheduled
-from robustlr.study.stages import StudyError
+from robustlr.study.stages import StudyError, critical_paths
 
 TINY = """
 name = "tiny-seeds"
@@ -110,8 +110,30 @@ def test_stages_start_once_their_dependencies_are_done(tmp_path: Path) -> None:
     assert position[("start", "report")] > last_eval_end
     with (tmp_path / "study" / "logs" / "stages.csv").open(newline="") as fh:
         assert sorted(r["stage"] for r in csv.DictReader(fh)) == sorted(names)
-    # trains run side by side: the first three starts are trainings
-    assert [name.split()[0] for _, name in fake.log[:3]] == ["train", "advtrain", "train"]
+    # trains run side by side, the longest chains first: both adversarial trainings (3.2 regular
+    # trainings each, plus their evals), then a regular one
+    assert [name for _, name in fake.log[:3]] == [
+        "advtrain resnet26-adversarial-s0",
+        "advtrain resnet26-adversarial-s1",
+        "train resnet26-regular-s0",
+    ]
+
+
+def test_critical_paths_start_the_longest_chains_first() -> None:
+    """In the digits study, a seed-0 training (whose eval carries the sweeps) outranks a seed-1
+    training of the same kind, an adversarial training a regular one of the same seed, and an
+    eval with the sweeps one without; the report comes last."""
+    recipe = load_recipe("table9-digits")
+    plan = plan_stages(recipe)
+    paths = critical_paths(plan, recipe)
+    assert paths["train lrnet26-regular-s0"] > paths["train lrnet26-regular-s1"]
+    assert paths["advtrain lrnet26-adversarial-s0"] > paths["advtrain lrnet26-adversarial-s1"]
+    assert paths["advtrain lrnet26-adversarial-s1"] > paths["train lrnet26-regular-s1"]
+    assert paths["eval lrnet26-regular-s0"] > 3 * paths["eval lrnet26-regular-s1"] / 2
+    # a training's chain is its cost plus its eval's chain
+    train, evaluation = "train resnet26-regular-s0", "eval resnet26-regular-s0"
+    assert paths[train] == pytest.approx(1.0 + paths[evaluation])
+    assert min(paths, key=paths.__getitem__) == "report"
 
 
 def test_a_failed_stage_stops_its_dependents_and_is_named(tmp_path: Path) -> None:

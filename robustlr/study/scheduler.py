@@ -35,6 +35,7 @@ from robustlr.study.stages import (
     StageStatus,
     StudyError,
     claim_study_folder,
+    critical_paths,
     dependencies,
     plan_stages,
     refuse_conflicts,
@@ -280,16 +281,17 @@ def run_scheduled(
         failure = ""
         started: dict[str, float] = {}
 
+        paths = critical_paths(plan, recipe)
+
         def ready(stage: Stage) -> bool:
             return all(d.name in finished for d in dependencies(stage, plan))
 
         try:
             while waiting or running:
                 if not failure:
-                    # evals and the report first (they are short and end the study), then trains
+                    # the longest chain of remaining work first (critical_paths)
                     for stage in sorted(
-                        (s for s in waiting if ready(s)),
-                        key=lambda s: s.kind not in ("eval", "report"),
+                        (s for s in waiting if ready(s)), key=lambda s: -paths[s.name]
                     ):
                         if len(running) >= executor.slots:
                             break

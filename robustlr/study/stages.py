@@ -118,6 +118,34 @@ def dependencies(stage: Stage, stages: list[Stage]) -> list[Stage]:
     return []
 
 
+#: A stage's expected cost in regular trainings, from the digits study's stage-seconds
+#: (docs/study.md): an adversarial training (PGD-3, mix 0.5) costs about 3.2 regular ones, an
+#: eval about a quarter of one per attack it runs (4 attacks ~1, 17 with the sweeps ~4.6).
+TRAINING_COST = {"train": 1.0, "advtrain": 3.2}
+EVAL_COST_PER_ATTACK = 0.25
+REPORT_COST = 0.25
+
+
+def stage_cost(stage: Stage, recipe: Recipe) -> float:
+    """The expected cost of ``stage`` (see :data:`TRAINING_COST`), for scheduling only."""
+    if stage.kind == "eval":
+        return EVAL_COST_PER_ATTACK * len(recipe.eval.attacks_for(stage.seed))
+    return TRAINING_COST.get(stage.kind, REPORT_COST)
+
+
+def critical_paths(stages: list[Stage], recipe: Recipe) -> dict[str, float]:
+    """Per stage name: its cost plus the costliest chain of stages that wait on it. Starting
+    the longest chains first keeps every core busy to the end (critical-path scheduling): a
+    seed-0 training, whose eval carries the sweeps, goes before a cheaper one."""
+    paths: dict[str, float] = {}
+    for stage in reversed(stages):  # dependents come later in the plan
+        waiting = [s for s in stages if stage in dependencies(s, stages)]
+        paths[stage.name] = stage_cost(stage, recipe) + max(
+            (paths[s.name] for s in waiting), default=0.0
+        )
+    return paths
+
+
 def resolve_stage(stage: Stage, out_dir: Path) -> Stage:
     """The stage with its run directory inside ``out_dir``."""
     if stage.run_dir is None:
