@@ -1,5 +1,6 @@
 """Run a study's pending stages side by side: every training at once (up to ``jobs``), each
-eval as soon as its training is done, the report last. Each stage runs in its own process
+eval as soon as its training is done, the report last; of the stages ready, the one heading the
+longest chain of remaining work first (``critical_paths``). Each stage runs in its own process
 (:mod:`robustlr.study.worker`) with a fixed thread count, so its result does not depend on
 what runs beside it or in which order; the stages' own completeness checks
 (:mod:`robustlr.study.stages`) make a killed study continue where it stopped.
