@@ -17,7 +17,9 @@ from robustlr.cli.errors import UsageFailure
 from robustlr.cli.eval import build_specs
 from robustlr.eval.runner import evaluate, load_outcomes, save_outcomes
 from robustlr.report.checks import CHECK_SUBJECTS, check_gradient_masking
-from robustlr.report.curves import plot_robustness_curves, robustness_curves
+from robustlr.report.curves import broken_by_table, plot_robustness_curves, robustness_curves
+from robustlr.report.table9 import ReportSettings, build_table9
+from robustlr.report.writers import BROKEN_BY_CSV, to_markdown, write_report
 
 SHAPE = (3, 4, 4)
 D = 48
@@ -247,6 +249,50 @@ def test_robustness_curve_is_the_per_example_worst_case(tmp_path):
     assert isinstance(frame, pd.DataFrame)
 
 
+def test_broken_by_counts_which_attack_broke_each_image_at_the_table_eps(tmp_path):
+    """Per run at Table 9's eps: each attack's images broken, broken first and broken alone,
+    against the per-example outcomes; a row at a larger eps breaks nothing within eps; the
+    report writes the table (CSV and a Markdown section)."""
+    model, x = linear_model(), central_images(40)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4  # three images wrong unattacked
+    eps = float(exact_min_norm(model, x, "linf").median())
+    specs = [
+        AttackSpec("fmn", norm="linf", eps=eps, steps=3),
+        AttackSpec("clean"),
+        AttackSpec("pgd-untargeted", eps=eps, steps=5, step_size=eps / 2, seed=1),
+        AttackSpec("pgd-untargeted", eps=3 * eps, steps=5, seed=1),
+    ]
+    results = evaluate(model, x, y, specs)
+    frame = results_with_outcomes(tmp_path, results, arch="linear", mode="regular")
+    table = broken_by_table(frame, eps, "linf").set_index("attack")
+    wrong = ~results[1].correct
+    fmn, pgd = (results[0].norms <= eps) & ~wrong, ~results[2].correct & ~wrong
+    assert 0 < fmn.sum() < pgd.sum() and (pgd & ~fmn).any()
+    # first: fmn at its norm (<= eps) before PGD at eps (a tie goes to the earlier row, fmn)
+    expected = {
+        "clean": (wrong.sum(), wrong.sum(), wrong.sum()),
+        "fmn": (fmn.sum(), fmn.sum(), (fmn & ~pgd).sum()),
+        "pgd-untargeted": (pgd.sum(), (pgd & ~fmn).sum(), (pgd & ~fmn).sum()),
+    }
+    assert set(table.index) == set(expected)
+    for attack, (broken, first, only) in expected.items():
+        assert tuple(table.loc[attack, ["broken", "first", "only"]]) == (broken, first, only)
+    unbroken = (~wrong & ~fmn & ~pgd).sum()
+    assert (table["unbroken"] == unbroken).all() and (table["n"] == 40).all()
+    assert table["first"].sum() + unbroken == 40
+    report = build_table9(frame, ReportSettings(eps=eps))
+    written = write_report(report, tmp_path / "out" / "table9.csv", broken_by=table.reset_index())
+    assert (tmp_path / "out" / BROKEN_BY_CSV) in written
+    on_disk = pd.read_csv(tmp_path / "out" / BROKEN_BY_CSV).set_index("attack")
+    assert on_disk.loc["fmn", "only"] == (fmn & ~pgd).sum()
+    md = to_markdown(report, broken_by=table.reset_index())
+    assert "## Which attack broke the images" in md and BROKEN_BY_CSV in md
+    pgd_row = f"| pgd-untargeted | {pgd.sum()} | {(pgd & ~fmn).sum()} | {(pgd & ~fmn).sum()} |"
+    assert pgd_row in md
+
+
 @pytest.mark.slow
 def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
     """Issue 23's acceptance: on a digits resnet26 trained with the defaults, all test images,
@@ -297,6 +343,7 @@ def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
         ["--attack", "ddn", "--steps", "3", "--eps", "1.5"],
         ["--attack", "pgd-untargeted", "--steps", "2", "--norm", "l2", "--eps", "1.5"],
         ["--attack", "hopskipjump", "--eps", "1.5", "--queries", "60"],
+        ["--attack", "fmn", "--norm", "linf", "--steps", "3", "--eps", "16/255"],
     ):
         out = invoke_cli(*args, *attack, cwd=tmp_path)
         assert out.exit_code == 0, out.output
@@ -308,6 +355,9 @@ def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
     report = invoke_cli("report", "--runs", "runs", cwd=tmp_path)
     assert report.exit_code == 0, report.output
     assert (tmp_path / "runs/plots/robustness_curve_l2.png").is_file()
+    broken_by = pd.read_csv(tmp_path / "runs" / BROKEN_BY_CSV)  # at Table 9's L-inf 16/255
+    assert set(broken_by["attack"]) == {"clean", "fmn"} and (broken_by["n"] == 12).all()
+    assert "## Which attack broke the images" in (tmp_path / "runs/table9.md").read_text()
     checks = pd.read_csv(tmp_path / "runs/checks.csv", keep_default_na=False)
     masking = checks[checks["check"] == "gradient_masking"]
     assert len(masking) == 1 and masking.iloc[0]["status"] in ("pass", "warn", "fail")
