@@ -57,7 +57,7 @@ def settings(norm: str, queries: int, seed: int) -> str:
     )
 
 
-class _Oracle:
+class Oracle:
     """The model's decisions (True: misclassified), counting queries per image."""
 
     def __init__(self, model: nn.Module, y: Tensor) -> None:
@@ -82,7 +82,7 @@ def _between(x: Tensor, far: Tensor, level: Tensor, norm: str) -> Tensor:
 
 
 def _to_boundary(
-    oracle: _Oracle, x: Tensor, far: Tensor, rows: Tensor, norm: str, steps: int
+    oracle: Oracle, x: Tensor, far: Tensor, rows: Tensor, norm: str, steps: int
 ) -> Tensor:
     """Binary search (``steps`` bisections) from the adversarial points ``far`` towards x: the
     closest adversarial point found on the way. Shape: x, far (R, C, H, W), rows (R,) -> like x."""
@@ -94,6 +94,26 @@ def _to_boundary(
         high = torch.where(ok, mid, high)
         low = torch.where(ok, low, mid)
     return _between(x, far, high, norm)
+
+
+def estimate_normal(
+    oracle: Oracle, xb: Tensor, rows: Tensor, probe: Tensor, draws: Tensor
+) -> Tensor:
+    """Monte-Carlo estimate of the decision boundary's normal at the points ``xb`` (towards
+    the adversarial side, unnormalised): the mean of the probe directions u weighted by the
+    decision at xb + probe u (+1 wrong, -1 right) minus its mean over the probes (the
+    baseline; none when every decision agrees). Shape: xb (R, C, H, W), rows (R,), probe (R,),
+    draws (R, E, C, H, W) -> (R, C, H, W)."""
+    evals, trailing = draws.shape[1], [1] * (draws.dim() - 2)
+    u = l2_normalised(draws.flatten(0, 1)).view_as(draws)
+    r = probe.view(-1, 1, *trailing)
+    probes = (xb[:, None] + r * u).clamp(0, 1)
+    u = (probes - xb[:, None]) / r
+    decided = oracle.wrong(probes.flatten(0, 1), rows.repeat_interleave(evals))
+    phi = decided.view(len(rows), evals).float() * 2 - 1
+    mean = phi.mean(1, keepdim=True)
+    centred = torch.where(mean.abs() == 1, phi, phi - mean)
+    return (centred.view(*centred.shape, *trailing) * u).mean(1)
 
 
 def _draw(generators: list[torch.Generator], rows: Tensor, shape, norm: str) -> Tensor:
@@ -123,7 +143,7 @@ def hopskipjump(
     n, shape, d = len(x), x.shape[1:], x[0].numel()
     searches = search_steps(norm, d)
     generators = [torch.Generator().manual_seed(example_seed(seed, 0, int(i))) for i in example_ids]
-    oracle = _Oracle(model, y)
+    oracle = Oracle(model, y)
     every = torch.arange(n, device=x.device)
     clean_wrong = oracle.wrong(x, every)
     best_norm = torch.where(clean_wrong, 0.0, float("inf")).to(x.device)
@@ -159,16 +179,8 @@ def hopskipjump(
         x0, xb = x[rows], boundary[rows]
         dist = lp_norm(xb - x0, norm)
         probe = torch.full_like(dist, FIRST_PROBE) if t == 1 else (dist / d).clamp_min(1e-6)
-        u = l2_normalised(_draw(generators, rows, (evals, d), norm).flatten(0, 1))
-        u = u.view(len(rows), evals, *shape).to(x)
-        r = probe.view(-1, 1, *([1] * len(shape)))
-        probes = (xb[:, None] + r * u).clamp(0, 1)
-        u = (probes - xb[:, None]) / r
-        decided = oracle.wrong(probes.flatten(0, 1), rows.repeat_interleave(evals))
-        phi = decided.view(len(rows), evals).float() * 2 - 1
-        mean = phi.mean(1, keepdim=True)
-        centred = torch.where(mean.abs() == 1, phi, phi - mean)
-        grad = (centred.view(*centred.shape, *([1] * len(shape))) * u).mean(1)
+        draws = _draw(generators, rows, (evals, d), norm).view(len(rows), evals, *shape)
+        grad = estimate_normal(oracle, xb, rows, probe, draws.to(x))
         direction = l2_normalised(grad) if norm == "l2" else grad.sign()
         eta = dist / math.sqrt(t)
         searching = torch.ones(len(rows), dtype=torch.bool, device=x.device)
