@@ -272,6 +272,7 @@ def test_mean_std_wrap_the_model_in_the_normaliser(tmp_path, monkeypatch):
         (["--model", "factories:make", "--model-arg", "width"], "--model-arg expects KEY=VALUE"),
         (["--model", "factories:make", "--name", "resnet26"], "not a robustlr architecture"),
         (["--model", "factories:make", "--checkpoint", "x.pt"], "not both"),
+        (["--model", "factories:make", "--allow-other-data"], "--allow-other-data is for"),
         (["--dataset", "digits", "--checkpoint", "x.pt"], "--dataset describe(s) a --model"),
         (["--model", "timm:resnet18", "--grayscale", "--model-arg", "in_chans=1"], "outputs 1000"),
     ],

@@ -4,9 +4,13 @@ It sees only the model's decisions (is the prediction wrong?). Start: the first 
 ``INIT_TRIES`` uniform-noise images the model gets wrong, searched back to the decision
 boundary (binary search on the segment to the clean image for L2, on the L-inf radius of
 the clipped point for L-inf). Each iteration t then estimates the boundary's normal from the
-decisions at ``INIT_EVALS * sqrt(t)`` random probes around the boundary point (a Monte-Carlo
-gradient with the mean decision as baseline), steps along it (L2: normalised; L-inf: its sign)
-with a geometric search from dist / sqrt(t), and searches back to the boundary. Every image has
+decisions at ``INIT_EVALS * sqrt(t)`` random probes at radius delta around the boundary point
+(a Monte-Carlo gradient with the mean decision as baseline), steps along it (L2: normalised;
+L-inf: its sign) with a geometric search from dist / sqrt(t), and searches back to the boundary.
+As in the paper (and its authors' code): theta = d^-3/2 (L2) or d^-2 (L-inf), every binary
+search runs until its bracket is theta (times the distance for L-inf), and delta = sqrt(d) theta
+dist (L2) or d theta dist (L-inf), both dist / d, so delta stays sqrt(d) (L2) or d (L-inf) times
+the search tolerance (0.1 at the first iteration, as the authors' code). Every image has
 its own query budget and its own generator keyed by (seed, image id): results do not depend on
 the batch. An iteration starts only when the budget covers its worst case.
 """
@@ -26,23 +30,34 @@ Tensor = torch.Tensor
 INIT_TRIES = 50  # uniform-noise images tried per image for a first adversarial point
 INIT_EVALS = 100  # probes of the first gradient estimate (times sqrt(t) at iteration t)
 MAX_EVALS = 1000  # at most this many probes per estimate
-SEARCH_STEPS = 10  # binary-search steps back to the boundary
 STEP_TRIES = 10  # halvings of the geometric step before the iteration stays put
 FIRST_PROBE = 0.1  # probe radius of the first iteration (then dist / d)
-CHUNK = 2048  # images per forward pass
+CHUNK = 256  # images per forward pass (activations of 2048 cost the CPU 20% more)
+
+
+def theta(norm: str, d: int) -> float:
+    """The paper's binary-search tolerance for inputs of ``d`` dimensions."""
+    return d**-1.5 if norm == "l2" else d**-2.0
+
+
+def search_steps(norm: str, d: int) -> int:
+    """Bisections that shrink a bracket of 1 (L2: the segment's fraction; L-inf: the radius,
+    at most 1 on [0, 1] images, relative to the distance) to ``theta``."""
+    return math.ceil(math.log2(1.0 / theta(norm, d)))
 
 
 def settings(norm: str, queries: int, seed: int) -> str:
     """HopSkipJump's exact settings, for the result row's ``attack_settings``."""
+    power = "3/2" if norm == "l2" else "2"
     return (
         f"HopSkipJump(norm={norm}, queries_per_image={queries}, init=uniform noise "
         f"<= {INIT_TRIES} tries + binary search, evals=min({INIT_EVALS}*sqrt(t), {MAX_EVALS}), "
         f"probe={FIRST_PROBE:g} then dist/d, step=geometric from dist/sqrt(t) "
-        f"<= {STEP_TRIES} halvings, binary_search_steps={SEARCH_STEPS}, seed={seed} per image)"
+        f"<= {STEP_TRIES} halvings, binary_search=to theta=d^-{power}, seed={seed} per image)"
     )
 
 
-class _Oracle:
+class Oracle:
     """The model's decisions (True: misclassified), counting queries per image."""
 
     def __init__(self, model: nn.Module, y: Tensor) -> None:
@@ -66,17 +81,39 @@ def _between(x: Tensor, far: Tensor, level: Tensor, norm: str) -> Tensor:
     return torch.min(torch.max(far, x - a), x + a)
 
 
-def _to_boundary(oracle: _Oracle, x: Tensor, far: Tensor, rows: Tensor, norm: str) -> Tensor:
-    """Binary search from the adversarial points ``far`` towards x: the closest adversarial
-    point found on the way. Shape: x, far (R, C, H, W), rows (R,) -> like x."""
+def _to_boundary(
+    oracle: Oracle, x: Tensor, far: Tensor, rows: Tensor, norm: str, steps: int
+) -> Tensor:
+    """Binary search (``steps`` bisections) from the adversarial points ``far`` towards x: the
+    closest adversarial point found on the way. Shape: x, far (R, C, H, W), rows (R,) -> like x."""
     high = torch.ones(len(x), device=x.device) if norm == "l2" else lp_norm(far - x, "linf")
     low = torch.zeros_like(high)
-    for _ in range(SEARCH_STEPS):
+    for _ in range(steps):
         mid = (low + high) / 2
         ok = oracle.wrong(_between(x, far, mid, norm), rows)
         high = torch.where(ok, mid, high)
         low = torch.where(ok, low, mid)
     return _between(x, far, high, norm)
+
+
+def estimate_normal(
+    oracle: Oracle, xb: Tensor, rows: Tensor, probe: Tensor, draws: Tensor
+) -> Tensor:
+    """Monte-Carlo estimate of the decision boundary's normal at the points ``xb`` (towards
+    the adversarial side, unnormalised): the mean of the probe directions u weighted by the
+    decision at xb + probe u (+1 wrong, -1 right) minus its mean over the probes (the
+    baseline; none when every decision agrees). Shape: xb (R, C, H, W), rows (R,), probe (R,),
+    draws (R, E, C, H, W) -> (R, C, H, W)."""
+    evals, trailing = draws.shape[1], [1] * (draws.dim() - 2)
+    u = l2_normalised(draws.flatten(0, 1)).view_as(draws)
+    r = probe.view(-1, 1, *trailing)
+    probes = (xb[:, None] + r * u).clamp(0, 1)
+    u = (probes - xb[:, None]) / r
+    decided = oracle.wrong(probes.flatten(0, 1), rows.repeat_interleave(evals))
+    phi = decided.view(len(rows), evals).float() * 2 - 1
+    mean = phi.mean(1, keepdim=True)
+    centred = torch.where(mean.abs() == 1, phi, phi - mean)
+    return (centred.view(*centred.shape, *trailing) * u).mean(1)
 
 
 def _draw(generators: list[torch.Generator], rows: Tensor, shape, norm: str) -> Tensor:
@@ -104,8 +141,9 @@ def hopskipjump(
     """
     x = x.detach()
     n, shape, d = len(x), x.shape[1:], x[0].numel()
+    searches = search_steps(norm, d)
     generators = [torch.Generator().manual_seed(example_seed(seed, 0, int(i))) for i in example_ids]
-    oracle = _Oracle(model, y)
+    oracle = Oracle(model, y)
     every = torch.arange(n, device=x.device)
     clean_wrong = oracle.wrong(x, every)
     best_norm = torch.where(clean_wrong, 0.0, float("inf")).to(x.device)
@@ -122,10 +160,10 @@ def hopskipjump(
         boundary[rows[ok]] = noise[ok]
         started[rows[ok]] = True
     fresh = (started & ~clean_wrong).nonzero().squeeze(1)
-    budget_left = oracle.spent[fresh] + SEARCH_STEPS <= queries
+    budget_left = oracle.spent[fresh] + searches <= queries
     fresh = fresh[budget_left]
     if len(fresh):
-        boundary[fresh] = _to_boundary(oracle, x[fresh], boundary[fresh], fresh, norm)
+        boundary[fresh] = _to_boundary(oracle, x[fresh], boundary[fresh], fresh, norm, searches)
     reached = torch.zeros(n, dtype=torch.bool, device=x.device)
     reached[fresh] = True
     best_norm = torch.where(reached, lp_norm(boundary - x, norm), best_norm)
@@ -134,23 +172,15 @@ def hopskipjump(
     while True:
         t += 1
         evals = min(int(INIT_EVALS * math.sqrt(t)), MAX_EVALS)
-        cost = evals + STEP_TRIES + SEARCH_STEPS
+        cost = evals + STEP_TRIES + searches
         rows = (reached & (oracle.spent + cost <= queries)).nonzero().squeeze(1)
         if not len(rows):
             break
         x0, xb = x[rows], boundary[rows]
         dist = lp_norm(xb - x0, norm)
         probe = torch.full_like(dist, FIRST_PROBE) if t == 1 else (dist / d).clamp_min(1e-6)
-        u = l2_normalised(_draw(generators, rows, (evals, d), norm).flatten(0, 1))
-        u = u.view(len(rows), evals, *shape).to(x)
-        r = probe.view(-1, 1, *([1] * len(shape)))
-        probes = (xb[:, None] + r * u).clamp(0, 1)
-        u = (probes - xb[:, None]) / r
-        decided = oracle.wrong(probes.flatten(0, 1), rows.repeat_interleave(evals))
-        phi = decided.view(len(rows), evals).float() * 2 - 1
-        mean = phi.mean(1, keepdim=True)
-        centred = torch.where(mean.abs() == 1, phi, phi - mean)
-        grad = (centred.view(*centred.shape, *([1] * len(shape))) * u).mean(1)
+        draws = _draw(generators, rows, (evals, d), norm).view(len(rows), evals, *shape)
+        grad = estimate_normal(oracle, xb, rows, probe, draws.to(x))
         direction = l2_normalised(grad) if norm == "l2" else grad.sign()
         eta = dist / math.sqrt(t)
         searching = torch.ones(len(rows), dtype=torch.bool, device=x.device)
@@ -165,7 +195,7 @@ def hopskipjump(
         far = torch.where(
             per_example(~searching, xb), (xb + per_example(eta, xb) * direction).clamp(0, 1), xb
         )
-        boundary[rows] = _to_boundary(oracle, x0, far, rows, norm)
+        boundary[rows] = _to_boundary(oracle, x0, far, rows, norm, searches)
         size = lp_norm(boundary[rows] - x0, norm)
         better = rows[size < best_norm[rows]]
         best_norm[better] = lp_norm(boundary[better] - x[better], norm)

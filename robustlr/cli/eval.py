@@ -149,6 +149,11 @@ def eval_command(
 ):  # fmt: skip
     """Evaluate a checkpoint (or --model: any model) under white-box attacks (the run's test
     images; --dataset's for --model)."""
+    if model_spec is not None and allow_other_data:
+        raise UsageFailure(
+            "--allow-other-data is for a --checkpoint (data that differs from its training "
+            "data); a --model is evaluated on --dataset's data: drop it"
+        )
     external = external_options(model_spec, checkpoint, data, model_options)
     overrides = {
         "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts,

@@ -20,7 +20,14 @@ from robustlr.device import resolve_device
 from robustlr.eval.external import open_external
 from robustlr.eval.session import open_checkpoint
 from robustlr.report.checks import CheckResult, checks_frame
-from robustlr.report.files import CHECKS_CSV, FORMATS, PLOTS_DIR, report_file
+from robustlr.report.files import (
+    BROKEN_BY_CSV,
+    CHECKS_CSV,
+    FORMATS,
+    PAIRS_CSV,
+    PLOTS_DIR,
+    report_file,
+)
 from robustlr.report.pipeline import make_report
 from robustlr.report.robustbench import ROBUSTBENCH_DIR, ROBUSTBENCH_FORMAT, write_robustbench
 from robustlr.report.table9 import ReportSettings, Table9
@@ -96,7 +103,8 @@ def print_pairs(console: Console, pairs: pd.DataFrame) -> None:
     type=click.Choice((*FORMATS, ROBUSTBENCH_FORMAT)),
     default="csv",
     show_default=True,
-    help="csv also writes its Markdown twin (.md); checks.csv and pairs.csv go beside it. "
+    help=f"csv also writes its Markdown twin (.md); {CHECKS_CSV}, {PAIRS_CSV} and "
+    f"{BROKEN_BY_CSV} (which attack broke the images) go beside it. "
     f"{ROBUSTBENCH_FORMAT}: the csv report plus one RobustBench-style model-info JSON per "
     f"model in {ROBUSTBENCH_DIR}/ beside it.",
 )

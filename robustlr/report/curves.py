@@ -30,6 +30,7 @@ from robustlr.report.results import EPS_TOL, RUN_KEY, row_outcome_data
 log = logging.getLogger(__name__)
 
 CURVE_PLOT = "robustness_curve_{norm}.png"  # one plot per norm, every network on it
+CLEAN = "clean"  # the unattacked row's attack name
 MARKED_FAMILIES = ("pgd", "apgd")  # fixed-budget attacks whose rows are marked on the curves
 
 
@@ -45,7 +46,7 @@ def broken_within(row: pd.Series, eps: float) -> tuple[np.ndarray | None, str]:
     a fixed-budget row at eps <= ``eps`` where it made the model wrong. (None, why) when the
     row says nothing about ``eps`` or has no usable outcomes file."""
     attack = str(row["attack"])
-    if not is_min_norm(attack) and attack != "clean" and float(row["eps"]) > eps + EPS_TOL:
+    if not is_min_norm(attack) and attack != CLEAN and float(row["eps"]) > eps + EPS_TOL:
         return None, f"{attack} ran at a larger eps"
     data, why = row_outcome_data(row)
     if data is None:
@@ -71,7 +72,7 @@ def breaking_eps(row: pd.Series) -> tuple[np.ndarray | None, str]:
         if norms.shape != correct.shape:
             return None, f"the outcomes of {row['attack']} hold no per-image norms"
         return norms, ""
-    eps = 0.0 if row["attack"] == "clean" else float(row["eps"])
+    eps = 0.0 if row["attack"] == CLEAN else float(row["eps"])
     return np.where(correct, np.inf, eps), ""
 
 
@@ -86,6 +87,7 @@ class RobustnessCurve:
     broken_by: np.ndarray  # (N,) the attack that broke it there ("" where none did)
     attacks: list[str]  # the attacks combined
     marks: list[tuple[str, float, float]] = field(default_factory=list)  # (attack, eps, acc)
+    by_attack: dict[str, np.ndarray] = field(default_factory=dict)  # per attack, like breaking
 
     @property
     def n(self) -> int:
@@ -103,28 +105,32 @@ class RobustnessCurve:
         return xs, np.array([self.accuracy(float(x)) for x in xs])
 
 
-def robustness_curves(results: pd.DataFrame) -> list[RobustnessCurve]:
-    """A curve per (run, norm, image subset) with at least one minimum-norm row: every row of
-    the run on those images in that norm (and its clean row) combined per example. Rows
-    without a usable outcomes file are left out (logged)."""
+def robustness_curves(results: pd.DataFrame, min_norm_only: bool = True) -> list[RobustnessCurve]:
+    """A curve per (run, norm, image subset) with at least one minimum-norm row (any attack
+    row with ``min_norm_only`` False): every row of the run on those images in that norm (and
+    its clean row) combined per example. Rows without a usable outcomes file are left out
+    (logged)."""
     curves = []
-    min_norm = results[results["attack"].map(is_min_norm)]
-    for (run_key, norm, subset), _ in min_norm.groupby(
-        [RUN_KEY, "norm", "subset_sha256"], sort=True
-    ):
+    chosen = results[results["attack"].map(is_min_norm)] if min_norm_only else results
+    chosen = chosen[chosen["attack"] != CLEAN]
+    for (run_key, norm, subset), _ in chosen.groupby([RUN_KEY, "norm", "subset_sha256"], sort=True):
         rows = results[
             (results[RUN_KEY] == run_key)
             & (results["subset_sha256"] == subset)
-            & ((results["norm"] == norm) | (results["attack"] == "clean"))
+            & ((results["norm"] == norm) | (results["attack"] == CLEAN))
         ]
-        curve = _combine(rows, str(norm))
+        curve = _combine(rows, str(norm), min_norm_only)
         if curve is not None:
             curves.append(curve)
     return curves
 
 
-def _combine(rows: pd.DataFrame, norm: str) -> RobustnessCurve | None:
+def _combine(rows: pd.DataFrame, norm: str, min_norm_only: bool) -> RobustnessCurve | None:
+    """The rows of one run on one image subset combined per example; the clean row first, so
+    that an image the model gets wrong unattacked is broken by ``clean``."""
+    rows = pd.concat([rows[rows["attack"] == CLEAN], rows[rows["attack"] != CLEAN]])
     breaking, broken_by, attacks, marks = None, None, [], []
+    by_attack: dict[str, np.ndarray] = {}
     first = rows.iloc[0]
     for _, row in rows.iterrows():
         eps, why = breaking_eps(row)
@@ -139,13 +145,60 @@ def _combine(rows: pd.DataFrame, norm: str) -> RobustnessCurve | None:
             breaking = np.where(lower, eps, breaking)
             broken_by = np.where(lower, name, broken_by)
         attacks.append(name)
+        by_attack[name] = np.minimum(by_attack[name], eps) if name in by_attack else eps.copy()
         info = ATTACKS.get(name)
         if info is not None and info.family in MARKED_FAMILIES:
             marks.append((name, float(row["eps"]), float(row["accuracy"])))
-    if breaking is None or not any(is_min_norm(a) for a in attacks):
+    if breaking is None or (min_norm_only and not any(is_min_norm(a) for a in attacks)):
         return None
     label = f"{first['arch']} ({first['train_mode']})"
-    return RobustnessCurve(label, str(first["run"]), norm, breaking, broken_by, attacks, marks)
+    return RobustnessCurve(
+        label, str(first["run"]), norm, breaking, broken_by, attacks, marks, by_attack
+    )
+
+
+BROKEN_BY_COLUMNS = (
+    "run", "network", "norm", "eps", "n", "attack", "broken", "first", "only", "unbroken",
+)  # fmt: skip
+
+
+def broken_by_table(results: pd.DataFrame, eps: float, norm: str) -> pd.DataFrame:
+    """Which attack broke which images, per run (and image subset) at ``eps`` in ``norm``,
+    from every row of the run with an outcomes file, minimum-norm or not. ``clean``: the
+    images the model gets wrong unattacked (counted under no attack). Per attack (its rows
+    combined), among the other images: those it broke within eps (``broken``), those it broke
+    first, i.e. at the smallest eps of all the run's attacks (``first``: the curve's
+    ``broken_by``; a tie goes to the earlier row), and those no other attack broke within eps
+    (``only``). ``unbroken``: the images no attack broke within eps; the ``first`` counts and
+    ``unbroken`` add up to ``n`` (``BROKEN_BY_COLUMNS``)."""
+    rows = []
+    in_norm = results[(results["norm"] == norm) | (results["attack"] == CLEAN)]
+    for curve in robustness_curves(in_norm, False):
+        within = {a: b <= eps + EPS_TOL for a, b in curve.by_attack.items()}
+        wrong = within.pop(CLEAN, np.zeros(curve.n, dtype=bool))
+        within_eps = curve.breaking <= eps + EPS_TOL
+        counts = {CLEAN: (wrong, wrong, wrong)} if CLEAN in curve.by_attack else {}
+        for attack, broken in within.items():
+            others = [w for a, w in within.items() if a != attack]
+            broken = broken & ~wrong
+            alone = broken & ~np.any(others, axis=0) if others else broken
+            counts[attack] = (broken, within_eps & (curve.broken_by == attack), alone)
+        for attack, (broken, first, alone) in counts.items():
+            rows.append(
+                {
+                    "run": curve.run,
+                    "network": curve.label,
+                    "norm": norm,
+                    "eps": eps,
+                    "n": curve.n,
+                    "attack": attack,
+                    "broken": int(broken.sum()),
+                    "first": int(first.sum()),
+                    "only": int(alone.sum()),
+                    "unbroken": int((~within_eps).sum()),
+                }
+            )
+    return pd.DataFrame(rows, columns=list(BROKEN_BY_COLUMNS))
 
 
 def plot_robustness_curves(results: pd.DataFrame, directory: str | Path) -> list[Path]:

@@ -14,6 +14,7 @@ CHECKS_CSV = "checks.csv"
 PAIRS_CSV = "pairs.csv"  # LR-Net vs ResNet per cell: difference over seeds, interval, p-value
 SEED_PAIRS_CSV = "pairs_seeds.csv"  # McNemar per training seed
 SEEDS_CSV = "table9_seeds.csv"  # every seed's value behind every cell
+BROKEN_BY_CSV = "broken_by.csv"  # per run at Table 9's eps: images each attack broke (first, only)
 PLOTS_DIR = "plots"
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from robustlr.report.checks import CheckResult, run_checks
+from robustlr.report.curves import broken_by_table
 from robustlr.report.pairs import pair_table, seed_pair_table
-from robustlr.report.results import collect_results
+from robustlr.report.results import RUN_KEY, collect_results
 from robustlr.report.table9 import ReportSettings, Table9, build_table9
 from robustlr.report.writers import write_report
 from robustlr.runs import CHECKPOINT_PREFERENCE
@@ -59,12 +60,13 @@ def make_report(
     pairs = pair_table(table)
     seed_pairs = seed_pair_table(table)
     checks = with_model_checks(run_checks(table.results, table), table, checkpoint_names)
-    written = write_report(table, out, fmt, pairs, checks, seed_pairs)
+    chosen = table.results[table.results[RUN_KEY].isin(set(table.runs.values()))]
+    broken_by = broken_by_table(chosen, table.eps, table.settings.norm)
+    written = write_report(table, out, fmt, pairs, checks, seed_pairs, broken_by)
     if plots_dir is not None:
         from robustlr.report.curves import plot_robustness_curves
         from robustlr.report.plots import report_plots, run_geo_prior_plots
 
-        chosen = table.results[table.results["run_key"].isin(set(table.runs.values()))]
         written += report_plots(chosen, plots_dir, table.eps)
         written += plot_robustness_curves(chosen, plots_dir)
         written += run_geo_prior_plots(table.runs, plots_dir, checkpoint_names)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from robustlr.report.checks import CheckResult, checks_frame
 from robustlr.report.files import (
+    BROKEN_BY_CSV,
     CHECKS_CSV,
     FORMATS,
     PAIRS_CSV,
@@ -129,14 +130,50 @@ def _comparison_section(pairs: pd.DataFrame | None, seed_pairs: pd.DataFrame | N
     return parts
 
 
+def _broken_by_section(broken_by: pd.DataFrame | None) -> list[str]:
+    """Markdown lines: per run, which attack broke the images at Table 9's eps (none without
+    per-example outcomes)."""
+    if broken_by is None or not len(broken_by):
+        return []
+    first = broken_by.iloc[0]
+    return [
+        "",
+        f"## Which attack broke the images ({first['norm']} eps {eps_text(first['eps'])}, "
+        f"`{BROKEN_BY_CSV}`)",
+        "",
+        "Per run of the table, from the per-example outcomes of every attack run on it: the "
+        "images each attack broke within eps, broke first (at the smallest eps of all the "
+        "run's attacks; clean: already wrong) and broke alone; unbroken: no attack broke them.",
+        "",
+        markdown_table(
+            ["network", "run", "n", "attack", "broken", "first", "only", "unbroken"],
+            [
+                [
+                    str(r["network"]),
+                    str(r["run"]),
+                    str(r["n"]),
+                    str(r["attack"]),
+                    str(r["broken"]),
+                    str(r["first"]),
+                    str(r["only"]),
+                    str(r["unbroken"]),
+                ]
+                for _, r in broken_by.iterrows()
+            ],
+        ),
+    ]
+
+
 def to_markdown(
     table: Table9,
     pairs: pd.DataFrame | None = None,
     checks: list[CheckResult] | None = None,
     seed_pairs: pd.DataFrame | None = None,
+    broken_by: pd.DataFrame | None = None,
 ) -> str:
     """The report as Markdown: Table 9 (means over seeds), intervals and threat model, notes,
-    comparisons with their sentences, McNemar per seed, checks."""
+    which attack broke the images, comparisons with their sentences, McNemar per seed,
+    checks."""
     frame = table.frame
     parts = [
         "# Table 9: robustness to white-box attacks (top-1 %, mean over training seeds)",
@@ -175,6 +212,7 @@ def to_markdown(
     parts += _reference_section(table)
     if table.notes:
         parts += ["", "## Notes", "", *(f"- {_md_escape(n)}" for n in table.notes)]
+    parts += _broken_by_section(broken_by)
     parts += _comparison_section(pairs, seed_pairs)
     if checks:
         parts += [
@@ -291,10 +329,12 @@ def write_report(
     pairs: pd.DataFrame | None = None,
     checks: list[CheckResult] | None = None,
     seed_pairs: pd.DataFrame | None = None,
+    broken_by: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write the table to ``out`` in ``fmt``; with csv also its Markdown twin (same stem, .md).
-    ``table9_seeds.csv`` (every seed's value), ``checks.csv``, ``pairs.csv`` and
-    ``pairs_seeds.csv`` go next to it. Returns the paths written."""
+    ``table9_seeds.csv`` (every seed's value), ``checks.csv``, ``pairs.csv``,
+    ``pairs_seeds.csv`` and ``broken_by.csv`` (when given and not empty) go next to it.
+    Returns the paths written."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
@@ -303,10 +343,10 @@ def write_report(
     if fmt == "csv":
         written.append(write_csv(table, out))
         md = out.with_suffix(".md")
-        md.write_text(to_markdown(table, pairs, checks, seed_pairs))
+        md.write_text(to_markdown(table, pairs, checks, seed_pairs, broken_by))
         written.append(md)
     elif fmt == "md":
-        out.write_text(to_markdown(table, pairs, checks, seed_pairs))
+        out.write_text(to_markdown(table, pairs, checks, seed_pairs, broken_by))
         written.append(out)
     else:
         out.write_text(to_latex(table))
@@ -318,5 +358,7 @@ def write_report(
         written.append(write_frame(pairs, out.parent / PAIRS_CSV))
     if seed_pairs is not None:
         written.append(write_frame(seed_pairs, out.parent / SEED_PAIRS_CSV))
+    if broken_by is not None and len(broken_by):
+        written.append(write_frame(broken_by, out.parent / BROKEN_BY_CSV))
     log.info("wrote %s", ", ".join(map(str, written)))
     return written
