@@ -10,7 +10,8 @@ from torch import nn
 from robustlr.models import create_model, list_models
 from robustlr.models.fold import fold_batchnorm, foldable_pairs
 
-ARCHS = tuple(list_models())
+# the 101-layer models take most of this file's time: the slow tier runs them
+ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a.endswith("101") else a for a in list_models()]
 
 
 def trained_looking(arch: str, seed: int = 0) -> nn.Module:
