@@ -28,6 +28,17 @@ from robustlr.report.table9 import (
 
 log = logging.getLogger(__name__)
 
+BROKEN_BY_MARKDOWN_COLUMNS = (
+    "network",
+    "run",
+    "n",
+    "attack",
+    "broken",
+    "first",
+    "only",
+    "unbroken",
+)
+
 HEADERS = {
     "adv_clean": "adv. clean",
     "adv_targeted": "adv. targeted",
@@ -146,20 +157,8 @@ def _broken_by_section(broken_by: pd.DataFrame | None) -> list[str]:
         "run's attacks; clean: already wrong) and broke alone; unbroken: no attack broke them.",
         "",
         markdown_table(
-            ["network", "run", "n", "attack", "broken", "first", "only", "unbroken"],
-            [
-                [
-                    str(r["network"]),
-                    str(r["run"]),
-                    str(r["n"]),
-                    str(r["attack"]),
-                    str(r["broken"]),
-                    str(r["first"]),
-                    str(r["only"]),
-                    str(r["unbroken"]),
-                ]
-                for _, r in broken_by.iterrows()
-            ],
+            list(BROKEN_BY_MARKDOWN_COLUMNS),
+            [[str(r[c]) for c in BROKEN_BY_MARKDOWN_COLUMNS] for _, r in broken_by.iterrows()],
         ),
     ]
 
