@@ -11,12 +11,17 @@
 // the softmax.
 //
 // Every block is LR_TILE_W x LR_TILE_H threads and works on one tile of one (b, g) plane at a
-// time (grid-stride over tiles, so any grid size is correct). The tile's k (or q) with its halo
-// and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32); the window loops
-// run over offsets outside and the staged channels inside, so a thread holds MC accumulators,
-// never a K x K array. Strided window reads go through the phase-ordered, padded layout of
-// lr_common.cuh (one shared-memory transaction per warp request, counted by
-// tests/test_kernels_budget.py).
+// time (grid-stride over tiles, so any grid size is correct). Each thread owns a vertical strip
+// of R positions (register blocking, lr_common.cuh: R = lr_query_strip outputs in the forward
+// and backward query, R = lr_input_strip inputs in the backward input), so a tile is
+// LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo and MC = lr_chunk
+// channels of x (or gy) are staged in shared memory (fp32). The window loops run over window
+// columns outside and the strip's rows inside: a window word read from shared memory once
+// serves every position of the strip whose window holds it, so a thread holds R x MC
+// accumulators, never a K x K array. Strided window reads go through the phase-ordered, padded
+// layout of lr_common.cuh (one shared-memory transaction per warp request, counted by
+// tests/test_kernels_budget.py). A warp whose strips lie wholly below the image skips the
+// window loops (it still takes part in the loads and barriers).
 //
 // Forward, two passes over the window (FlashAttention's softmax without the rescaling): the
 // largest logit, then exp(logit - max) accumulated into the sum and the MC channel outputs.
@@ -31,118 +36,158 @@
 #include "lr_common.cuh"
 
 
-// Forward, fused: logits, softmax and aggregation; one thread per output (i, j) of a tile.
-// Shared: the k tile (logits) and MC channel tiles of x.
+// Forward, fused: logits, softmax and aggregation; one thread per strip of R outputs
+// (i0 + r, j), r < R, of a tile. Shared: the k tile (logits) and MC channel tiles of x.
 template <typename T, int K, int STRIDE>
-__global__ void lr_forward(
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     constexpr int P = K / 2;
     constexpr int KK = K * K;
-    constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;  // input rows under one output tile
+    constexpr int R = lr_query_strip<K, STRIDE>();  // outputs per thread (a vertical strip)
+    constexpr int OTH = LR_TILE_H * R;              // output rows of a tile
+    constexpr int IH = (OTH - 1) * STRIDE + K;      // input rows under one output tile
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    constexpr int PW = lr_pitch<IW, STRIDE>();  // row pitch of the shared tiles
-    constexpr int TF = IH * PW;                 // floats of one shared tile
+    constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();  // row pitch of the shared tiles
+    constexpr int TF = IH * PW;                             // floats of one shared tile
+    constexpr int NT = (R - 1) * STRIDE + K;                // input rows under one strip
+    constexpr int L = (R - 1) * STRIDE + 1;  // window rows t - d, d < L, one strip row serves
     constexpr int MC = lr_chunk<TF + KK, TF>();
     LR_SHARED(float, s_k, TF);
     LR_SHARED(float, s_x, MC * TF);
     LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
+    const long long tiles_h = (Ho + OTH - 1) / OTH;
     const long long ntiles = B * G * tiles_h * tiles_w;
-    const int base = ty * STRIDE * PW + tx;  // this thread's window in the tiles
+    const int base = ty * R * STRIDE * PW + tx;  // this thread's window in the tiles
 
     for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
         const long long b = tile / (tiles_w * tiles_h * G);
-        const long long i = th * LR_TILE_H + ty, j = tw * LR_TILE_W + tx;
-        const long long r0 = th * LR_TILE_H * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
-        const bool active = i < Ho && j < Wo;
-        const long long qidx = ((b * G + g) * Ho + i) * Wo + j;
+        const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
+        const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
+        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
+        const long long qplane = (b * G + g) * Ho;
 
         __syncthreads();  // the previous tile is done with s_k, s_x and s_geo
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_phased<IH, IW, STRIDE>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        lr_load_phased<IH, IW, STRIDE, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
         __syncthreads();
 
-        const float qv = active ? lr_load(q, qidx) : 0.0f;
-        const long long top = i * STRIDE - P, left = j * STRIDE - P;
-        // pass 1: the largest logit in the image (fmaxf skips a NaN logit; pass 2 turns it
-        // into a NaN weight, so NaN in gives NaN out)
-        float peak = -3.0e38f;
-#pragma unroll 1
-        for (int a = 0; a < K; ++a) {
-            const bool row_ok = top + a >= 0 && top + a < H;
+        const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
+        float qv[R], peak[R];
 #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            qv[r] = r < outs ? lr_load(q, (qplane + i0 + r) * Wo + j) : 0.0f;
+            peak[r] = -3.0e38f;
+        }
+        const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
+        // pass 1: the largest logit in the image (fmaxf skips a NaN logit; pass 2 turns it
+        // into a NaN weight, so NaN in gives NaN out). Output r, offset (a, bb) reads strip
+        // row t = r * STRIDE + a.
+        if (warp_live) {
+#pragma unroll 1
             for (int bb = 0; bb < K; ++bb) {
-                const bool ok = row_ok && left + bb >= 0 && left + bb < W;
-                const float kv = s_k[base + a * PW + lr_phase_col<IW, STRIDE>(bb)];
-                const float l = lr_phi(comp, qv, kv) + s_geo[a * K + bb];
-                if (ok) peak = fmaxf(peak, l);
+                const bool col_ok = win.col(bb);
+                const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                float gw[L];  // gw[d] = geo of window row t - d, column bb
+#pragma unroll
+                for (int d = 0; d < L; ++d) gw[d] = 0.0f;
+#pragma unroll 1
+                for (int t = 0; t < NT; ++t) {
+                    lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                    const bool ok = col_ok && win.row(t);
+                    const float kv = s_k[sc + t * PW];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const int a = t - r * STRIDE;
+                        if (a >= 0 && a < K) {
+                            const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE];
+                            if (ok) peak[r] = fmaxf(peak[r], l);
+                        }
+                    }
+                }
             }
         }
 
-        // pass 2, per chunk of MC channels: weights, their sum and the MC outputs
+        // pass 2, per chunk of MC channels: weights, their sums and the R x MC outputs
         const long long c_first = g * m;
         const long long c_end = c_first + m < C ? c_first + m : C;
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
             for (int c = 0; c < nc; ++c) {
-                lr_load_phased<IH, IW, STRIDE>(s_x + c * TF, x + (b * C + cc + c) * H * W, r0,
-                                               c0, H, W, tid);
+                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + cc + c) * H * W,
+                                                   r0, c0, H, W, tid);
             }
             __syncthreads();
-            float acc[MC];
+            float acc[R][MC], sum[R];
 #pragma unroll
-            for (int c = 0; c < MC; ++c) acc[c] = 0.0f;
-            float sum = 0.0f;
+            for (int r = 0; r < R; ++r) {
+                sum[r] = 0.0f;
+#pragma unroll
+                for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
+            }
+            if (warp_live) {
 #pragma unroll 1
-            for (int a = 0; a < K; ++a) {
-                const bool row_ok = top + a >= 0 && top + a < H;
-#pragma unroll
                 for (int bb = 0; bb < K; ++bb) {
-                    const bool ok = row_ok && left + bb >= 0 && left + bb < W;
-                    const int s = base + a * PW + lr_phase_col<IW, STRIDE>(bb);
-                    const float l = lr_phi(comp, qv, s_k[s]) + s_geo[a * K + bb];
-                    const float p = ok ? expf(l - peak) : 0.0f;
-                    sum += p;
+                    const bool col_ok = win.col(bb);
+                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                    float gw[L];
 #pragma unroll
-                    for (int c = 0; c < MC; ++c) {
-                        if (c < nc) acc[c] += p * s_x[c * TF + s];
+                    for (int d = 0; d < L; ++d) gw[d] = 0.0f;
+#pragma unroll 1
+                    for (int t = 0; t < NT; ++t) {
+                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                        const bool ok = col_ok && win.row(t);
+                        const int s = sc + t * PW;
+                        const float kv = s_k[s];
+                        float xv[MC];
+#pragma unroll
+                        for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            const int a = t - r * STRIDE;
+                            if (a >= 0 && a < K) {
+                                const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE];
+                                const float p = ok ? expf(l - peak[r]) : 0.0f;
+                                sum[r] += p;
+#pragma unroll
+                                for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                            }
+                        }
                     }
                 }
             }
-            if (active && cc == c_first) lse[qidx] = peak + logf(sum);
-            const float inv = 1.0f / sum;
 #pragma unroll
-            for (int c = 0; c < MC; ++c) {
-                if (active && c < nc) {
-                    lr_store(y, ((b * C + cc + c) * Ho + i) * Wo + j, acc[c] * inv);
+            for (int r = 0; r < R; ++r) {
+                if (r >= outs) continue;
+                const long long i = i0 + r;
+                if (cc == c_first) lse[(qplane + i) * Wo + j] = peak[r] + logf(sum[r]);
+                const float inv = 1.0f / sum[r];
+#pragma unroll
+                for (int c = 0; c < MC; ++c) {
+                    if (c < nc) lr_store(y, ((b * C + cc + c) * Ho + i) * Wo + j, acc[r][c] * inv);
                 }
             }
         }
     }
 }
 
-// Pitch of the per-row dlogit buffer of lr_backward_query: 8 modulo 32, so that the 32 lanes
-// reading s_row[r * LR_RED_PITCH + e * 8 + part] (r = lane / 8, part = lane % 8) hit 32 banks.
-#define LR_RED_PITCH (LR_THREADS + 8)
-
-// Sum over the block of the K dlogits of one window row (s_row[bb * LR_RED_PITCH + tid]), in a
-// fixed order: 8 threads per offset sum 16 values each, then one thread per offset sums those 8
-// and adds the result to acc[bb]. Every thread of the block calls it.
-template <int K>
-__device__ __forceinline__ void lr_reduce_row(const float* __restrict__ s_row,
-                                              float* __restrict__ s_part, float* __restrict__ acc,
-                                              int tid) {
-    static_assert(K * 8 <= LR_THREADS, "one row of offsets is reduced by 8 threads each");
-    __syncthreads();  // the row is complete
+// Sum over the block of the K dlogits of one window column (s_row[a * LR_RED_PITCH + tid]), in
+// a fixed order: 8 threads per offset sum 16 values each, then one thread per offset sums those
+// 8 and adds the result to acc[a * STEP]. Every thread of the block calls it.
+template <int K, int STEP>
+__device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row,
+                                                 float* __restrict__ s_part,
+                                                 float* __restrict__ acc, int tid) {
+    static_assert(K * 8 <= LR_THREADS, "one column of offsets is reduced by 8 threads each");
+    __syncthreads();  // the column is complete
     if (tid < K * 8) {
         const int r = tid / 8, part = tid % 8;
         float v = 0.0f;
@@ -155,15 +200,16 @@ __device__ __forceinline__ void lr_reduce_row(const float* __restrict__ s_row,
         float v = 0.0f;
 #pragma unroll
         for (int p = 0; p < 8; ++p) v += s_part[tid * 8 + p];
-        acc[tid] += v;
+        acc[tid * STEP] += v;
     }
 }
 
 // Backward, query side. Grid: G * nchunks blocks; block (g, chunk) takes the tiles chunk,
-// chunk + nchunks, ... of group g's (b, tile) list. Per output it writes grad q and D; the
-// block's sum of dlogit per window offset goes to geo_partial[(g * K * K + o) * nchunks + chunk].
+// chunk + nchunks, ... of group g's (b, tile) list; one thread per strip of R outputs. Per
+// output it writes grad q and D; the block's sum of dlogit per window offset goes to
+// geo_partial[(g * K * K + o) * nchunks + chunk].
 template <typename T, int K, int STRIDE>
-__global__ void lr_backward_query(
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
     const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
@@ -171,11 +217,15 @@ __global__ void lr_backward_query(
     long long G, long long m, long long Ho, long long Wo, long long nchunks, int comp) {
     constexpr int P = K / 2;
     constexpr int KK = K * K;
-    constexpr int IH = (LR_TILE_H - 1) * STRIDE + K;
+    constexpr int R = lr_query_strip<K, STRIDE>();
+    constexpr int OTH = LR_TILE_H * R;
+    constexpr int IH = (OTH - 1) * STRIDE + K;
     constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    constexpr int PW = lr_pitch<IW, STRIDE>();
+    constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();
     constexpr int TF = IH * PW;
-    constexpr int MC = lr_chunk<TF + 2 * KK + K * LR_RED_PITCH + K * 8, TF>();
+    constexpr int NT = (R - 1) * STRIDE + K;
+    constexpr int L = (R - 1) * STRIDE + 1;
+    constexpr int MC = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
     LR_SHARED(float, s_k, TF);
     LR_SHARED(float, s_x, MC * TF);
     LR_SHARED(float, s_geo, KK);
@@ -183,13 +233,14 @@ __global__ void lr_backward_query(
     LR_SHARED(float, s_part, K * 8);
     LR_SHARED(float, s_gacc, KK);  // the block's grad geo, accumulated in a fixed order
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
-    const long long g = blockIdx.x / nchunks;
-    const long long chunk = blockIdx.x % nchunks;
+    // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
+    const int g = (int)(blockIdx.x / (unsigned)nchunks);
+    const int chunk = (int)(blockIdx.x % (unsigned)nchunks);
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (Ho + LR_TILE_H - 1) / LR_TILE_H;
+    const long long tiles_h = (Ho + OTH - 1) / OTH;
     const long long ntiles = B * tiles_h * tiles_w;  // of this group
-    const int base = ty * STRIDE * PW + tx;
-    lr_load_geo<KK>(s_geo, geo + g * KK, tid);
+    const int base = ty * R * STRIDE * PW + tx;
+    lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
     const long long c_first = g * m;
     const long long c_end = c_first + m < C ? c_first + m : C;
@@ -198,91 +249,132 @@ __global__ void lr_backward_query(
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long b = tile / (tiles_w * tiles_h);
-        const long long i = th * LR_TILE_H + ty, j = tw * LR_TILE_W + tx;
-        const long long r0 = th * LR_TILE_H * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
-        const bool active = i < Ho && j < Wo;
-        const long long qidx = ((b * G + g) * Ho + i) * Wo + j;
+        const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
+        const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
+        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
+        const long long qplane = (b * G + g) * Ho;
 
         __syncthreads();  // the previous tile is done with s_k (and s_geo, s_gacc are set)
-        lr_load_phased<IH, IW, STRIDE>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
-        const float qv = active ? lr_load(q, qidx) : 0.0f;
-        const float lse_v = active ? lse[qidx] : 0.0f;
-        // D = sum_c gy_c y_c from the saved output
-        float dv = 0.0f;
-        if (active) {
-            for (long long c = c_first; c < c_end; ++c) {
-                const long long yidx = ((b * C + c) * Ho + i) * Wo + j;
-                dv += lr_load(gy, yidx) * lr_load(y, yidx);
+        lr_load_phased<IH, IW, STRIDE, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
+        const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;  // y, gy at (c_first, i0, j)
+        float qv[R], lse_v[R], dsub[R], gqv[R];  // dsub: D in the first chunk, then 0
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long qidx = (qplane + i0 + r) * Wo + j;
+            qv[r] = r < outs ? lr_load(q, qidx) : 0.0f;
+            lse_v[r] = r < outs ? lse[qidx] : 0.0f;
+            gqv[r] = 0.0f;
+            // D = sum_c gy_c y_c from the saved output
+            dsub[r] = 0.0f;
+            if (r < outs) {
+                for (long long c = 0; c < c_end - c_first; ++c) {
+                    const long long yidx = o_first + c * Ho * Wo + r * Wo;
+                    dsub[r] += lr_load(gy, yidx) * lr_load(y, yidx);
+                }
+                dsum[qidx] = dsub[r];
             }
         }
-        const long long top = i * STRIDE - P, left = j * STRIDE - P;
-        float gqv = 0.0f;
+        const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
             for (int c = 0; c < nc; ++c) {
-                lr_load_phased<IH, IW, STRIDE>(s_x + c * TF, x + (b * C + cc + c) * H * W, r0,
-                                               c0, H, W, tid);
+                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + cc + c) * H * W,
+                                                   r0, c0, H, W, tid);
             }
             __syncthreads();
-            float gyv[MC];
+            float gyv[R][MC];
 #pragma unroll
-            for (int c = 0; c < MC; ++c) {
-                gyv[c] = active && c < nc ? lr_load(gy, ((b * C + cc + c) * Ho + i) * Wo + j)
-                                          : 0.0f;
-            }
-            const float dsub = cc == c_first ? dv : 0.0f;  // the delta term, once per output
-#pragma unroll 1
-            for (int a = 0; a < K; ++a) {
-                const bool row_ok = active && top + a >= 0 && top + a < H;
+            for (int r = 0; r < R; ++r) {
 #pragma unroll
-                for (int bb = 0; bb < K; ++bb) {
-                    const bool ok = row_ok && left + bb >= 0 && left + bb < W;
-                    const int s = base + a * PW + lr_phase_col<IW, STRIDE>(bb);
-                    const float kv = s_k[s];
-                    const float p = ok ? expf(lr_phi(comp, qv, kv) + s_geo[a * K + bb] - lse_v)
-                                       : 0.0f;
-                    float dw = 0.0f;
-#pragma unroll
-                    for (int c = 0; c < MC; ++c) {
-                        if (c < nc) dw += gyv[c] * s_x[c * TF + s];
-                    }
-                    const float dl = ok ? p * (dw - dsub) : 0.0f;
-                    gqv += dl * lr_dphi_dq(comp, qv, kv);
-                    s_row[bb * LR_RED_PITCH + tid] = dl;
+                for (int c = 0; c < MC; ++c) {
+                    gyv[r][c] = r < outs && c < nc
+                                    ? lr_load(gy, o_first + (cc - c_first + c) * Ho * Wo + r * Wo)
+                                    : 0.0f;
                 }
-                lr_reduce_row<K>(s_row, s_part, s_gacc + a * K, tid);
             }
+#pragma unroll 1
+            for (int bb = 0; bb < K; ++bb) {
+                if (warp_live) {
+                    const bool col_ok = win.col(bb);
+                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                    // gw[d] = geo, gg[d] = the strip's dlogit sum, of window row t - d (column bb)
+                    float gw[L], gg[L];
+#pragma unroll
+                    for (int d = 0; d < L; ++d) gw[d] = gg[d] = 0.0f;
+#pragma unroll 1
+                    for (int t = 0; t < NT; ++t) {
+                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                        lr_shift_in<L>(gg, 0.0f);
+                        const bool ok = col_ok && win.row(t);
+                        const int s = sc + t * PW;
+                        const float kv = s_k[s];
+                        float xv[MC];
+#pragma unroll
+                        for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            const int a = t - r * STRIDE;
+                            if (a >= 0 && a < K) {
+                                const bool live = ok && r < outs;
+                                const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE] - lse_v[r];
+                                const float p = live ? expf(l) : 0.0f;
+                                float dw = 0.0f;
+#pragma unroll
+                                for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
+                                const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                                gqv[r] += dl * lr_dphi_dq(comp, qv[r], kv);
+                                gg[r * STRIDE] += dl;
+                            }
+                        }
+                        // window row t - (L - 1) has all its dlogits: no later strip row reaches it
+                        const int done = t - (L - 1);
+                        if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
+                    }
+                } else {
+                    for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
+                }
+                lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) dsub[r] = 0.0f;  // the delta term counts once per output
         }
-        if (active) {
-            dsum[qidx] = dv;
-            lr_store(gq, qidx, gqv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r >= outs) continue;
+            lr_store(gq, (qplane + i0 + r) * Wo + j, gqv[r]);
         }
     }
     __syncthreads();  // s_gacc is complete
     for (int e = tid; e < KK; e += LR_THREADS) {
-        geo_partial[(g * KK + e) * nchunks + chunk] = s_gacc[e];
+        geo_partial[((long long)g * KK + e) * nchunks + chunk] = s_gacc[e];
     }
 }
 
-// Backward, input side: one thread per input position (h, w) of a tile of one (b, g) plane. It
-// gathers grad x for the channels of group g at (h, w) and grad k at (b, g, h, w) from the
-// (at most NC x NC) outputs whose window covers (h, w). Shared: q, lse and D over the outputs
-// covering the tile, and gy of MC channels over the same outputs.
+// Backward, input side: one thread per strip of RI input positions (hs + r, wc), r < RI, of a
+// tile of one (b, g) plane. It gathers grad x for the channels of group g and grad k at those
+// positions from the outputs whose windows cover them: output rows i_first + t, t < NT (each
+// covers the strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj,
+// tj < NC. Shared: q, lse and D over the outputs covering the tile, and gy of MC channels over
+// the same outputs.
 template <typename T, int K, int STRIDE>
-__global__ void lr_backward_input(
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const float* __restrict__ dsum,
     const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
     long long H, long long W, long long G, long long m, long long Ho, long long Wo, int comp) {
     constexpr int P = K / 2;
     constexpr int KK = K * K;
+    constexpr int RI = lr_input_strip<K, STRIDE>();  // input rows per thread
+    constexpr int ITH = LR_TILE_H * RI;              // input rows of a tile
     constexpr int NC = (K - 1) / STRIDE + 1;  // most outputs covering an input, per axis
+    constexpr int NT = (RI + STRIDE - 2) / STRIDE + NC;  // output rows covering a strip
     // output rows / columns staged per tile: i_first of the tile's last row is at most
-    // ceil((LR_TILE_H - 1) / STRIDE) past the first row's, and each row reads NC of them
-    constexpr int OH = (LR_TILE_H + STRIDE - 2) / STRIDE + NC;
+    // ceil((ITH - 1) / STRIDE) past the first row's, and each row reads NC of them
+    constexpr int OH = (ITH + STRIDE - 2) / STRIDE + NC;
     constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
-    constexpr int PO = lr_plain_pitch<OW, STRIDE>();  // row pitch of the shared tiles
+    constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();  // row pitch of the shared tiles
     constexpr int TO = OH * PO;
     constexpr int MC = lr_chunk<3 * TO + KK, TO>();
     LR_SHARED(float, s_q, TO);
@@ -292,7 +384,7 @@ __global__ void lr_backward_input(
     LR_SHARED(float, s_geo, KK);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (H + LR_TILE_H - 1) / LR_TILE_H;
+    const long long tiles_h = (H + ITH - 1) / ITH;
     const long long ntiles = B * G * tiles_h * tiles_w;
 
     for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
@@ -300,9 +392,9 @@ __global__ void lr_backward_input(
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
         const long long b = tile / (tiles_w * tiles_h * G);
-        const long long h0 = th * LR_TILE_H, w0 = tw * LR_TILE_W;
-        const long long h = h0 + ty, wc = w0 + tx;
-        const bool active = h < H && wc < W;
+        const long long h0 = th * ITH, w0 = tw * LR_TILE_W;
+        const long long hs = h0 + ty * RI, wc = w0 + tx;
+        const bool warp_live = h0 + (ty & ~1) * RI < H;  // uniform over the warp
         // first output row / column whose window can cover the tile
         const long long oi0 = lr_floor_div(h0 + P - K + STRIDE, STRIDE);
         const long long oj0 = lr_floor_div(w0 + P - K + STRIDE, STRIDE);
@@ -314,12 +406,19 @@ __global__ void lr_backward_input(
         lr_load_tile<OH, OW, PO>(s_lse, lse + plane, oi0, oj0, Ho, Wo, tid);
         lr_load_tile<OH, OW, PO>(s_d, dsum + plane, oi0, oj0, Ho, Wo, tid);
 
-        // the outputs covering (h, wc): i = i_first + ti, j = j_first + tj, ti, tj in [0, NC)
-        const long long i_first = lr_floor_div(h + P - K + STRIDE, STRIDE);
+        // the outputs covering the strip: i = i_first + t, j = j_first + tj
+        const long long i_first = lr_floor_div(hs + P - K + STRIDE, STRIDE);
         const long long j_first = lr_floor_div(wc + P - K + STRIDE, STRIDE);
         const int sbase = (int)((i_first - oi0) * PO + (j_first - oj0));
-        const float kv = active ? lr_load(k, ((b * G + g) * H + h) * W + wc) : 0.0f;
-        float gk_acc = 0.0f;
+        const int a_first = (int)(hs + P - i_first * STRIDE);  // row offset of (t, r) = (0, 0)
+        bool in_ok[RI];
+        float kv[RI], gk_acc[RI];
+#pragma unroll
+        for (int r = 0; r < RI; ++r) {
+            in_ok[r] = hs + r < H && wc < W;
+            kv[r] = in_ok[r] ? lr_load(k, ((b * G + g) * H + hs + r) * W + wc) : 0.0f;
+            gk_acc[r] = 0.0f;
+        }
         const long long c_first = g * m;
         const long long c_end = c_first + m < C ? c_first + m : C;
         for (long long cc = c_first; cc < c_end; cc += MC) {
@@ -331,43 +430,60 @@ __global__ void lr_backward_input(
             }
             __syncthreads();
             const bool first = cc == c_first;
-            float gxv[MC], gkc[MC];
+            float gxv[RI][MC], gkc[RI][MC];
 #pragma unroll
-            for (int c = 0; c < MC; ++c) gxv[c] = gkc[c] = 0.0f;
+            for (int r = 0; r < RI; ++r) {
+#pragma unroll
+                for (int c = 0; c < MC; ++c) gxv[r][c] = gkc[r][c] = 0.0f;
+            }
+            if (warp_live) {
 #pragma unroll 1
-            for (int ti = 0; ti < NC; ++ti) {
-#pragma unroll
                 for (int tj = 0; tj < NC; ++tj) {
-                    const long long i = i_first + ti, j = j_first + tj;
-                    const long long a = h + P - i * STRIDE, bb = wc + P - j * STRIDE;
-                    const bool ok = active && i >= 0 && i < Ho && j >= 0 && j < Wo && a >= 0 &&
-                                    bb >= 0;
-                    const int s = sbase + ti * PO + tj;
-                    const int o = ok ? (int)(a * K + bb) : 0;
-                    const float qv = s_q[ok ? s : 0];
-                    const float e = expf(lr_phi(comp, qv, kv) + s_geo[o] - s_lse[ok ? s : 0]);
-                    const float wt = ok ? e : 0.0f;
-                    const float wdk = wt * lr_dphi_dk(comp, qv, kv);
-                    if (first) gk_acc -= wdk * s_d[ok ? s : 0];  // the delta term
+                    const long long j = j_first + tj;
+                    const long long bb = wc + P - j * STRIDE;
+                    const bool col_ok = j >= 0 && j < Wo && bb >= 0;
+#pragma unroll 1
+                    for (int t = 0; t < NT; ++t) {
+                        const long long i = i_first + t;
+                        const bool row_ok = col_ok && i >= 0 && i < Ho;
+                        const int s = sbase + t * PO + tj;
+                        const float qv = s_q[s], lse_v = s_lse[s], dd = s_d[s];
+                        float gyc[MC];
 #pragma unroll
-                    for (int c = 0; c < MC; ++c) {
-                        if (c < nc) {
-                            const float v = s_gy[c * TO + s];
-                            gxv[c] += wt * v;
-                            gkc[c] += wdk * v;
+                        for (int c = 0; c < MC; ++c) gyc[c] = c < nc ? s_gy[c * TO + s] : 0.0f;
+#pragma unroll
+                        for (int r = 0; r < RI; ++r) {
+                            const int a = a_first + r - t * STRIDE;  // window row of hs + r in i
+                            const bool ok = row_ok && in_ok[r] && a >= 0 && a < K;
+                            const int o = ok ? (int)(a * K + bb) : 0;
+                            const float e = expf(lr_phi(comp, qv, kv[r]) + s_geo[o] - lse_v);
+                            const float wt = ok ? e : 0.0f;
+                            const float wdk = wt * lr_dphi_dk(comp, qv, kv[r]);
+                            if (first) gk_acc[r] -= wdk * dd;  // the delta term
+#pragma unroll
+                            for (int c = 0; c < MC; ++c) {
+                                gxv[r][c] += wt * gyc[c];
+                                gkc[r][c] += wdk * gyc[c];
+                            }
                         }
                     }
                 }
             }
 #pragma unroll
-            for (int c = 0; c < MC; ++c) {
-                if (active && c < nc) {
-                    const long long xidx = ((b * C + cc + c) * H + h) * W + wc;
-                    gk_acc += lr_load(x, xidx) * gkc[c];
-                    lr_store(gx, xidx, gxv[c]);
+            for (int r = 0; r < RI; ++r) {
+#pragma unroll
+                for (int c = 0; c < MC; ++c) {
+                    if (in_ok[r] && c < nc) {
+                        const long long xidx = ((b * C + cc + c) * H + hs + r) * W + wc;
+                        gk_acc[r] += lr_load(x, xidx) * gkc[r][c];
+                        lr_store(gx, xidx, gxv[r][c]);
+                    }
                 }
             }
         }
-        if (active) lr_store(gk, ((b * G + g) * H + h) * W + wc, gk_acc);
+#pragma unroll
+        for (int r = 0; r < RI; ++r) {
+            if (in_ok[r]) lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, gk_acc[r]);
+        }
     }
 }

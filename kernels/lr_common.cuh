@@ -86,9 +86,43 @@ __device__ __forceinline__ unsigned short lr_float_to_bf16_bits(float f) {
 
 // ---- typed loads and stores -------------------------------------------------------------------
 
+// On the GPU the 16-bit conversions are single instructions (cvt: exact from fp16, round to
+// nearest even to fp16 / bf16, as the bit manipulation above); the CPU builds of the tests
+// (no __CUDA_ARCH__) run the bit manipulation, which tests/test_kernels_host.py checks against
+// torch for every pattern.
+__device__ __forceinline__ float lr_half_to_float(unsigned short h) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return lr_half_bits_to_float(h);
+#endif
+}
+
+__device__ __forceinline__ unsigned short lr_float_to_half(float f) {
+#ifdef __CUDA_ARCH__
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    return lr_float_to_half_bits(f);
+#endif
+}
+
+__device__ __forceinline__ unsigned short lr_float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    return lr_float_to_bf16_bits(f);
+#endif
+}
+
 __device__ __forceinline__ float lr_load(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float lr_load(const lr_half* p, long long i) {
-    return lr_half_bits_to_float(p[i].bits);
+    return lr_half_to_float(p[i].bits);
 }
 __device__ __forceinline__ float lr_load(const lr_bf16* p, long long i) {
     return lr_bf16_bits_to_float(p[i].bits);
@@ -96,10 +130,10 @@ __device__ __forceinline__ float lr_load(const lr_bf16* p, long long i) {
 
 __device__ __forceinline__ void lr_store(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void lr_store(lr_half* p, long long i, float v) {
-    p[i].bits = lr_float_to_half_bits(v);
+    p[i].bits = lr_float_to_half(v);
 }
 __device__ __forceinline__ void lr_store(lr_bf16* p, long long i, float v) {
-    p[i].bits = lr_float_to_bf16_bits(v);
+    p[i].bits = lr_float_to_bf16(v);
 }
 
 // ---- appearance composability ---------------------------------------------------------------
@@ -145,11 +179,14 @@ __device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
 
 // ---- tiles --------------------------------------------------------------------------------
 
-// Output tile of one block: LR_TILE_W x LR_TILE_H threads, one output (forward, backward query)
-// or one input position (backward input) each. robustlr.ops.cupy_backend.TILE mirrors these.
+// Block of every kernel: LR_TILE_W x LR_TILE_H threads, each owning a vertical strip of
+// positions (below). robustlr.ops.cupy_backend.TILE mirrors these.
 #define LR_TILE_W 16
 #define LR_TILE_H 8
 #define LR_THREADS (LR_TILE_W * LR_TILE_H)
+// Resident blocks per SM every kernel is compiled for (__launch_bounds__): ptxas keeps each
+// thread within 65,536 / (LR_MIN_BLOCKS * LR_THREADS) = 128 registers.
+#define LR_MIN_BLOCKS 4
 
 // floor(a / b) for b > 0 and any sign of a.
 __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
@@ -157,26 +194,36 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
     return (q * b > a) ? q - 1 : q;
 }
 
+// Register blocking: every thread computes a vertical strip of R adjacent positions (outputs
+// in lr_forward / lr_backward_query, inputs in lr_backward_input), so a tile is LR_TILE_W
+// positions wide and LR_TILE_H * R tall, and each window word a thread reads from shared
+// memory serves up to R of its positions instead of one.
+//
 // Shared tiles read at a stride (forward, backward query) are stored phase by phase: column c of
 // a row sits at (c % STRIDE) * lr_phase_cols + c / STRIDE, so the 16 threads of a tile row, which
-// read columns tx * STRIDE + b, read 16 consecutive words. A warp covers two tile rows, STRIDE
-// input rows apart; the row pitch is padded so that STRIDE * pitch is 16 modulo 32 words, which
-// puts the two rows' 16 words in 32 distinct banks: every window read is one shared-memory
-// transaction. robustlr.ops.cupy_backend.phase_cols / shared_pitch mirror these.
+// read columns tx * STRIDE + b, read 16 consecutive words. A warp covers two tile rows of
+// threads, whose reads at one instruction lie STEP = R * STRIDE input rows apart; the row pitch
+// is padded so that STEP * pitch is 16 modulo 32 words, which puts the two rows' 16 words in 32
+// distinct banks: every window read is one shared-memory transaction.
+// robustlr.ops.cupy_backend.phase_cols / shared_pitch mirror these.
 template <int COLS, int STRIDE>
 __host__ __device__ constexpr int lr_phase_cols() {
     return (COLS + STRIDE - 1) / STRIDE;
 }
 
-template <int COLS, int STRIDE>
-__host__ __device__ constexpr int lr_pitch() {
-    // the smallest pitch >= STRIDE * lr_phase_cols with STRIDE * pitch = 16 (mod 32); none for
-    // strides that are multiples of 32 (then unpadded)
-    int p = STRIDE * lr_phase_cols<COLS, STRIDE>();
+// The smallest pitch >= MIN with STEP * pitch = 16 (mod 32); MIN when there is none (STEP a
+// multiple of 32).
+template <int MIN, int STEP>
+__host__ __device__ constexpr int lr_padded_pitch() {
     for (int extra = 0; extra < 32; ++extra) {
-        if ((STRIDE * (p + extra)) % 32 == 16) return p + extra;
+        if ((STEP * (MIN + extra)) % 32 == 16) return MIN + extra;
     }
-    return p;
+    return MIN;
+}
+
+template <int COLS, int STRIDE, int STEP>
+__host__ __device__ constexpr int lr_pitch() {
+    return lr_padded_pitch<STRIDE * lr_phase_cols<COLS, STRIDE>(), STEP>();
 }
 
 // Position of column `col` in a phase-ordered row (see above).
@@ -186,11 +233,48 @@ __host__ __device__ constexpr int lr_phase_col(int col) {
 }
 
 // Row pitch of the backward-input tiles (read at stride 1 by lanes that share words at larger
-// strides): padded to 16 modulo 32 at stride 1, unpadded otherwise.
-// robustlr.ops.cupy_backend.plain_pitch mirrors it.
-template <int COLS, int STRIDE>
+// strides; the two half-warps' reads lie R output rows apart at stride 1): padded at stride 1,
+// unpadded otherwise. robustlr.ops.cupy_backend.plain_pitch mirrors it.
+template <int COLS, int STRIDE, int R>
 __host__ __device__ constexpr int lr_plain_pitch() {
-    return STRIDE == 1 ? COLS + (48 - COLS % 32) % 32 : COLS;
+    return STRIDE == 1 ? lr_padded_pitch<COLS, R>() : COLS;
+}
+
+// Pitch of the per-offset dlogit buffer of lr_backward_query: 8 modulo 32, so that the 32 lanes
+// reading s_row[r * LR_RED_PITCH + e * 8 + part] (r = lane / 8, part = lane % 8) hit 32 banks.
+#define LR_RED_PITCH (LR_THREADS + 8)
+
+// Floats of one staged tile of lr_forward / lr_backward_query at strip R: the input rows and
+// columns under a tile of LR_TILE_W x LR_TILE_H * R outputs, at the padded pitch.
+template <int K, int STRIDE, int R>
+__host__ __device__ constexpr int lr_query_tile() {
+    return ((LR_TILE_H * R - 1) * STRIDE + K) *
+           lr_pitch<(LR_TILE_W - 1) * STRIDE + K, STRIDE, R * STRIDE>();
+}
+
+// Shared floats of lr_backward_query besides its channel tiles: the k tile, geo, the dlogit rows
+// and partial sums of the grad-geo reduction, the block's grad geo.
+template <int K, int STRIDE, int R>
+__host__ __device__ constexpr int lr_query_fixed() {
+    return lr_query_tile<K, STRIDE, R>() + 2 * K * K + K * LR_RED_PITCH + K * 8;
+}
+
+// Outputs per thread of lr_forward and lr_backward_query (one geometry for both): 4, or the
+// largest of 2 and 1 with which lr_backward_query's shared arrays (at least one channel tile)
+// fit 48 KB. robustlr.ops.cupy_backend.query_strip mirrors it.
+template <int K, int STRIDE>
+__host__ __device__ constexpr int lr_query_strip() {
+    return lr_query_fixed<K, STRIDE, 4>() + lr_query_tile<K, STRIDE, 4>() <= 12288   ? 4
+           : lr_query_fixed<K, STRIDE, 2>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2
+                                                                                      : 1;
+}
+
+// Input rows per thread of lr_backward_input: 4 at stride 1, 1 otherwise (at larger strides the
+// outputs covering adjacent input rows differ from row to row).
+// robustlr.ops.cupy_backend.input_strip mirrors it.
+template <int K, int STRIDE>
+__host__ __device__ constexpr int lr_input_strip() {
+    return STRIDE == 1 ? 4 : 1;
 }
 
 // Channels of a group staged in shared memory at once (the window loops run over offsets
@@ -203,6 +287,44 @@ __host__ __device__ constexpr int lr_chunk() {
            : (12288 - FIXED) / PER < 1          ? 1
                                                 : (12288 - FIXED) / PER;
 }
+
+// Shift a register window one place up and put v in slot 0: w[d] <- w[d - 1], w[0] <- v. The
+// window loops keep per-window-row values of the rows a strip row serves this way (indices are
+// compile-time constants, so the window stays in registers).
+template <int N>
+__device__ __forceinline__ void lr_shift_in(float* w, float v) {
+#pragma unroll
+    for (int d = N - 1; d > 0; --d) w[d] = w[d - 1];
+    w[0] = v;
+}
+
+// Outputs of a strip of R rows from (i0, j) that exist: output r is in the image iff r < it.
+template <int R>
+__device__ __forceinline__ int lr_strip_outputs(long long i0, long long j, long long Ho,
+                                                long long Wo) {
+    return j < Wo && i0 < Ho ? (Ho - i0 < R ? (int)(Ho - i0) : R) : 0;
+}
+
+// Which of a strip's NT input rows (top + t) and K window columns (left + b) lie in the
+// (H, W) image, worked out once per tile: rows [row_lo, row_hi), columns by bit.
+template <int NT, int K>
+struct lr_window {
+    static_assert(K <= 32, "one bit per window column");
+    int row_lo, row_hi;
+    unsigned cols;
+    __device__ __forceinline__ lr_window(long long top, long long left, long long H,
+                                         long long W) {
+        row_lo = top < 0 ? (-top < NT ? (int)-top : NT) : 0;
+        row_hi = H - top <= 0 ? 0 : (H - top < NT ? (int)(H - top) : NT);
+        cols = 0;
+#pragma unroll
+        for (int b = 0; b < K; ++b) {
+            if (left + b >= 0 && left + b < W) cols |= 1u << b;
+        }
+    }
+    __device__ __forceinline__ bool row(int t) const { return t >= row_lo && t < row_hi; }
+    __device__ __forceinline__ bool col(int b) const { return (cols >> b) & 1u; }
+};
 
 // Most global loads a thread of the tile loader keeps in flight (registers it holds for them).
 #define LR_LOAD_BATCH 4
@@ -239,13 +361,12 @@ __device__ __forceinline__ void lr_load_rows(float* __restrict__ dst, const T* _
     }
 }
 
-// A tile read at STRIDE by the window loops: phase order, row pitch lr_pitch.
-template <int ROWS, int COLS, int STRIDE, typename T>
+// A tile read at STRIDE by the window loops: phase order, row pitch PITCH (lr_pitch).
+template <int ROWS, int COLS, int STRIDE, int PITCH, typename T>
 __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst,
                                                const T* __restrict__ plane, long long r0,
                                                long long c0, long long H, long long W, int tid) {
-    lr_load_rows<ROWS, COLS, STRIDE, lr_pitch<COLS, STRIDE>(), true>(dst, plane, r0, c0, H, W,
-                                                                      tid);
+    lr_load_rows<ROWS, COLS, STRIDE, PITCH, true>(dst, plane, r0, c0, H, W, tid);
 }
 
 // A tile in plain row order with row pitch PITCH.

@@ -127,7 +127,8 @@ def test_phase_layout_is_a_permutation_of_each_row():
         for S in range(1, 8):
             iw = (cupy_backend.TILE[0] - 1) * S + K
             slots = [cupy_backend.phase_col(c, iw, S) for c in range(iw)]
-            assert len(set(slots)) == iw and max(slots) < cupy_backend.shared_pitch(iw, S)
+            pitch = cupy_backend.shared_pitch(iw, S, cupy_backend.query_strip(K, S) * S)
+            assert len(set(slots)) == iw and max(slots) < pitch
 
 
 @pytest.mark.parametrize("S", [1, 2, 3])
@@ -149,16 +150,16 @@ def test_bank_conflict_model_sees_conflicts():
 
 # ---- the tile loader's global loads, in the SASS ----------------------------------------------
 
-# A kernel that only runs the tile loader once: the forward's k / x tile at K = 7, stride 1
-# (14 x 22 elements: 3 trips of 128 threads).
+# A kernel that only runs the tile loader once: the forward's k / x tile at K = 7, stride 1,
+# strips of 4 outputs (38 x 22 elements at pitch 28: 7 trips of 128 threads).
 _LOADER_PROBE = """
 __global__ void lr_probe_loader(const float* __restrict__ plane, float* __restrict__ out,
                                 long long H, long long W) {
-    LR_SHARED(float, s, 14 * 48);
+    LR_SHARED(float, s, 38 * 28);
     const int tid = threadIdx.y * LR_TILE_W + threadIdx.x;
-    lr_load_phased<14, 22, 1>(s, plane, -3, -3, H, W, tid);
+    lr_load_phased<38, 22, 1, 28>(s, plane, -3, -3, H, W, tid);
     __syncthreads();
-    out[tid] = s[(tid * 5) % (14 * 48)];
+    out[tid] = s[(tid * 5) % (38 * 28)];
 }
 """
 
@@ -189,8 +190,9 @@ def ldg_runs(sass: str) -> list[int]:
 
 def test_tile_loader_issues_its_loads_before_its_stores(tmp_path):
     """lr_load_rows keeps a batch of global loads in flight per thread (one memory latency per
-    batch, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 3-trip tile is
-    one run of 3 LDG, where v2's loop issued one load per shared store (runs of 1)."""
+    batch, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 7-trip tile is
+    a loop whose body is one run of LR_LOAD_BATCH = 4 LDG, where v2's loop issued one load per
+    shared store (runs of 1)."""
     nvdisasm = _nvdisasm()
     if nvdisasm is None:
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
@@ -199,4 +201,4 @@ def test_tile_loader_issues_its_loads_before_its_stores(tmp_path):
     cubin = tmp_path / "probe.cubin"
     cubin.write_bytes(prog.binary)
     sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True)
-    assert ldg_runs(sass.stdout) == [3]
+    assert ldg_runs(sass.stdout) == [4]

@@ -167,14 +167,18 @@ def test_largest_supported_stride_matches_naive(lib, kernel_size):
 
 @pytest.mark.parametrize(
     "case",
-    [(2, 5, 17, 33, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 34, 66, 2, 5, 2, "mul"), marks=SLOW)],
+    [(2, 5, 66, 33, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 130, 66, 2, 5, 2, "mul"), marks=SLOW)],
     ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c),
 )
 def test_images_of_three_by_three_tiles_match_naive(lib, case):
-    """Outputs (and backward-input positions) span >= 3 x 3 tiles of 16 x 8, B = 2."""
-    H, W, s = case[2], case[3], case[6]
-    assert case[0] >= 2
-    assert -(-((H - 1) // s + 1) // 8) >= 3 and -(-((W - 1) // s + 1) // 16) >= 3
+    """Outputs and backward-input positions each span >= 3 x 3 tiles (16 wide, 8 threads x the
+    kernel's strip tall), B = 2."""
+    B, _, H, W, _, K, s, _ = case
+    assert B >= 2
+    out_rows, in_rows = 8 * cupy_backend.query_strip(K, s), 8 * cupy_backend.input_strip(K, s)
+    Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+    assert -(-Ho // out_rows) >= 3 and -(-Wo // 16) >= 3
+    assert -(-H // in_rows) >= 3 and -(-W // 16) >= 3
     check_case(lib, case, seed=41)
 
 
@@ -247,7 +251,9 @@ def test_grad_geo_is_bitwise_reproducible(lib):
 
 def test_query_chunking_from_sm_count(lib):
     """The backward-query grid follows the SM count; the results do not."""
-    x, q, k, geo, gy = make_case(2, 8, 9, 9, 8, 7, 1, seed=7)  # m = 1, 4 tiles per group
+    # m = 1; 4 tiles per group (2 images x 2 tiles of 16 x 32 outputs: strips of 4 rows)
+    x, q, k, geo, gy = make_case(2, 8, 40, 9, 8, 7, 1, seed=7)
+    assert cupy_backend.query_strip(7, 1) == 4
     want = naive_results(x, q, k, geo, gy, 7, 1, "mul")
     shape = check_inputs(x, q, k, geo, 7, 1, "mul")
     seen = set()

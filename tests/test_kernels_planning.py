@@ -16,9 +16,10 @@ def shape_of(B, C, H, W, G, K, s) -> LocalRelationShape:
     return LocalRelationShape(B, C, H, W, G, m, (H - 1) // s + 1, (W - 1) // s + 1, K, s, 1)
 
 
-def tiles(h: int, w: int) -> int:
+def tiles(h: int, w: int, strip: int) -> int:
+    """Tiles of TILE[0] x TILE[1] threads, each a vertical strip of ``strip`` positions."""
     tw, th = cb.TILE
-    return -(-h // th) * -(-w // tw)
+    return -(-h // (th * strip)) * -(-w // tw)
 
 
 @pytest.mark.parametrize(
@@ -32,17 +33,18 @@ def tiles(h: int, w: int) -> int:
 )
 def test_plans_cover_64bit_sizes(sizes):
     shape = shape_of(*sizes)
-    B, _, H, W, G, K, _ = sizes
+    B, _, H, W, G, K, s = sizes
     Ho, Wo = shape.out_height, shape.out_width
+    rows, in_rows = cb.query_strip(K, s), cb.input_strip(K, s)
     fwd = cb.plan_forward(shape)
     assert fwd.kernel == "lr_forward" and fwd.block == (*cb.TILE, 1)
-    assert fwd.grid == (min(B * G * tiles(Ho, Wo), cb.MAX_BLOCKS), 1, 1)
+    assert fwd.grid == (min(B * G * tiles(Ho, Wo, rows), cb.MAX_BLOCKS), 1, 1)
     bwd = cb.plan_backward_input(shape)
-    assert bwd.grid == (min(B * G * tiles(H, W), cb.MAX_BLOCKS), 1, 1)
+    assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
     blocks_per_sm = cb.THREADS_PER_SM // (cb.TILE[0] * cb.TILE[1])
     for sms in (1, 108, 132):
         n = cb.query_chunks(shape, sms)
-        assert n == max(1, min(B * tiles(Ho, Wo), -(-sms * blocks_per_sm // G)))
+        assert n == max(1, min(B * tiles(Ho, Wo, rows), -(-sms * blocks_per_sm // G)))
         q = cb.plan_backward_query(shape, n)
         assert q.grid == (G * n, 1, 1) and G * n <= cb.MAX_BLOCKS
         # the grad-geo partial buffer stays proportional to the GPU, not to the problem

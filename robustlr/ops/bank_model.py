@@ -24,36 +24,38 @@ def transactions(addresses: list[int]) -> int:
 
 
 def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
-    """Worst warp request over the window offsets of one kernel's window reads (16 x 8 block,
-    warp w = tile rows 2w and 2w + 1): forward / backward_query read
-    ``tile[ty*S*PW + tx + a*PW + lr_phase_col(b)]`` of a phase-ordered tile (``lr_load_phased``)
-    for every staged channel; backward_input reads
-    ``tile[(i_first - oi0)*PO + (j_first - oj0) + ti*PO + tj]`` for every tile origin modulo S."""
+    """Worst warp request over the window reads of one kernel (16 x 8 block, warp w = thread
+    rows 2w and 2w + 1, each thread a vertical strip of R positions, ``cupy_backend.strip``):
+    forward / backward_query read ``tile[ty*R*S*PW + tx + t*PW + lr_phase_col(b)]`` of a
+    phase-ordered tile (``lr_load_phased``) for every strip row t and window column b, for
+    every staged channel; backward_input reads ``tile[(i_first - oi0)*PO + (j_first - oj0) +
+    t*PO + tj]`` for every tile origin modulo S."""
     K, S = kernel_size, stride
+    R = cupy_backend.strip(kernel, K, S)
     tw, th = cupy_backend.TILE
     worst = 0
     for warp in range(tw * th // 32):
         lanes = [(t % tw, t // tw) for t in range(32 * warp, 32 * warp + 32)]
         if kernel in ("lr_forward", "lr_backward_query"):
             iw = (tw - 1) * S + K
-            pw = cupy_backend.shared_pitch(iw, S)
-            for a in range(K):
+            pw = cupy_backend.shared_pitch(iw, S, R * S)
+            for row in range((R - 1) * S + K):
                 for b in range(K):
                     col = cupy_backend.phase_col(b, iw, S)
-                    req = [ty * S * pw + tx + a * pw + col for tx, ty in lanes]
+                    req = [ty * R * S * pw + tx + row * pw + col for tx, ty in lanes]
                     worst = max(worst, transactions(req))
         elif kernel == "lr_backward_input":
             nc = (K - 1) // S + 1
-            po = cupy_backend.plain_pitch((tw + S - 2) // S + nc, S)
+            po = cupy_backend.plain_pitch((tw + S - 2) // S + nc, S, R)
             P = K // 2
             for r0 in range(S):  # tile origins h0, w0 modulo S
                 first0 = (r0 + P - K + S) // S
-                for ti in range(nc):
+                for row in range((R + S - 2) // S + nc):
                     for tj in range(nc):
                         req = [
-                            ((r0 + ty + P - K + S) // S - first0) * po
+                            ((r0 + ty * R + P - K + S) // S - first0) * po
                             + ((r0 + tx + P - K + S) // S - first0)
-                            + ti * po
+                            + row * po
                             + tj
                             for tx, ty in lanes
                         ]

@@ -77,8 +77,12 @@ MAX_KERNEL_SIZE = 13
 
 #: Most channels of a group the kernels stage in shared memory at once (LR_MAX_CHUNK).
 MAX_CHANNEL_CHUNK = 8
-#: Pitch of lr_backward_query's per-row dlogit buffer (LR_RED_PITCH).
+#: Pitch of lr_backward_query's per-offset dlogit buffer (LR_RED_PITCH).
 RED_PITCH = TILE[0] * TILE[1] + 8
+#: Floats of static shared memory one block may declare.
+_SHARED_FLOATS = MAX_STATIC_SHARED // 4
+#: Strip heights (positions per thread) the forward / backward-query kernels try, tallest first.
+QUERY_STRIPS = (4, 2, 1)
 
 
 def phase_cols(cols: int, stride: int) -> int:
@@ -86,16 +90,20 @@ def phase_cols(cols: int, stride: int) -> int:
     return -(-cols // stride)
 
 
-def shared_pitch(cols: int, stride: int) -> int:
-    """Row pitch (floats) of a phase-ordered shared tile ``cols`` wide read at ``stride``
-    (``lr_pitch`` in lr_common.cuh): the smallest pitch >= stride * phase_cols with
-    stride * pitch = 16 (mod 32), so that a warp's window read (16 consecutive words in each of
-    two rows ``stride`` input rows apart) touches 32 distinct banks."""
-    p = stride * phase_cols(cols, stride)
+def padded_pitch(minimum: int, step: int) -> int:
+    """``lr_padded_pitch``: the smallest pitch >= minimum with step * pitch = 16 (mod 32), so
+    that two half-warps reading 16 consecutive words each, ``step`` rows apart, touch 32
+    distinct banks; ``minimum`` when there is none."""
     for extra in range(32):
-        if stride * (p + extra) % 32 == 16:
-            return p + extra
-    return p
+        if step * (minimum + extra) % 32 == 16:
+            return minimum + extra
+    return minimum
+
+
+def shared_pitch(cols: int, stride: int, step: int) -> int:
+    """Row pitch (floats) of a phase-ordered shared tile ``cols`` wide read at ``stride`` by
+    half-warps ``step`` input rows apart (``lr_pitch`` in lr_common.cuh)."""
+    return padded_pitch(stride * phase_cols(cols, stride), step)
 
 
 def phase_col(col: int, cols: int, stride: int) -> int:
@@ -103,32 +111,68 @@ def phase_col(col: int, cols: int, stride: int) -> int:
     return (col % stride) * phase_cols(cols, stride) + col // stride
 
 
-def plain_pitch(cols: int, stride: int) -> int:
-    """Row pitch of lr_backward_input's tiles (``lr_plain_pitch``): 16 modulo 32 at stride 1,
-    unpadded otherwise."""
-    return cols + (48 - cols % 32) % 32 if stride == 1 else cols
+def plain_pitch(cols: int, stride: int, strip: int) -> int:
+    """Row pitch of lr_backward_input's tiles (``lr_plain_pitch``): padded for half-warps
+    ``strip`` output rows apart at stride 1, unpadded otherwise."""
+    return padded_pitch(cols, strip) if stride == 1 else cols
 
 
 def channel_chunk(fixed: int, per: int) -> int:
     """Channels staged at once (``lr_chunk``): as many tiles of ``per`` floats as fit next to
     ``fixed`` floats in 48 KB, between 1 and MAX_CHANNEL_CHUNK."""
-    return max(1, min(MAX_CHANNEL_CHUNK, (MAX_STATIC_SHARED // 4 - fixed) // per))
+    return max(1, min(MAX_CHANNEL_CHUNK, (_SHARED_FLOATS - fixed) // per))
+
+
+def _query_tile(kernel_size: int, stride: int, strip: int) -> int:
+    """``lr_query_tile``: floats of one staged tile of the forward / backward query."""
+    K, S = kernel_size, stride
+    rows = (TILE[1] * strip - 1) * S + K
+    return rows * shared_pitch((TILE[0] - 1) * S + K, S, strip * S)
+
+
+def _query_fixed(kernel_size: int, stride: int, strip: int) -> int:
+    """``lr_query_fixed``: lr_backward_query's shared floats besides its channel tiles."""
+    K = kernel_size
+    return _query_tile(K, stride, strip) + 2 * K * K + K * RED_PITCH + K * 8
+
+
+def query_strip(kernel_size: int, stride: int) -> int:
+    """Outputs per thread of lr_forward and lr_backward_query (``lr_query_strip``): the
+    tallest strip with which lr_backward_query's shared arrays fit 48 KB."""
+    for strip in QUERY_STRIPS:
+        tile = _query_tile(kernel_size, stride, strip)
+        if _query_fixed(kernel_size, stride, strip) + tile <= _SHARED_FLOATS:
+            return strip
+    return 1
+
+
+def input_strip(kernel_size: int, stride: int) -> int:
+    """Input rows per thread of lr_backward_input (``lr_input_strip``)."""
+    return 4 if stride == 1 else 1
+
+
+def strip(kernel: str, kernel_size: int, stride: int) -> int:
+    """Positions per thread (a vertical strip) of one kernel instantiation."""
+    if kernel == "lr_backward_input":
+        return input_strip(kernel_size, stride)
+    return query_strip(kernel_size, stride)
 
 
 def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, int]:
     """(floats of one staged tile, channels staged at once, other shared floats) of one kernel
     instantiation, as declared in kernels/local_relation.cu."""
     K, S = kernel_size, stride
-    if kernel in ("lr_forward", "lr_backward_query"):
-        in_h = (TILE[1] - 1) * S + K  # input tile with its halo, rows x pitch
-        tile = in_h * shared_pitch((TILE[0] - 1) * S + K, S)
-        # forward: s_k, s_x, s_geo; backward_query: s_k, s_x, s_geo, s_row, s_part, s_gacc
-        reduction = 0 if kernel == "lr_forward" else K * K + K * RED_PITCH + K * 8
-        fixed = tile + K * K + reduction
+    R = strip(kernel, K, S)
+    if kernel == "lr_forward":  # s_k, s_x, s_geo
+        tile = _query_tile(K, S, R)
+        fixed = tile + K * K
+    elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc
+        tile = _query_tile(K, S, R)
+        fixed = _query_fixed(K, S, R)
     elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
         nc = (K - 1) // S + 1
-        out_h = (TILE[1] + S - 2) // S + nc
-        tile = out_h * plain_pitch((TILE[0] + S - 2) // S + nc, S)
+        out_h = (TILE[1] * R + S - 2) // S + nc
+        tile = out_h * plain_pitch((TILE[0] + S - 2) // S + nc, S, R)
         fixed = 3 * tile + K * K
     else:
         raise KeyError(kernel)
@@ -171,8 +215,9 @@ class LaunchConfig:
     shared_bytes: int = 0
 
 
-def _tiles(height: int, width: int) -> int:
-    return -(-height // TILE[1]) * -(-width // TILE[0])
+def _tiles(height: int, width: int, strip: int) -> int:
+    """Tiles of LR_TILE_W x LR_TILE_H * strip positions over a (height, width) plane."""
+    return -(-height // (TILE[1] * strip)) * -(-width // TILE[0])
 
 
 def _config(kernel: str, blocks: int) -> LaunchConfig | None:
@@ -184,14 +229,15 @@ def _config(kernel: str, blocks: int) -> LaunchConfig | None:
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; None when
     there is no output."""
-    tiles = _tiles(shape.out_height, shape.out_width)
+    tiles = _tiles(shape.out_height, shape.out_width, query_strip(shape.kernel_size, shape.stride))
     return _config("lr_forward", shape.batch * shape.groups * tiles)
 
 
 def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
     """Blocks per group of ``lr_backward_query``: enough blocks to fill every SM, at most one
     per output tile of the group, at least one."""
-    tiles = shape.batch * _tiles(shape.out_height, shape.out_width)
+    rows = query_strip(shape.kernel_size, shape.stride)
+    tiles = shape.batch * _tiles(shape.out_height, shape.out_width, rows)
     blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
     target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
     return max(1, min(tiles, target))
@@ -206,7 +252,7 @@ def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig
 
 def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane."""
-    tiles = _tiles(shape.height, shape.width)
+    tiles = _tiles(shape.height, shape.width, input_strip(shape.kernel_size, shape.stride))
     return _config("lr_backward_input", shape.batch * shape.groups * tiles)
 
 
