@@ -1,8 +1,9 @@
-// Local relation op, CUDA kernels v3 (DESIGN.md §1): tiled, no per-thread window arrays.
+// Local relation op, CUDA kernels v4 (DESIGN.md §1): tiled, register-blocked strips, no per-thread
+// window arrays.
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
-// The composability is a runtime argument (LR_SQDIFF, LR_ABSDIFF, LR_MUL).
+// The composability is a runtime argument (LR_SQDIFF, LR_ABSDIFF, LR_MUL), dispatched once.
 //
 // Layouts (all contiguous NCHW): x (B, C, H, W), q (B, G, Ho, Wo), k (B, G, H, W), geo (G, K, K)
 // in fp32, y (B, C, Ho, Wo), lse (B, G, Ho, Wo) in fp32. Channel c belongs to group c / m, the
@@ -20,8 +21,13 @@
 // serves every position of the strip whose window holds it, so a thread holds R x MC
 // accumulators, never a K x K array. Strided window reads go through the phase-ordered, padded
 // layout of lr_common.cuh (one shared-memory transaction per warp request, counted by
-// tests/test_kernels_budget.py). A warp whose strips lie wholly below the image skips the
-// window loops (it still takes part in the loads and barriers).
+// tests/test_kernels_budget.py). In the forward and backward input a warp whose strips lie
+// wholly below the image skips the window loops (it still takes part in the loads and barriers;
+// the backward query keeps them, masked: skipping them there costs ptxas a spill on sm_80).
+//
+// The composability is a template parameter of the tile bodies (lr_*_tiles<T, K, STRIDE, COMP>);
+// each kernel picks the body once per launch from its runtime argument (LR_BY_COMPOSABILITY),
+// so the window loops carry no composability branch. The softmax runs in base 2 (lr_exp2).
 //
 // Forward, two passes over the window (FlashAttention's softmax without the rescaling): the
 // largest logit, then exp(logit - max) accumulated into the sum and the MC channel outputs.
@@ -35,29 +41,65 @@
 // the outputs whose window covers them. No atomics anywhere.
 #include "lr_common.cuh"
 
+// Tile geometry of lr_forward and lr_backward_query (one home for the kernels and the bodies):
+// strips of R outputs, tiles of LR_TILE_W x OTH outputs over IH x IW input positions staged at
+// pitch PW (TF floats per tile); a strip reads NT input rows and each strip row serves the
+// window rows t - d, d < L; MC channels staged at once (forward, backward query).
+template <int K, int STRIDE>
+struct lr_query_shape {
+    static constexpr int R = lr_query_strip<K, STRIDE>();
+    static constexpr int OTH = LR_TILE_H * R;
+    static constexpr int IH = (OTH - 1) * STRIDE + K;
+    static constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
+    static constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();
+    static constexpr int TF = IH * PW;
+    static constexpr int NT = (R - 1) * STRIDE + K;
+    static constexpr int L = (R - 1) * STRIDE + 1;
+    static constexpr int MC_FORWARD = lr_chunk<TF + K * K, TF>();
+    static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
+};
+
+// Tile geometry of lr_backward_input: strips of RI inputs, tiles of LR_TILE_W x ITH inputs; the
+// outputs covering a tile are OH x OW, staged at pitch PO (TO floats per tile); a strip is
+// covered by NT output rows and NC output columns; MC gy channels staged at once.
+template <int K, int STRIDE>
+struct lr_input_shape {
+    static constexpr int RI = lr_input_strip<K, STRIDE>();
+    static constexpr int ITH = LR_TILE_H * RI;
+    static constexpr int NC = (K - 1) / STRIDE + 1;  // most outputs covering an input, per axis
+    static constexpr int NT = (RI + STRIDE - 2) / STRIDE + NC;
+    // i_first of the tile's last row is at most ceil((ITH - 1) / STRIDE) past the first row's,
+    // and each row reads NC of them
+    static constexpr int OH = (ITH + STRIDE - 2) / STRIDE + NC;
+    static constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
+    static constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();
+    static constexpr int TO = OH * PO;
+    static constexpr int MC = lr_chunk<3 * TO + K * K, TO>();
+};
+
+// Call FN<T, K, STRIDE, COMP>(...) for the runtime composability code comp: the window loops
+// are compiled once per composability, and the choice is made once per launch.
+#define LR_BY_COMPOSABILITY(comp, FN, ...)                           \
+    if ((comp) == LR_SQDIFF) {                                        \
+        FN<T, K, STRIDE, LR_SQDIFF>(__VA_ARGS__);                     \
+    } else if ((comp) == LR_ABSDIFF) {                                \
+        FN<T, K, STRIDE, LR_ABSDIFF>(__VA_ARGS__);                    \
+    } else {                                                          \
+        FN<T, K, STRIDE, LR_MUL>(__VA_ARGS__);                        \
+    }
+
 
 // Forward, fused: logits, softmax and aggregation; one thread per strip of R outputs
 // (i0 + r, j), r < R, of a tile. Shared: the k tile (logits) and MC channel tiles of x.
-template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
+template <typename T, int K, int STRIDE, int COMP>
+__device__ __forceinline__ void lr_forward_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
-    int comp) {
-    constexpr int P = K / 2;
-    constexpr int KK = K * K;
-    constexpr int R = lr_query_strip<K, STRIDE>();  // outputs per thread (a vertical strip)
-    constexpr int OTH = LR_TILE_H * R;              // output rows of a tile
-    constexpr int IH = (OTH - 1) * STRIDE + K;      // input rows under one output tile
-    constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();  // row pitch of the shared tiles
-    constexpr int TF = IH * PW;                             // floats of one shared tile
-    constexpr int NT = (R - 1) * STRIDE + K;                // input rows under one strip
-    constexpr int L = (R - 1) * STRIDE + 1;  // window rows t - d, d < L, one strip row serves
-    constexpr int MC = lr_chunk<TF + KK, TF>();
-    LR_SHARED(float, s_k, TF);
-    LR_SHARED(float, s_x, MC * TF);
-    LR_SHARED(float, s_geo, KK);
+    float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo) {
+    using S = lr_query_shape<K, STRIDE>;
+    constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
+    constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_FORWARD;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
@@ -107,13 +149,17 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
                     for (int r = 0; r < R; ++r) {
                         const int a = t - r * STRIDE;
                         if (a >= 0 && a < K) {
-                            const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE];
+                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
                             if (ok) peak[r] = fmaxf(peak[r], l);
                         }
                     }
                 }
             }
         }
+
+        float shift[R];  // -peak * log2(e): pass 2's weights are 2^(l * log2(e) + shift)
+#pragma unroll
+        for (int r = 0; r < R; ++r) shift[r] = -peak[r] * LR_LOG2E;
 
         // pass 2, per chunk of MC channels: weights, their sums and the R x MC outputs
         const long long c_first = g * m;
@@ -154,8 +200,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
                         for (int r = 0; r < R; ++r) {
                             const int a = t - r * STRIDE;
                             if (a >= 0 && a < K) {
-                                const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE];
-                                const float p = ok ? expf(l - peak[r]) : 0.0f;
+                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                                const float p = ok ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
                                 sum[r] += p;
 #pragma unroll
                                 for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
@@ -168,7 +214,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
             for (int r = 0; r < R; ++r) {
                 if (r >= outs) continue;
                 const long long i = i0 + r;
-                if (cc == c_first) lse[(qplane + i) * Wo + j] = peak[r] + logf(sum[r]);
+                if (cc == c_first) lse[(qplane + i) * Wo + j] = logf(sum[r]) - shift[r] * LR_LN2;
                 const float inv = 1.0f / sum[r];
 #pragma unroll
                 for (int c = 0; c < MC; ++c) {
@@ -177,6 +223,20 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
             }
         }
     }
+}
+
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    using S = lr_query_shape<K, STRIDE>;
+    LR_SHARED(float, s_k, S::TF);
+    LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
+    LR_SHARED(float, s_geo, K * K);
+    LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
+                        s_k, s_x, s_geo)
 }
 
 // Sum over the block of the K dlogits of one window column (s_row[a * LR_RED_PITCH + tid]), in
@@ -208,30 +268,18 @@ __device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row
 // chunk + nchunks, ... of group g's (b, tile) list; one thread per strip of R outputs. Per
 // output it writes grad q and D; the block's sum of dlogit per window offset goes to
 // geo_partial[(g * K * K + o) * nchunks + chunk].
-template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
+template <typename T, int K, int STRIDE, int COMP>
+__device__ __forceinline__ void lr_backward_query_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
     const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
     float* __restrict__ geo_partial, long long B, long long C, long long H, long long W,
-    long long G, long long m, long long Ho, long long Wo, long long nchunks, int comp) {
-    constexpr int P = K / 2;
-    constexpr int KK = K * K;
-    constexpr int R = lr_query_strip<K, STRIDE>();
-    constexpr int OTH = LR_TILE_H * R;
-    constexpr int IH = (OTH - 1) * STRIDE + K;
-    constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
-    constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();
-    constexpr int TF = IH * PW;
-    constexpr int NT = (R - 1) * STRIDE + K;
-    constexpr int L = (R - 1) * STRIDE + 1;
-    constexpr int MC = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
-    LR_SHARED(float, s_k, TF);
-    LR_SHARED(float, s_x, MC * TF);
-    LR_SHARED(float, s_geo, KK);
-    LR_SHARED(float, s_row, K * LR_RED_PITCH);
-    LR_SHARED(float, s_part, K * 8);
-    LR_SHARED(float, s_gacc, KK);  // the block's grad geo, accumulated in a fixed order
+    long long G, long long m, long long Ho, long long Wo, long long nchunks,
+    float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo,
+    float* __restrict__ s_row, float* __restrict__ s_part, float* __restrict__ s_gacc) {
+    using S = lr_query_shape<K, STRIDE>;
+    constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
+    constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
     const int g = (int)(blockIdx.x / (unsigned)nchunks);
@@ -243,7 +291,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
     const long long c_first = g * m;
-    const long long c_end = c_first + m < C ? c_first + m : C;
+    const int mg = (int)(c_first + m < C ? m : C - c_first);  // channels of group g (< 2^31)
 
     for (long long tile = chunk; tile < ntiles; tile += nchunks) {
         const long long tw = tile % tiles_w;
@@ -251,24 +299,24 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
         const long long b = tile / (tiles_w * tiles_h);
         const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
         const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
-        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
         const long long qplane = (b * G + g) * Ho;
 
         __syncthreads();  // the previous tile is done with s_k (and s_geo, s_gacc are set)
         lr_load_phased<IH, IW, STRIDE, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;  // y, gy at (c_first, i0, j)
-        float qv[R], lse_v[R], dsub[R], gqv[R];  // dsub: D in the first chunk, then 0
+        // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
+        float qv[R], shift[R], dsub[R], gqv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const long long qidx = (qplane + i0 + r) * Wo + j;
             qv[r] = r < outs ? lr_load(q, qidx) : 0.0f;
-            lse_v[r] = r < outs ? lse[qidx] : 0.0f;
+            shift[r] = r < outs ? -lse[qidx] * LR_LOG2E : 0.0f;
             gqv[r] = 0.0f;
             // D = sum_c gy_c y_c from the saved output
             dsub[r] = 0.0f;
             if (r < outs) {
-                for (long long c = 0; c < c_end - c_first; ++c) {
+                for (int c = 0; c < mg; ++c) {
                     const long long yidx = o_first + c * Ho * Wo + r * Wo;
                     dsub[r] += lr_load(gy, yidx) * lr_load(y, yidx);
                 }
@@ -276,11 +324,11 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
             }
         }
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
-        for (long long cc = c_first; cc < c_end; cc += MC) {
-            const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
+        for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
+            const int nc = mg - cg < MC ? mg - cg : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
             for (int c = 0; c < nc; ++c) {
-                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + cc + c) * H * W,
+                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + c_first + cg + c) * H * W,
                                                    r0, c0, H, W, tid);
             }
             __syncthreads();
@@ -290,50 +338,46 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
 #pragma unroll
                 for (int c = 0; c < MC; ++c) {
                     gyv[r][c] = r < outs && c < nc
-                                    ? lr_load(gy, o_first + (cc - c_first + c) * Ho * Wo + r * Wo)
+                                    ? lr_load(gy, o_first + (cg + c) * Ho * Wo + r * Wo)
                                     : 0.0f;
                 }
             }
 #pragma unroll 1
             for (int bb = 0; bb < K; ++bb) {
-                if (warp_live) {
-                    const bool col_ok = win.col(bb);
-                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                    // gw[d] = geo, gg[d] = the strip's dlogit sum, of window row t - d (column bb)
-                    float gw[L], gg[L];
+                const bool col_ok = win.col(bb);
+                const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                // gw[d] = geo, gg[d] = the strip's dlogit sum, of window row t - d (column bb)
+                float gw[L], gg[L];
 #pragma unroll
-                    for (int d = 0; d < L; ++d) gw[d] = gg[d] = 0.0f;
+                for (int d = 0; d < L; ++d) gw[d] = gg[d] = 0.0f;
 #pragma unroll 1
-                    for (int t = 0; t < NT; ++t) {
-                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                        lr_shift_in<L>(gg, 0.0f);
-                        const bool ok = col_ok && win.row(t);
-                        const int s = sc + t * PW;
-                        const float kv = s_k[s];
-                        float xv[MC];
+                for (int t = 0; t < NT; ++t) {
+                    lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                    lr_shift_in<L>(gg, 0.0f);
+                    const bool ok = col_ok && win.row(t);
+                    const int s = sc + t * PW;
+                    const float kv = s_k[s];
+                    float xv[MC];
 #pragma unroll
-                        for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+                    for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const int a = t - r * STRIDE;
-                            if (a >= 0 && a < K) {
-                                const bool live = ok && r < outs;
-                                const float l = lr_phi(comp, qv[r], kv) + gw[r * STRIDE] - lse_v[r];
-                                const float p = live ? expf(l) : 0.0f;
-                                float dw = 0.0f;
+                    for (int r = 0; r < R; ++r) {
+                        const int a = t - r * STRIDE;
+                        if (a >= 0 && a < K) {
+                            const bool live = ok && r < outs;
+                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                            const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
+                            float dw = 0.0f;
 #pragma unroll
-                                for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
-                                const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                                gqv[r] += dl * lr_dphi_dq(comp, qv[r], kv);
-                                gg[r * STRIDE] += dl;
-                            }
+                            for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
+                            const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                            gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
+                            gg[r * STRIDE] += dl;
                         }
-                        // window row t - (L - 1) has all its dlogits: no later strip row reaches it
-                        const int done = t - (L - 1);
-                        if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
                     }
-                } else {
-                    for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
+                    // window row t - (L - 1) has all its dlogits: no later strip row reaches it
+                    const int done = t - (L - 1);
+                    if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
                 }
                 lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid);
             }
@@ -352,36 +396,42 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     }
 }
 
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
+    float* __restrict__ geo_partial, long long B, long long C, long long H, long long W,
+    long long G, long long m, long long Ho, long long Wo, long long nchunks, int comp) {
+    using S = lr_query_shape<K, STRIDE>;
+    LR_SHARED(float, s_k, S::TF);
+    LR_SHARED(float, s_x, S::MC_QUERY * S::TF);
+    LR_SHARED(float, s_geo, K * K);
+    LR_SHARED(float, s_row, K * LR_RED_PITCH);
+    LR_SHARED(float, s_part, K * 8);
+    LR_SHARED(float, s_gacc, K * K);  // the block's grad geo, accumulated in a fixed order
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_tiles, x, q, k, geo, lse, y, gy, gq, dsum,
+                        geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo, s_row,
+                        s_part, s_gacc)
+}
+
 // Backward, input side: one thread per strip of RI input positions (hs + r, wc), r < RI, of a
 // tile of one (b, g) plane. It gathers grad x for the channels of group g and grad k at those
 // positions from the outputs whose windows cover them: output rows i_first + t, t < NT (each
 // covers the strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj,
 // tj < NC. Shared: q, lse and D over the outputs covering the tile, and gy of MC channels over
 // the same outputs.
-template <typename T, int K, int STRIDE>
-__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
+template <typename T, int K, int STRIDE, int COMP>
+__device__ __forceinline__ void lr_backward_input_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const float* __restrict__ dsum,
     const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
-    long long H, long long W, long long G, long long m, long long Ho, long long Wo, int comp) {
-    constexpr int P = K / 2;
-    constexpr int KK = K * K;
-    constexpr int RI = lr_input_strip<K, STRIDE>();  // input rows per thread
-    constexpr int ITH = LR_TILE_H * RI;              // input rows of a tile
-    constexpr int NC = (K - 1) / STRIDE + 1;  // most outputs covering an input, per axis
-    constexpr int NT = (RI + STRIDE - 2) / STRIDE + NC;  // output rows covering a strip
-    // output rows / columns staged per tile: i_first of the tile's last row is at most
-    // ceil((ITH - 1) / STRIDE) past the first row's, and each row reads NC of them
-    constexpr int OH = (ITH + STRIDE - 2) / STRIDE + NC;
-    constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
-    constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();  // row pitch of the shared tiles
-    constexpr int TO = OH * PO;
-    constexpr int MC = lr_chunk<3 * TO + KK, TO>();
-    LR_SHARED(float, s_q, TO);
-    LR_SHARED(float, s_lse, TO);
-    LR_SHARED(float, s_d, TO);
-    LR_SHARED(float, s_gy, MC * TO);
-    LR_SHARED(float, s_geo, KK);
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    float* __restrict__ s_q, float* __restrict__ s_lse, float* __restrict__ s_d,
+    float* __restrict__ s_gy, float* __restrict__ s_geo) {
+    using S = lr_input_shape<K, STRIDE>;
+    constexpr int P = K / 2, KK = K * K, RI = S::RI, ITH = S::ITH, NC = S::NC, NT = S::NT;
+    constexpr int OH = S::OH, OW = S::OW, PO = S::PO, TO = S::TO, MC = S::MC;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + ITH - 1) / ITH;
@@ -447,7 +497,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
                         const long long i = i_first + t;
                         const bool row_ok = col_ok && i >= 0 && i < Ho;
                         const int s = sbase + t * PO + tj;
-                        const float qv = s_q[s], lse_v = s_lse[s], dd = s_d[s];
+                        const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E, dd = s_d[s];
                         float gyc[MC];
 #pragma unroll
                         for (int c = 0; c < MC; ++c) gyc[c] = c < nc ? s_gy[c * TO + s] : 0.0f;
@@ -456,9 +506,10 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
                             const int a = a_first + r - t * STRIDE;  // window row of hs + r in i
                             const bool ok = row_ok && in_ok[r] && a >= 0 && a < K;
                             const int o = ok ? (int)(a * K + bb) : 0;
-                            const float e = expf(lr_phi(comp, qv, kv[r]) + s_geo[o] - lse_v);
+                            const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
+                            const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));
                             const float wt = ok ? e : 0.0f;
-                            const float wdk = wt * lr_dphi_dk(comp, qv, kv[r]);
+                            const float wdk = wt * lr_dphi_dk(COMP, qv, kv[r]);
                             if (first) gk_acc[r] -= wdk * dd;  // the delta term
 #pragma unroll
                             for (int c = 0; c < MC; ++c) {
@@ -486,4 +537,20 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
             if (in_ok[r]) lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, gk_acc[r]);
         }
     }
+}
+
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, const float* __restrict__ lse, const float* __restrict__ dsum,
+    const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo, int comp) {
+    using S = lr_input_shape<K, STRIDE>;
+    LR_SHARED(float, s_q, S::TO);
+    LR_SHARED(float, s_lse, S::TO);
+    LR_SHARED(float, s_d, S::TO);
+    LR_SHARED(float, s_gy, S::MC * S::TO);
+    LR_SHARED(float, s_geo, K * K);
+    LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, x, q, k, geo, lse, dsum, gy, gx, gk, B, C,
+                        H, W, G, m, Ho, Wo, s_q, s_lse, s_d, s_gy, s_geo)
 }

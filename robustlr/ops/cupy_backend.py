@@ -148,7 +148,7 @@ def query_strip(kernel_size: int, stride: int) -> int:
 
 def input_strip(kernel_size: int, stride: int) -> int:
     """Input rows per thread of lr_backward_input (``lr_input_strip``)."""
-    return 4 if stride == 1 else 1
+    return 2 if stride == 1 else 1
 
 
 def strip(kernel: str, kernel_size: int, stride: int) -> int:
