@@ -1,159 +1,311 @@
-"""Static roofline PREDICTIONS for the CUDA kernels on an H100 SXM, v2 against v3 (no GPU used).
+"""Static roofline PREDICTIONS for the CUDA kernels on an H100 SXM (no GPU used).
 
-For each LR-Net-26 stage shape (batch 32, K = 7, m = 8, stride 1, fp32) and kernel, the model
-derives a time from four resources, each from the kernels themselves, not from assumed factors:
+For each LR-Net-26 stage shape (batch 32, K = 7, m = 8, stride 1, fp32, the default sqdiff
+composability) and kernel, the model derives a time from four resources, each counted from the
+compiled kernels, not from assumed factors:
 
-- occupancy: resident warps per SM from ptxas's registers and shared memory
-  (``nvrtc.occupancy``). v3: compiled now through NVRTC (sm_90, fp32); v2: the ptxas figures of
-  docs/gpu-kernels.md (its source is no longer built);
+- issue slots, MUFU (exp) and shared-memory requests: dynamic counts per thread from the sm_90
+  SASS of the kernels' own loops (``sass_loops``). Each innermost loop is split into the part
+  every iteration runs and the window-pair blocks (the regions a forward branch skips, holding
+  one MUFU.EX2 or FMNMX); a window loop runs NT iterations per window column and one pair block
+  per (strip position, window offset) pair, the column loops K (or NC) times, the tile loaders
+  their trip counts. Per position = per thread / strip height. Rates per SM and clock: 4 warp
+  instructions issued, 0.5 MUFU warp instructions (16 lanes), 1 shared-memory transaction
+  (every window read is one, ``robustlr.ops.bank_model``);
 - DRAM: bytes moved (low: every tensor once, halos hit in L2; high: every halo from DRAM), at
-  the lower of the peak bandwidth and what the loads in flight sustain (Little's law: an SM
-  sustains resident warps x loads in flight per warp x 128 B per DRAM latency). Loads in flight
-  per warp, from the sm_90 SASS of the tile loaders (runs of LDG before the first STS; command
-  in docs/gpu-kernels.md): v2 1 (its loop's 4-way unrolled body never runs at 2-3 trips, the
-  remainder issues one load per store); v3 min(trips, LR_LOAD_BATCH = 4), 3 at K = 7;
-- shared memory: warp requests of the window reads x transactions per request (the static
-  bank-conflict count of ``robustlr.ops.bank_model``; 2 for v2 at stride 1, docs/gpu-kernels.md),
-  plus the loaders' stores and v3's grad-geo reduction, at 1 transaction per SM per clock;
-- fp32 and MUFU (exp) instructions counted per window offset from the kernel loops, on the
-  tiles' padded extent (threads of partial tiles run masked).
+  the lower of the peak bandwidth and what the loads in flight sustain (Little's law: resident
+  warps x loads in flight per warp x 128 B per DRAM latency); resident warps from ptxas's
+  registers and shared memory (``nvrtc.occupancy``), loads in flight from the tile loader
+  (LR_LOAD_BATCH, checked in the SASS by tests/test_kernels_budget.py).
 
-Predicted range per kernel: [max of the four times (load and compute phases of the resident
-blocks overlap fully), DRAM time + max of the on-chip times (no overlap)]; both use the bytes'
-low and high figures respectively. H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM
-latency 600 ns (a parameter: published microbenchmarks give 480-700 ns), 128 fp32 lanes and 16
-MUFU lanes per SM.
+Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
+and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
+H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
+microbenchmarks give 480-700 ns). The v3 rows are the previous model's published figures
+(docs/benchmarks.md, 2026-12-06; fp32 and MUFU from hand counts, the accurate expf).
 
-    python benchmarks/roofline.py            # compiles the v3 kernels with NVRTC (~30 s)
+    python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
-from robustlr.ops.bank_model import window_read_transactions
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
-#: Global loads per thread the v3 tile loader issues before its stores (read from the kernel).
+ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
 LOAD_BATCH = int(
     re.search(r"#define LR_LOAD_BATCH (\d+)", nvrtc.load_kernel_source("lr_common.cuh")).group(1)
 )
-FP32_LANES, MUFU_LANES, WARP_LOAD_BYTES = 128, 16, 128
 TILE_W, TILE_H = cupy_backend.TILE
+THREADS = TILE_W * TILE_H
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
 B, K, M, S, F = 32, 7, 8, 1, 4  # batch, window, channels per group, stride, bytes per value
 KERNELS = nvrtc.KERNEL_NAMES
-#: v2 at K = 7, stride 1, fp32, sm_90 (docs/gpu-kernels.md): registers, static shared bytes,
-#: transactions per window read.
-V2 = {
-    "lr_forward": (112, 1428, 2),
-    "lr_backward_query": (244, 7268, 2),
-    "lr_backward_input": (168, 5124, 2),
-}
+SHARED_OPS = ("LDS", "STS")
+
+
+# ---- the SASS of one composability ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Work:
-    """Per-thread-slot counts of one kernel (forward / backward_query: per output position,
-    backward_input: per input position): window-read warp requests, other shared requests,
-    fp32 instructions, exps; DRAM bytes of the whole launch (low, high)."""
-
-    window_reads: float
-    other_shared: float
-    fp32: float
-    exps: float
-    dram_low: float
-    dram_high: float
+class Instr:
+    address: int
+    op: str  # opcode without modifiers, e.g. FFMA, MUFU, LDS
+    target: str | None  # branch target label
 
 
-def work(kernel: str, version: str, C: int, H: int) -> tuple[Work, float]:
-    """The counts of one kernel at one stage, and its thread slots (padded positions)."""
-    G, KK, NC = C // M, K * K, (K - 1) // S + 1
-    n_in, n_g = B * C * H * H, B * G * H * H  # x, gx, y, gy / q, k, lse, dsum, gq, gk
-    ih, iw = (TILE_H - 1) * S + K, (TILE_W - 1) * S + K
-    halo = ih * iw / (TILE_H * S * TILE_W * S)
-    oh, ow = (TILE_H + S - 2) // S + NC, (TILE_W + S - 2) // S + NC
-    halo_out = oh * ow / (TILE_H * TILE_W)
-    pad = (-(-H // TILE_H) * TILE_H) * (-(-H // TILE_W) * TILE_W) / (H * H)
-    slots = n_g * pad
-    loader_stores = (1 + M) * ih * iw / (TILE_W * TILE_H)  # per slot: k tile + m x tiles
-    if kernel == "lr_forward":
-        dram = (F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in))
-        if version == "v2":  # logits once (w[KK]); m channel passes over w
-            return Work((1 + M) * KK, KK + loader_stores, (M + 9) * KK, KK, *dram), slots
-        # v3: pass 1 (k, geo, max), pass 2 (k, geo, exp, m accumulators)
-        return Work((2 + M) * KK, 2 * KK + loader_stores, (M + 13) * KK, KK, *dram), slots
-    if kernel == "lr_backward_query":
-        low, high = F * (2 * n_in + 5 * n_g), F * (halo * (n_in + n_g) + n_in + 4 * n_g)
-        if version == "v2":  # w, dw[KK] over m channels, then dl and grad q
-            return Work((2 + M) * KK, KK + loader_stores, (M + 12) * KK, KK, low, high), slots
-        # v3 also reads y for D; per offset: k, geo, m x, dl stored and reduced
-        dram = (low + F * n_in, high + F * n_in)
-        return Work((1 + M) * KK, 3 * KK + loader_stores, (M + 11) * KK, KK, *dram), slots
-    # backward_input: per covering output q, geo, lse, D, then m gy; same in v2 and v3
-    dram = (F * (3 * n_in + 5 * n_g), F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g))
-    stores = (3 + M) * oh * ow / (TILE_W * TILE_H)
-    return Work((4 + M) * NC * NC, stores, (2 * M + 9) * NC * NC, NC * NC, *dram), slots
+def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
+    """Instructions (in address order) and the address of every label."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if not m:
+            continue
+        address, body = int(m.group(1), 16), re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(2).strip())
+        for name in pending:
+            labels[name] = address
+        pending = []
+        target = re.search(r"`?\(?(\.L_x_\d+)", body) if body.startswith("BRA") else None
+        instrs.append(Instr(address, body.split()[0].split(".")[0], target and target.group(1)))
+    return instrs, labels
 
 
-def v3_usage() -> dict[str, nvrtc.PtxasUsage]:
-    """ptxas's report for the current kernels (K, stride 1, fp32, sm_90)."""
-    rows = nvrtc.ptxas_table((K,), (S,), ("sm_90",), ("float",))
-    return {r.kernel: r.usage for r in rows}
+@dataclass(frozen=True)
+class Loop:
+    """One innermost loop: the ops every iteration runs and the window-pair blocks."""
+
+    every: Counter
+    pairs: list[Counter]
 
 
-def loads_in_flight(kernel: str, version: str) -> int:
-    """Global loads a warp of the tile loader keeps in flight (see the module docstring)."""
-    if version == "v2":
+def sass_loops(text: str) -> tuple[list[Loop], list[tuple[int, int]], list[Instr]]:
+    """The innermost loops of a kernel (address order), all loop ranges and the instructions."""
+    instrs, labels = parse_sass(text)
+    loops = [
+        (labels[i.target], i.address)
+        for i in instrs
+        if i.target and labels[i.target] < i.address  # a backward branch closes a loop
+    ]
+    inner = [
+        lp for lp in loops if not any(o != lp and lp[0] <= o[0] <= o[1] <= lp[1] for o in loops)
+    ]
+    result = []
+    for lo, hi in sorted(inner):
+        body = [i for i in instrs if lo <= i.address <= hi]
+        skips = sorted(
+            (i.address, labels[i.target])
+            for i in body
+            if i.target and i.address < labels[i.target] <= hi
+        )
+        outer = [
+            r for r in skips if not any(o != r and o[0] < r[0] and r[1] <= o[1] for o in skips)
+        ]
+        pairs, every = [], Counter()
+        taken = set()
+        for start, end in outer:
+            block = [i for i in body if start < i.address < end]
+            ops = Counter(i.op for i in block)
+            if ops["MUFU"] == 1 or (ops["FMNMX"] == 1 and not ops["MUFU"]):
+                pairs.append(ops)
+                taken.update(i.address for i in block)
+        every = Counter(i.op for i in body if i.address not in taken)
+        result.append(Loop(every, pairs))
+    return result, loops, instrs
+
+
+#: The v3 kernels (issue 19's previous step), compiled from git for the same-method comparison.
+V3_COMMIT = "07f7f62"
+
+
+def v3_source() -> str | None:
+    """kernels/local_relation.cu of V3_COMMIT with its header inlined and the runtime
+    composability fixed to sqdiff; None without git or the commit."""
+
+    def show(name: str) -> str | None:
+        done = subprocess.run(["git", "show", f"{V3_COMMIT}:kernels/{name}"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent)  # fmt: skip
+        return done.stdout if done.returncode == 0 else None
+
+    common, kernels = show("lr_common.cuh"), show("local_relation.cu")
+    if common is None or kernels is None:
+        return None
+    source = kernels.replace('#include "lr_common.cuh"', common.replace("#pragma once", ""))
+    for fn in ("lr_phi", "lr_dphi_dq", "lr_dphi_dk"):
+        source = source.replace(f"{fn}(comp,", f"{fn}(LR_SQDIFF,")
+    return source
+
+
+def compile_version(kernel: str, version: str) -> nvrtc.CompiledProgram:
+    """sm_90 build of one kernel (K, S, fp32, sqdiff only) with ptxas's report: v4 is the
+    current source with one composability's body, v3 the source of V3_COMMIT."""
+    if version == "v3":
+        source = v3_source()
+    else:
+        source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
+        dispatch = re.search(
+            r"#define LR_BY_COMPOSABILITY\(comp, FN, \.\.\.\)(?:.*\\\n)+.*\n", source
+        )
+        source = source.replace(
+            dispatch.group(0),
+            "#define LR_BY_COMPOSABILITY(comp, FN, ...) "
+            "FN<T, K, STRIDE, LR_SQDIFF>(__VA_ARGS__);\n",
+        )
+    name = nvrtc.name_expression(kernel, "float", K, S)
+    return nvrtc.compile_source(source, [name], "sm_90", (*nvrtc.GPU_OPTIONS, "-Xptxas=-v"))
+
+
+# ---- per-thread dynamic counts ------------------------------------------------------------------
+
+
+def loader_trips(rows: int, cols: int) -> int:
+    """Iterations of lr_load_rows' batch loop for one ROWS x COLS tile."""
+    trips = -(-rows * cols // THREADS)
+    return -(-trips // min(trips, LOAD_BATCH))
+
+
+def strip_of(kernel: str, version: str) -> int:
+    if version == "v3":
         return 1
     if kernel == "lr_backward_input":
-        nc = (K - 1) // S + 1
-        elements = ((TILE_H + S - 2) // S + nc) * ((TILE_W + S - 2) // S + nc)
+        return cupy_backend.input_strip(K, S)
+    return cupy_backend.query_strip(K, S)
+
+
+def per_thread(kernel: str, version: str, text: str) -> Counter:
+    """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels).
+
+    v3: one window-loop iteration per window row (K, NC), its pairs unrolled. v4: a window
+    loop whose pairs are branched blocks (the strip-row loops) runs NT iterations per window
+    column (K columns, NC for backward input) and each pair block on the K rows where it
+    exists; with the strip rows unrolled, as many iterations as the window pairs take.
+    Interior positions: every pair runs."""
+    loops, _, _ = sass_loops(text)
+    window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
+    loaders = [lp for lp in loops if lp.every["LDG"] and lp.every["STS"] and lp not in window]
+    loader = sum((lp.every for lp in loaders), Counter())
+    loader = Counter({op: n / len(loaders) for op, n in loader.items()})
+    R, nc = strip_of(kernel, version), (K - 1) // S + 1
+    total = Counter()
+    for body in window:
+        pairs = sum(body.pairs, Counter())
+        if version == "v3":  # one iteration per window row, its K (NC) pairs unrolled
+            runs = {op: nc * (body.every[op] + pairs[op]) for op in body.every | pairs}
+        elif body.pairs:  # v4's strip-row loops: NT iterations per window column
+            if kernel == "lr_backward_input":
+                iterations, column_pairs = nc * ((R + S - 2) // S + nc), nc * K
+            else:
+                iterations, column_pairs = K * ((R - 1) * S + K), K * K
+            runs = {
+                op: iterations * body.every[op] + column_pairs * pairs[op]
+                for op in body.every | pairs
+            }
+        else:  # strip rows unrolled: as many iterations as the window pairs take
+            per_iteration = body.every["MUFU"] or body.every["FMNMX"]
+            window_pairs = (nc if kernel == "lr_backward_input" else K) * K * R
+            runs = {op: window_pairs / per_iteration * n for op, n in body.every.items()}
+        total.update(runs)
+    if kernel == "lr_backward_input":
+        rows, cols, tiles = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc, 3 + M
     else:
-        elements = ((TILE_H - 1) * S + K) * ((TILE_W - 1) * S + K)
-    return min(-(-elements // (TILE_W * TILE_H)), LOAD_BATCH)
+        rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
+    total.update({op: tiles * loader_trips(rows, cols) * n for op, n in loader.items()})
+    if kernel == "lr_backward_query" and version == "v4":
+        # the fixed-order reduction per window column (outside the window loop in v4; inside
+        # v3's): 16 + 8 shared reads and adds by a quarter of the threads, counted for all
+        total["LDS"] += K * (16 + 8) / 4
+        total["FADD"] += K * (16 + 8) / 4
+    return total
 
 
-def predict(kernel: str, version: str, C: int, H: int, usage: nvrtc.PtxasUsage, conflicts: int):
+ISSUED = ("BAR", "BRA")  # counted like any other instruction
+
+
+def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, C: int, H: int):
     """(low us, high us, bound, resident warps per SM) of one kernel at one stage."""
-    w, slots = work(kernel, version, C, H)
+    strip = strip_of(kernel, version)
+    G, NCOV = C // M, (K - 1) // S + 1
+    n_in, n_g = B * C * H * H, B * G * H * H
+    rows = TILE_H * strip
+    tiles_h, tiles_w = -(-H // rows), -(-H // TILE_W)
+    # warps that run the window loops: in v4's forward and backward input a warp wholly below
+    # the image skips them; v4's backward query and every v3 kernel run every warp
+    live_rows = [
+        min(H - (th * rows + w * 2 * strip), 2 * strip)
+        for th in range(tiles_h)
+        for w in range(TILE_H // 2)
+    ]
+    if kernel == "lr_backward_query" or version == "v3":
+        warps_per_plane = tiles_h * (TILE_H // 2) * tiles_w
+    else:
+        warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
+    warps = B * G * warps_per_plane
+    issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
+    mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
+    shared = warps * sum(counts[op] for op in SHARED_OPS) / (SHARED_PER_CLOCK * SMS * CLOCK)
+    ih = (rows - 1) * S + K
+    halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
+    oh = (rows + S - 2) // S + NCOV
+    halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
+    if kernel == "lr_forward":  # x, q, k in; y, lse out
+        low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
+    elif kernel == "lr_backward_query":  # x, q, k, lse, y, gy in; gq, D out
+        low = F * (3 * n_in + 5 * n_g)
+        high = F * (halo * (n_in + n_g) + 2 * n_in + 4 * n_g)
+    else:  # q, lse, D, gy (halo), x, k in; gx, gk out
+        low = F * (3 * n_in + 5 * n_g)
+        high = F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g)
     blocks, _ = nvrtc.occupancy(usage, "sm_90")
-    warps = blocks * TILE_W * TILE_H // 32
-    in_flight = warps * loads_in_flight(kernel, version) * WARP_LOAD_BYTES
-    bandwidth = min(DRAM, SMS * in_flight / LATENCY)
-    warp_slots = slots / 32
-    smem = warp_slots * (w.window_reads * conflicts + w.other_shared) / (SMS * CLOCK)
-    fp32 = slots * w.fp32 / (SMS * FP32_LANES * CLOCK)
-    mufu = slots * w.exps / (SMS * MUFU_LANES * CLOCK)
-    on_chip = {"smem": smem, "fp32": fp32, "MUFU": mufu}
-    times = {"DRAM": w.dram_low / bandwidth, **on_chip}
+    resident = blocks * THREADS // 32
+    bandwidth = min(DRAM, SMS * resident * LOAD_BATCH * WARP_LOAD_BYTES / LATENCY)
+    on_chip = {"issue": issue, "MUFU": mufu, "smem": shared}
+    times = {"DRAM": low / bandwidth, **on_chip}
     bound = max(times, key=times.get)
-    high = w.dram_high / bandwidth + max(on_chip.values())
-    return times[bound] * 1e6, high * 1e6, bound, warps
+    high_time = high / bandwidth + max(on_chip.values())
+    return times[bound] * 1e6, high_time * 1e6, bound, resident
 
 
 def main() -> None:
-    usage = v3_usage()
-    versions = {
-        "v2": {k: (nvrtc.PtxasUsage(r, 0, 0, 0, s), c) for k, (r, s, c) in V2.items()},
-        "v3": {k: (usage[k], window_read_transactions(k, K, S)) for k in KERNELS},
-    }
-    print("| stage (CxHxW) | kernel | version | registers | warps/SM | loads in flight/warp "
-          "| transactions/read | bound by | predicted us |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    totals: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    versions = ["v3", "v4"] if v3_source() is not None else ["v4"]
+    nvdisasm = nvrtc.nvdisasm_path()
+    counts, usage = {}, {}
+    for version in versions:
+        for kernel in KERNELS:
+            prog = compile_version(kernel, version)
+            (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
+            counts[version, kernel] = per_thread(kernel, version, nvrtc.sass(prog, nvdisasm))
+    print("Per position (per thread / strip), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
+    print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
+          "| shared requests |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for kernel in KERNELS:
+        for version in versions:
+            c, u, strip = counts[version, kernel], usage[version, kernel], strip_of(kernel, version)
+            blocks, _ = nvrtc.occupancy(u, "sm_90")
+            print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
+                  f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
+                  f"| {sum(c[o] for o in SHARED_OPS) / strip:.0f} |")  # fmt: skip
+    print()
+    print("| stage (CxHxW) | kernel | version | bound by | predicted us |")
+    print("|---|---|---|---|---|")
+    totals: dict[tuple[int, int, str], list[tuple[str, float, float]]] = {}
     for C, H in SHAPES:
         for kernel in KERNELS:
-            for version, table in versions.items():
-                u, conflicts = table[kernel]
-                low, high, bound, warps = predict(kernel, version, C, H, u, conflicts)
+            for version in versions:
+                c, u = counts[version, kernel], usage[version, kernel]
+                low, high, bound, _ = predict(kernel, version, c, u, C, H)
                 direction = "forward" if kernel == "lr_forward" else "backward"
-                totals.setdefault((f"{C}x{H}x{H}", version), []).append((direction, low, high))
-                print(f"| {C}x{H}x{H} | {kernel} | {version} | {u.registers} | {warps} "
-                      f"| {loads_in_flight(kernel, version)} | {conflicts} | {bound} "
-                      f"| {low:.0f}-{high:.0f} |")  # fmt: skip
+                totals.setdefault((C, H, version), []).append((direction, low, high))
+                print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} |")
     print()
     print("| stage | version | forward floor us | forward predicted us | x floor "
           "| backward floor us | backward predicted us | x floor |")  # fmt: skip
@@ -164,12 +316,13 @@ def main() -> None:
         floor_f = F * (2 * n_in + 2 * n_g) / DRAM * 1e6
         floor_b = F * (3 * n_in + 5 * n_g) / DRAM * 1e6
         for version in versions:
-            rows = totals[(f"{C}x{H}x{H}", version)]
-            fl, fh = (sum(r[i] for r in rows if r[0] == "forward") for i in (1, 2))
-            bl, bh = (sum(r[i] for r in rows if r[0] == "backward") for i in (1, 2))
-            print(f"| {C}x{H}x{H} | {version} | {floor_f:.0f} | {fl:.0f}-{fh:.0f} "
-                  f"| {fl / floor_f:.1f}-{fh / floor_f:.1f} | {floor_b:.0f} | {bl:.0f}-{bh:.0f} "
-                  f"| {bl / floor_b:.1f}-{bh / floor_b:.1f} |")  # fmt: skip
+            got = totals[(C, H, version)]
+            f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2)]
+            b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2)]
+            print(f"| {C}x{H}x{H} | {version} | {floor_f:.0f} | {f[0]:.0f}-{f[1]:.0f} "
+                  f"| {f[0] / floor_f:.1f}-{f[1] / floor_f:.1f} | {floor_b:.0f} "
+                  f"| {b[0]:.0f}-{b[1]:.0f} "
+                  f"| {b[0] / floor_b:.1f}-{b[1] / floor_b:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -140,7 +140,9 @@ __device__ __forceinline__ void lr_forward_tiles(
                 float gw[L];  // gw[d] = geo of window row t - d, column bb
 #pragma unroll
                 for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-#pragma unroll 1
+                // strip rows unrolled: the row tests are constants, the window shifts renames
+                // (pass 2 and the backward loops keep theirs rolled: 128 registers)
+#pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
                     const bool ok = col_ok && win.row(t);

@@ -2,7 +2,7 @@
 
 Every instantiation with K in {3, 5, 7}, stride in {1, 2}, fp32 / fp16 / bf16, on sm_80 and
 sm_90 must keep its per-thread state in registers (0 bytes of stack frame, 0 spill bytes) and use
-at most 128 registers per thread.
+at most 128 registers per thread (fp32 in the default tier, fp16 / bf16 in the slow tier).
 (K = 9 may use local memory; docs/benchmarks.md lists it.) The report is cached by the hash of
 the kernel source, the options and the NVRTC version, so only a changed kernel recompiles.
 """
@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
-import shutil
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 import pytest
 from host_shim.host_launcher import _cache_dir
@@ -34,22 +30,34 @@ except ImportError:  # pragma: no cover - depends on the environment
 KS, STRIDES, ARCHS = (3, 5, 7), (1, 2), ("sm_80", "sm_90")
 
 
-def _table_for_arch(arch: str) -> list[nvrtc.KernelUsage]:
-    return nvrtc.ptxas_table(KS, STRIDES, (arch,))
+def _table_for(arch: str, ctypes_: tuple[str, ...]) -> list[nvrtc.KernelUsage]:
+    return nvrtc.ptxas_table(KS, STRIDES, (arch,), ctypes_)
 
 
-@pytest.fixture(scope="module")
-def table() -> list[nvrtc.KernelUsage]:
+#: The storage types per tier: fp32 in the default tier, fp16 and bf16 in the slow tier (a cold
+#: ptxas run of all three takes about 90 s on 2 cores: each kernel holds one body per
+#: composability).
+TIERS = [
+    pytest.param(("float",), id="fp32"),
+    pytest.param(("lr_half", "lr_bf16"), id="fp16-bf16", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=TIERS)
+def table(request) -> list[nvrtc.KernelUsage]:
+    ctypes_ = request.param
     key = hashlib.sha256()
     key.update(nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE).encode())
-    key.update(repr((nvrtc.GPU_OPTIONS, cupy_nvrtc.getVersion(), KS, STRIDES, ARCHS)).encode())
+    key.update(
+        repr((nvrtc.GPU_OPTIONS, cupy_nvrtc.getVersion(), KS, STRIDES, ARCHS, ctypes_)).encode()
+    )
     path = _cache_dir() / f"ptxas-{key.hexdigest()[:20]}.json"
     if path.exists():
         rows = json.loads(path.read_text())
         return [nvrtc.KernelUsage(**{**r, "usage": nvrtc.PtxasUsage(**r["usage"])}) for r in rows]
     # one process per architecture: ptxas time dominates the cold-cache run
     with ProcessPoolExecutor(len(ARCHS), mp_context=get_context("spawn")) as pool:
-        parts = pool.map(_table_for_arch, ARCHS)
+        parts = pool.map(_table_for, ARCHS, [ctypes_] * len(ARCHS))
     rows = [row for part in parts for row in part]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -59,11 +67,13 @@ def table() -> list[nvrtc.KernelUsage]:
 
 
 def test_every_instantiation_is_reported(table):
+    ctypes_ = {r.ctype for r in table}
+    assert ctypes_ in ({"float"}, {"lr_half", "lr_bf16"})
     seen = {(r.kernel, r.ctype, r.kernel_size, r.stride, r.arch) for r in table}
     want = {
         (k, c, K, s, a)
         for k in nvrtc.KERNEL_NAMES
-        for c in nvrtc.CTYPES
+        for c in ctypes_
         for K in KS
         for s in STRIDES
         for a in ARCHS
@@ -164,18 +174,6 @@ __global__ void lr_probe_loader(const float* __restrict__ plane, float* __restri
 """
 
 
-def _nvdisasm() -> str | None:
-    """nvdisasm from PATH or from the triton package that the CUDA build of torch installs."""
-    found = shutil.which("nvdisasm")
-    if found:
-        return found
-    spec = importlib.util.find_spec("triton")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    return str(path) if path.exists() else None
-
-
 def ldg_runs(sass: str) -> list[int]:
     """Lengths of the runs of global loads (LDG) between shared stores / barriers (STS, BAR)."""
     runs, current = [], 0
@@ -188,17 +186,14 @@ def ldg_runs(sass: str) -> list[int]:
     return runs + ([current] if current else [])
 
 
-def test_tile_loader_issues_its_loads_before_its_stores(tmp_path):
+def test_tile_loader_issues_its_loads_before_its_stores():
     """lr_load_rows keeps a batch of global loads in flight per thread (one memory latency per
     batch, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 7-trip tile is
     a loop whose body is one run of LR_LOAD_BATCH = 4 LDG, where v2's loop issued one load per
     shared store (runs of 1)."""
-    nvdisasm = _nvdisasm()
+    nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
     source = nvrtc.load_kernel_source("lr_common.cuh") + _LOADER_PROBE
     prog = nvrtc.compile_source(source, ["lr_probe_loader"], "sm_90")
-    cubin = tmp_path / "probe.cubin"
-    cubin.write_bytes(prog.binary)
-    sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True)
-    assert ldg_runs(sass.stdout) == [4]
+    assert ldg_runs(nvrtc.sass(prog, nvdisasm)) == [4]

@@ -18,10 +18,14 @@ code the GPU runs. The host build mirrors ``-ftz=true`` by flushing denormals in
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import re
+import shutil
 import struct
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from robustlr.resources import kernel_source
 
@@ -277,3 +281,30 @@ def occupancy(usage: PtxasUsage, arch: str, block_threads: int = 128) -> tuple[i
     by_smem = smem_per_sm // (usage.shared + 1024)
     blocks = min(by_regs, by_smem, max_threads // block_threads, max_blocks)
     return blocks, blocks * block_threads / max_threads
+
+
+def nvdisasm_path() -> str | None:
+    """nvdisasm from PATH or from the triton package that the CUDA build of torch installs."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return str(path) if path.exists() else None
+
+
+def sass(prog: CompiledProgram, nvdisasm: str) -> str:
+    """The SASS text of a CUBIN program (``nvdisasm -c``)."""
+    if prog.kind != "cubin":
+        raise ValueError("SASS needs a program compiled for an sm_XX architecture")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernels.cubin"
+        cubin.write_bytes(prog.binary)
+        done = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {done.stderr.strip()}")
+    return done.stdout
