@@ -34,6 +34,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+#: Host builds of the kernels (tests/host_shim) each test file needs.
+HOST_BUILDS = {
+    "test_kernels_host.py": ("plain",),
+    "test_kernels_emulator.py": ("plain", "asan", "tsan"),
+}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the g++ builds the selected emulator tests need (about a minute cold) in the
+    background, beside the tests that run before them."""
+    variants = {v for item in session.items for v in HOST_BUILDS.get(item.path.name, ())}
+    if variants:
+        from host_shim.host_launcher import prebuild
+
+        prebuild(tuple(sorted(variants)))
+
+
 @pytest.fixture
 def batch():
     """16 random 8x8 RGB images and labels (``helpers.random_batch``) for ``small_model``."""

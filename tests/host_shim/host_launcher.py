@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,9 @@ KERNEL_FILE = "local_relation.cu"
 
 #: Compiler flags per build variant (all: the host shim's include path and C++17).
 VARIANTS = {
-    "plain": ["-O1", "-shared", "-fPIC"],
+    "plain": ["-O0", "-shared", "-fPIC"],
     "asan": [
-        "-O1",
+        "-O0",
         "-g",
         "-DLR_HOST_SMALL",
         "-DLR_HOST_NEGATIVE_CONTROLS",
@@ -60,7 +61,7 @@ VARIANTS = {
         "-fno-omit-frame-pointer",
     ],
     "tsan": [
-        "-O1",
+        "-O0",
         "-g",
         "-DLR_HOST_SMALL",
         "-DLR_HOST_NEGATIVE_CONTROLS",
@@ -111,12 +112,33 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path(tempfile.gettempdir()) / "robustlr-host-shim"
 
 
+#: Builds started in the background (``prebuild``), by variant.
+_BUILDS: dict[str, Future[Path]] = {}
+
+
+def prebuild(variants: tuple[str, ...]) -> None:
+    """Start building host variants in background threads, so that g++ runs beside the tests
+    that come before the emulator's (tests/conftest.py calls it after collection)."""
+    if shutil.which("g++") is None:
+        return
+    pool = ThreadPoolExecutor(max_workers=len(variants), thread_name_prefix="host-build")
+    for variant in variants:
+        _BUILDS.setdefault(variant, pool.submit(_build, variant))
+    pool.shutdown(wait=False)
+
+
 def build_library(variant: str = "plain") -> Path:
-    """Build (or reuse, keyed by the hash of every source and flag) one host variant.
+    """Build (or reuse, keyed by the hash of every source and flag) one host variant; waits
+    for a background build of it when ``prebuild`` started one.
 
     ``plain`` is a shared library for ctypes; the sanitizer variants are executables
     (host_main.cpp) reading launch scripts.
     """
+    started = _BUILDS.get(variant)
+    return started.result() if started is not None else _build(variant)
+
+
+def _build(variant: str) -> Path:
     gxx = shutil.which("g++")
     if gxx is None:
         raise FileNotFoundError("g++ is not installed")
