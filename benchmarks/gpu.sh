@@ -37,8 +37,9 @@ skip() {  # skip NAME REASON
 
 # ---- CPU-side parts (run everywhere) ----------------------------------------------------------
 step "emulator + budget tests (CPU)" "$out/cpu-tests.log" \
-    "$py" -m pytest -q tests/test_kernels_host.py tests/test_kernels_emulator.py \
-    tests/test_kernels_budget.py tests/test_kernels_planning.py tests/test_kernels_nvrtc.py
+    "$py" -m pytest -q -m "slow or not slow" tests/test_kernels_host.py \
+    tests/test_kernels_emulator.py tests/test_kernels_budget.py tests/test_kernels_planning.py \
+    tests/test_kernels_nvrtc.py
 step "ptxas report (NVRTC)" "$out/ptxas.md" "$py" benchmarks/ptxas_report.py
 step "roofline prediction (to set beside bench op)" "$out/roofline.md" "$py" benchmarks/roofline.py
 

@@ -277,6 +277,8 @@ def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage,
 def main() -> None:
     versions = ["v3", "v4"] if v3_source() is not None else ["v4"]
     nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
     counts, usage = {}, {}
     for version in versions:
         for kernel in KERNELS:
