@@ -88,8 +88,8 @@ class Loop:
     pairs: list[Counter]
 
 
-def sass_loops(text: str) -> tuple[list[Loop], list[tuple[int, int]], list[Instr]]:
-    """The innermost loops of a kernel (address order), all loop ranges and the instructions."""
+def sass_loops(text: str) -> list[Loop]:
+    """The innermost loops of a kernel, in address order."""
     instrs, labels = parse_sass(text)
     loops = [
         (labels[i.target], i.address)
@@ -110,8 +110,7 @@ def sass_loops(text: str) -> tuple[list[Loop], list[tuple[int, int]], list[Instr
         outer = [
             r for r in skips if not any(o != r and o[0] < r[0] and r[1] <= o[1] for o in skips)
         ]
-        pairs, every = [], Counter()
-        taken = set()
+        pairs, taken = [], set()
         for start, end in outer:
             block = [i for i in body if start < i.address < end]
             ops = Counter(i.op for i in block)
@@ -120,7 +119,7 @@ def sass_loops(text: str) -> tuple[list[Loop], list[tuple[int, int]], list[Instr
                 taken.update(i.address for i in block)
         every = Counter(i.op for i in body if i.address not in taken)
         result.append(Loop(every, pairs))
-    return result, loops, instrs
+    return result
 
 
 #: The v3 kernels (issue 19's previous step), compiled from git for the same-method comparison.
@@ -189,7 +188,7 @@ def per_thread(kernel: str, version: str, text: str) -> Counter:
     column (K columns, NC for backward input) and each pair block on the K rows where it
     exists; with the strip rows unrolled, as many iterations as the window pairs take.
     Interior positions: every pair runs."""
-    loops, _, _ = sass_loops(text)
+    loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
     loaders = [lp for lp in loops if lp.every["LDG"] and lp.every["STS"] and lp not in window]
     loader = sum((lp.every for lp in loaders), Counter())
@@ -225,9 +224,6 @@ def per_thread(kernel: str, version: str, text: str) -> Counter:
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
     return total
-
-
-ISSUED = ("BAR", "BRA")  # counted like any other instruction
 
 
 def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, C: int, H: int):

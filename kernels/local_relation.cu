@@ -193,11 +193,8 @@ __device__ __forceinline__ void lr_forward_tiles(
                     for (int t = 0; t < NT; ++t) {
                         lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
                         const bool ok = col_ok && win.row(t);
-                        const int s = sc + t * PW;
-                        const float kv = s_k[s];
                         float xv[MC];
-#pragma unroll
-                        for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, nc, xv);
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
                             const int a = t - r * STRIDE;
@@ -357,11 +354,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
                     lr_shift_in<L>(gg, 0.0f);
                     const bool ok = col_ok && win.row(t);
-                    const int s = sc + t * PW;
-                    const float kv = s_k[s];
                     float xv[MC];
-#pragma unroll
-                    for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, nc, xv);
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
                         const int a = t - r * STRIDE;

@@ -345,6 +345,18 @@ struct lr_window {
     __device__ __forceinline__ bool col(int b) const { return (cols >> b) & 1u; }
 };
 
+// The key at shared index s of a staged k tile, and the nc staged channels of x (tiles of TF
+// floats) at the same index into xv (0 beyond nc: those slots are not loaded).
+template <int MC, int TF>
+__device__ __forceinline__ float lr_read_staged(const float* __restrict__ s_k,
+                                                const float* __restrict__ s_x, int s, int nc,
+                                                float* xv) {
+    const float kv = s_k[s];
+#pragma unroll
+    for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+    return kv;
+}
+
 // Most global loads a thread of the tile loader keeps in flight (registers it holds for them).
 #define LR_LOAD_BATCH 4
 

@@ -24,6 +24,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,8 +300,6 @@ def sass(prog: CompiledProgram, nvdisasm: str) -> str:
     """The SASS text of a CUBIN program (``nvdisasm -c``)."""
     if prog.kind != "cubin":
         raise ValueError("SASS needs a program compiled for an sm_XX architecture")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernels.cubin"
         cubin.write_bytes(prog.binary)

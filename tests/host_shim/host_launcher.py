@@ -123,7 +123,8 @@ def prebuild(variants: tuple[str, ...]) -> None:
         return
     pool = ThreadPoolExecutor(max_workers=len(variants), thread_name_prefix="host-build")
     for variant in variants:
-        _BUILDS.setdefault(variant, pool.submit(_build, variant))
+        if variant not in _BUILDS:
+            _BUILDS[variant] = pool.submit(_build, variant)
     pool.shutdown(wait=False)
 
 
