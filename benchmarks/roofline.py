@@ -233,14 +233,14 @@ def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage,
     n_in, n_g = B * C * H * H, B * G * H * H
     rows = TILE_H * strip
     tiles_h, tiles_w = -(-H // rows), -(-H // TILE_W)
-    # warps that run the window loops: in v4's forward and backward input a warp wholly below
-    # the image skips them; v4's backward query and every v3 kernel run every warp
+    # warps that run the window loops: in v4 a warp wholly below the image skips them; every v3
+    # kernel runs every warp
     live_rows = [
         min(H - (th * rows + w * 2 * strip), 2 * strip)
         for th in range(tiles_h)
         for w in range(TILE_H // 2)
     ]
-    if kernel == "lr_backward_query" or version == "v3":
+    if version == "v3":
         warps_per_plane = tiles_h * (TILE_H // 2) * tiles_w
     else:
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w

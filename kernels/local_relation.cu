@@ -21,9 +21,9 @@
 // serves every position of the strip whose window holds it, so a thread holds R x MC
 // accumulators, never a K x K array. Strided window reads go through the phase-ordered, padded
 // layout of lr_common.cuh (one shared-memory transaction per warp request, counted by
-// tests/test_kernels_budget.py). In the forward and backward input a warp whose strips lie
-// wholly below the image skips the window loops (it still takes part in the loads and barriers;
-// the backward query keeps them, masked: skipping them there costs ptxas a spill on sm_80).
+// tests/test_kernels_budget.py). A warp whose strips lie wholly below the image skips the window
+// loops (it still takes part in the loads and barriers; in the backward query it hands zeros to
+// the grad-geo reduction).
 //
 // The composability is a template parameter of the tile bodies (lr_*_tiles<T, K, STRIDE, COMP>);
 // each kernel picks the body once per launch from its runtime argument (LR_BY_COMPOSABILITY),
@@ -103,10 +103,11 @@ __device__ __forceinline__ void lr_forward_tiles(
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
-    const long long ntiles = B * G * tiles_h * tiles_w;
     const int base = ty * R * STRIDE * PW + tx;  // this thread's window in the tiles
 
-    for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque: not held in registers)
+    for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
+         tile += gridDim.x) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
@@ -118,7 +119,8 @@ __device__ __forceinline__ void lr_forward_tiles(
 
         __syncthreads();  // the previous tile is done with s_k, s_x and s_geo
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_phased<IH, IW, STRIDE, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
+                                              tid);
         __syncthreads();
 
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
@@ -140,8 +142,8 @@ __device__ __forceinline__ void lr_forward_tiles(
                 float gw[L];  // gw[d] = geo of window row t - d, column bb
 #pragma unroll
                 for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-                // strip rows unrolled: the row tests are constants, the window shifts renames
-                // (pass 2 and the backward loops keep theirs rolled: 128 registers)
+                // strip rows unrolled (here and in every window loop): the row tests are
+                // constants, the window shifts renames
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
@@ -169,10 +171,8 @@ __device__ __forceinline__ void lr_forward_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            for (int c = 0; c < nc; ++c) {
-                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + cc + c) * H * W,
+            lr_load_phased<IH, IW, STRIDE, PW, MC>(s_x, TF, x + (b * C + cc) * H * W, H * W, nc,
                                                    r0, c0, H, W, tid);
-            }
             __syncthreads();
             float acc[R][MC], sum[R];
 #pragma unroll
@@ -189,12 +189,12 @@ __device__ __forceinline__ void lr_forward_tiles(
                     float gw[L];
 #pragma unroll
                     for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-#pragma unroll 1
+#pragma unroll
                     for (int t = 0; t < NT; ++t) {
                         lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
                         const bool ok = col_ok && win.row(t);
                         float xv[MC];
-                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, nc, xv);
+                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
                             const int a = t - r * STRIDE;
@@ -285,13 +285,13 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     const int chunk = (int)(blockIdx.x % (unsigned)nchunks);
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
-    const long long ntiles = B * tiles_h * tiles_w;  // of this group
     const int base = ty * R * STRIDE * PW + tx;
     lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
     const long long c_first = g * m;
     const int mg = (int)(c_first + m < C ? m : C - c_first);  // channels of group g (< 2^31)
 
+    const long long ntiles = B * tiles_h * tiles_w;  // of this group
     for (long long tile = chunk; tile < ntiles; tile += nchunks) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
@@ -299,9 +299,11 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
         const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
         const long long qplane = (b * G + g) * Ho;
+        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
 
         __syncthreads();  // the previous tile is done with s_k (and s_geo, s_gacc are set)
-        lr_load_phased<IH, IW, STRIDE, PW>(s_k, k + (b * G + g) * H * W, r0, c0, H, W, tid);
+        lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
+                                              tid);
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;  // y, gy at (c_first, i0, j)
         // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
@@ -326,10 +328,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
             const int nc = mg - cg < MC ? mg - cg : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            for (int c = 0; c < nc; ++c) {
-                lr_load_phased<IH, IW, STRIDE, PW>(s_x + c * TF, x + (b * C + c_first + cg + c) * H * W,
-                                                   r0, c0, H, W, tid);
-            }
+            lr_load_phased<IH, IW, STRIDE, PW, MC>(s_x, TF, x + (b * C + c_first + cg) * H * W,
+                                                   H * W, nc, r0, c0, H, W, tid);
             __syncthreads();
             float gyv[R][MC];
 #pragma unroll
@@ -349,31 +349,36 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                 float gw[L], gg[L];
 #pragma unroll
                 for (int d = 0; d < L; ++d) gw[d] = gg[d] = 0.0f;
-#pragma unroll 1
-                for (int t = 0; t < NT; ++t) {
-                    lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                    lr_shift_in<L>(gg, 0.0f);
-                    const bool ok = col_ok && win.row(t);
-                    float xv[MC];
-                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, nc, xv);
+                if (!warp_live) {  // wholly below the image: zeros for the reduction
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int a = t - r * STRIDE;
-                        if (a >= 0 && a < K) {
-                            const bool live = ok && r < outs;
-                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                            const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
-                            float dw = 0.0f;
+                    for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
+                } else {
 #pragma unroll
-                            for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
-                            const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                            gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
-                            gg[r * STRIDE] += dl;
+                    for (int t = 0; t < NT; ++t) {
+                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                        lr_shift_in<L>(gg, 0.0f);
+                        const bool ok = col_ok && win.row(t);
+                        float xv[MC];
+                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            const int a = t - r * STRIDE;
+                            if (a >= 0 && a < K) {
+                                const bool live = ok && r < outs;
+                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                                const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
+                                float dw = 0.0f;
+#pragma unroll
+                                for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
+                                const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                                gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
+                                gg[r * STRIDE] += dl;
+                            }
                         }
+                        // window row t - (L - 1) has all its dlogits: no later strip row reaches it
+                        const int done = t - (L - 1);
+                        if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
                     }
-                    // window row t - (L - 1) has all its dlogits: no later strip row reaches it
-                    const int done = t - (L - 1);
-                    if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
                 }
                 lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid);
             }
@@ -431,9 +436,10 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + ITH - 1) / ITH;
-    const long long ntiles = B * G * tiles_h * tiles_w;
 
-    for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
+    for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
+         tile += gridDim.x) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
@@ -448,9 +454,9 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 
         __syncthreads();
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_tile<OH, OW, PO>(s_q, q + plane, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW, PO>(s_lse, lse + plane, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW, PO>(s_d, dsum + plane, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
+        lr_load_tile<OH, OW, PO, 1>(s_d, 0, dsum + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
 
         // the outputs covering the strip: i = i_first + t, j = j_first + tj
         const long long i_first = lr_floor_div(hs + P - K + STRIDE, STRIDE);
@@ -470,10 +476,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_gy
-            for (int c = 0; c < nc; ++c) {
-                lr_load_tile<OH, OW, PO>(s_gy + c * TO, gy + (b * C + cc + c) * Ho * Wo, oi0,
+            lr_load_tile<OH, OW, PO, MC>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo, nc, oi0,
                                          oj0, Ho, Wo, tid);
-            }
             __syncthreads();
             const bool first = cc == c_first;
             float gxv[RI][MC], gkc[RI][MC];
@@ -496,7 +500,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                         const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E, dd = s_d[s];
                         float gyc[MC];
 #pragma unroll
-                        for (int c = 0; c < MC; ++c) gyc[c] = c < nc ? s_gy[c * TO + s] : 0.0f;
+                        for (int c = 0; c < MC; ++c) gyc[c] = s_gy[c * TO + s];  // 0 past nc
 #pragma unroll
                         for (int r = 0; r < RI; ++r) {
                             const int a = a_first + r - t * STRIDE;  // window row of hs + r in i

@@ -277,14 +277,14 @@ __host__ __device__ constexpr int lr_query_fixed() {
     return lr_query_tile<K, STRIDE, R>() + 2 * K * K + K * LR_RED_PITCH + K * 8;
 }
 
-// Outputs per thread of lr_forward and lr_backward_query (one geometry for both): 4, or the
-// largest of 2 and 1 with which lr_backward_query's shared arrays (at least one channel tile)
-// fit 48 KB. robustlr.ops.cupy_backend.query_strip mirrors it.
+// Outputs per thread of lr_forward and lr_backward_query (one geometry for both): 2, or 1 where
+// lr_backward_query's shared arrays (at least one channel tile) would not fit 48 KB with 2. Their
+// window loops are unrolled over the strip rows (every row test a constant); with 2 x MC
+// accumulators per output, 2 outputs leave room under 128 registers (strips of 3 and 4 need
+// 145-165 unrolled, and spill under the cap). robustlr.ops.cupy_backend.query_strip mirrors it.
 template <int K, int STRIDE>
 __host__ __device__ constexpr int lr_query_strip() {
-    return lr_query_fixed<K, STRIDE, 4>() + lr_query_tile<K, STRIDE, 4>() <= 12288   ? 4
-           : lr_query_fixed<K, STRIDE, 2>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2
-                                                                                      : 1;
+    return lr_query_fixed<K, STRIDE, 2>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2 : 1;
 }
 
 // Input rows per thread of lr_backward_input: 2 at stride 1 (each input holds 2 x MC gradient
@@ -345,67 +345,119 @@ struct lr_window {
     __device__ __forceinline__ bool col(int b) const { return (cols >> b) & 1u; }
 };
 
-// The key at shared index s of a staged k tile, and the nc staged channels of x (tiles of TF
-// floats) at the same index into xv (0 beyond nc: those slots are not loaded).
+// The key at shared index s of a staged k tile, and the MC staged channels of x (tiles of TF
+// floats) at the same index into xv (the loader fills the channels past a ragged group with 0).
 template <int MC, int TF>
 __device__ __forceinline__ float lr_read_staged(const float* __restrict__ s_k,
-                                                const float* __restrict__ s_x, int s, int nc,
-                                                float* xv) {
+                                                const float* __restrict__ s_x, int s, float* xv) {
     const float kv = s_k[s];
 #pragma unroll
-    for (int c = 0; c < MC; ++c) xv[c] = c < nc ? s_x[c * TF + s] : 0.0f;
+    for (int c = 0; c < MC; ++c) xv[c] = s_x[c * TF + s];
     return kv;
 }
 
-// Most global loads a thread of the tile loader keeps in flight (registers it holds for them).
-#define LR_LOAD_BATCH 4
+// Most elements whose global loads a thread of the tile loader keeps in flight (registers it
+// holds for them: a 64-bit plane offset, a shared index and the value).
+#define LR_LOAD_BATCH 8
 
-// Copy the ROWS x COLS window of a (H, W) plane whose top-left corner is (r0, c0) into shared
-// memory as fp32, with zeros where the window leaves the plane; element (row, col) goes to
-// row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col). All threads of the block take
-// part (tid in [0, LR_THREADS)). Pipelined: the trip count is a constant, and each thread
-// issues a batch of up to LR_LOAD_BATCH global loads before the first of their shared stores,
-// so a warp waits for one memory latency per batch instead of one per element.
-template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, typename T>
-__device__ __forceinline__ void lr_load_rows(float* __restrict__ dst, const T* __restrict__ plane,
-                                             long long r0, long long c0, long long H,
-                                             long long W, int tid) {
+// out[i] = v for out in shared memory. On the GPU through its 32-bit shared-window address: from
+// a generic pointer ptxas recomputed the window address (S2R, LEA) at every store of the loader.
+__device__ __forceinline__ void lr_store_shared(float* out, int i, float v) {
+#ifdef __CUDA_ARCH__
+    const unsigned address = (unsigned)__cvta_generic_to_shared(out) + 4u * (unsigned)i;
+    asm volatile("st.shared.f32 [%0], %1;" : : "r"(address), "f"(v) : "memory");
+#else
+    out[i] = v;
+#endif
+}
+
+// v, in a way the compiler cannot see through: values derived from it are computed where they
+// are used rather than hoisted out of the loops and held in registers through the window loops
+// (the tile loader's per-thread geometry, 2 registers per element; a grid-stride loop's bound).
+__device__ __forceinline__ int lr_opaque(int v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+#endif
+    return v;
+}
+__device__ __forceinline__ long long lr_opaque(long long v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b64 %0, %0;" : "+l"(v));
+#endif
+    return v;
+}
+
+// Copy NP planes into shared memory as fp32: plane p < n is the ROWS x COLS window, top-left
+// corner (r0, c0), of the (H, W) plane at src + p * src_stride, with zeros where the window
+// leaves the plane; planes n <= p < NP are zeros (the channels past a ragged group). Element
+// (row, col) of plane p goes to dst[p * dst_stride + row * PITCH + (PHASED ?
+// lr_phase_col<COLS, STRIDE>(col) : col)]. All threads of the block take part (tid in
+// [0, LR_THREADS)). The planes share one geometry: each thread works out its elements' plane
+// offsets and shared indices once per batch of LR_LOAD_BATCH elements and reuses them for every
+// plane. Pipelined: constant trip counts, and a thread issues the batch's global loads of a
+// plane before the first of their shared stores (one memory latency per batch and plane).
+template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, typename T>
+__device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
+                                               const T* __restrict__ src, long long src_stride,
+                                               int n, long long r0, long long c0, long long H,
+                                               long long W, int tid) {
     constexpr int N = ROWS * COLS;
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
+    tid = lr_opaque(tid);  // the elements' geometry is worked out here, not kept across tiles
 #pragma unroll 1
     for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
-        float v[BATCH];
-#pragma unroll
-        for (int t = 0; t < BATCH; ++t) {
-            const int e = tid + (t0 + t) * LR_THREADS;
-            const long long r = r0 + e / COLS, c = c0 + e % COLS;
-            v[t] = (e < N && r >= 0 && r < H && c >= 0 && c < W) ? lr_load(plane, r * W + c)
-                                                                 : 0.0f;
-        }
+        long long off[BATCH];  // offset in the plane, -1 outside it
+        int to[BATCH];         // shared index, -1 past the tile
 #pragma unroll
         for (int t = 0; t < BATCH; ++t) {
             const int e = tid + (t0 + t) * LR_THREADS;
             const int row = e / COLS, col = e % COLS;
-            if (e < N) dst[row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)] = v[t];
+            const long long r = r0 + row, c = c0 + col;
+            off[t] = e < N && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
+            to[t] = e < N ? row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col) : -1;
+        }
+        const T* next = src;
+#pragma unroll 1
+        for (int p = 0; p < NP; ++p, next += src_stride) {
+            // (a null plane rather than a test of p: with the test, ptxas put the batch's shared
+            // stores between its global loads, one memory latency per store)
+            const T* plane = p < n ? next : nullptr;
+            float v[BATCH];
+            if (plane != nullptr) {
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) v[t] = off[t] >= 0 ? lr_load(plane, off[t]) : 0.0f;
+            } else {
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) v[t] = 0.0f;
+            }
+#pragma unroll
+            for (int t = 0; t < BATCH; ++t) {
+                if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], v[t]);
+            }
         }
     }
 }
 
-// A tile read at STRIDE by the window loops: phase order, row pitch PITCH (lr_pitch).
-template <int ROWS, int COLS, int STRIDE, int PITCH, typename T>
-__device__ __forceinline__ void lr_load_phased(float* __restrict__ dst,
-                                               const T* __restrict__ plane, long long r0,
-                                               long long c0, long long H, long long W, int tid) {
-    lr_load_rows<ROWS, COLS, STRIDE, PITCH, true>(dst, plane, r0, c0, H, W, tid);
+// NP planes of a tile read at STRIDE by the window loops: phase order, row pitch PITCH
+// (lr_pitch).
+template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, typename T>
+__device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_stride,
+                                               const T* __restrict__ src, long long src_stride,
+                                               int n, long long r0, long long c0, long long H,
+                                               long long W, int tid) {
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP>(dst, dst_stride, src, src_stride, n, r0,
+                                                        c0, H, W, tid);
 }
 
-// A tile in plain row order with row pitch PITCH.
-template <int ROWS, int COLS, int PITCH, typename T>
-__device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, const T* __restrict__ plane,
-                                             long long r0, long long c0, long long H, long long W,
-                                             int tid) {
-    lr_load_rows<ROWS, COLS, 1, PITCH, false>(dst, plane, r0, c0, H, W, tid);
+// NP planes of a tile in plain row order with row pitch PITCH.
+template <int ROWS, int COLS, int PITCH, int NP, typename T>
+__device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_stride,
+                                             const T* __restrict__ src, long long src_stride,
+                                             int n, long long r0, long long c0, long long H,
+                                             long long W, int tid) {
+    lr_load_planes<ROWS, COLS, 1, PITCH, false, NP>(dst, dst_stride, src, src_stride, n, r0, c0,
+                                                    H, W, tid);
 }
 
 // Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works

@@ -160,16 +160,16 @@ def test_bank_conflict_model_sees_conflicts():
 
 # ---- the tile loader's global loads, in the SASS ----------------------------------------------
 
-# A kernel that only runs the tile loader once: the forward's k / x tile at K = 7, stride 1,
-# strips of 4 outputs (38 x 22 elements at pitch 28: 7 trips of 128 threads).
+# A kernel that only runs the tile loader once: two planes of a 38 x 22 tile (K = 7, stride 1,
+# 32 rows of outputs) at pitch 28: 7 trips of 128 threads.
 _LOADER_PROBE = """
 __global__ void lr_probe_loader(const float* __restrict__ plane, float* __restrict__ out,
                                 long long H, long long W) {
-    LR_SHARED(float, s, 38 * 28);
+    LR_SHARED(float, s, 2 * 38 * 28);
     const int tid = threadIdx.y * LR_TILE_W + threadIdx.x;
-    lr_load_phased<38, 22, 1, 28>(s, plane, -3, -3, H, W, tid);
+    lr_load_phased<38, 22, 1, 28, 2>(s, 38 * 28, plane, H * W, 2, -3, -3, H, W, tid);
     __syncthreads();
-    out[tid] = s[(tid * 5) % (38 * 28)];
+    out[tid] = s[(tid * 5) % (2 * 38 * 28)];
 }
 """
 
@@ -187,13 +187,13 @@ def ldg_runs(sass: str) -> list[int]:
 
 
 def test_tile_loader_issues_its_loads_before_its_stores():
-    """lr_load_rows keeps a batch of global loads in flight per thread (one memory latency per
-    batch, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 7-trip tile is
-    a loop whose body is one run of LR_LOAD_BATCH = 4 LDG, where v2's loop issued one load per
-    shared store (runs of 1)."""
+    """lr_load_planes keeps a batch of global loads in flight per thread (one memory latency per
+    batch and plane, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 7-trip
+    tile is a loop over the planes whose body is one run of 7 LDG (a batch of up to
+    LR_LOAD_BATCH = 8 elements), where v2's loop issued one load per shared store (runs of 1)."""
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
     source = nvrtc.load_kernel_source("lr_common.cuh") + _LOADER_PROBE
     prog = nvrtc.compile_source(source, ["lr_probe_loader"], "sm_90")
-    assert ldg_runs(nvrtc.sass(prog, nvdisasm)) == [4]
+    assert ldg_runs(nvrtc.sass(prog, nvdisasm)) == [7]

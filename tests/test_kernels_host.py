@@ -251,9 +251,9 @@ def test_grad_geo_is_bitwise_reproducible(lib):
 
 def test_query_chunking_from_sm_count(lib):
     """The backward-query grid follows the SM count; the results do not."""
-    # m = 1; 4 tiles per group (2 images x 2 tiles of 16 x 32 outputs: strips of 4 rows)
-    x, q, k, geo, gy = make_case(2, 8, 40, 9, 8, 7, 1, seed=7)
-    assert cupy_backend.query_strip(7, 1) == 4
+    # m = 1; 4 tiles per group (2 images x 2 tiles of 16 x 16 outputs: strips of 2 rows)
+    x, q, k, geo, gy = make_case(2, 8, 24, 9, 8, 7, 1, seed=7)
+    assert cupy_backend.query_strip(7, 1) == 2
     want = naive_results(x, q, k, geo, gy, 7, 1, "mul")
     shape = check_inputs(x, q, k, geo, 7, 1, "mul")
     seen = set()

@@ -82,7 +82,7 @@ RED_PITCH = TILE[0] * TILE[1] + 8
 #: Floats of static shared memory one block may declare.
 _SHARED_FLOATS = MAX_STATIC_SHARED // 4
 #: Strip heights (positions per thread) the forward / backward-query kernels try, tallest first.
-QUERY_STRIPS = (4, 2, 1)
+QUERY_STRIPS = (2, 1)
 
 
 def phase_cols(cols: int, stride: int) -> int:
