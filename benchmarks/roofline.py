@@ -190,6 +190,10 @@ def per_thread(kernel: str, version: str, text: str) -> Counter:
     Interior positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
+    if kernel == "lr_forward" and version == "v4":
+        # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
+        # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
+        window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
     loaders = [lp for lp in loops if lp.every["LDG"] and lp.every["STS"] and lp not in window]
     loader = sum((lp.every for lp in loaders), Counter())
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})

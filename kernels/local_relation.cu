@@ -55,7 +55,7 @@ struct lr_query_shape {
     static constexpr int TF = IH * PW;
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
-    static constexpr int MC_FORWARD = lr_chunk<TF + K * K, TF>();
+    static constexpr int MC_FORWARD = lr_chunk<TF + K * K + 1, TF>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
 };
 
@@ -123,47 +123,62 @@ __device__ __forceinline__ void lr_forward_tiles(
                                               tid);
         __syncthreads();
 
+        if (COMP != LR_MUL && tid == 0) {  // the bound on the logits (see pass 2), s_geo[KK]
+            float bound = -3.0e38f;  // finite, also when every prior logit is -inf
+            for (int e = 0; e < KK; ++e) bound = fmaxf(bound, s_geo[e]);
+            s_geo[KK] = bound;
+        }
+
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
-        float qv[R], peak[R];
+        float qv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             qv[r] = r < outs ? lr_load(q, (qplane + i0 + r) * Wo + j) : 0.0f;
-            peak[r] = -3.0e38f;
         }
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
-        // pass 1: the largest logit in the image (fmaxf skips a NaN logit; pass 2 turns it
-        // into a NaN weight, so NaN in gives NaN out). Output r, offset (a, bb) reads strip
-        // row t = r * STRIDE + a.
-        if (warp_live) {
+        float shift[R];  // pass 2's weights are 2^(l * log2(e) + shift), shift <= -max l * log2(e)
+        // pass 1: shift from the largest logit in the image (fmaxf skips a NaN logit; pass 2
+        // turns it into a NaN weight, so NaN in gives NaN out). Output r, offset (a, bb) reads
+        // strip row t = r * STRIDE + a.
+        const auto exact_shift = [&]() {
+            float peak[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) peak[r] = -3.0e38f;
+            if (warp_live) {
 #pragma unroll 1
-            for (int bb = 0; bb < K; ++bb) {
-                const bool col_ok = win.col(bb);
-                const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                float gw[L];  // gw[d] = geo of window row t - d, column bb
+                for (int bb = 0; bb < K; ++bb) {
+                    const bool col_ok = win.col(bb);
+                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                    float gw[L];  // gw[d] = geo of window row t - d, column bb
 #pragma unroll
-                for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-                // strip rows unrolled (here and in every window loop): the row tests are
-                // constants, the window shifts renames
+                    for (int d = 0; d < L; ++d) gw[d] = 0.0f;
+                    // strip rows unrolled (here and in every window loop): the row tests are
+                    // constants, the window shifts renames
 #pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                    const bool ok = col_ok && win.row(t);
-                    const float kv = s_k[sc + t * PW];
+                    for (int t = 0; t < NT; ++t) {
+                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                        const bool ok = col_ok && win.row(t);
+                        const float kv = s_k[sc + t * PW];
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int a = t - r * STRIDE;
-                        if (a >= 0 && a < K) {
-                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                            if (ok) peak[r] = fmaxf(peak[r], l);
+                        for (int r = 0; r < R; ++r) {
+                            const int a = t - r * STRIDE;
+                            if (a >= 0 && a < K) {
+                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                                if (ok) peak[r] = fmaxf(peak[r], l);
+                            }
                         }
                     }
                 }
             }
-        }
-
-        float shift[R];  // -peak * log2(e): pass 2's weights are 2^(l * log2(e) + shift)
 #pragma unroll
-        for (int r = 0; r < R; ++r) shift[r] = -peak[r] * LR_LOG2E;
+            for (int r = 0; r < R; ++r) shift[r] = -peak[r] * LR_LOG2E;
+        };
+        // sqdiff and absdiff logits are at most the group's largest prior logit (phi <= 0), so
+        // their pass 2 starts from that bound without pass 1; a strip whose weight sum then falls
+        // below LR_SUM_FLOOR (every logit far below the bound, the largest weights near
+        // underflow) runs pass 1 and pass 2 again. mul runs pass 1 first.
+        bool exact = COMP == LR_MUL;
+        if (exact) exact_shift();
 
         // pass 2, per chunk of MC channels: weights, their sums and the R x MC outputs
         const long long c_first = g * m;
@@ -174,40 +189,54 @@ __device__ __forceinline__ void lr_forward_tiles(
             lr_load_phased<IH, IW, STRIDE, PW, MC>(s_x, TF, x + (b * C + cc) * H * W, H * W, nc,
                                                    r0, c0, H, W, tid);
             __syncthreads();
-            float acc[R][MC], sum[R];
+            if (!exact && cc == c_first) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                sum[r] = 0.0f;
-#pragma unroll
-                for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
+                for (int r = 0; r < R; ++r) shift[r] = -s_geo[KK] * LR_LOG2E;
             }
-            if (warp_live) {
+            float acc[R][MC], sum[R];
+            for (;;) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    sum[r] = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
+                }
+                if (warp_live) {
 #pragma unroll 1
-                for (int bb = 0; bb < K; ++bb) {
-                    const bool col_ok = win.col(bb);
-                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                    float gw[L];
+                    for (int bb = 0; bb < K; ++bb) {
+                        const bool col_ok = win.col(bb);
+                        const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+                        float gw[L];
 #pragma unroll
-                    for (int d = 0; d < L; ++d) gw[d] = 0.0f;
+                        for (int d = 0; d < L; ++d) gw[d] = 0.0f;
 #pragma unroll
-                    for (int t = 0; t < NT; ++t) {
-                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                        const bool ok = col_ok && win.row(t);
-                        float xv[MC];
-                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
+                        for (int t = 0; t < NT; ++t) {
+                            lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                            const bool ok = col_ok && win.row(t);
+                            float xv[MC];
+                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const int a = t - r * STRIDE;
-                            if (a >= 0 && a < K) {
-                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                const float p = ok ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
-                                sum[r] += p;
+                            for (int r = 0; r < R; ++r) {
+                                const int a = t - r * STRIDE;
+                                if (a >= 0 && a < K) {
+                                    const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                                    const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
+                                    const float p = ok ? e : 0.0f;
+                                    sum[r] += p;
 #pragma unroll
-                                for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                                    for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                                }
                             }
                         }
                     }
                 }
+                if (exact) break;
+                bool low = false;  // the bound was too far above the logits of an output
+#pragma unroll
+                for (int r = 0; r < R; ++r) low = low || (r < outs && sum[r] < LR_SUM_FLOOR);
+                exact = true;  // the later chunks keep this shift
+                if (!low) break;
+                exact_shift();
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -233,7 +262,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     using S = lr_query_shape<K, STRIDE>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
-    LR_SHARED(float, s_geo, K * K);
+    LR_SHARED(float, s_geo, K * K + 1);  // and the bound on the logits
     LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
 }

@@ -307,6 +307,10 @@ __host__ __device__ constexpr int lr_chunk() {
                                                 : (12288 - FIXED) / PER;
 }
 
+// The smallest weight sum the forward accepts from its bounded shift (2^-80): at most 168 other
+// weights of a window flush to zero below 2^-126, under 2^-46 of such a sum.
+#define LR_SUM_FLOOR 8.27180613e-25f
+
 // Shift a register window one place up and put v in slot 0: w[d] <- w[d - 1], w[0] <- v. The
 // window loops keep per-window-row values of the rows a strip row serves this way (indices are
 // compile-time constants, so the window stays in registers).
@@ -465,5 +469,9 @@ __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_st
 template <int KK>
 __device__ __forceinline__ void lr_load_geo(float* __restrict__ dst, const float* __restrict__ src,
                                             int tid) {
-    for (int e = tid; e < KK; e += LR_THREADS) dst[e] = src[e];
+    if (KK <= LR_THREADS) {  // no loop (the compiler would unroll one for any block size)
+        if (tid < KK) dst[tid] = src[tid];
+    } else {
+        for (int e = tid; e < KK; e += LR_THREADS) dst[e] = src[e];
+    }
 }

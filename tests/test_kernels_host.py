@@ -102,6 +102,25 @@ def test_fp32_composabilities_ragged_groups(lib, comp):
     check_case(lib, (2, 11, 9, 7, 3, 5, 2, comp), seed=3)  # m = 4, last group holds 3
 
 
+@pytest.mark.parametrize("comp", ["sqdiff", "absdiff"])
+def test_logits_far_below_the_prior_bound_take_the_exact_shift(lib, comp):
+    """sqdiff and absdiff start the forward's softmax from the largest prior logit of the group
+    (phi <= 0). Where |q - k| is large over a whole window every weight from that bound
+    underflows, and the strip runs the exact pass: the results still match the float64 loop.
+    Query rows alternate between far and near, so some strips hold one far and one near output.
+    """
+    B, C, H, W, G, K, s = 2, 6, 9, 7, 2, 5, 1
+    x, q, k, geo, gy = make_case(B, C, H, W, G, K, s, seed=29)
+    # far: weights near exp(-144) (sqdiff) or exp(-70) (absdiff) from the bound, under the
+    # forward's floor of 2^-80 = exp(-55.5); larger offsets lose fp32 digits in the logits alone
+    q[:, :, ::2] += {"sqdiff": 12.0, "absdiff": 70.0}[comp]
+    got = backend_run(lib, x, q, k, geo, gy, K, s, comp)
+    want = naive_results(x, q, k, geo, gy, K, s, comp)
+    assert got[0].isfinite().all()
+    for name, a, e in zip(NAMES, got, want, strict=True):
+        assert_close_rel(a, e, 1e-5, f"{name} ({comp})")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "case",
