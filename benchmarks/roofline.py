@@ -21,8 +21,9 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). The v3 rows are the previous model's published figures
-(docs/benchmarks.md, 2026-12-06; fp32 and MUFU from hand counts, the accurate expf).
+microbenchmarks give 480-700 ns). Versions: v3 and v4 are issue 19's earlier kernels, compiled
+from git (COMMITS) by the same method; v5 is the working tree. The forward's sqdiff path is
+counted without its pass 1 (the fallback of a strip whose weights underflow from the bound).
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -39,9 +40,6 @@ from robustlr.ops import cupy_backend, nvrtc
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
 ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
-LOAD_BATCH = int(
-    re.search(r"#define LR_LOAD_BATCH (\d+)", nvrtc.load_kernel_source("lr_common.cuh")).group(1)
-)
 TILE_W, TILE_H = cupy_backend.TILE
 THREADS = TILE_W * TILE_H
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
@@ -122,43 +120,50 @@ def sass_loops(text: str) -> list[Loop]:
     return result
 
 
-#: The v3 kernels (issue 19's previous step), compiled from git for the same-method comparison.
-V3_COMMIT = "07f7f62"
+#: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the
+#: working tree is CURRENT.
+COMMITS = {"v3": "07f7f62", "v4": "c4bdd63"}
+CURRENT = "v5"
+#: Positions per thread (query kernels, backward input) of the earlier kernels at K = 7, stride 1.
+STRIPS = {"v3": (1, 1), "v4": (4, 2)}
 
 
-def v3_source() -> str | None:
-    """kernels/local_relation.cu of V3_COMMIT with its header inlined and the runtime
-    composability fixed to sqdiff; None without git or the commit."""
-
-    def show(name: str) -> str | None:
-        done = subprocess.run(["git", "show", f"{V3_COMMIT}:kernels/{name}"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return done.stdout if done.returncode == 0 else None
-
-    common, kernels = show("lr_common.cuh"), show("local_relation.cu")
-    if common is None or kernels is None:
-        return None
-    source = kernels.replace('#include "lr_common.cuh"', common.replace("#pragma once", ""))
-    for fn in ("lr_phi", "lr_dphi_dq", "lr_dphi_dk"):
-        source = source.replace(f"{fn}(comp,", f"{fn}(LR_SQDIFF,")
-    return source
+def git_file(version: str, name: str) -> str | None:
+    """kernels/NAME at the commit of an earlier version; None without git or the commit."""
+    done = subprocess.run(["git", "show", f"{COMMITS[version]}:kernels/{name}"],
+                          capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)  # fmt: skip
+    return done.stdout if done.returncode == 0 else None
 
 
-def compile_version(kernel: str, version: str) -> nvrtc.CompiledProgram:
-    """sm_90 build of one kernel (K, S, fp32, sqdiff only) with ptxas's report: v4 is the
-    current source with one composability's body, v3 the source of V3_COMMIT."""
-    if version == "v3":
-        source = v3_source()
-    else:
+def version_source(version: str) -> str | None:
+    """kernels/local_relation.cu of a version with its header inlined and the composability
+    fixed to sqdiff; None where git or the commit is missing."""
+    if version == CURRENT:
         source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
-        dispatch = re.search(
-            r"#define LR_BY_COMPOSABILITY\(comp, FN, \.\.\.\)(?:.*\\\n)+.*\n", source
-        )
-        source = source.replace(
-            dispatch.group(0),
-            "#define LR_BY_COMPOSABILITY(comp, FN, ...) "
-            "FN<T, K, STRIDE, LR_SQDIFF>(__VA_ARGS__);\n",
-        )
+    else:
+        common, kernels = git_file(version, "lr_common.cuh"), git_file(version, "local_relation.cu")
+        if common is None or kernels is None:
+            return None
+        source = kernels.replace('#include "lr_common.cuh"', common.replace("#pragma once", ""))
+    if version == "v3":  # a runtime composability argument in the window loops
+        for fn in ("lr_phi", "lr_dphi_dq", "lr_dphi_dk"):
+            source = source.replace(f"{fn}(comp,", f"{fn}(LR_SQDIFF,")
+        return source
+    dispatch = re.search(r"#define LR_BY_COMPOSABILITY\(comp, FN, \.\.\.\)(?:.*\\\n)+.*\n", source)
+    return source.replace(
+        dispatch.group(0),
+        "#define LR_BY_COMPOSABILITY(comp, FN, ...) FN<T, K, STRIDE, LR_SQDIFF>(__VA_ARGS__);\n",
+    )
+
+
+def load_batch(source: str) -> int:
+    """LR_LOAD_BATCH of a version's source: the global loads a loader thread keeps in flight."""
+    return int(re.search(r"#define LR_LOAD_BATCH (\d+)", source).group(1))
+
+
+def compile_version(kernel: str, source: str) -> nvrtc.CompiledProgram:
+    """sm_90 build of one kernel (K, S, fp32, sqdiff only) with ptxas's report."""
     name = nvrtc.name_expression(kernel, "float", K, S)
     return nvrtc.compile_source(source, [name], "sm_90", (*nvrtc.GPU_OPTIONS, "-Xptxas=-v"))
 
@@ -166,35 +171,39 @@ def compile_version(kernel: str, version: str) -> nvrtc.CompiledProgram:
 # ---- per-thread dynamic counts ------------------------------------------------------------------
 
 
-def loader_trips(rows: int, cols: int) -> int:
-    """Iterations of lr_load_rows' batch loop for one ROWS x COLS tile."""
+def loader_trips(rows: int, cols: int, batch: int) -> int:
+    """Batches of the tile loader per plane of one ROWS x COLS tile."""
     trips = -(-rows * cols // THREADS)
-    return -(-trips // min(trips, LOAD_BATCH))
+    return -(-trips // min(trips, batch))
 
 
 def strip_of(kernel: str, version: str) -> int:
-    if version == "v3":
-        return 1
+    if version in STRIPS:
+        return STRIPS[version][kernel == "lr_backward_input"]
     if kernel == "lr_backward_input":
         return cupy_backend.input_strip(K, S)
     return cupy_backend.query_strip(K, S)
 
 
-def per_thread(kernel: str, version: str, text: str) -> Counter:
+def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels).
 
-    v3: one window-loop iteration per window row (K, NC), its pairs unrolled. v4: a window
-    loop whose pairs are branched blocks (the strip-row loops) runs NT iterations per window
-    column (K columns, NC for backward input) and each pair block on the K rows where it
-    exists; with the strip rows unrolled, as many iterations as the window pairs take.
-    Interior positions: every pair runs."""
+    v3: one window-loop iteration per window row (K, NC), its pairs unrolled. Later versions: a
+    window loop whose pairs are branched blocks (rolled strip rows) runs NT iterations per
+    window column (K columns, NC for backward input) and each pair block on the K rows where it
+    exists; with the strip rows unrolled, as many iterations as the window pairs take. The tile
+    loader: the loops with global loads and shared stores of at most `batch` loads (the geo
+    copy, unrolled by the compiler in v3 and v4, has more), one per batch and plane. Interior
+    positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
-    if kernel == "lr_forward" and version == "v4":
+    if kernel == "lr_forward" and version == CURRENT:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
         window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
-    loaders = [lp for lp in loops if lp.every["LDG"] and lp.every["STS"] and lp not in window]
+    loaders = [
+        lp for lp in loops if lp.every["STS"] and 0 < lp.every["LDG"] <= batch and lp not in window
+    ]
     loader = sum((lp.every for lp in loaders), Counter())
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
@@ -203,7 +212,7 @@ def per_thread(kernel: str, version: str, text: str) -> Counter:
         pairs = sum(body.pairs, Counter())
         if version == "v3":  # one iteration per window row, its K (NC) pairs unrolled
             runs = {op: nc * (body.every[op] + pairs[op]) for op in body.every | pairs}
-        elif body.pairs:  # v4's strip-row loops: NT iterations per window column
+        elif body.pairs:  # rolled strip-row loops: NT iterations per window column
             if kernel == "lr_backward_input":
                 iterations, column_pairs = nc * ((R + S - 2) // S + nc), nc * K
             else:
@@ -221,30 +230,32 @@ def per_thread(kernel: str, version: str, text: str) -> Counter:
         rows, cols, tiles = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc, 3 + M
     else:
         rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
-    total.update({op: tiles * loader_trips(rows, cols) * n for op, n in loader.items()})
-    if kernel == "lr_backward_query" and version == "v4":
-        # the fixed-order reduction per window column (outside the window loop in v4; inside
+    total.update({op: tiles * loader_trips(rows, cols, batch) * n for op, n in loader.items()})
+    if kernel == "lr_backward_query" and version != "v3":
+        # the fixed-order reduction per window column (outside the window loop since v4; inside
         # v3's): 16 + 8 shared reads and adds by a quarter of the threads, counted for all
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
     return total
 
 
-def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, C: int, H: int):
+def predict(
+    kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, batch: int, C: int, H: int
+):
     """(low us, high us, bound, resident warps per SM) of one kernel at one stage."""
     strip = strip_of(kernel, version)
     G, NCOV = C // M, (K - 1) // S + 1
     n_in, n_g = B * C * H * H, B * G * H * H
     rows = TILE_H * strip
     tiles_h, tiles_w = -(-H // rows), -(-H // TILE_W)
-    # warps that run the window loops: in v4 a warp wholly below the image skips them; every v3
-    # kernel runs every warp
+    # warps that run the window loops: a warp wholly below the image skips them, except in every
+    # v3 kernel and v4's backward query
     live_rows = [
         min(H - (th * rows + w * 2 * strip), 2 * strip)
         for th in range(tiles_h)
         for w in range(TILE_H // 2)
     ]
-    if version == "v3":
+    if version == "v3" or (version == "v4" and kernel == "lr_backward_query"):
         warps_per_plane = tiles_h * (TILE_H // 2) * tiles_w
     else:
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
@@ -266,7 +277,7 @@ def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage,
         high = F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g)
     blocks, _ = nvrtc.occupancy(usage, "sm_90")
     resident = blocks * THREADS // 32
-    bandwidth = min(DRAM, SMS * resident * LOAD_BATCH * WARP_LOAD_BYTES / LATENCY)
+    bandwidth = min(DRAM, SMS * resident * batch * WARP_LOAD_BYTES / LATENCY)
     on_chip = {"issue": issue, "MUFU": mufu, "smem": shared}
     times = {"DRAM": low / bandwidth, **on_chip}
     bound = max(times, key=times.get)
@@ -275,16 +286,19 @@ def predict(kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage,
 
 
 def main() -> None:
-    versions = ["v3", "v4"] if v3_source() is not None else ["v4"]
+    sources = {v: version_source(v) for v in (*COMMITS, CURRENT)}
+    versions = [v for v, source in sources.items() if source is not None]
+    batches = {v: load_batch(sources[v]) for v in versions}
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
     counts, usage = {}, {}
     for version in versions:
         for kernel in KERNELS:
-            prog = compile_version(kernel, version)
+            prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
-            counts[version, kernel] = per_thread(kernel, version, nvrtc.sass(prog, nvdisasm))
+            text = nvrtc.sass(prog, nvdisasm)
+            counts[version, kernel] = per_thread(kernel, version, text, batches[version])
     print("Per position (per thread / strip), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
     print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
           "| shared requests |")  # fmt: skip
@@ -304,7 +318,7 @@ def main() -> None:
         for kernel in KERNELS:
             for version in versions:
                 c, u = counts[version, kernel], usage[version, kernel]
-                low, high, bound, _ = predict(kernel, version, c, u, C, H)
+                low, high, bound, _ = predict(kernel, version, c, u, batches[version], C, H)
                 direction = "forward" if kernel == "lr_forward" else "backward"
                 totals.setdefault((C, H, version), []).append((direction, low, high))
                 print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} |")
