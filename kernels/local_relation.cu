@@ -492,6 +492,18 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         const long long j_first = lr_floor_div(wc + P - K + STRIDE, STRIDE);
         const int sbase = (int)((i_first - oi0) * PO + (j_first - oj0));
         const int a_first = (int)(hs + P - i_first * STRIDE);  // row offset of (t, r) = (0, 0)
+        const int b_first = (int)(wc + P - j_first * STRIDE);  // column offset of tj = 0
+        // the covering outputs that exist: bit t of out_rows (row i_first + t), bit tj of
+        // out_cols (column j_first + tj)
+        unsigned out_rows = 0, out_cols = 0;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (i_first + t >= 0 && i_first + t < Ho) out_rows |= 1u << t;
+        }
+#pragma unroll
+        for (int tj = 0; tj < NC; ++tj) {
+            if (j_first + tj >= 0 && j_first + tj < Wo) out_cols |= 1u << tj;
+        }
         bool in_ok[RI];
         float kv[RI], gk_acc[RI];
 #pragma unroll
@@ -518,13 +530,11 @@ __device__ __forceinline__ void lr_backward_input_tiles(
             if (warp_live) {
 #pragma unroll 1
                 for (int tj = 0; tj < NC; ++tj) {
-                    const long long j = j_first + tj;
-                    const long long bb = wc + P - j * STRIDE;
-                    const bool col_ok = j >= 0 && j < Wo && bb >= 0;
+                    const int bb = b_first - tj * STRIDE;  // window column of wc in j_first + tj
+                    const bool col_ok = ((out_cols >> tj) & 1u) && bb >= 0;
 #pragma unroll 1
                     for (int t = 0; t < NT; ++t) {
-                        const long long i = i_first + t;
-                        const bool row_ok = col_ok && i >= 0 && i < Ho;
+                        const bool row_ok = col_ok && ((out_rows >> t) & 1u);
                         const int s = sbase + t * PO + tj;
                         const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E, dd = s_d[s];
                         float gyc[MC];
@@ -534,7 +544,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                         for (int r = 0; r < RI; ++r) {
                             const int a = a_first + r - t * STRIDE;  // window row of hs + r in i
                             const bool ok = row_ok && in_ok[r] && a >= 0 && a < K;
-                            const int o = ok ? (int)(a * K + bb) : 0;
+                            const int o = ok ? a * K + bb : 0;
                             const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
                             const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));
                             const float wt = ok ? e : 0.0f;

@@ -121,6 +121,21 @@ def test_logits_far_below_the_prior_bound_take_the_exact_shift(lib, comp):
         assert_close_rel(a, e, 1e-5, f"{name} ({comp})")
 
 
+@pytest.mark.parametrize("comp", ["sqdiff", "mul"])
+def test_large_prior_logits(lib, comp):
+    """Prior logits near 120 (exp overflows fp32 from 88.7): the softmax is shift-invariant, and
+    no kernel may form exp of a logit without its output's shift. The backward input's window
+    loop reaches outputs beyond the image (staged as zeros, lse 0 among them): only its masks
+    keep their weights (exp(120) = inf, times a zero gy: NaN) out of grad x and grad k."""
+    B, C, H, W, G, K, s = 2, 6, 9, 7, 2, 5, 1
+    x, q, k, geo, gy = make_case(B, C, H, W, G, K, s, seed=31)
+    geo += 120.0
+    got = backend_run(lib, x, q, k, geo, gy, K, s, comp)
+    want = naive_results(x, q, k, geo, gy, K, s, comp)
+    for name, a, e in zip(NAMES, got, want, strict=True):
+        assert_close_rel(a, e, 1e-5, f"{name} ({comp})")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "case",
