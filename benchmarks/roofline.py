@@ -231,9 +231,10 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     else:
         rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
     total.update({op: tiles * loader_trips(rows, cols, batch) * n for op, n in loader.items()})
-    if kernel == "lr_backward_query" and version != "v3":
-        # the fixed-order reduction per window column (outside the window loop since v4; inside
-        # v3's): 16 + 8 shared reads and adds by a quarter of the threads, counted for all
+    if kernel == "lr_backward_query" and version == "v4":
+        # the fixed-order reduction per window column (outside v4's rolled strip-row loop; inside
+        # v3's window loop and v5's column loop): 16 + 8 shared reads and adds by a quarter of
+        # the threads, counted for all
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
     return total
