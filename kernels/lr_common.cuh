@@ -279,9 +279,10 @@ __host__ __device__ constexpr int lr_query_fixed() {
 
 // Outputs per thread of lr_forward and lr_backward_query (one geometry for both): 2, or 1 where
 // lr_backward_query's shared arrays (at least one channel tile) would not fit 48 KB with 2. Their
-// window loops are unrolled over the strip rows (every row test a constant); with 2 x MC
-// accumulators per output, 2 outputs leave room under 128 registers (strips of 3 and 4 need
-// 145-165 unrolled, and spill under the cap). robustlr.ops.cupy_backend.query_strip mirrors it.
+// window loops are unrolled over the strip rows (every row test a constant); with MC
+// accumulators (or gy values) per output, 2 outputs leave room under 128 registers (strips of
+// 3 and 4 needed up to 148 and 162, and spilled under the cap). cupy_backend.query_strip mirrors
+// it.
 template <int K, int STRIDE>
 __host__ __device__ constexpr int lr_query_strip() {
     return lr_query_fixed<K, STRIDE, 2>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2 : 1;

@@ -71,7 +71,7 @@ def plain():
 
 
 # (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage; the
-# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 32 outputs each: strips of 4)
+# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 16 outputs each: strips of 2)
 # with B = 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
