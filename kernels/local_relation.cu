@@ -144,21 +144,13 @@ __device__ __forceinline__ void lr_forward_tiles(
             float peak[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) peak[r] = -3.0e38f;
+            // strip rows unrolled (here and in every window loop): the row tests are constants,
+            // the register-window shifts renames. A warp below the image skips the loops.
             if (warp_live) {
-#pragma unroll 1
-                for (int bb = 0; bb < K; ++bb) {
-                    const bool col_ok = win.col(bb);
-                    const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                    float gw[L];  // gw[d] = geo of window row t - d, column bb
-#pragma unroll
-                    for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-                    // strip rows unrolled (here and in every window loop): the row tests are
-                    // constants, the window shifts renames
-#pragma unroll
-                    for (int t = 0; t < NT; ++t) {
-                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                        const bool ok = col_ok && win.row(t);
-                        const float kv = s_k[sc + t * PW];
+                lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                    win, base, s_geo, true,
+                    [&](int t, int s, bool ok, const float* gw) {
+                        const float kv = s_k[s];
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
                             const int a = t - r * STRIDE;
@@ -167,8 +159,8 @@ __device__ __forceinline__ void lr_forward_tiles(
                                 if (ok) peak[r] = fmaxf(peak[r], l);
                             }
                         }
-                    }
-                }
+                    },
+                    [](int) {});
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) shift[r] = -peak[r] * LR_LOG2E;
@@ -202,19 +194,11 @@ __device__ __forceinline__ void lr_forward_tiles(
                     for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
                 }
                 if (warp_live) {
-#pragma unroll 1
-                    for (int bb = 0; bb < K; ++bb) {
-                        const bool col_ok = win.col(bb);
-                        const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                        float gw[L];
-#pragma unroll
-                        for (int d = 0; d < L; ++d) gw[d] = 0.0f;
-#pragma unroll
-                        for (int t = 0; t < NT; ++t) {
-                            lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                            const bool ok = col_ok && win.row(t);
+                    lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                        win, base, s_geo, true,
+                        [&](int t, int s, bool ok, const float* gw) {
                             float xv[MC];
-                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
+                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
 #pragma unroll
                             for (int r = 0; r < R; ++r) {
                                 const int a = t - r * STRIDE;
@@ -227,8 +211,8 @@ __device__ __forceinline__ void lr_forward_tiles(
                                     for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
                                 }
                             }
-                        }
-                    }
+                        },
+                        [](int) {});
                 }
                 if (exact) break;
                 bool low = false;  // the bound was too far above the logits of an output
@@ -330,7 +314,11 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const long long qplane = (b * G + g) * Ho;
         const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
 
-        __syncthreads();  // the previous tile is done with s_k (and s_geo, s_gacc are set)
+        __syncthreads();  // the previous tile is done with s_k, s_row (and s_geo, s_gacc are set)
+        if (!warp_live) {  // wholly below the image: zeros for every column's grad-geo reduction
+#pragma unroll
+            for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
+        }
         lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
                                               tid);
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
@@ -370,47 +358,37 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                                     : 0.0f;
                 }
             }
-#pragma unroll 1
-            for (int bb = 0; bb < K; ++bb) {
-                const bool col_ok = win.col(bb);
-                const int sc = base + lr_phase_col<IW, STRIDE>(bb);
-                // gw[d] = geo, gg[d] = the strip's dlogit sum, of window row t - d (column bb)
-                float gw[L], gg[L];
+            float gg[L];  // gg[d] = the strip's dlogit sum of window row t - d (this column)
+            lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                win, base, s_geo, warp_live,
+                [&](int t, int s, bool ok, const float* gw) {
+                    if (t == 0) {
 #pragma unroll
-                for (int d = 0; d < L; ++d) gw[d] = gg[d] = 0.0f;
-                if (!warp_live) {  // wholly below the image: zeros for the reduction
-#pragma unroll
-                    for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
-                } else {
-#pragma unroll
-                    for (int t = 0; t < NT; ++t) {
-                        lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
-                        lr_shift_in<L>(gg, 0.0f);
-                        const bool ok = col_ok && win.row(t);
-                        float xv[MC];
-                        const float kv = lr_read_staged<MC, TF>(s_k, s_x, sc + t * PW, xv);
-#pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const int a = t - r * STRIDE;
-                            if (a >= 0 && a < K) {
-                                const bool live = ok && r < outs;
-                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
-                                float dw = 0.0f;
-#pragma unroll
-                                for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
-                                const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                                gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
-                                gg[r * STRIDE] += dl;
-                            }
-                        }
-                        // window row t - (L - 1) has all its dlogits: no later strip row reaches it
-                        const int done = t - (L - 1);
-                        if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
+                        for (int d = 0; d < L; ++d) gg[d] = 0.0f;
                     }
-                }
-                lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid);
-            }
+                    lr_shift_in<L>(gg, 0.0f);
+                    float xv[MC];
+                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const int a = t - r * STRIDE;
+                        if (a >= 0 && a < K) {
+                            const bool live = ok && r < outs;
+                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                            const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
+                            float dw = 0.0f;
+#pragma unroll
+                            for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
+                            const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                            gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
+                            gg[r * STRIDE] += dl;
+                        }
+                    }
+                    // window row t - (L - 1) has all its dlogits: no later strip row reaches it
+                    const int done = t - (L - 1);
+                    if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
+                },
+                [&](int bb) { lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid); });
 #pragma unroll
             for (int r = 0; r < R; ++r) dsub[r] = 0.0f;  // the delta term counts once per output
         }

@@ -350,6 +350,34 @@ struct lr_window {
     __device__ __forceinline__ bool col(int b) const { return (cols >> b) & 1u; }
 };
 
+// The window loops of lr_forward and lr_backward_query, one strip each: for each window column
+// bb (a loop) and each of the strip's NT input rows t (unrolled: t is a constant in `row`),
+// row(t, s, ok, gw) with s the shared index of input (t, bb) in a tile staged at pitch PW (phase
+// order), ok whether that input lies in the image and gw[d] the prior logit of window row t - d
+// in column bb (the caller's row tests skip the d past the window); then column_done(bb), also
+// where live is false (a warp below the image: no rows, still every column's barriers).
+template <int NT, int K, int L, int IW, int STRIDE, int PW, typename ROW, typename DONE>
+__device__ __forceinline__ void lr_strip_columns(const lr_window<NT, K>& win, int base,
+                                                 const float* __restrict__ s_geo, bool live,
+                                                 ROW row, DONE column_done) {
+#pragma unroll 1
+    for (int bb = 0; bb < K; ++bb) {
+        if (live) {
+            const bool col_ok = win.col(bb);
+            const int sc = base + lr_phase_col<IW, STRIDE>(bb);
+            float gw[L];
+#pragma unroll
+            for (int d = 0; d < L; ++d) gw[d] = 0.0f;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                lr_shift_in<L>(gw, t < K ? s_geo[t * K + bb] : 0.0f);
+                row(t, sc + t * PW, col_ok && win.row(t), gw);
+            }
+        }
+        column_done(bb);
+    }
+}
+
 // The key at shared index s of a staged k tile, and the MC staged channels of x (tiles of TF
 // floats) at the same index into xv (the loader fills the channels past a ragged group with 0).
 template <int MC, int TF>
