@@ -1,5 +1,5 @@
-// Local relation op, CUDA kernels v4 (DESIGN.md §1): tiled, register-blocked strips, no per-thread
-// window arrays.
+// Local relation op, CUDA kernels v5 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// their rows, no per-thread window arrays.
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
@@ -17,20 +17,22 @@
 // and backward query, R = lr_input_strip inputs in the backward input), so a tile is
 // LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo and MC = lr_chunk
 // channels of x (or gy) are staged in shared memory (fp32). The window loops run over window
-// columns outside and the strip's rows inside: a window word read from shared memory once
-// serves every position of the strip whose window holds it, so a thread holds R x MC
-// accumulators, never a K x K array. Strided window reads go through the phase-ordered, padded
-// layout of lr_common.cuh (one shared-memory transaction per warp request, counted by
-// tests/test_kernels_budget.py). A warp whose strips lie wholly below the image skips the window
-// loops (it still takes part in the loads and barriers; in the backward query it hands zeros to
-// the grad-geo reduction).
+// columns outside and the strip's rows inside (unrolled in the forward and backward query,
+// lr_strip_columns): a window word read from shared memory once serves every position of the
+// strip whose window holds it, so a thread holds R x MC accumulators, never a K x K array.
+// Strided window reads go through the phase-ordered, padded layout of lr_common.cuh (one
+// shared-memory transaction per warp request, counted by tests/test_kernels_budget.py). A warp
+// whose strips lie wholly below the image skips the window loops (it still takes part in the
+// loads and barriers; in the backward query it hands zeros to the grad-geo reduction).
 //
 // The composability is a template parameter of the tile bodies (lr_*_tiles<T, K, STRIDE, COMP>);
 // each kernel picks the body once per launch from its runtime argument (LR_BY_COMPOSABILITY),
 // so the window loops carry no composability branch. The softmax runs in base 2 (lr_exp2).
 //
-// Forward, two passes over the window (FlashAttention's softmax without the rescaling): the
-// largest logit, then exp(logit - max) accumulated into the sum and the MC channel outputs.
+// Forward: exp(logit - shift) accumulated into the sum and the MC channel outputs, the shift an
+// upper bound on the logits: for sqdiff and absdiff (phi <= 0) the group's largest prior logit,
+// with the exact largest logit (a first pass) where a weight sum underflows from the bound;
+// for mul the exact largest logit always (FlashAttention's softmax without the rescaling).
 // Backward (p = softmax weights of one (b, g, i, j), recomputed from the saved lse; gy = grad y):
 //   dw_o = sum_{c in g} gy_c x_{o,c},  D = sum_c gy_c y_c (FlashAttention's delta, from the
 //   saved output), dlogit_o = p_o (dw_o - D), formed offset by offset.
