@@ -192,9 +192,9 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     window loop whose pairs are branched blocks (rolled strip rows) runs NT iterations per
     window column (K columns, NC for backward input) and each pair block on the K rows where it
     exists; with the strip rows unrolled, as many iterations as the window pairs take. The tile
-    loader: the loops with global loads and shared stores of at most `batch` loads (the geo
-    copy, unrolled by the compiler in v3 and v4, has more), one per batch and plane. Interior
-    positions: every pair runs."""
+    loader: the loops with global loads and shared stores that test bounds (ISETP beyond their
+    own loop test), one per batch and plane; the geo copy loops, which the compiler unrolls 16-
+    and 4-fold in v3 and v4, test only their counter. Interior positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
     if kernel == "lr_forward" and version == CURRENT:
@@ -202,7 +202,9 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
         window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
     loaders = [
-        lp for lp in loops if lp.every["STS"] and 0 < lp.every["LDG"] <= batch and lp not in window
+        lp
+        for lp in loops
+        if lp.every["STS"] and lp.every["LDG"] and lp.every["ISETP"] > 1 and lp not in window
     ]
     loader = sum((lp.every for lp in loaders), Counter())
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})
