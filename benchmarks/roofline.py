@@ -21,9 +21,11 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3 and v4 are issue 19's earlier kernels, compiled
-from git (COMMITS) by the same method; v5 is the working tree. The forward's sqdiff path is
-counted without its pass 1 (the fallback of a strip whose weights underflow from the bound).
+microbenchmarks give 480-700 ns). Versions: v3, v4 and v5 are issue 19's earlier kernels,
+compiled from git (COMMITS) by the same method; v6 (v5 with fp32 tiles copied by cp.async) is the
+working tree. From v5 on, the forward's sqdiff path is counted without its pass 1 (the fallback of
+a strip whose weights underflow from the bound). v6's fp32 copies hold no register, so a thread
+keeps a whole tile's copies in flight: its DRAM bandwidth is the peak.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -122,10 +124,14 @@ def sass_loops(text: str) -> list[Loop]:
 
 #: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the
 #: working tree is CURRENT.
-COMMITS = {"v3": "07f7f62", "v4": "c4bdd63"}
-CURRENT = "v5"
+COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099"}
+CURRENT = "v6"
 #: Positions per thread (query kernels, backward input) of the earlier kernels at K = 7, stride 1.
-STRIPS = {"v3": (1, 1), "v4": (4, 2)}
+STRIPS = {"v3": (1, 1), "v4": (4, 2), "v5": (2, 2)}
+#: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
+BOUNDED_FORWARD = ("v5", "v6")
+#: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
+ASYNC_COPIES = ("v6",)
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -197,14 +203,16 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     and 4-fold in v3 and v4, test only their counter. Interior positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
-    if kernel == "lr_forward" and version == CURRENT:
+    if kernel == "lr_forward" and version in BOUNDED_FORWARD:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
         window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
     loaders = [
         lp
         for lp in loops
-        if lp.every["STS"] and lp.every["LDG"] and lp.every["ISETP"] > 1 and lp not in window
+        if (lp.every["LDGSTS"] or (lp.every["STS"] and lp.every["LDG"]))
+        and lp.every["ISETP"] > 1
+        and lp not in window
     ]
     loader = sum((lp.every for lp in loaders), Counter())
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})
@@ -245,7 +253,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
 def predict(
     kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, batch: int, C: int, H: int
 ):
-    """(low us, high us, bound, resident warps per SM) of one kernel at one stage."""
+    """(low us, high us, bound, {resource: us}) of one kernel at one stage."""
     strip = strip_of(kernel, version)
     G, NCOV = C // M, (K - 1) // S + 1
     n_in, n_g = B * C * H * H, B * G * H * H
@@ -280,12 +288,13 @@ def predict(
         high = F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g)
     blocks, _ = nvrtc.occupancy(usage, "sm_90")
     resident = blocks * THREADS // 32
-    bandwidth = min(DRAM, SMS * resident * batch * WARP_LOAD_BYTES / LATENCY)
+    in_flight = SMS * resident * batch * WARP_LOAD_BYTES / LATENCY
+    bandwidth = DRAM if version in ASYNC_COPIES else min(DRAM, in_flight)
     on_chip = {"issue": issue, "MUFU": mufu, "smem": shared}
     times = {"DRAM": low / bandwidth, **on_chip}
     bound = max(times, key=times.get)
     high_time = high / bandwidth + max(on_chip.values())
-    return times[bound] * 1e6, high_time * 1e6, bound, resident
+    return times[bound] * 1e6, high_time * 1e6, bound, {n: t * 1e6 for n, t in times.items()}
 
 
 def main() -> None:
@@ -314,17 +323,20 @@ def main() -> None:
                   f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
                   f"| {sum(c[o] for o in SHARED_OPS) / strip:.0f} |")  # fmt: skip
     print()
-    print("| stage (CxHxW) | kernel | version | bound by | predicted us |")
-    print("|---|---|---|---|---|")
+    print("| stage (CxHxW) | kernel | version | bound by | predicted us "
+          "| issue us | smem us | MUFU us | DRAM us |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     totals: dict[tuple[int, int, str], list[tuple[str, float, float]]] = {}
     for C, H in SHAPES:
         for kernel in KERNELS:
             for version in versions:
                 c, u = counts[version, kernel], usage[version, kernel]
-                low, high, bound, _ = predict(kernel, version, c, u, batches[version], C, H)
+                low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
                 direction = "forward" if kernel == "lr_forward" else "backward"
                 totals.setdefault((C, H, version), []).append((direction, low, high))
-                print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} |")
+                print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} "
+                      f"| {t['issue']:.0f} | {t['smem']:.0f} | {t['MUFU']:.0f} "
+                      f"| {t['DRAM']:.0f} |")  # fmt: skip
     print()
     print("| stage | version | forward floor us | forward predicted us | x floor "
           "| backward floor us | backward predicted us | x floor |")  # fmt: skip

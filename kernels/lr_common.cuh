@@ -1,7 +1,7 @@
 // Shared helpers of the local relation kernels (DESIGN.md §1).
 //
 // Header-only and free of system includes so that NVRTC compiles it without a CUDA toolkit and
-// g++ compiles it on the CPU through tests/host_shim/cuda_host_shim.h (which defines
+// g++ compiles it on the CPU through tests/host_shim/cuda_emulator.h (which defines
 // __device__, __forceinline__, __float_as_uint, ...). fp16 and bf16 tensors are handled as raw
 // 16-bit patterns (no cuda_fp16.h / cuda_bf16.h): the tag types below carry the bits and the
 // conversions are plain bit manipulation, round-to-nearest-even on the way back. All arithmetic
@@ -404,6 +404,57 @@ __device__ __forceinline__ void lr_store_shared(float* out, int i, float v) {
 #endif
 }
 
+// Asynchronous tile copies: on sm_80+ an fp32 element goes from global to shared memory with
+// cp.async, one instruction (LDGSTS) that holds no register for the value and writes zeros where
+// the element lies outside the plane (a source size of 0); a thread's copies land by its
+// lr_copy_wait (cp.async.wait_all), which the tile loader runs before it returns. The CUDA
+// execution emulator of the tests (LR_EMU_ASYNC_COPY) queues each copy until that wait, so a
+// tile read without it reads the poison. 16-bit planes (converted to fp32 on the way) and older
+// GPUs go through registers.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(LR_EMU_ASYNC_COPY)
+#define LR_ASYNC_COPY 1
+#else
+#define LR_ASYNC_COPY 0
+#endif
+
+template <typename T>
+struct lr_copies_async {
+    static constexpr bool value = false;
+};
+template <>
+struct lr_copies_async<float> {
+    static constexpr bool value = LR_ASYNC_COPY;
+};
+
+// out[i] = inside ? *src : 0 for out in shared memory, landing by the next lr_copy_wait (with
+// LR_ASYNC_COPY only; outside, src is not read).
+__device__ __forceinline__ void lr_copy_async(float* out, int i, const float* src, bool inside) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned address = (unsigned)__cvta_generic_to_shared(out) + 4u * (unsigned)i;
+    asm volatile(
+        "{\n"
+        "  .reg .pred ignore;\n"
+        "  setp.eq.u32 ignore, %2, 0;\n"
+        "  cp.async.ca.shared.global [%0], [%1], 4, ignore;\n"
+        "}\n"
+        :
+        : "r"(address), "l"(src), "r"((unsigned)inside)
+        : "memory");
+#elif defined(LR_EMU_ASYNC_COPY)
+    lr_emu::copy_async(out + i, inside ? src : nullptr);
+#endif
+}
+
+// Wait until this thread's lr_copy_async copies have landed (a __syncthreads() after it makes
+// them visible to the block).
+__device__ __forceinline__ void lr_copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" : : : "memory");
+#elif defined(LR_EMU_ASYNC_COPY)
+    lr_emu::copy_wait();
+#endif
+}
+
 // v, in a way the compiler cannot see through: values derived from it are computed where they
 // are used rather than hoisted out of the loops and held in registers through the window loops
 // (the tile loader's per-thread geometry, 2 registers per element; a grid-stride loop's bound).
@@ -419,6 +470,13 @@ __device__ __forceinline__ long long lr_opaque(long long v) {
 #endif
     return v;
 }
+template <typename P>
+__device__ __forceinline__ const P* lr_opaque(const P* v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b64 %0, %0;" : "+l"(v));
+#endif
+    return v;
+}
 
 // Copy NP planes into shared memory as fp32: plane p < n is the ROWS x COLS window, top-left
 // corner (r0, c0), of the (H, W) plane at src + p * src_stride, with zeros where the window
@@ -427,8 +485,10 @@ __device__ __forceinline__ long long lr_opaque(long long v) {
 // lr_phase_col<COLS, STRIDE>(col) : col)]. All threads of the block take part (tid in
 // [0, LR_THREADS)). The planes share one geometry: each thread works out its elements' plane
 // offsets and shared indices once per batch of LR_LOAD_BATCH elements and reuses them for every
-// plane. Pipelined: constant trip counts, and a thread issues the batch's global loads of a
-// plane before the first of their shared stores (one memory latency per batch and plane).
+// plane. Pipelined: constant trip counts; with lr_copies_async<T> (fp32 on sm_80+) every element
+// is one lr_copy_async and a thread waits once, for all its planes, before it returns;
+// otherwise a thread issues the batch's global loads of a plane before the first of their shared
+// stores (one memory latency per batch and plane).
 template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, typename T>
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
@@ -451,25 +511,52 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
             to[t] = e < N ? row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col) : -1;
         }
         const T* next = src;
+        if constexpr (lr_copies_async<T>::value) {
+            // per element: its source in plane 0 (the plane's start outside it: not read)
+            const T* from[BATCH];
+#pragma unroll
+            for (int t = 0; t < BATCH; ++t) from[t] = lr_opaque(src + (off[t] >= 0 ? off[t] : 0));
 #pragma unroll 1
-        for (int p = 0; p < NP; ++p, next += src_stride) {
-            // (a null plane rather than a test of p: with the test, ptxas put the batch's shared
-            // stores between its global loads, one memory latency per store)
-            const T* plane = p < n ? next : nullptr;
-            float v[BATCH];
-            if (plane != nullptr) {
+            for (int p = 0; p < n; ++p) {
 #pragma unroll
-                for (int t = 0; t < BATCH; ++t) v[t] = off[t] >= 0 ? lr_load(plane, off[t]) : 0.0f;
-            } else {
-#pragma unroll
-                for (int t = 0; t < BATCH; ++t) v[t] = 0.0f;
+                for (int t = 0; t < BATCH; ++t) {
+                    if (to[t] >= 0) {
+                        lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
+                                      off[t] >= 0);
+                    }
+                }
             }
+#pragma unroll 1
+            for (int p = n; p < NP; ++p) {
 #pragma unroll
-            for (int t = 0; t < BATCH; ++t) {
-                if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], v[t]);
+                for (int t = 0; t < BATCH; ++t) {
+                    if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], 0.0f);
+                }
+            }
+        } else {
+#pragma unroll 1
+            for (int p = 0; p < NP; ++p, next += src_stride) {
+                // (a null plane rather than a test of p: with the test, ptxas put the batch's
+                // shared stores between its global loads, one memory latency per store)
+                const T* plane = p < n ? next : nullptr;
+                float v[BATCH];
+                if (plane != nullptr) {
+#pragma unroll
+                    for (int t = 0; t < BATCH; ++t) {
+                        v[t] = off[t] >= 0 ? lr_load(plane, off[t]) : 0.0f;
+                    }
+                } else {
+#pragma unroll
+                    for (int t = 0; t < BATCH; ++t) v[t] = 0.0f;
+                }
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) {
+                    if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], v[t]);
+                }
             }
         }
     }
+    if constexpr (lr_copies_async<T>::value) lr_copy_wait();
 }
 
 // NP planes of a tile read at STRIDE by the window loops: phase order, row pitch PITCH

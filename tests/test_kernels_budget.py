@@ -161,9 +161,9 @@ def test_bank_conflict_model_sees_conflicts():
 # ---- the tile loader's global loads, in the SASS ----------------------------------------------
 
 # A kernel that only runs the tile loader once: two planes of a 38 x 22 tile (K = 7, stride 1,
-# 32 rows of outputs) at pitch 28: 7 trips of 128 threads.
+# 32 rows of outputs) at pitch 28: 7 trips of 128 threads; T is the planes' storage type.
 _LOADER_PROBE = """
-__global__ void lr_probe_loader(const float* __restrict__ plane, float* __restrict__ out,
+__global__ void lr_probe_loader(const T* __restrict__ plane, float* __restrict__ out,
                                 long long H, long long W) {
     LR_SHARED(float, s, 2 * 38 * 28);
     const int tid = threadIdx.y * LR_TILE_W + threadIdx.x;
@@ -174,26 +174,41 @@ __global__ void lr_probe_loader(const float* __restrict__ plane, float* __restri
 """
 
 
-def ldg_runs(sass: str) -> list[int]:
+def loader_sass(storage: str) -> list[str]:
+    """The memory operations and barriers of the probe's sm_90 SASS, in order."""
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    probe = _LOADER_PROBE.replace("const T*", f"const {storage}*")
+    source = nvrtc.load_kernel_source("lr_common.cuh") + probe
+    prog = nvrtc.compile_source(source, ["lr_probe_loader"], "sm_90")
+    return re.findall(r"\b(LDGSTS|LDGDEPBAR|DEPBAR|LDG|STS|BAR)\b", nvrtc.sass(prog, nvdisasm))
+
+
+def ldg_runs(ops: list[str]) -> list[int]:
     """Lengths of the runs of global loads (LDG) between shared stores / barriers (STS, BAR)."""
     runs, current = [], 0
-    for op in re.findall(r"\b(LDG|STS|BAR)\b", sass):
+    for op in ops:
         if op == "LDG":
             current += 1
-        elif current:
+        elif op in ("STS", "BAR") and current:
             runs.append(current)
             current = 0
     return runs + ([current] if current else [])
 
 
 def test_tile_loader_issues_its_loads_before_its_stores():
-    """lr_load_planes keeps a batch of global loads in flight per thread (one memory latency per
-    batch and plane, benchmarks/roofline.py counts it): in the sm_90 SASS the loader of a 7-trip
-    tile is a loop over the planes whose body is one run of 7 LDG (a batch of up to
-    LR_LOAD_BATCH = 8 elements), where v2's loop issued one load per shared store (runs of 1)."""
-    nvdisasm = nvrtc.nvdisasm_path()
-    if nvdisasm is None:
-        pytest.skip("nvdisasm is not available (PATH or the triton package)")
-    source = nvrtc.load_kernel_source("lr_common.cuh") + _LOADER_PROBE
-    prog = nvrtc.compile_source(source, ["lr_probe_loader"], "sm_90")
-    assert ldg_runs(nvrtc.sass(prog, nvdisasm)) == [7]
+    """lr_load_planes of a 16-bit plane keeps a batch of global loads in flight per thread (one
+    memory latency per batch and plane, benchmarks/roofline.py counts it): in the sm_90 SASS the
+    loader of a 7-trip tile is a loop over the planes whose body is one run of 7 LDG (a batch of
+    up to LR_LOAD_BATCH = 8 elements), where v2's loop issued one load per shared store (runs of
+    1)."""
+    assert ldg_runs(loader_sass("lr_half")) == [7]
+
+
+def test_tile_loader_copies_fp32_asynchronously():
+    """On sm_80+ an fp32 tile element is one cp.async (LDGSTS: no register, no separate load and
+    store), and a thread waits for its copies once, after every plane and before the barrier."""
+    ops = loader_sass("float")
+    assert "LDG" not in ops and "STS" not in ops
+    assert ops == ["LDGSTS"] * 7 + ["LDGDEPBAR", "DEPBAR", "BAR"]

@@ -9,7 +9,8 @@
   missing a __syncthreads makes TSan fire (and its fixed twin is clean), a kernel reading a
   shared slot it never loaded reads the poison (NaN) in every block, two blocks writing one
   element make TSan fire (blocks of a launch run concurrently; the twin writing its own element
-  is clean).
+  is clean), a kernel reading a tile of asynchronous copies (cp.async) it did not wait for reads
+  the poison (the twin that waits reads the copies, and zeros where a copy ignores its source).
 The sanitizer builds are cached by source hash; the default tier replays small shapes, the slow
 tier K = 7 (fp32 and bf16) on images of >= 3 x 3 tiles with B = 2.
 """
@@ -181,6 +182,29 @@ def test_poisoned_shared_memory_catches_an_unloaded_slot(tmp_path):
     assert got[:, 0].isnan().all()  # thread 0 reads the unloaded last slot
     want = src.view(grid, block).flip(1)
     assert torch.equal(got[:, 1:], want[:, 1:])
+
+
+def test_asynchronous_copies_land_only_at_the_wait(tmp_path):
+    """The emulator lands a thread's lr_copy_async copies at its lr_copy_wait: read without the
+    wait, the tile is poison in every block; with it, the copies and the zero fill."""
+    block, grid = 64, 4
+    src = torch.arange(block * grid, dtype=torch.float32) + 1.0
+    launches = [
+        (
+            name,
+            config(grid, block),
+            [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(block * grid))],
+        )
+        for name in ("lr_copy_unwaited", "lr_copy_waited")
+    ]
+    proc = run_sanitized("asan", write_script(tmp_path, launches))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    unwaited = read_out(tmp_path, 0, 1, src).view(grid, block)
+    assert unwaited.isnan().all()
+    waited = read_out(tmp_path, 1, 1, src).view(grid, block)
+    want = src.view(grid, block).flip(1)
+    assert (waited[:, 0] == 0).all()  # the last slot's copy ignores its source: a zero
+    assert torch.equal(waited[:, 1:], want[:, 1:])
 
 
 def test_tsan_fires_on_a_race_between_blocks(tmp_path):

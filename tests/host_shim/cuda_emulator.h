@@ -17,6 +17,10 @@
 //   48 KB of them per block aborts (CUDA's static limit); raw __shared__ does not compile here;
 //   dynamic shared memory (LR_DYNAMIC_SHARED, the portable spelling of
 //   `extern __shared__ T name[]`) is an exactly sized heap buffer per slot, poisoned likewise;
+// - asynchronous copies global -> shared (lr_copy_async of lr_common.cuh, cp.async on sm_80+)
+//   are queued per thread and land only at the thread's next lr_copy_wait (cp.async.wait_all):
+//   a tile read without that wait reads the poison; copies still queued when a block ends are
+//   dropped (LR_EMU_ASYNC_COPY tells lr_common.cuh to take this path);
 // - warps are groups of 32 consecutive threads; __shfl_*_sync, __ballot_sync, __any_sync,
 //   __all_sync and __syncwarp exchange values through a per-warp slot array between two
 //   warp barriers; all lanes named in the mask must take part;
@@ -48,6 +52,7 @@
 #define __launch_bounds__(...)
 #define LR_SHARED(T, name, count) T* const name = lr_emu::shared_array<T>(count)
 #define LR_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(lr_emu::dynamic_shared())
+#define LR_EMU_ASYNC_COPY 1
 
 #ifndef LR_EMU_CONCURRENT_BLOCKS
 #define LR_EMU_CONCURRENT_BLOCKS 2
@@ -136,6 +141,20 @@ inline thread_local int linear_tid = 0;
 inline thread_local std::size_t shared_declared = 0;  // LR_SHARED arrays this thread has passed
 
 inline void* dynamic_shared() { return current->dynamic_shared; }
+
+// This thread's asynchronous copies not yet waited for: destination and source (nullptr: zero).
+struct PendingCopy {
+    float* dst;
+    const float* src;
+};
+inline thread_local std::vector<PendingCopy> pending_copies;
+
+inline void copy_async(float* dst, const float* src) { pending_copies.push_back({dst, src}); }
+
+inline void copy_wait() {
+    for (const PendingCopy& c : pending_copies) *c.dst = c.src ? *c.src : 0.0f;
+    pending_copies.clear();
+}
 
 // The next LR_SHARED array of this thread's block: the first thread to declare it allocates it
 // (exactly sized, poisoned); the others get the same buffer.
@@ -242,6 +261,7 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_bytes, Body body) {
                         static_cast<unsigned>(b / (1ull * grid.x * grid.y))};
             shared_declared = 0;
             body();
+            pending_copies.clear();  // never waited for: they do not land
             // a finished thread leaves its block's and its warp's barriers for this block
             slot.state.block.arrive_and_drop();
             warp().barrier.arrive_and_drop();

@@ -122,6 +122,8 @@ const std::vector<Entry>& registry() {
         make_entry("lr_unloaded_slot", &lr_unloaded_slot),
         make_entry("lr_block_race", &lr_block_race),
         make_entry("lr_block_own", &lr_block_own),
+        make_entry("lr_copy_unwaited", &lr_copy_unwaited),
+        make_entry("lr_copy_waited", &lr_copy_waited),
 #endif
     };
     return entries;

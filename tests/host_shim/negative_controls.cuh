@@ -77,3 +77,26 @@ __global__ void lr_block_race(float* __restrict__ out) {
 __global__ void lr_block_own(float* __restrict__ out) {
     if (threadIdx.x == 0) out[blockIdx.x] += 1.0f;
 }
+
+// Reverses `in` within each block through shared memory filled by asynchronous copies
+// (lr_copy_async, cp.async on sm_80+), but reads the tile without waiting for them: on a GPU
+// the reads may see the slots before the copies land; in the emulator they see the poison.
+__global__ void lr_copy_unwaited(const float* __restrict__ in, float* __restrict__ out) {
+    LR_SHARED(float, tile, 64);
+    const int t = threadIdx.x;
+    lr_copy_async(tile, t, in + blockIdx.x * blockDim.x + t, true);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
+}
+
+// Its correct twin: every thread waits for its copy before the barrier; the last thread's copy
+// is a zero fill (its source is not read).
+__global__ void lr_copy_waited(const float* __restrict__ in, float* __restrict__ out) {
+    LR_SHARED(float, tile, 64);
+    const int t = threadIdx.x;
+    const bool inside = t < (int)blockDim.x - 1;
+    lr_copy_async(tile, t, inside ? in + blockIdx.x * blockDim.x + t : nullptr, inside);
+    lr_copy_wait();
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
+}
