@@ -71,7 +71,10 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if not m:
             continue
-        address, body = int(m.group(1), 16), re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(2).strip())
+        address, body = int(m.group(1), 16), m.group(2).strip()
+        if body.startswith("@!PT "):  # never executed (ptxas's padding): an issue slot only
+            body = "NOP"
+        body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body)
         for name in pending:
             labels[name] = address
         pending = []

@@ -486,11 +486,21 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         }
         bool in_ok[RI];
         float kv[RI], gk_acc[RI];
+        // bit t of pair_rows[r]: output row i_first + t exists, its window covers strip row r
+        // (window row a_first + r - t * STRIDE in [0, K)) and input r exists
+        unsigned pair_rows[RI];
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
             in_ok[r] = hs + r < H && wc < W;
             kv[r] = in_ok[r] ? lr_load(k, ((b * G + g) * H + hs + r) * W + wc) : 0.0f;
             gk_acc[r] = 0.0f;
+            pair_rows[r] = 0;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const int a = a_first + r - t * STRIDE;
+                if (a >= 0 && a < K) pair_rows[r] |= 1u << t;
+            }
+            pair_rows[r] = in_ok[r] ? pair_rows[r] & out_rows : 0u;
         }
         const long long c_first = g * m;
         const long long c_end = c_first + m < C ? c_first + m : C;
@@ -512,19 +522,22 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                 for (int tj = 0; tj < NC; ++tj) {
                     const int bb = b_first - tj * STRIDE;  // window column of wc in j_first + tj
                     const bool col_ok = ((out_cols >> tj) & 1u) && bb >= 0;
+                    unsigned col_rows[RI];  // pair_rows of this column (none where it is out)
+#pragma unroll
+                    for (int r = 0; r < RI; ++r) col_rows[r] = col_ok ? pair_rows[r] : 0u;
 #pragma unroll 1
                     for (int t = 0; t < NT; ++t) {
-                        const bool row_ok = col_ok && ((out_rows >> t) & 1u);
                         const int s = sbase + t * PO + tj;
+                        const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
                         const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E, dd = s_d[s];
                         float gyc[MC];
 #pragma unroll
                         for (int c = 0; c < MC; ++c) gyc[c] = s_gy[c * TO + s];  // 0 past nc
 #pragma unroll
                         for (int r = 0; r < RI; ++r) {
-                            const int a = a_first + r - t * STRIDE;  // window row of hs + r in i
-                            const bool ok = row_ok && in_ok[r] && a >= 0 && a < K;
-                            const int o = ok ? a * K + bb : 0;
+                            // window row a_first + r - t * STRIDE of hs + r in output row t
+                            const bool ok = (col_rows[r] >> t) & 1u;
+                            const int o = ok ? o_first + r * K : 0;
                             const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
                             const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));
                             const float wt = ok ? e : 0.0f;
@@ -565,11 +578,14 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
     long long H, long long W, long long G, long long m, long long Ho, long long Wo, int comp) {
     using S = lr_input_shape<K, STRIDE>;
-    LR_SHARED(float, s_q, S::TO);
-    LR_SHARED(float, s_lse, S::TO);
-    LR_SHARED(float, s_d, S::TO);
-    LR_SHARED(float, s_gy, S::MC * S::TO);
+    // q, lse, D and the MC gy tiles in one array: the window loop reads them at one address
+    // plus constant offsets
+    LR_SHARED(float, s_out, (3 + S::MC) * S::TO);
     LR_SHARED(float, s_geo, K * K);
+    float* const s_q = s_out;
+    float* const s_lse = s_out + S::TO;
+    float* const s_d = s_out + 2 * S::TO;
+    float* const s_gy = s_out + 3 * S::TO;
     LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, x, q, k, geo, lse, dsum, gy, gx, gk, B, C,
                         H, W, G, m, Ho, Wo, s_q, s_lse, s_d, s_gy, s_geo)
 }

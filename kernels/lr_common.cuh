@@ -497,7 +497,9 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
     constexpr int N = ROWS * COLS;
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
-    tid = lr_opaque(tid);  // the elements' geometry is worked out here, not kept across tiles
+    // the elements' geometry is worked out here, not kept across tiles; tid < LR_THREADS lets
+    // the compiler drop the tile-end test of every trip but the last
+    tid = lr_opaque(tid) & (LR_THREADS - 1);
 #pragma unroll 1
     for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
         long long off[BATCH];  // offset in the plane, -1 outside it
