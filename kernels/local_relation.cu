@@ -57,7 +57,7 @@ struct lr_query_shape {
     static constexpr int TF = IH * PW;
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
-    static constexpr int MC_FORWARD = lr_chunk<TF + K * K + 1, TF>();
+    static constexpr int MC_FORWARD = lr_chunk<TF + K * K + 2, TF>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
 };
 
@@ -122,13 +122,21 @@ __device__ __forceinline__ void lr_forward_tiles(
         __syncthreads();  // the previous tile is done with s_k, s_x and s_geo
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
         lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
-                                              tid);
+                                              tid, LR_FAR_KEY);
         __syncthreads();
 
-        if (COMP != LR_MUL && tid == 0) {  // the bound on the logits (see pass 2), s_geo[KK]
-            float bound = -3.0e38f;  // finite, also when every prior logit is -inf
-            for (int e = 0; e < KK; ++e) bound = fmaxf(bound, s_geo[e]);
+        // the bound on the logits (see pass 2) in s_geo[KK], and in s_geo[KK + 1] whether a
+        // prior logit is NaN (pass 2 then tests every neighbour: the NaN must not reach the
+        // outputs whose window leaves the image at that offset)
+        if (COMP != LR_MUL && tid == 0) {
+            float bound = -3.0e38f, nan = 0.0f;  // finite, also when every prior logit is -inf
+            for (int e = 0; e < KK; ++e) {
+                const float v = s_geo[e];
+                bound = fmaxf(bound, v);
+                if (v != v) nan = 1.0f;
+            }
             s_geo[KK] = bound;
+            s_geo[KK + 1] = nan;
         }
 
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
@@ -158,7 +166,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                             const int a = t - r * STRIDE;
                             if (a >= 0 && a < K) {
                                 const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                if (ok) peak[r] = fmaxf(peak[r], l);
+                                if (COMP != LR_MUL || ok) peak[r] = fmaxf(peak[r], l);
                             }
                         }
                     },
@@ -195,25 +203,34 @@ __device__ __forceinline__ void lr_forward_tiles(
 #pragma unroll
                     for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
                 }
-                if (warp_live) {
+                // masked: a neighbour outside the image gets weight 0 by a test (mul, or a NaN
+                // prior logit); otherwise by its key (LR_FAR_KEY: e = 0). Each call below passes
+                // a constant, so the window loop is compiled once per value.
+                const auto row = [&](int t, int s, bool ok, const float* gw, bool masked) {
+                    float xv[MC];
+                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const int a = t - r * STRIDE;
+                        if (a >= 0 && a < K) {
+                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                            const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
+                            const float p = !masked || ok ? e : 0.0f;
+                            sum[r] += p;
+#pragma unroll
+                            for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                        }
+                    }
+                };
+                if (warp_live && (COMP == LR_MUL || s_geo[KK + 1] != 0.0f)) {
                     lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
                         win, base, s_geo, true,
-                        [&](int t, int s, bool ok, const float* gw) {
-                            float xv[MC];
-                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
-#pragma unroll
-                            for (int r = 0; r < R; ++r) {
-                                const int a = t - r * STRIDE;
-                                if (a >= 0 && a < K) {
-                                    const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                    const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
-                                    const float p = ok ? e : 0.0f;
-                                    sum[r] += p;
-#pragma unroll
-                                    for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
-                                }
-                            }
-                        },
+                        [&](int t, int s, bool ok, const float* gw) { row(t, s, ok, gw, true); },
+                        [](int) {});
+                } else if (warp_live) {
+                    lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                        win, base, s_geo, true,
+                        [&](int t, int s, bool ok, const float* gw) { row(t, s, ok, gw, false); },
                         [](int) {});
                 }
                 if (exact) break;
@@ -248,7 +265,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     using S = lr_query_shape<K, STRIDE>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
-    LR_SHARED(float, s_geo, K * K + 1);  // and the bound on the logits
+    LR_SHARED(float, s_geo, K * K + 2);  // and the bound on the logits, whether one is NaN
     LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
 }
@@ -322,7 +339,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
             for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
         }
         lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
-                                              tid);
+                                              tid, LR_FAR_KEY);
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;  // y, gy at (c_first, i0, j)
         // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
@@ -331,7 +348,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         for (int r = 0; r < R; ++r) {
             const long long qidx = (qplane + i0 + r) * Wo + j;
             qv[r] = r < outs ? lr_load(q, qidx) : 0.0f;
-            shift[r] = r < outs ? -lse[qidx] * LR_LOG2E : 0.0f;
+            // past the image's last row: -inf, so every weight of the output is 0 (but mul's)
+            shift[r] = r < outs ? -lse[qidx] * LR_LOG2E : __uint_as_float(0xff800000u);
             gqv[r] = 0.0f;
             // D = sum_c gy_c y_c from the saved output
             dsub[r] = 0.0f;
@@ -375,7 +393,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     for (int r = 0; r < R; ++r) {
                         const int a = t - r * STRIDE;
                         if (a >= 0 && a < K) {
-                            const bool live = ok && r < outs;
+                            // (outside the image: LR_FAR_KEY, p = 0, except mul)
+                            const bool live = COMP != LR_MUL || (ok && r < outs);
                             const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
                             const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
                             float dw = 0.0f;

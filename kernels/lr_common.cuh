@@ -312,6 +312,13 @@ __host__ __device__ constexpr int lr_chunk() {
 // weights of a window flush to zero below 2^-126, under 2^-46 of such a sum.
 #define LR_SUM_FLOOR 8.27180613e-25f
 
+// What the k tiles of lr_forward and lr_backward_query hold where the tile leaves the image: a
+// key so far from any query that sqdiff's and absdiff's logits there are -inf ((q - 1e30)^2
+// overflows) or 1e30 below every finite shift, so its weight is exactly 0 with no test in the
+// window loops; the derivatives there (2e30, +-1) stay finite, so 0 x them is 0. mul (whose
+// logit q k may be anything) keeps its test.
+#define LR_FAR_KEY 1.0e30f
+
 // Shift a register window one place up and put v in slot 0: w[d] <- w[d - 1], w[0] <- v. The
 // window loops keep per-window-row values of the rows a strip row serves this way (indices are
 // compile-time constants, so the window stays in registers).
@@ -479,7 +486,7 @@ __device__ __forceinline__ const P* lr_opaque(const P* v) {
 }
 
 // Copy NP planes into shared memory as fp32: plane p < n is the ROWS x COLS window, top-left
-// corner (r0, c0), of the (H, W) plane at src + p * src_stride, with zeros where the window
+// corner (r0, c0), of the (H, W) plane at src + p * src_stride, with `outside` where the window
 // leaves the plane; planes n <= p < NP are zeros (the channels past a ragged group). Element
 // (row, col) of plane p goes to dst[p * dst_stride + row * PITCH + (PHASED ?
 // lr_phase_col<COLS, STRIDE>(col) : col)]. All threads of the block take part (tid in
@@ -493,7 +500,7 @@ template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, typena
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
-                                               long long W, int tid) {
+                                               long long W, int tid, float outside = 0.0f) {
     constexpr int N = ROWS * COLS;
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
@@ -522,9 +529,12 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
             for (int p = 0; p < n; ++p) {
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
-                    if (to[t] >= 0) {
+                    if (to[t] < 0) continue;
+                    if (off[t] >= 0 || outside == 0.0f) {  // outside the plane: a zero fill
                         lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
                                       off[t] >= 0);
+                    } else {
+                        lr_store_shared(dst + p * dst_stride, to[t], outside);
                     }
                 }
             }
@@ -545,7 +555,7 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 if (plane != nullptr) {
 #pragma unroll
                     for (int t = 0; t < BATCH; ++t) {
-                        v[t] = off[t] >= 0 ? lr_load(plane, off[t]) : 0.0f;
+                        v[t] = off[t] >= 0 ? lr_load(plane, off[t]) : outside;
                     }
                 } else {
 #pragma unroll
@@ -567,9 +577,9 @@ template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, typename T>
 __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
-                                               long long W, int tid) {
+                                               long long W, int tid, float outside = 0.0f) {
     lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP>(dst, dst_stride, src, src_stride, n, r0,
-                                                        c0, H, W, tid);
+                                                        c0, H, W, tid, outside);
 }
 
 // NP planes of a tile in plain row order with row pitch PITCH.

@@ -163,9 +163,9 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     instantiation, as declared in kernels/local_relation.cu."""
     K, S = kernel_size, stride
     R = strip(kernel, K, S)
-    if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits)
+    if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
-        fixed = tile + K * K + 1
+        fixed = tile + K * K + 2
     elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc
         tile = _query_tile(K, S, R)
         fixed = _query_fixed(K, S, R)
