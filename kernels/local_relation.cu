@@ -161,14 +161,10 @@ __device__ __forceinline__ void lr_forward_tiles(
                     win, base, s_geo, true,
                     [&](int t, int s, bool ok, const float* gw) {
                         const float kv = s_k[s];
-#pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const int a = t - r * STRIDE;
-                            if (a >= 0 && a < K) {
-                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                if (COMP != LR_MUL || ok) peak[r] = fmaxf(peak[r], l);
-                            }
-                        }
+                        lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
+                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                            if (COMP != LR_MUL || ok) peak[r] = fmaxf(peak[r], l);
+                        });
                     },
                     [](int) {});
             }
@@ -209,18 +205,14 @@ __device__ __forceinline__ void lr_forward_tiles(
                 const auto row = [&](int t, int s, bool ok, const float* gw, bool masked) {
                     float xv[MC];
                     const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                    lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
+                        const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                        const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
+                        const float p = !masked || ok ? e : 0.0f;
+                        sum[r] += p;
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int a = t - r * STRIDE;
-                        if (a >= 0 && a < K) {
-                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                            const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
-                            const float p = !masked || ok ? e : 0.0f;
-                            sum[r] += p;
-#pragma unroll
-                            for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
-                        }
-                    }
+                        for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                    });
                 };
                 if (warp_live && (COMP == LR_MUL || s_geo[KK + 1] != 0.0f)) {
                     lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
@@ -389,22 +381,18 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     lr_shift_in<L>(gg, 0.0f);
                     float xv[MC];
                     const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                    lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
+                        // (outside the image: LR_FAR_KEY, p = 0, except mul)
+                        const bool live = COMP != LR_MUL || (ok && r < outs);
+                        const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                        const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
+                        float dw = 0.0f;
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int a = t - r * STRIDE;
-                        if (a >= 0 && a < K) {
-                            // (outside the image: LR_FAR_KEY, p = 0, except mul)
-                            const bool live = COMP != LR_MUL || (ok && r < outs);
-                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                            const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
-                            float dw = 0.0f;
-#pragma unroll
-                            for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
-                            const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                            gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
-                            gg[r * STRIDE] += dl;
-                        }
-                    }
+                        for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
+                        const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                        gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
+                        gg[r * STRIDE] += dl;
+                    });
                     // window row t - (L - 1) has all its dlogits: no later strip row reaches it
                     const int done = t - (L - 1);
                     if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];

@@ -385,6 +385,17 @@ __device__ __forceinline__ void lr_strip_columns(const lr_window<NT, K>& win, in
     }
 }
 
+// The strip rows whose window holds strip row t (window row t - r * STRIDE in [0, K)) in the
+// window loops of lr_forward and lr_backward_query: pair(r) for each (unrolled: r a constant).
+template <int R, int K, int STRIDE, typename PAIR>
+__device__ __forceinline__ void lr_strip_pairs(int t, PAIR pair) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int a = t - r * STRIDE;
+        if (a >= 0 && a < K) pair(r);
+    }
+}
+
 // The key at shared index s of a staged k tile, and the MC staged channels of x (tiles of TF
 // floats) at the same index into xv (the loader fills the channels past a ragged group with 0).
 template <int MC, int TF>
