@@ -36,10 +36,10 @@ from __future__ import annotations
 import re
 import subprocess
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
+from robustlr.ops.sass import sass_loops
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
 ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
@@ -49,81 +49,6 @@ SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), s
 B, K, M, S, F = 32, 7, 8, 1, 4  # batch, window, channels per group, stride, bytes per value
 KERNELS = nvrtc.KERNEL_NAMES
 SHARED_OPS = ("LDS", "STS")
-
-
-# ---- the SASS of one composability ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Instr:
-    address: int
-    op: str  # opcode without modifiers, e.g. FFMA, MUFU, LDS
-    target: str | None  # branch target label
-
-
-def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
-    """Instructions (in address order) and the address of every label."""
-    instrs, labels, pending = [], {}, []
-    for line in text.splitlines():
-        label = re.match(r"\s*(\.L_x_\d+):", line)
-        if label:
-            pending.append(label.group(1))
-            continue
-        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if not m:
-            continue
-        address, body = int(m.group(1), 16), m.group(2).strip()
-        if body.startswith("@!PT "):  # never executed (ptxas's padding): an issue slot only
-            body = "NOP"
-        body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body)
-        for name in pending:
-            labels[name] = address
-        pending = []
-        target = re.search(r"`?\(?(\.L_x_\d+)", body) if body.startswith("BRA") else None
-        instrs.append(Instr(address, body.split()[0].split(".")[0], target and target.group(1)))
-    return instrs, labels
-
-
-@dataclass(frozen=True)
-class Loop:
-    """One innermost loop: the ops every iteration runs and the window-pair blocks."""
-
-    every: Counter
-    pairs: list[Counter]
-
-
-def sass_loops(text: str) -> list[Loop]:
-    """The innermost loops of a kernel, in address order."""
-    instrs, labels = parse_sass(text)
-    loops = [
-        (labels[i.target], i.address)
-        for i in instrs
-        if i.target and labels[i.target] < i.address  # a backward branch closes a loop
-    ]
-    inner = [
-        lp for lp in loops if not any(o != lp and lp[0] <= o[0] <= o[1] <= lp[1] for o in loops)
-    ]
-    result = []
-    for lo, hi in sorted(inner):
-        body = [i for i in instrs if lo <= i.address <= hi]
-        skips = sorted(
-            (i.address, labels[i.target])
-            for i in body
-            if i.target and i.address < labels[i.target] <= hi
-        )
-        outer = [
-            r for r in skips if not any(o != r and o[0] < r[0] and r[1] <= o[1] for o in skips)
-        ]
-        pairs, taken = [], set()
-        for start, end in outer:
-            block = [i for i in body if start < i.address < end]
-            ops = Counter(i.op for i in block)
-            if ops["MUFU"] == 1 or (ops["FMNMX"] == 1 and not ops["MUFU"]):
-                pairs.append(ops)
-                taken.update(i.address for i in block)
-        every = Counter(i.op for i in body if i.address not in taken)
-        result.append(Loop(every, pairs))
-    return result
 
 
 #: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the

@@ -1,5 +1,5 @@
-// Local relation op, CUDA kernels v5 (DESIGN.md §1): tiled, register-blocked strips unrolled over
-// their rows, no per-thread window arrays.
+// Local relation op, CUDA kernels v6 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+.
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
@@ -28,6 +28,8 @@
 // The composability is a template parameter of the tile bodies (lr_*_tiles<T, K, STRIDE, COMP>);
 // each kernel picks the body once per launch from its runtime argument (LR_BY_COMPOSABILITY),
 // so the window loops carry no composability branch. The softmax runs in base 2 (lr_exp2).
+// The forward and backward query stage k outside the image as LR_FAR_KEY, so that sqdiff's and
+// absdiff's weights there are exactly 0 without a test in the window loops (mul tests).
 //
 // Forward: exp(logit - shift) accumulated into the sum and the MC channel outputs, the shift an
 // upper bound on the logits: for sqdiff and absdiff (phi <= 0) the group's largest prior logit,
@@ -333,7 +335,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
                                               tid, LR_FAR_KEY);
         const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
-        const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;  // y, gy at (c_first, i0, j)
+        // y, gy at (c_first, i0, j)
+        const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
         // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
         float qv[R], shift[R], dsub[R], gqv[R];
 #pragma unroll

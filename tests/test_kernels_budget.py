@@ -21,6 +21,7 @@ from host_shim.host_launcher import _cache_dir
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.bank_model import transactions, window_read_transactions
+from robustlr.ops.sass import sass_loops
 
 try:
     from cupy.cuda import nvrtc as cupy_nvrtc
@@ -212,3 +213,24 @@ def test_tile_loader_copies_fp32_asynchronously():
     ops = loader_sass("float")
     assert "LDG" not in ops and "STS" not in ops
     assert ops == ["LDGSTS"] * 7 + ["LDGDEPBAR", "DEPBAR", "BAR"]
+
+
+# ---- the window loops, in the SASS ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_query"])
+def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
+    """The k tiles hold LR_FAR_KEY outside the image, so sqdiff's window loop (and absdiff's in
+    the forward) weighs a neighbour with no test: in the sm_90 SASS of the fp32 K = 7 kernel,
+    some window loop (a loop with MUFU.EX2) has no FSEL, while mul's (and the forward's variant
+    for NaN prior logits) keep theirs."""
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
+    prog = nvrtc.compile_source(source, [nvrtc.name_expression(kernel, "float", 7, 1)], "sm_90")
+    loops = [lp for lp in sass_loops(nvrtc.sass(prog, nvdisasm)) if lp.every["MUFU"] or lp.pairs]
+    tested = [lp.every["FSEL"] + sum(pair["FSEL"] for pair in lp.pairs) > 0 for lp in loops]
+    assert not all(tested), "every window loop tests its neighbours"
+    assert any(tested), "mul's window loop lost its test"
