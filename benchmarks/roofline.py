@@ -118,9 +118,7 @@ def loader_trips(rows: int, cols: int, batch: int) -> int:
 def strip_of(kernel: str, version: str) -> int:
     if version in STRIPS:
         return STRIPS[version][kernel == "lr_backward_input"]
-    if kernel == "lr_backward_input":
-        return cupy_backend.input_strip(K, S)
-    return cupy_backend.query_strip(K, S)
+    return cupy_backend.strip(kernel, K, S)
 
 
 def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:

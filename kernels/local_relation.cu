@@ -13,9 +13,9 @@
 //
 // Every block is LR_TILE_W x LR_TILE_H threads and works on one tile of one (b, g) plane at a
 // time (grid-stride over tiles, so any grid size is correct). Each thread owns a vertical strip
-// of R positions (register blocking, lr_common.cuh: R = lr_query_strip outputs in the forward
-// and backward query, R = lr_input_strip inputs in the backward input), so a tile is
-// LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo and MC = lr_chunk
+// of R positions (register blocking, lr_common.cuh: R = lr_forward_strip outputs in the
+// forward, lr_query_strip in the backward query, R = lr_input_strip inputs in the backward
+// input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo and MC = lr_chunk
 // channels of x (or gy) are staged in shared memory (fp32). The window loops run over window
 // columns outside and the strip's rows inside (unrolled in the forward and backward query,
 // lr_strip_columns): a window word read from shared memory once serves every position of the
@@ -46,12 +46,13 @@
 #include "lr_common.cuh"
 
 // Tile geometry of lr_forward and lr_backward_query (one home for the kernels and the bodies):
-// strips of R outputs, tiles of LR_TILE_W x OTH outputs over IH x IW input positions staged at
-// pitch PW (TF floats per tile); a strip reads NT input rows and each strip row serves the
-// window rows t - d, d < L; MC channels staged at once (forward, backward query).
-template <int K, int STRIDE>
+// strips of R outputs (lr_forward_strip, lr_query_strip), tiles of LR_TILE_W x OTH outputs over
+// IH x IW input positions staged at pitch PW (TF floats per tile); a strip reads NT input rows
+// and each strip row serves the window rows t - d, d < L; MC channels staged at once (forward,
+// backward query).
+template <int K, int STRIDE, int STRIP>
 struct lr_query_shape {
-    static constexpr int R = lr_query_strip<K, STRIDE>();
+    static constexpr int R = STRIP;
     static constexpr int OTH = LR_TILE_H * R;
     static constexpr int IH = (OTH - 1) * STRIDE + K;
     static constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
@@ -101,7 +102,7 @@ __device__ __forceinline__ void lr_forward_tiles(
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo) {
-    using S = lr_query_shape<K, STRIDE>;
+    using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_FORWARD;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
-    using S = lr_query_shape<K, STRIDE>;
+    using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
     LR_SHARED(float, s_geo, K * K + 2);  // and the bound on the logits, whether one is NaN
@@ -302,7 +303,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     long long G, long long m, long long Ho, long long Wo, long long nchunks,
     float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo,
     float* __restrict__ s_row, float* __restrict__ s_part, float* __restrict__ s_gacc) {
-    using S = lr_query_shape<K, STRIDE>;
+    using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
@@ -423,7 +424,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
     float* __restrict__ geo_partial, long long B, long long C, long long H, long long W,
     long long G, long long m, long long Ho, long long Wo, long long nchunks, int comp) {
-    using S = lr_query_shape<K, STRIDE>;
+    using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_QUERY * S::TF);
     LR_SHARED(float, s_geo, K * K);

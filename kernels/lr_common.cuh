@@ -308,6 +308,21 @@ __host__ __device__ constexpr int lr_chunk() {
                                                 : (12288 - FIXED) / PER;
 }
 
+// Outputs per thread of lr_forward: 4 at K <= 7 where its k tile and LR_MAX_CHUNK channel tiles
+// of a strip-of-4 tile fit 48 KB next to geo (stride 1), else lr_query_strip. Unrolled, strips
+// of 4 keep the forward's R x MC accumulators within 128 registers with no spill up to K = 7
+// (v6: with no neighbour test in its window loop; at K = 9 they spilled 4-20 bytes);
+// backward_query, which also holds R x MC gy values, spilled 28 bytes at K = 7 and keeps
+// lr_query_strip. Strips of 4 read (4 + K - 1) x K staged positions per 4 outputs instead of
+// (2 + K - 1) x K per 2: 38% fewer shared-memory requests at K = 7.
+// cupy_backend.forward_strip mirrors it.
+template <int K, int STRIDE>
+__host__ __device__ constexpr int lr_forward_strip() {
+    return K <= 7 && (1 + LR_MAX_CHUNK) * lr_query_tile<K, STRIDE, 4>() + K * K + 2 <= 12288
+               ? 4
+               : lr_query_strip<K, STRIDE>();
+}
+
 // The smallest weight sum the forward accepts from its bounded shift (2^-80): at most 168 other
 // weights of a window flush to zero below 2^-126, under 2^-46 of such a sum.
 #define LR_SUM_FLOOR 8.27180613e-25f

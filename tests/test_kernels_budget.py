@@ -138,8 +138,9 @@ def test_phase_layout_is_a_permutation_of_each_row():
         for S in range(1, 8):
             iw = (cupy_backend.TILE[0] - 1) * S + K
             slots = [cupy_backend.phase_col(c, iw, S) for c in range(iw)]
-            pitch = cupy_backend.shared_pitch(iw, S, cupy_backend.query_strip(K, S) * S)
-            assert len(set(slots)) == iw and max(slots) < pitch
+            for strip in {cupy_backend.forward_strip(K, S), cupy_backend.query_strip(K, S)}:
+                pitch = cupy_backend.shared_pitch(iw, S, strip * S)
+                assert len(set(slots)) == iw and max(slots) < pitch
 
 
 @pytest.mark.parametrize("S", [1, 2, 3])

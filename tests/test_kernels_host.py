@@ -209,9 +209,10 @@ def test_images_of_three_by_three_tiles_match_naive(lib, case):
     kernel's strip tall), B = 2."""
     B, _, H, W, _, K, s, _ = case
     assert B >= 2
-    out_rows, in_rows = 8 * cupy_backend.query_strip(K, s), 8 * cupy_backend.input_strip(K, s)
     Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
-    assert -(-Ho // out_rows) >= 3 and -(-Wo // 16) >= 3
+    for strip in (cupy_backend.forward_strip(K, s), cupy_backend.query_strip(K, s)):
+        assert -(-Ho // (8 * strip)) >= 3 and -(-Wo // 16) >= 3
+    in_rows = 8 * cupy_backend.input_strip(K, s)
     assert -(-H // in_rows) >= 3 and -(-W // 16) >= 3
     check_case(lib, case, seed=41)
 

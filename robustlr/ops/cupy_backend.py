@@ -81,7 +81,7 @@ MAX_CHANNEL_CHUNK = 8
 RED_PITCH = TILE[0] * TILE[1] + 8
 #: Floats of static shared memory one block may declare.
 _SHARED_FLOATS = MAX_STATIC_SHARED // 4
-#: Strip heights (positions per thread) the forward / backward-query kernels try, tallest first.
+#: Strip heights (positions per thread) the backward-query kernel tries, tallest first.
 QUERY_STRIPS = (2, 1)
 
 
@@ -137,13 +137,24 @@ def _query_fixed(kernel_size: int, stride: int, strip: int) -> int:
 
 
 def query_strip(kernel_size: int, stride: int) -> int:
-    """Outputs per thread of lr_forward and lr_backward_query (``lr_query_strip``): the
-    tallest strip with which lr_backward_query's shared arrays fit 48 KB."""
+    """Outputs per thread of lr_backward_query (``lr_query_strip``; of lr_forward where
+    forward_strip is not 4): the tallest strip with which lr_backward_query's shared arrays fit
+    48 KB."""
     for strip in QUERY_STRIPS:
         tile = _query_tile(kernel_size, stride, strip)
         if _query_fixed(kernel_size, stride, strip) + tile <= _SHARED_FLOATS:
             return strip
     return 1
+
+
+def forward_strip(kernel_size: int, stride: int) -> int:
+    """Outputs per thread of lr_forward (``lr_forward_strip``): 4 at kernel_size <= 7 where its k
+    tile and MAX_CHANNEL_CHUNK channel tiles at strips of 4 fit 48 KB next to geo, else
+    query_strip."""
+    K = kernel_size
+    if K <= 7 and (1 + MAX_CHANNEL_CHUNK) * _query_tile(K, stride, 4) + K * K + 2 <= _SHARED_FLOATS:
+        return 4
+    return query_strip(K, stride)
 
 
 def input_strip(kernel_size: int, stride: int) -> int:
@@ -155,6 +166,8 @@ def strip(kernel: str, kernel_size: int, stride: int) -> int:
     """Positions per thread (a vertical strip) of one kernel instantiation."""
     if kernel == "lr_backward_input":
         return input_strip(kernel_size, stride)
+    if kernel == "lr_forward":
+        return forward_strip(kernel_size, stride)
     return query_strip(kernel_size, stride)
 
 
@@ -229,7 +242,9 @@ def _config(kernel: str, blocks: int) -> LaunchConfig | None:
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; None when
     there is no output."""
-    tiles = _tiles(shape.out_height, shape.out_width, query_strip(shape.kernel_size, shape.stride))
+    tiles = _tiles(
+        shape.out_height, shape.out_width, forward_strip(shape.kernel_size, shape.stride)
+    )
     return _config("lr_forward", shape.batch * shape.groups * tiles)
 
 
