@@ -72,8 +72,8 @@ def plain():
 
 
 # (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage; the
-# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 16 outputs each: strips of 2)
-# with B = 2
+# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1:
+# strips of 4; 16 x 16 otherwise: strips of 2) with B = 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
     ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
