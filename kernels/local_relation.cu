@@ -15,11 +15,12 @@
 // time (grid-stride over tiles, so any grid size is correct). Each thread owns a vertical strip
 // of R positions (register blocking, lr_common.cuh: R = lr_forward_strip outputs in the
 // forward, lr_query_strip in the backward query, R = lr_input_strip inputs in the backward
-// input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo and MC = lr_chunk
-// channels of x (or gy) are staged in shared memory (fp32). The window loops run over window
-// columns outside and the strip's rows inside (unrolled in the forward and backward query,
-// lr_strip_columns): a window word read from shared memory once serves every position of the
-// strip whose window holds it, so a thread holds R x MC accumulators, never a K x K array.
+// input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo
+// and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32). The window loops
+// run over window columns outside and the strip's rows inside (unrolled in the forward and
+// backward query, lr_strip_columns): a window word read from shared memory once serves every
+// position of the strip whose window holds it, so a thread holds R x MC accumulators, never a
+// K x K array.
 // Strided window reads go through the phase-ordered, padded layout of lr_common.cuh (one
 // shared-memory transaction per warp request, counted by tests/test_kernels_budget.py). A warp
 // whose strips lie wholly below the image skips the window loops (it still takes part in the
@@ -60,7 +61,7 @@ struct lr_query_shape {
     static constexpr int TF = IH * PW;
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
-    static constexpr int MC_FORWARD = lr_chunk<TF + K * K + 2, TF>();
+    static constexpr int MC_FORWARD = lr_chunk<TF + lr_forward_geo<K>(), TF>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
 };
 
@@ -205,28 +206,27 @@ __device__ __forceinline__ void lr_forward_tiles(
                 // masked: a neighbour outside the image gets weight 0 by a test (mul, or a NaN
                 // prior logit); otherwise by its key (LR_FAR_KEY: e = 0). Each call below passes
                 // a constant, so the window loop is compiled once per value.
-                const auto row = [&](int t, int s, bool ok, const float* gw, bool masked) {
-                    float xv[MC];
-                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
-                    lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
-                        const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                        const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
-                        const float p = !masked || ok ? e : 0.0f;
-                        sum[r] += p;
+                const auto window = [&](bool masked) {
+                    lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                        win, base, s_geo, true,
+                        [&](int t, int s, bool ok, const float* gw) {
+                            float xv[MC];
+                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                            lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
+                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
+                                const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
+                                const float p = !masked || ok ? e : 0.0f;
+                                sum[r] += p;
 #pragma unroll
-                        for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
-                    });
+                                for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
+                            });
+                        },
+                        [](int) {});
                 };
                 if (warp_live && (COMP == LR_MUL || s_geo[KK + 1] != 0.0f)) {
-                    lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
-                        win, base, s_geo, true,
-                        [&](int t, int s, bool ok, const float* gw) { row(t, s, ok, gw, true); },
-                        [](int) {});
+                    window(true);
                 } else if (warp_live) {
-                    lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
-                        win, base, s_geo, true,
-                        [&](int t, int s, bool ok, const float* gw) { row(t, s, ok, gw, false); },
-                        [](int) {});
+                    window(false);
                 }
                 if (exact) break;
                 bool low = false;  // the bound was too far above the logits of an output
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
-    LR_SHARED(float, s_geo, K * K + 2);  // and the bound on the logits, whether one is NaN
+    LR_SHARED(float, s_geo, lr_forward_geo<K>());
     LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
 }

@@ -308,6 +308,13 @@ __host__ __device__ constexpr int lr_chunk() {
                                                 : (12288 - FIXED) / PER;
 }
 
+// Floats of lr_forward's s_geo: the K * K prior logits, the bound on the logits and whether one
+// is NaN. cupy_backend.kernel_tiles mirrors it.
+template <int K>
+__host__ __device__ constexpr int lr_forward_geo() {
+    return K * K + 2;
+}
+
 // Outputs per thread of lr_forward: 4 at K <= 7 where its k tile and LR_MAX_CHUNK channel tiles
 // of a strip-of-4 tile fit 48 KB next to geo (stride 1), else lr_query_strip. Unrolled, strips
 // of 4 keep the forward's R x MC accumulators within 128 registers with no spill up to K = 7
@@ -318,9 +325,8 @@ __host__ __device__ constexpr int lr_chunk() {
 // cupy_backend.forward_strip mirrors it.
 template <int K, int STRIDE>
 __host__ __device__ constexpr int lr_forward_strip() {
-    return K <= 7 && (1 + LR_MAX_CHUNK) * lr_query_tile<K, STRIDE, 4>() + K * K + 2 <= 12288
-               ? 4
-               : lr_query_strip<K, STRIDE>();
+    constexpr int floats = (1 + LR_MAX_CHUNK) * lr_query_tile<K, STRIDE, 4>() + lr_forward_geo<K>();
+    return K <= 7 && floats <= 12288 ? 4 : lr_query_strip<K, STRIDE>();
 }
 
 // The smallest weight sum the forward accepts from its bounded shift (2^-80): at most 168 other
@@ -439,7 +445,7 @@ __device__ __forceinline__ void lr_store_shared(float* out, int i, float v) {
 
 // Asynchronous tile copies: on sm_80+ an fp32 element goes from global to shared memory with
 // cp.async, one instruction (LDGSTS) that holds no register for the value and writes zeros where
-// the element lies outside the plane (a source size of 0); a thread's copies land by its
+// the element lies outside the plane (its source ignored); a thread's copies land by its
 // lr_copy_wait (cp.async.wait_all), which the tile loader runs before it returns. The CUDA
 // execution emulator of the tests (LR_EMU_ASYNC_COPY) queues each copy until that wait, so a
 // tile read without it reads the poison. 16-bit planes (converted to fp32 on the way) and older
@@ -545,7 +551,6 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
             off[t] = e < N && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
             to[t] = e < N ? row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col) : -1;
         }
-        const T* next = src;
         if constexpr (lr_copies_async<T>::value) {
             // per element: its source in plane 0 (the plane's start outside it: not read)
             const T* from[BATCH];
@@ -572,6 +577,7 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 }
             }
         } else {
+            const T* next = src;
 #pragma unroll 1
             for (int p = 0; p < NP; ++p, next += src_stride) {
                 // (a null plane rather than a test of p: with the test, ptxas put the batch's

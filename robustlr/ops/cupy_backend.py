@@ -147,12 +147,19 @@ def query_strip(kernel_size: int, stride: int) -> int:
     return 1
 
 
+def _forward_geo(kernel_size: int) -> int:
+    """``lr_forward_geo``: floats of lr_forward's s_geo (the prior logits, the bound on the
+    logits, whether one is NaN)."""
+    return kernel_size * kernel_size + 2
+
+
 def forward_strip(kernel_size: int, stride: int) -> int:
     """Outputs per thread of lr_forward (``lr_forward_strip``): 4 at kernel_size <= 7 where its k
     tile and MAX_CHANNEL_CHUNK channel tiles at strips of 4 fit 48 KB next to geo, else
     query_strip."""
     K = kernel_size
-    if K <= 7 and (1 + MAX_CHANNEL_CHUNK) * _query_tile(K, stride, 4) + K * K + 2 <= _SHARED_FLOATS:
+    floats = (1 + MAX_CHANNEL_CHUNK) * _query_tile(K, stride, 4) + _forward_geo(K)
+    if K <= 7 and floats <= _SHARED_FLOATS:
         return 4
     return query_strip(K, stride)
 
@@ -178,7 +185,7 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     R = strip(kernel, K, S)
     if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
-        fixed = tile + K * K + 2
+        fixed = tile + _forward_geo(K)
     elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc
         tile = _query_tile(K, S, R)
         fixed = _query_fixed(K, S, R)
