@@ -21,12 +21,15 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3, v4 and v5 are issue 19's earlier kernels,
-compiled from git (COMMITS) by the same method; v6 (v5 with fp32 tiles copied by cp.async) is the
+microbenchmarks give 480-700 ns). Versions: v3 to v6 are issue 19's earlier kernels, compiled
+from git (COMMITS) by the same method; v7 (v6 with grad k formed by the backward query) is the
 working tree. From v5 on, the forward's sqdiff path is counted without its pass 1 (the fallback of
-a strip whose weights underflow from the bound), and v6's without the variant of pass 2 that
-tests every neighbour (it runs only where a prior logit is NaN). v6's fp32 copies hold no
-register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the peak.
+a strip whose weights underflow from the bound), and from v6 on without the variant of pass 2
+that tests every neighbour (it runs only where a prior logit is NaN). From v6 on the fp32 copies
+hold no register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the
+peak. From v7 on the backward query writes one grad-k partial per staged position of each tile
+and the backward input reads them (instead of x and D); the backward query's tile-end sum of its
+key-gradient copies is counted from its SASS loops.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -53,17 +56,21 @@ SHARED_OPS = ("LDS", "STS")
 
 #: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the
 #: working tree is CURRENT.
-COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099"}
-CURRENT = "v6"
-#: Positions per thread (query kernels, backward input) of the earlier kernels at K = 7, stride 1.
-STRIPS = {"v3": (1, 1), "v4": (4, 2), "v5": (2, 2)}
+COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099", "v6": "4978dae"}
+CURRENT = "v7"
+#: Positions per thread (forward, backward query, backward input) of the earlier kernels at
+#: K = 7, stride 1.
+STRIPS = {"v3": (1, 1, 1), "v4": (4, 4, 2), "v5": (2, 2, 2), "v6": (4, 2, 2)}
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6")
+BOUNDED_FORWARD = ("v5", "v6", "v7")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6",)
+ASYNC_COPIES = ("v6", "v7")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6",)
+MASK_BY_KEY = ("v6", "v7")
+#: Versions whose backward query forms grad k (partials per tile; the backward input stages q
+#: and lse, not D, and reads no x).
+KEY_GRAD_IN_QUERY = ("v7",)
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -117,7 +124,7 @@ def loader_trips(rows: int, cols: int, batch: int) -> int:
 
 def strip_of(kernel: str, version: str) -> int:
     if version in STRIPS:
-        return STRIPS[version][kernel == "lr_backward_input"]
+        return STRIPS[version][KERNELS.index(kernel)]
     return cupy_backend.strip(kernel, K, S)
 
 
@@ -171,10 +178,27 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
             runs = {op: window_pairs / per_iteration * n for op, n in body.every.items()}
         total.update(runs)
     if kernel == "lr_backward_input":
-        rows, cols, tiles = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc, 3 + M
+        staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
+        rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
+        tiles = staged + M
     else:
         rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
     total.update({op: tiles * loader_trips(rows, cols, batch) * n for op, n in loader.items()})
+    if kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
+        # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
+        # THREADS per thread) the loop that stores its partial (one STG) and the loop over the
+        # copies holding it (one LDS and one STS each)
+        tile_end = [
+            lp
+            for lp in loops
+            if lp not in window
+            and lp not in loaders
+            and lp.every["LDS"]
+            and (lp.every["STG"] == 1 or lp.every["LDS"] == lp.every["STS"])
+        ]
+        positions = -(-rows * cols // THREADS)
+        for lp in tile_end:
+            total.update({op: positions * n for op, n in lp.every.items()})
     if kernel == "lr_backward_query" and version == "v4":
         # the fixed-order reduction per window column (outside v4's rolled strip-row loop; inside
         # v3's window loop and v5's column loop): 16 + 8 shared reads and adds by a quarter of
@@ -212,11 +236,20 @@ def predict(
     halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
     oh = (rows + S - 2) // S + NCOV
     halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
+    # grad-k partials: one per staged input position of each backward-query tile
+    n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
     if kernel == "lr_forward":  # x, q, k in; y, lse out
         low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
+    elif kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
+        # x, q, k, lse, y, gy in; gq and the grad-k partials (n_partial) out
+        low = F * (3 * n_in + 4 * n_g + n_partial)
+        high = F * (halo * (n_in + n_g) + 2 * n_in + 3 * n_g + n_partial)
     elif kernel == "lr_backward_query":  # x, q, k, lse, y, gy in; gq, D out
         low = F * (3 * n_in + 5 * n_g)
         high = F * (halo * (n_in + n_g) + 2 * n_in + 4 * n_g)
+    elif version in KEY_GRAD_IN_QUERY:  # q, lse, gy (halo), k, the partials in; gx, gk out
+        low = F * (2 * n_in + 4 * n_g + n_partial)
+        high = F * (halo_out * (n_in + 2 * n_g) + n_in + 2 * n_g + n_partial)
     else:  # q, lse, D, gy (halo), x, k in; gx, gk out
         low = F * (3 * n_in + 5 * n_g)
         high = F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g)

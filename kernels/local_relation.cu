@@ -1,5 +1,6 @@
-// Local relation op, CUDA kernels v6 (DESIGN.md §1): tiled, register-blocked strips unrolled over
-// their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+.
+// Local relation op, CUDA kernels v7 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+, grad k formed
+// by the backward query.
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
@@ -39,11 +40,13 @@
 // Backward (p = softmax weights of one (b, g, i, j), recomputed from the saved lse; gy = grad y):
 //   dw_o = sum_{c in g} gy_c x_{o,c},  D = sum_c gy_c y_c (FlashAttention's delta, from the
 //   saved output), dlogit_o = p_o (dw_o - D), formed offset by offset.
-// lr_backward_query owns the query positions: grad q, D (for the second kernel), and one
+// lr_backward_query owns the query positions and the dlogits: grad q, one partial of grad k per
+// tile (dlogit x dphi/dk summed in shared memory over the tile's staged positions) and one
 // partial sum of grad geo per block (each window row's dlogits reduced through shared memory in
 // a fixed order; the caller sums the partials with torch.sum, so grad geo is deterministic for
-// a given grid). lr_backward_input owns the input positions: it gathers grad x and grad k from
-// the outputs whose window covers them. No atomics anywhere.
+// a given grid). lr_backward_input owns the input positions: it gathers grad x from the outputs
+// whose window covers them and sums grad k from the tile partials that hold each input (2 x 2
+// at most where a strip is 2 outputs tall), in a fixed order. No atomics anywhere.
 #include "lr_common.cuh"
 
 // Tile geometry of lr_forward and lr_backward_query (one home for the kernels and the bodies):
@@ -62,7 +65,10 @@ struct lr_query_shape {
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
     static constexpr int MC_FORWARD = lr_chunk<TF + lr_forward_geo<K>(), TF>();
-    static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R>(), TF>();
+    // backward query: its key-gradient copies (LR_TILE_H of GS floats) in shared memory or not
+    static constexpr bool GK_SHARED = lr_key_grad_shared<K, STRIDE>();
+    static constexpr int GS = lr_key_grad_pitch<K, STRIDE, R>();
+    static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R, GK_SHARED>(), TF>();
 };
 
 // Tile geometry of lr_backward_input: strips of RI inputs, tiles of LR_TILE_W x ITH inputs; the
@@ -80,7 +86,7 @@ struct lr_input_shape {
     static constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
     static constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();
     static constexpr int TO = OH * PO;
-    static constexpr int MC = lr_chunk<3 * TO + K * K, TO>();
+    static constexpr int MC = lr_chunk<2 * TO + K * K, TO>();
 };
 
 // Call FN<T, K, STRIDE, COMP>(...) for the runtime composability code comp: the window loops
@@ -292,20 +298,32 @@ __device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row
 
 // Backward, query side. Grid: G * nchunks blocks; block (g, chunk) takes the tiles chunk,
 // chunk + nchunks, ... of group g's (b, tile) list; one thread per strip of R outputs. Per
-// output it writes grad q and D; the block's sum of dlogit per window offset goes to
-// geo_partial[(g * K * K + o) * nchunks + chunk].
+// output it writes grad q; per tile the key gradient of its IH x IW staged positions,
+// gk_partial[(((b * G + g) * tiles_h + th) * tiles_w + tw) * IH * IW + row * IW + col]
+// (lr_backward_input sums the partials of each input); the block's sum of dlogit per window
+// offset goes to geo_partial[(g * K * K + o) * nchunks + chunk].
+//
+// The key gradient: each window step adds its strip's sum of dlogit x dphi/dk into the copy of
+// its thread row (LR_TILE_H copies of GS floats at the k tile's layout: s_gk, or where they do
+// not fit shared memory the block's gk_work[blockIdx.x * LR_TILE_H * GS ...]). Within one window
+// column a thread adds to NT distinct positions that no other thread of its row touches (its
+// row's threads read other columns) and the other rows have their own copies, so there is no
+// race; the next column's additions are ordered after by the barriers of the column's grad-geo
+// reduction. At the end of the tile the copies are summed in thread-row order (and zeroed).
 template <typename T, int K, int STRIDE, int COMP>
 __device__ __forceinline__ void lr_backward_query_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
-    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
-    float* __restrict__ geo_partial, long long B, long long C, long long H, long long W,
-    long long G, long long m, long long Ho, long long Wo, long long nchunks,
-    float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo,
-    float* __restrict__ s_row, float* __restrict__ s_part, float* __restrict__ s_gacc) {
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ gk_partial,
+    float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    long long nchunks, float* __restrict__ s_k, float* __restrict__ s_x,
+    float* __restrict__ s_geo, float* __restrict__ s_row, float* __restrict__ s_part,
+    float* __restrict__ s_gacc, float* __restrict__ s_gk) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
+    constexpr int GS = S::GS, RS = R * STRIDE;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
     const int g = (int)(blockIdx.x / (unsigned)nchunks);
@@ -313,8 +331,11 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
     const int base = ty * R * STRIDE * PW + tx;
+    float* const copies = S::GK_SHARED ? s_gk : gk_work + (long long)blockIdx.x * (LR_TILE_H * GS);
+    const int gbase = ty * (GS - RS * PW);  // staged index s of this thread: copies[gbase + s]
     lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
+    for (int e = tid; e < LR_TILE_H * GS; e += LR_THREADS) copies[e] = 0.0f;
     const long long c_first = g * m;
     const int mg = (int)(c_first + m < C ? m : C - c_first);  // channels of group g (< 2^31)
 
@@ -328,7 +349,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const long long qplane = (b * G + g) * Ho;
         const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
 
-        __syncthreads();  // the previous tile is done with s_k, s_row (and s_geo, s_gacc are set)
+        __syncthreads();  // the previous tile is done with s_k, s_row, copies (s_geo, s_gacc set)
         if (!warp_live) {  // wholly below the image: zeros for every column's grad-geo reduction
 #pragma unroll
             for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
@@ -354,7 +375,6 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     const long long yidx = o_first + c * Ho * Wo + r * Wo;
                     dsub[r] += lr_load(gy, yidx) * lr_load(y, yidx);
                 }
-                dsum[qidx] = dsub[r];
             }
         }
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
@@ -385,6 +405,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     lr_shift_in<L>(gg, 0.0f);
                     float xv[MC];
                     const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                    float gkv = 0.0f;  // the strip's key gradient at s
                     lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
                         // (outside the image: LR_FAR_KEY, p = 0, except mul)
                         const bool live = COMP != LR_MUL || (ok && r < outs);
@@ -394,9 +415,13 @@ __device__ __forceinline__ void lr_backward_query_tiles(
 #pragma unroll
                         for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
                         const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                        gqv[r] += dl * lr_dphi_dq(COMP, qv[r], kv);
+                        // d phi / d k = -d phi / d q but for mul
+                        const float dq = dl * lr_dphi_dq(COMP, qv[r], kv);
+                        gqv[r] += dq;
+                        gkv += COMP == LR_MUL ? dl * lr_dphi_dk(COMP, qv[r], kv) : -dq;
                         gg[r * STRIDE] += dl;
                     });
+                    copies[gbase + s] += gkv;
                     // window row t - (L - 1) has all its dlogits: no later strip row reaches it
                     const int done = t - (L - 1);
                     if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
@@ -410,6 +435,23 @@ __device__ __forceinline__ void lr_backward_query_tiles(
             if (r >= outs) continue;
             lr_store(gq, (qplane + i0 + r) * Wo + j, gqv[r]);
         }
+        // the copies are complete: the barriers of the last window column's grad-geo reduction
+        // order every addition before this. Staged position (row, col) is read by the strips
+        // of the thread rows rt with 0 <= row - rt * RS < NT, at
+        // copies[rt * GS + (row - rt * RS) * PW + phase column].
+        float* const out = gk_partial + ((b * G + g) * tiles_h * tiles_w + th * tiles_w + tw) *
+                                            (IH * IW);
+        for (int e = tid; e < IH * IW; e += LR_THREADS) {
+            const int row = e / IW, slot = row * PW + lr_phase_col<IW, STRIDE>(e % IW);
+            const int rt_first = row < NT ? 0 : (row - NT) / RS + 1;
+            const int rt_last = row / RS < LR_TILE_H - 1 ? row / RS : LR_TILE_H - 1;
+            float v = 0.0f;
+            for (int rt = rt_first; rt <= rt_last; ++rt) {
+                v += copies[rt * (GS - RS * PW) + slot];
+                copies[rt * (GS - RS * PW) + slot] = 0.0f;  // for the next tile
+            }
+            out[e] = v;
+        }
     }
     __syncthreads();  // s_gacc is complete
     for (int e = tid; e < KK; e += LR_THREADS) {
@@ -421,9 +463,10 @@ template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
-    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ dsum,
-    float* __restrict__ geo_partial, long long B, long long C, long long H, long long W,
-    long long G, long long m, long long Ho, long long Wo, long long nchunks, int comp) {
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ gk_partial,
+    float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    long long nchunks, int comp) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     LR_SHARED(float, s_k, S::TF);
     LR_SHARED(float, s_x, S::MC_QUERY * S::TF);
@@ -431,31 +474,61 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     LR_SHARED(float, s_row, K * LR_RED_PITCH);
     LR_SHARED(float, s_part, K * 8);
     LR_SHARED(float, s_gacc, K * K);  // the block's grad geo, accumulated in a fixed order
-    LR_BY_COMPOSABILITY(comp, lr_backward_query_tiles, x, q, k, geo, lse, y, gy, gq, dsum,
-                        geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo, s_row,
-                        s_part, s_gacc)
+    LR_SHARED(float, s_gk, S::GK_SHARED ? LR_TILE_H * S::GS : 1);  // the key-gradient copies
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_tiles, x, q, k, geo, lse, y, gy, gq, gk_partial,
+                        gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
+                        s_row, s_part, s_gacc, s_gk)
+}
+
+// grad k at input (h, w) of one (b, g) plane: the sum, in tile order, of lr_backward_query's
+// partials (`partials`: that plane's) of the tiles whose staged positions hold it.
+template <int K, int STRIDE>
+__device__ __forceinline__ float lr_gather_key_grad(const float* __restrict__ partials,
+                                                    long long h, long long w, long long Ho,
+                                                    long long Wo) {
+    using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
+    constexpr int P = K / 2, IH = S::IH, IW = S::IW;
+    constexpr long long ROWS = S::OTH * STRIDE, COLS = LR_TILE_W * STRIDE;  // tile steps
+    const long long tiles_h = (Ho + S::OTH - 1) / S::OTH, tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
+    // tile th stages input rows [th * ROWS - P, th * ROWS - P + IH)
+    const long long th_first = lr_floor_div(h + P - IH, ROWS) + 1;
+    const long long th_last = (h + P) / ROWS < tiles_h - 1 ? (h + P) / ROWS : tiles_h - 1;
+    const long long tw_first = lr_floor_div(w + P - IW, COLS) + 1;
+    const long long tw_last = (w + P) / COLS < tiles_w - 1 ? (w + P) / COLS : tiles_w - 1;
+    float v = 0.0f;
+    for (long long th = th_first > 0 ? th_first : 0; th <= th_last; ++th) {
+        for (long long tw = tw_first > 0 ? tw_first : 0; tw <= tw_last; ++tw) {
+            v += partials[(th * tiles_w + tw) * (IH * IW) + (h + P - th * ROWS) * IW +
+                          (w + P - tw * COLS)];
+        }
+    }
+    return v;
 }
 
 // Backward, input side: one thread per strip of RI input positions (hs + r, wc), r < RI, of a
-// tile of one (b, g) plane. It gathers grad x for the channels of group g and grad k at those
-// positions from the outputs whose windows cover them: output rows i_first + t, t < NT (each
-// covers the strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj,
-// tj < NC. Shared: q, lse and D over the outputs covering the tile, and gy of MC channels over
-// the same outputs.
+// tile of one (b, g) plane. It gathers grad x for the channels of group g at those positions
+// from the outputs whose windows cover them: output rows i_first + t, t < NT (each covers the
+// strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj, tj < NC; and
+// grad k from lr_backward_query's partials (lr_gather_key_grad). Shared: q and lse over the
+// outputs covering the tile, and gy of MC channels over the same outputs.
 template <typename T, int K, int STRIDE, int COMP>
 __device__ __forceinline__ void lr_backward_input_tiles(
-    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
-    const float* __restrict__ geo, const float* __restrict__ lse, const float* __restrict__ dsum,
-    const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
-    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
-    float* __restrict__ s_q, float* __restrict__ s_lse, float* __restrict__ s_d,
-    float* __restrict__ s_gy, float* __restrict__ s_geo) {
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
+    const float* __restrict__ lse, const T* __restrict__ gy,
+    const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    float* __restrict__ s_q, float* __restrict__ s_lse, float* __restrict__ s_gy,
+    float* __restrict__ s_geo) {
     using S = lr_input_shape<K, STRIDE>;
+    using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, RI = S::RI, ITH = S::ITH, NC = S::NC, NT = S::NT;
     constexpr int OH = S::OH, OW = S::OW, PO = S::PO, TO = S::TO, MC = S::MC;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + ITH - 1) / ITH;
+    // floats of lr_backward_query's partials per (b, g) plane
+    const long long plane_partials = (Ho + QS::OTH - 1) / QS::OTH *
+                                     ((Wo + LR_TILE_W - 1) / LR_TILE_W) * (QS::IH * QS::IW);
 
     // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
     for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
@@ -476,7 +549,6 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
         lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
         lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW, PO, 1>(s_d, 0, dsum + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
 
         // the outputs covering the strip: i = i_first + t, j = j_first + tj
         const long long i_first = lr_floor_div(hs + P - K + STRIDE, STRIDE);
@@ -496,7 +568,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
             if (j_first + tj >= 0 && j_first + tj < Wo) out_cols |= 1u << tj;
         }
         bool in_ok[RI];
-        float kv[RI], gk_acc[RI];
+        float kv[RI];
         // bit t of pair_rows[r]: output row i_first + t exists, its window covers strip row r
         // (window row a_first + r - t * STRIDE in [0, K)) and input r exists
         unsigned pair_rows[RI];
@@ -504,7 +576,6 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         for (int r = 0; r < RI; ++r) {
             in_ok[r] = hs + r < H && wc < W;
             kv[r] = in_ok[r] ? lr_load(k, ((b * G + g) * H + hs + r) * W + wc) : 0.0f;
-            gk_acc[r] = 0.0f;
             pair_rows[r] = 0;
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
@@ -521,12 +592,11 @@ __device__ __forceinline__ void lr_backward_input_tiles(
             lr_load_tile<OH, OW, PO, MC>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo, nc, oi0,
                                          oj0, Ho, Wo, tid);
             __syncthreads();
-            const bool first = cc == c_first;
-            float gxv[RI][MC], gkc[RI][MC];
+            float gxv[RI][MC];
 #pragma unroll
             for (int r = 0; r < RI; ++r) {
 #pragma unroll
-                for (int c = 0; c < MC; ++c) gxv[r][c] = gkc[r][c] = 0.0f;
+                for (int c = 0; c < MC; ++c) gxv[r][c] = 0.0f;
             }
             if (warp_live) {
 #pragma unroll 1
@@ -540,7 +610,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     for (int t = 0; t < NT; ++t) {
                         const int s = sbase + t * PO + tj;
                         const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
-                        const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E, dd = s_d[s];
+                        const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E;
                         float gyc[MC];
 #pragma unroll
                         for (int c = 0; c < MC; ++c) gyc[c] = s_gy[c * TO + s];  // 0 past nc
@@ -552,13 +622,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                             const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
                             const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));
                             const float wt = ok ? e : 0.0f;
-                            const float wdk = wt * lr_dphi_dk(COMP, qv, kv[r]);
-                            if (first) gk_acc[r] -= wdk * dd;  // the delta term
 #pragma unroll
-                            for (int c = 0; c < MC; ++c) {
-                                gxv[r][c] += wt * gyc[c];
-                                gkc[r][c] += wdk * gyc[c];
-                            }
+                            for (int c = 0; c < MC; ++c) gxv[r][c] += wt * gyc[c];
                         }
                     }
                 }
@@ -568,35 +633,36 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 #pragma unroll
                 for (int c = 0; c < MC; ++c) {
                     if (in_ok[r] && c < nc) {
-                        const long long xidx = ((b * C + cc + c) * H + hs + r) * W + wc;
-                        gk_acc[r] += lr_load(x, xidx) * gkc[r][c];
-                        lr_store(gx, xidx, gxv[r][c]);
+                        lr_store(gx, ((b * C + cc + c) * H + hs + r) * W + wc, gxv[r][c]);
                     }
                 }
             }
         }
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
-            if (in_ok[r]) lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, gk_acc[r]);
+            if (!in_ok[r]) continue;
+            const float v = lr_gather_key_grad<K, STRIDE>(gk_partial + (b * G + g) * plane_partials,
+                                                          hs + r, wc, Ho, Wo);
+            lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, v);
         }
     }
 }
 
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
-    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
-    const float* __restrict__ geo, const float* __restrict__ lse, const float* __restrict__ dsum,
-    const T* __restrict__ gy, T* __restrict__ gx, T* __restrict__ gk, long long B, long long C,
-    long long H, long long W, long long G, long long m, long long Ho, long long Wo, int comp) {
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
+    const float* __restrict__ lse, const T* __restrict__ gy,
+    const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
     using S = lr_input_shape<K, STRIDE>;
-    // q, lse, D and the MC gy tiles in one array: the window loop reads them at one address
-    // plus constant offsets
-    LR_SHARED(float, s_out, (3 + S::MC) * S::TO);
+    // q, lse and the MC gy tiles in one array: the window loop reads them at one address plus
+    // constant offsets
+    LR_SHARED(float, s_out, (2 + S::MC) * S::TO);
     LR_SHARED(float, s_geo, K * K);
     float* const s_q = s_out;
     float* const s_lse = s_out + S::TO;
-    float* const s_d = s_out + 2 * S::TO;
-    float* const s_gy = s_out + 3 * S::TO;
-    LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, x, q, k, geo, lse, dsum, gy, gx, gk, B, C,
-                        H, W, G, m, Ho, Wo, s_q, s_lse, s_d, s_gy, s_geo)
+    float* const s_gy = s_out + 2 * S::TO;
+    LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, q, k, geo, lse, gy, gk_partial, gx, gk, B,
+                        C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
 }

@@ -270,11 +270,24 @@ __host__ __device__ constexpr int lr_query_tile() {
            lr_pitch<(LR_TILE_W - 1) * STRIDE + K, STRIDE, R * STRIDE>();
 }
 
-// Shared floats of lr_backward_query besides its channel tiles: the k tile, geo, the dlogit rows
-// and partial sums of the grad-geo reduction, the block's grad geo.
+// Floats of one thread row's copy of lr_backward_query's key gradient: the (R - 1) * STRIDE + K
+// staged rows its strips read, at the k tile's pitch, padded to 16 modulo 32 words so that the
+// two thread rows of a warp (whose copies lie one copy apart) add into 32 distinct banks.
+// cupy_backend.key_grad_pitch mirrors it.
 template <int K, int STRIDE, int R>
+__host__ __device__ constexpr int lr_key_grad_pitch() {
+    return lr_padded_pitch<((R - 1) * STRIDE + K) *
+                               lr_pitch<(LR_TILE_W - 1) * STRIDE + K, STRIDE, R * STRIDE>(),
+                           1>();
+}
+
+// Shared floats of lr_backward_query besides its channel tiles: the k tile, geo, the dlogit rows
+// and partial sums of the grad-geo reduction, the block's grad geo, and with COPIES the key
+// gradient (a copy per thread row).
+template <int K, int STRIDE, int R, bool COPIES>
 __host__ __device__ constexpr int lr_query_fixed() {
-    return lr_query_tile<K, STRIDE, R>() + 2 * K * K + K * LR_RED_PITCH + K * 8;
+    return lr_query_tile<K, STRIDE, R>() + 2 * K * K + K * LR_RED_PITCH + K * 8 +
+           (COPIES ? LR_TILE_H * lr_key_grad_pitch<K, STRIDE, R>() : 0);
 }
 
 // Outputs per thread of lr_forward and lr_backward_query (one geometry for both): 2, or 1 where
@@ -285,7 +298,18 @@ __host__ __device__ constexpr int lr_query_fixed() {
 // it.
 template <int K, int STRIDE>
 __host__ __device__ constexpr int lr_query_strip() {
-    return lr_query_fixed<K, STRIDE, 2>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2 : 1;
+    return lr_query_fixed<K, STRIDE, 2, false>() + lr_query_tile<K, STRIDE, 2>() <= 12288 ? 2 : 1;
+}
+
+// Whether lr_backward_query's key-gradient copies fit in shared memory next to its other arrays
+// and one channel tile; where not (large windows at strides >= 3), they live in a global
+// workspace of the block (the same code through a generic pointer: slower, as correct).
+// cupy_backend.key_grad_shared mirrors it.
+template <int K, int STRIDE>
+__host__ __device__ constexpr bool lr_key_grad_shared() {
+    return lr_query_fixed<K, STRIDE, lr_query_strip<K, STRIDE>(), true>() +
+               lr_query_tile<K, STRIDE, lr_query_strip<K, STRIDE>()>() <=
+           12288;
 }
 
 // Input rows per thread of lr_backward_input: 2 at stride 1 (each input holds 2 x MC gradient

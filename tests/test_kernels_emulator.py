@@ -44,6 +44,8 @@ def config(grid: int, block: int, shared: int = 0) -> cupy_backend.LaunchConfig:
 
 def read_out(directory, launch: int, arg: int, like: torch.Tensor) -> torch.Tensor:
     data = (directory / f"out{launch}_{arg}.bin").read_bytes()
+    if not data:  # an empty buffer (the backward query's global workspace where it is unused)
+        return torch.empty_like(like)
     return torch.frombuffer(bytearray(data), dtype=like.dtype).view(like.shape)
 
 
@@ -71,13 +73,15 @@ def plain():
     return ctypes.CDLL(str(build_library("plain")))
 
 
-# (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage; the
-# slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1:
+# (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage, the
+# backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2 tiles); the slow
+# tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1:
 # strips of 4; 16 x 16 otherwise: strips of 2) with B = 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
     ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
     ((1, 4, 5, 4, 2, 3, 2, "mul"), torch.float16),
+    ((2, 2, 68, 66, 1, 3, 4, "absdiff"), torch.float32),
     pytest.param((2, 4, 66, 33, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
     pytest.param((2, 3, 130, 66, 3, 7, 2, "mul"), torch.bfloat16, marks=pytest.mark.slow),
 ]

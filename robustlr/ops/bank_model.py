@@ -28,8 +28,10 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
     rows 2w and 2w + 1, each thread a vertical strip of R positions, ``cupy_backend.strip``):
     forward / backward_query read ``tile[ty*R*S*PW + tx + t*PW + lr_phase_col(b)]`` of a
     phase-ordered tile (``lr_load_phased``) for every strip row t and window column b, for
-    every staged channel; backward_input reads ``tile[(i_first - oi0)*PO + (j_first - oj0) +
-    t*PO + tj]`` for every tile origin modulo S."""
+    every staged channel; backward_query also adds into its thread row's key-gradient copy,
+    ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]`` (``cupy_backend.key_grad_pitch``);
+    backward_input reads ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every
+    tile origin modulo S."""
     K, S = kernel_size, stride
     R = cupy_backend.strip(kernel, K, S)
     tw, th = cupy_backend.TILE
@@ -39,11 +41,15 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
         if kernel in ("lr_forward", "lr_backward_query"):
             iw = (tw - 1) * S + K
             pw = cupy_backend.shared_pitch(iw, S, R * S)
+            copy = cupy_backend.key_grad_pitch(K, S, R)
             for row in range((R - 1) * S + K):
                 for b in range(K):
                     col = cupy_backend.phase_col(b, iw, S)
                     req = [ty * R * S * pw + tx + row * pw + col for tx, ty in lanes]
                     worst = max(worst, transactions(req))
+                    if kernel == "lr_backward_query":
+                        req = [ty * copy + tx + row * pw + col for tx, ty in lanes]
+                        worst = max(worst, transactions(req))
         elif kernel == "lr_backward_input":
             nc = (K - 1) // S + 1
             po = cupy_backend.plain_pitch((tw + S - 2) // S + nc, S, R)

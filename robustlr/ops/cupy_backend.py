@@ -12,10 +12,10 @@ pointers (which also works for bf16, which ``__cuda_array_interface__`` cannot d
 
 Forward saves x, q, k, geo (the prepared copies), its output y and a per-(b, g, i, j) fp32
 log-sum-exp. Backward runs two gather kernels, no atomics: ``lr_backward_query`` (grad q,
-D = sum gy * y from the saved y, and
-one partial sum of grad geo per block, reduced afterwards by ``torch.sum``, so grad geo is
-deterministic for a given GPU) and ``lr_backward_input`` (grad x and grad k). Its grid is sized
-from the device's SM count (``query_chunks``).
+one partial of grad k per output tile (``key_partials``) and one partial sum of grad geo per
+block, reduced afterwards by ``torch.sum``, so grad geo is deterministic for a given GPU; its grid
+is sized from the device's SM count, ``query_chunks``) and ``lr_backward_input`` (grad x, and
+grad k summed from the tile partials in a fixed order).
 
 The launch seam: the autograd Function plans every launch with pure functions of the shape
 (``plan_forward``, ``query_chunks``, ``plan_backward_query``, ``plan_backward_input``) and hands
@@ -125,15 +125,30 @@ def channel_chunk(fixed: int, per: int) -> int:
 
 def _query_tile(kernel_size: int, stride: int, strip: int) -> int:
     """``lr_query_tile``: floats of one staged tile of the forward / backward query."""
+    rows, cols = _query_rows_cols(kernel_size, stride, strip)
+    return rows * shared_pitch(cols, stride, strip * stride)
+
+
+def _query_rows_cols(kernel_size: int, stride: int, strip: int) -> tuple[int, int]:
+    """Input rows and columns staged under one output tile of the forward / backward query."""
     K, S = kernel_size, stride
-    rows = (TILE[1] * strip - 1) * S + K
-    return rows * shared_pitch((TILE[0] - 1) * S + K, S, strip * S)
+    return (TILE[1] * strip - 1) * S + K, (TILE[0] - 1) * S + K
 
 
-def _query_fixed(kernel_size: int, stride: int, strip: int) -> int:
-    """``lr_query_fixed``: lr_backward_query's shared floats besides its channel tiles."""
+def key_grad_pitch(kernel_size: int, stride: int, strip: int) -> int:
+    """``lr_key_grad_pitch``: floats of one thread row's copy of lr_backward_query's key
+    gradient."""
+    K, S = kernel_size, stride
+    rows = (strip - 1) * S + K
+    return padded_pitch(rows * shared_pitch(_query_rows_cols(K, S, strip)[1], S, strip * S), 1)
+
+
+def _query_fixed(kernel_size: int, stride: int, strip: int, copies: bool) -> int:
+    """``lr_query_fixed``: lr_backward_query's shared floats besides its channel tiles (with
+    ``copies``, its key-gradient copies too)."""
     K = kernel_size
-    return _query_tile(K, stride, strip) + 2 * K * K + K * RED_PITCH + K * 8
+    fixed = _query_tile(K, stride, strip) + 2 * K * K + K * RED_PITCH + K * 8
+    return fixed + (TILE[1] * key_grad_pitch(K, stride, strip) if copies else 0)
 
 
 def query_strip(kernel_size: int, stride: int) -> int:
@@ -142,9 +157,25 @@ def query_strip(kernel_size: int, stride: int) -> int:
     48 KB."""
     for strip in QUERY_STRIPS:
         tile = _query_tile(kernel_size, stride, strip)
-        if _query_fixed(kernel_size, stride, strip) + tile <= _SHARED_FLOATS:
+        if _query_fixed(kernel_size, stride, strip, False) + tile <= _SHARED_FLOATS:
             return strip
     return 1
+
+
+def key_grad_shared(kernel_size: int, stride: int) -> bool:
+    """Whether lr_backward_query's key-gradient copies fit in shared memory
+    (``lr_key_grad_shared``); where not, they live in a global workspace (``key_grad_work``)."""
+    R = query_strip(kernel_size, stride)
+    need = _query_fixed(kernel_size, stride, R, True) + _query_tile(kernel_size, stride, R)
+    return need <= _SHARED_FLOATS
+
+
+def key_grad_work(kernel_size: int, stride: int) -> int:
+    """Floats of global workspace per lr_backward_query block: its key-gradient copies where
+    they do not fit in shared memory, else 0."""
+    if key_grad_shared(kernel_size, stride):
+        return 0
+    return TILE[1] * key_grad_pitch(kernel_size, stride, query_strip(kernel_size, stride))
 
 
 def _forward_geo(kernel_size: int) -> int:
@@ -186,14 +217,14 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
         fixed = tile + _forward_geo(K)
-    elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc
+    elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk
         tile = _query_tile(K, S, R)
-        fixed = _query_fixed(K, S, R)
-    elif kernel == "lr_backward_input":  # s_q, s_lse, s_d, s_gy, s_geo
+        fixed = _query_fixed(K, S, R, key_grad_shared(K, S))
+    elif kernel == "lr_backward_input":  # s_q, s_lse, s_gy, s_geo
         nc = (K - 1) // S + 1
         out_h = (TILE[1] * R + S - 2) // S + nc
         tile = out_h * plain_pitch((TILE[0] + S - 2) // S + nc, S, R)
-        fixed = 3 * tile + K * K
+        fixed = 2 * tile + K * K
     else:
         raise KeyError(kernel)
     return tile, channel_chunk(fixed, tile), fixed
@@ -270,6 +301,14 @@ def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig
     if shape.batch * shape.out_height * shape.out_width <= 0:
         return None
     return _config("lr_backward_query", shape.groups * nchunks)
+
+
+def key_partials(kernel_size: int, stride: int, out_height: int, out_width: int) -> int:
+    """Floats of lr_backward_query's grad-k partials per (b, g) plane: one per staged input
+    position of each output tile."""
+    strip = query_strip(kernel_size, stride)
+    rows, cols = _query_rows_cols(kernel_size, stride, strip)
+    return _tiles(out_height, out_width, strip) * rows * cols
 
 
 def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
@@ -454,18 +493,23 @@ class _LocalRelationCupy(torch.autograd.Function):
         sizes = _sizes(shape)
 
         gq = torch.empty_like(q)
-        # D per output: written by lr_backward_query, read by lr_backward_input for grad k
-        dsum = torch.zeros_like(lse)
         nchunks = query_chunks(shape, launcher.multiprocessors)
         query = plan_backward_query(shape, nchunks)
-        # every entry is written by lr_backward_query; with no query position it is not launched
+        if not (need_q or need_k or need_geo):
+            query = None
+        # every entry is written by lr_backward_query; where it is not launched, zeros
         alloc = torch.empty if query is not None else torch.zeros
         geo_partial = alloc((G, K * K, nchunks), dtype=torch.float32, device=x.device)
+        partials = key_partials(K, shape.stride, shape.out_height, shape.out_width)
+        gk_partial = alloc((shape.batch * G * partials,), dtype=torch.float32, device=x.device)
+        # lr_backward_query's key-gradient copies where they do not fit in shared memory
+        work = G * nchunks * key_grad_work(K, shape.stride)
+        gk_work = torch.empty((work,), dtype=torch.float32, device=x.device)
         gx = torch.empty_like(x)
         gk = torch.empty_like(k)
         inputs = plan_backward_input(shape)
         with launcher.context():
-            if (need_q or need_k or need_geo) and query is not None:
+            if query is not None:
                 launcher.launch(
                     query,
                     (
@@ -477,7 +521,8 @@ class _LocalRelationCupy(torch.autograd.Function):
                         y,
                         gy,
                         gq,
-                        dsum,
+                        gk_partial,
+                        gk_work,
                         geo_partial,
                         *sizes,
                         np.int64(nchunks),
@@ -485,7 +530,7 @@ class _LocalRelationCupy(torch.autograd.Function):
                     ),
                 )
             if (need_x or need_k) and inputs is not None:
-                launcher.launch(inputs, (x, q, k, geo, lse, dsum, gy, gx, gk, *sizes, comp))
+                launcher.launch(inputs, (q, k, geo, lse, gy, gk_partial, gx, gk, *sizes, comp))
         grad_x = gx if need_x else None
         grad_q = gq.to(q_dtype) if need_q else None
         grad_k = gk.to(k_dtype) if need_k else None

@@ -80,7 +80,8 @@ EXTENTS = {
     "lse": "B*G*Ho*Wo",
     "gy": "B*C*Ho*Wo",
     "gq": "B*G*Ho*Wo",
-    "dsum": "B*G*Ho*Wo",
+    "gk_partial": "B*G*key_partials",
+    "gk_work": "G*nchunks*key_work",
     "geo_partial": "G*K*K*nchunks",
     "gx": "B*C*H*W",
     "gk": "B*G*H*W",
@@ -285,6 +286,11 @@ def check_launch(
             if type(value) is not want:
                 raise LaunchError(f"{name}: {pname} ({c}) packed as {type(value).__name__}")
             sizes[pname] = int(value)
+    if "Ho" in sizes:
+        sizes["key_partials"] = cupy_backend.key_partials(
+            kernel_size, stride, sizes["Ho"], sizes["Wo"]
+        )
+        sizes["key_work"] = cupy_backend.key_grad_work(kernel_size, stride)
     if "nchunks" in sizes and config.grid[0] != sizes["G"] * sizes["nchunks"]:
         raise LaunchError(f"{name}: grid {config.grid} is not G * nchunks blocks")
     values: list[Any] = []

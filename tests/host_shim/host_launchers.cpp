@@ -94,9 +94,10 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
 const std::vector<Entry>& registry() {
     static const std::vector<Entry> entries = {
 #ifdef LR_HOST_SMALL
-        // sanitizer builds: a few instantiations keep the build short (K = 7 and bf16 included)
+        // sanitizer builds: a few instantiations keep the build short (K = 7 and bf16 included;
+        // K = 3 at stride 4 keeps the backward query's key-gradient copies in global memory)
         LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(lr_half, 3, 2),
-        LR_ENTRIES(float, 7, 1), LR_ENTRIES(lr_bf16, 7, 2),
+        LR_ENTRIES(float, 7, 1), LR_ENTRIES(lr_bf16, 7, 2), LR_ENTRIES(float, 3, 4),
 #else
         LR_ENTRIES(float, 3, 1), LR_ENTRIES(float, 3, 2), LR_ENTRIES(float, 3, 3),
         LR_ENTRIES(float, 5, 1), LR_ENTRIES(float, 5, 2), LR_ENTRIES(float, 5, 3),
@@ -107,6 +108,7 @@ const std::vector<Entry>& registry() {
         // the largest stride whose kernels fit 48 KB of static shared memory at K = 13 and 3
         // (cupy_backend.kernels_fit)
         LR_ENTRIES(float, 13, 4), LR_ENTRIES(float, 3, 7),
+        LR_ENTRIES(float, 3, 4),  // the sanitizer builds' case of global key-gradient copies
         LR_ENTRIES(lr_half, 9, 2), LR_ENTRIES(lr_half, 11, 1), LR_ENTRIES(lr_half, 13, 3),
         LR_ENTRIES(lr_bf16, 9, 3), LR_ENTRIES(lr_bf16, 11, 2), LR_ENTRIES(lr_bf16, 13, 1),
         LR_ENTRIES(lr_half, 3, 1), LR_ENTRIES(lr_half, 3, 2), LR_ENTRIES(lr_half, 5, 2),
