@@ -548,14 +548,18 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         __syncthreads();
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
         lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
-        lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
+        // an output outside the image: lse LR_FAR_KEY, so its weights are exactly 0 (and its gy
+        // is staged as 0)
+        lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid,
+                                    LR_FAR_KEY);
 
         // the outputs covering the strip: i = i_first + t, j = j_first + tj
         const long long i_first = lr_floor_div(hs + P - K + STRIDE, STRIDE);
         const long long j_first = lr_floor_div(wc + P - K + STRIDE, STRIDE);
         const int sbase = (int)((i_first - oi0) * PO + (j_first - oj0));
-        const int a_first = (int)(hs + P - i_first * STRIDE);  // row offset of (t, r) = (0, 0)
-        const int b_first = (int)(wc + P - j_first * STRIDE);  // column offset of tj = 0
+        // row offset of (t, r) = (0, 0) and column offset of tj = 0 (K - 1 at stride 1)
+        const int a_first = STRIDE == 1 ? K - 1 : (int)(hs + P - i_first * STRIDE);
+        const int b_first = STRIDE == 1 ? K - 1 : (int)(wc + P - j_first * STRIDE);
         // the covering outputs that exist: bit t of out_rows (row i_first + t), bit tj of
         // out_cols (column j_first + tj)
         unsigned out_rows = 0, out_cols = 0;
@@ -598,6 +602,10 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 #pragma unroll
                 for (int c = 0; c < MC; ++c) gxv[r][c] = 0.0f;
             }
+            // Output rows unrolled (t a constant). At stride 1 every window column of the loop is
+            // in range and the pairs (r, t) are those with 0 <= t - r < K, known at compile time;
+            // an output outside the image has weight 0 by its staged lse and an input outside it
+            // is not stored: no test. At larger strides the pairs are tested (pair_rows).
             if (warp_live) {
 #pragma unroll 1
                 for (int tj = 0; tj < NC; ++tj) {
@@ -606,7 +614,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     unsigned col_rows[RI];  // pair_rows of this column (none where it is out)
 #pragma unroll
                     for (int r = 0; r < RI; ++r) col_rows[r] = col_ok ? pair_rows[r] : 0u;
-#pragma unroll 1
+#pragma unroll
                     for (int t = 0; t < NT; ++t) {
                         const int s = sbase + t * PO + tj;
                         const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
@@ -617,7 +625,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 #pragma unroll
                         for (int r = 0; r < RI; ++r) {
                             // window row a_first + r - t * STRIDE of hs + r in output row t
-                            const bool ok = (col_rows[r] >> t) & 1u;
+                            if (STRIDE == 1 && (t < r || t - r >= K)) continue;
+                            const bool ok = STRIDE == 1 || ((col_rows[r] >> t) & 1u);
                             const int o = ok ? o_first + r * K : 0;
                             const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
                             const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));

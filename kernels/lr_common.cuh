@@ -312,13 +312,13 @@ __host__ __device__ constexpr bool lr_key_grad_shared() {
            12288;
 }
 
-// Input rows per thread of lr_backward_input: 2 at stride 1 (each input holds 2 x MC gradient
-// accumulators; 4 rows would not fit 128 registers), 1 otherwise (at larger strides the outputs
-// covering adjacent input rows differ from row to row).
+// Input rows per thread of lr_backward_input: 4 at stride 1 (each input holds MC grad-x
+// accumulators; a staged output row read once serves the strip's 4 inputs), 1 otherwise (at
+// larger strides the outputs covering adjacent input rows differ from row to row).
 // robustlr.ops.cupy_backend.input_strip mirrors it.
 template <int K, int STRIDE>
 __host__ __device__ constexpr int lr_input_strip() {
-    return STRIDE == 1 ? 2 : 1;
+    return STRIDE == 1 ? 4 : 1;
 }
 
 // Channels of a group staged in shared memory at once (the window loops run over offsets
@@ -643,9 +643,9 @@ template <int ROWS, int COLS, int PITCH, int NP, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_stride,
                                              const T* __restrict__ src, long long src_stride,
                                              int n, long long r0, long long c0, long long H,
-                                             long long W, int tid) {
+                                             long long W, int tid, float outside = 0.0f) {
     lr_load_planes<ROWS, COLS, 1, PITCH, false, NP>(dst, dst_stride, src, src_stride, n, r0, c0,
-                                                    H, W, tid);
+                                                    H, W, tid, outside);
 }
 
 // Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works

@@ -197,7 +197,7 @@ def forward_strip(kernel_size: int, stride: int) -> int:
 
 def input_strip(kernel_size: int, stride: int) -> int:
     """Input rows per thread of lr_backward_input (``lr_input_strip``)."""
-    return 2 if stride == 1 else 1
+    return 4 if stride == 1 else 1
 
 
 def strip(kernel: str, kernel_size: int, stride: int) -> int:
