@@ -29,7 +29,9 @@ that tests every neighbour (it runs only where a prior logit is NaN). From v6 on
 hold no register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the
 peak. From v7 on the backward query writes one grad-k partial per staged position of each tile
 and the backward input reads them (instead of x and D); the backward query's tile-end sum of its
-key-gradient copies is counted from its SASS loops.
+key-gradient copies is counted from its SASS loops. From v5 on, the two guarded phases of the
+backward query's per-column grad-geo reduction (K * 8 and K threads) are counted for the warps
+that hold those threads (2 and 1 of 4 at K = 7), not for every warp.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -68,6 +70,9 @@ ASYNC_COPIES = ("v6", "v7")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
 MASK_BY_KEY = ("v6", "v7")
+#: Versions whose backward query reduces grad geo once per window column inside its column loop,
+#: in guarded blocks that only some warps run (counted for those warps).
+REDUCE_BY_THREADS = ("v5", "v6", "v7")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
 KEY_GRAD_IN_QUERY = ("v7",)
@@ -175,7 +180,18 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         else:  # strip rows unrolled: as many iterations as the window pairs take
             per_iteration = body.every["MUFU"] or body.every["FMNMX"]
             window_pairs = (nc if kernel == "lr_backward_input" else K) * K * R
-            runs = {op: window_pairs / per_iteration * n for op, n in body.every.items()}
+            iterations = window_pairs / per_iteration
+            every = body.every.copy()
+            if kernel == "lr_backward_query" and version in REDUCE_BY_THREADS:
+                # the grad-geo reduction of each window column: its first phase (the larger
+                # guarded block without exp) runs on the warps holding the K * 8 summing threads,
+                # its second on those holding the K offset threads, not on every warp
+                reduce = sorted((g for g in body.guarded if not g["MUFU"]), key=lambda g: g["LDS"])
+                warps = THREADS // 32
+                for block, threads in zip(reduce[-2:], (K, K * 8), strict=True):
+                    share = -(-threads // 32) / warps
+                    every.subtract({op: (1 - share) * n for op, n in block.items()})
+            runs = {op: iterations * n for op, n in every.items()}
         total.update(runs)
     if kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)

@@ -42,10 +42,12 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
 
 @dataclass(frozen=True)
 class Loop:
-    """One innermost loop: the ops every iteration runs and the window-pair blocks."""
+    """One innermost loop: the ops every iteration runs and the window-pair blocks; ``guarded``
+    lists the other blocks a forward branch may skip (also counted in ``every``)."""
 
     every: Counter
     pairs: list[Counter]
+    guarded: list[Counter]
 
 
 def sass_loops(text: str) -> list[Loop]:
@@ -70,13 +72,15 @@ def sass_loops(text: str) -> list[Loop]:
         outer = [
             r for r in skips if not any(o != r and o[0] < r[0] and r[1] <= o[1] for o in skips)
         ]
-        pairs, taken = [], set()
+        pairs, guarded, taken = [], [], set()
         for start, end in outer:
             block = [i for i in body if start < i.address < end]
             ops = Counter(i.op for i in block)
             if ops["MUFU"] == 1 or (ops["FMNMX"] == 1 and not ops["MUFU"]):
                 pairs.append(ops)
                 taken.update(i.address for i in block)
+            elif ops:
+                guarded.append(ops)
         every = Counter(i.op for i in body if i.address not in taken)
-        result.append(Loop(every, pairs))
+        result.append(Loop(every, pairs, guarded))
     return result
