@@ -284,6 +284,26 @@ def test_grad_geo_is_bitwise_reproducible(lib):
         assert torch.equal(again, runs[0])
 
 
+def test_grad_k_is_bitwise_reproducible_on_any_grid(lib):
+    """grad k is summed in fixed orders (each tile's key-gradient copies in thread-row order,
+    each input's tile partials in tile order), and a tile's partial does not depend on which
+    block runs it: repeated runs and backward-query grids of 2 and 4 blocks per group give the
+    same bits. 2 x 2 tiles of 16 x 16 outputs per plane, so inputs on the tile seams sum several
+    partials."""
+    x, q, k, geo, gy = make_case(1, 8, 30, 29, 8, 5, 1, seed=5)
+    needs = (False, False, True, False)
+    runs = []
+    for sms in (1, 1, 1000):
+        runs.append(backend_run(lib, x, q, k, geo, gy, 5, 1, "absdiff", needs=needs,
+                                multiprocessors=sms)[3])  # fmt: skip
+        chunks = backend_run.made[-1].records[0].config.grid[0] // 8
+        assert chunks == (2 if sms == 1 else 4)
+    want = naive_results(x, q, k, geo, gy, 5, 1, "absdiff")[3]
+    assert_close_rel(runs[0], want, 1e-5, "k")
+    for again in runs[1:]:
+        assert torch.equal(again, runs[0])
+
+
 def test_query_chunking_from_sm_count(lib):
     """The backward-query grid follows the SM count; the results do not."""
     # m = 1; 4 tiles per group (2 images x 2 tiles of 16 x 16 outputs: strips of 2 rows)
