@@ -50,9 +50,14 @@ def init_distributed(device: str) -> DistContext:
     return DistContext(rank, world, local_rank, dev)
 
 
-def close_distributed(ctx: DistContext) -> None:
-    """Leave the process group (if this module joined one)."""
+def close_distributed(ctx: DistContext, *, completed: bool = False) -> None:
+    """Leave the process group (if this module joined one). ``completed``: this rank finished
+    its work normally, so it first waits for the others (a rank that tears gloo down while a
+    peer still runs can abort that peer: "terminate called without an active exception"); a
+    rank that failed leaves at once (torchrun stops its peers)."""
     if ctx.distributed and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -165,8 +165,10 @@ def eval_command(
     try:
         _evaluate(dist_ctx, specs, checkpoint, runs_root, limit, split, data, allow_other_data,
                   batch_size, out_csv, examples_dir, external)  # fmt: skip
-    finally:
+    except BaseException:
         close_distributed(dist_ctx)
+        raise
+    close_distributed(dist_ctx, completed=True)
 
 
 def _evaluate(

@@ -116,9 +116,12 @@ def train(
     hook = hook if hook is not None else training_hook(config)
     ctx = init_distributed(config.device)
     try:
-        return _Run(config, ctx, on_event, hook, resume).run()
-    finally:
+        result = _Run(config, ctx, on_event, hook, resume).run()
+    except BaseException:
         close_distributed(ctx)
+        raise
+    close_distributed(ctx, completed=True)
+    return result
 
 
 class _SkipSampler(Sampler[int]):
