@@ -29,7 +29,8 @@ that tests every neighbour (it runs only where a prior logit is NaN). From v6 on
 hold no register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the
 peak. From v7 on the backward query writes one grad-k partial per staged position of each tile
 and the backward input reads them (instead of x and D); the backward query's tile-end sum of its
-key-gradient copies is counted from its SASS loops. From v5 on, the two guarded phases of the
+key-gradient copies and the backward input's grad-k gather are counted from their SASS loops.
+From v5 on, the two guarded phases of the
 backward query's per-column grad-geo reduction (K * 8 and K threads) are counted for the warps
 that hold those threads (2 and 1 of 4 at K = 7), not for every warp.
 
@@ -200,6 +201,23 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     else:
         rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
     total.update({op: tiles * loader_trips(rows, cols, batch) * n for op, n in loader.items()})
+    if kernel == "lr_backward_input" and version in KEY_GRAD_IN_QUERY:
+        # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
+        # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
+        # per input (the tile columns unrolled into one iteration)
+        query_rows = (TILE_H * cupy_backend.query_strip(K, S) - 1) * S + K
+        trips = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
+        gather = [
+            lp
+            for lp in loops
+            if lp not in window
+            and lp not in loaders
+            and lp.every["LDG"]
+            and lp.every["FADD"]
+            and not (lp.every["STS"] or lp.every["STG"] or lp.every["LDS"])
+        ]
+        for lp in gather:
+            total.update({op: trips * n for op, n in lp.every.items()})
     if kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
         # THREADS per thread) the loop that stores its partial (one STG) and the loop over the
