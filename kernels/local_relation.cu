@@ -323,7 +323,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
-    constexpr int GS = S::GS, RS = R * STRIDE;
+    // copies[ty * STEP + s] is thread row ty's copy of staged index s (a row's strips start
+    // RS staged rows, RS * PW floats, below the previous row's; its copy GS floats after it)
+    constexpr int GS = S::GS, RS = R * STRIDE, STEP = GS - RS * PW;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
     const int g = (int)(blockIdx.x / (unsigned)nchunks);
@@ -331,8 +333,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
     const int base = ty * R * STRIDE * PW + tx;
-    float* const copies = S::GK_SHARED ? s_gk : gk_work + (long long)blockIdx.x * (LR_TILE_H * GS);
-    const int gbase = ty * (GS - RS * PW);  // staged index s of this thread: copies[gbase + s]
+    float* const copies =
+        S::GK_SHARED ? s_gk : gk_work + (long long)blockIdx.x * (LR_TILE_H * GS);
+    const int gbase = ty * STEP;  // staged index s of this thread: copies[gbase + s]
     lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
     for (int e = tid; e < LR_TILE_H * GS; e += LR_THREADS) copies[e] = 0.0f;
@@ -437,8 +440,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         }
         // the copies are complete: the barriers of the last window column's grad-geo reduction
         // order every addition before this. Staged position (row, col) is read by the strips
-        // of the thread rows rt with 0 <= row - rt * RS < NT, at
-        // copies[rt * GS + (row - rt * RS) * PW + phase column].
+        // of the thread rows rt with 0 <= row - rt * RS < NT, at copies[rt * STEP + slot].
         float* const out = gk_partial + ((b * G + g) * tiles_h * tiles_w + th * tiles_w + tw) *
                                             (IH * IW);
         for (int e = tid; e < IH * IW; e += LR_THREADS) {
@@ -447,8 +449,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
             const int rt_last = row / RS < LR_TILE_H - 1 ? row / RS : LR_TILE_H - 1;
             float v = 0.0f;
             for (int rt = rt_first; rt <= rt_last; ++rt) {
-                v += copies[rt * (GS - RS * PW) + slot];
-                copies[rt * (GS - RS * PW) + slot] = 0.0f;  // for the next tile
+                float& copy = copies[rt * STEP + slot];
+                v += copy;
+                copy = 0.0f;  // for the next tile
             }
             out[e] = v;
         }
@@ -481,15 +484,15 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
 }
 
 // grad k at input (h, w) of one (b, g) plane: the sum, in tile order, of lr_backward_query's
-// partials (`partials`: that plane's) of the tiles whose staged positions hold it.
+// partials (`partials`: that plane's, tiles_h x tiles_w tiles) of the tiles whose staged
+// positions hold it.
 template <int K, int STRIDE>
 __device__ __forceinline__ float lr_gather_key_grad(const float* __restrict__ partials,
-                                                    long long h, long long w, long long Ho,
-                                                    long long Wo) {
+                                                    long long h, long long w, long long tiles_h,
+                                                    long long tiles_w) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, IH = S::IH, IW = S::IW;
     constexpr long long ROWS = S::OTH * STRIDE, COLS = LR_TILE_W * STRIDE;  // tile steps
-    const long long tiles_h = (Ho + S::OTH - 1) / S::OTH, tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     // tile th stages input rows [th * ROWS - P, th * ROWS - P + IH)
     const long long th_first = lr_floor_div(h + P - IH, ROWS) + 1;
     const long long th_last = (h + P) / ROWS < tiles_h - 1 ? (h + P) / ROWS : tiles_h - 1;
@@ -526,9 +529,10 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + ITH - 1) / ITH;
-    // floats of lr_backward_query's partials per (b, g) plane
-    const long long plane_partials = (Ho + QS::OTH - 1) / QS::OTH *
-                                     ((Wo + LR_TILE_W - 1) / LR_TILE_W) * (QS::IH * QS::IW);
+    // lr_backward_query's tiles per (b, g) plane, and the floats of their grad-k partials
+    const long long query_tiles_h = (Ho + QS::OTH - 1) / QS::OTH;
+    const long long query_tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
+    const long long plane_partials = query_tiles_h * query_tiles_w * (QS::IH * QS::IW);
 
     // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
     for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
@@ -650,8 +654,9 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
             if (!in_ok[r]) continue;
-            const float v = lr_gather_key_grad<K, STRIDE>(gk_partial + (b * G + g) * plane_partials,
-                                                          hs + r, wc, Ho, Wo);
+            const float v = lr_gather_key_grad<K, STRIDE>(
+                gk_partial + (b * G + g) * plane_partials, hs + r, wc, query_tiles_h,
+                query_tiles_w);
             lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, v);
         }
     }
