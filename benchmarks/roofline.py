@@ -4,14 +4,16 @@ For each LR-Net-26 stage shape (batch 32, K = 7, m = 8, stride 1, fp32, the defa
 composability) and kernel, the model derives a time from four resources, each counted from the
 compiled kernels, not from assumed factors:
 
-- issue slots, MUFU (exp) and shared-memory requests: dynamic counts per thread from the sm_90
+- issue slots, MUFU (exp) and shared-memory wavefronts: dynamic counts per thread from the sm_90
   SASS of the kernels' own loops (``sass_loops``). Each innermost loop is split into the part
   every iteration runs and the window-pair blocks (the regions a forward branch skips, holding
   one MUFU.EX2 or FMNMX); a window loop runs NT iterations per window column and one pair block
   per (strip position, window offset) pair, the column loops K (or NC) times, the tile loaders
-  their trip counts. Per position = per thread / strip height. Rates per SM and clock: 4 warp
-  instructions issued, 0.5 MUFU warp instructions (16 lanes), 1 shared-memory transaction
-  (every window read is one, ``robustlr.ops.bank_model``);
+  their element slots (per plane of a tile, over the planes staged side by side). Per position
+  = per thread / strip height. Rates per SM and clock: 4 warp instructions issued, 0.5 MUFU
+  warp instructions (16 lanes), 1 shared-memory wavefront (a window read is the fewest its
+  width allows, ``robustlr.ops.bank_model``: 1 for a 4-byte load or store, 2 for LDS.64, 4 for
+  LDS.128);
 - DRAM: bytes moved (low: every tensor once, halos hit in L2; high: every halo from DRAM), at
   the lower of the peak bandwidth and what the loads in flight sustain (Little's law: resident
   warps x loads in flight per warp x 128 B per DRAM latency); resident warps from ptxas's
@@ -21,9 +23,9 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3 to v6 are issue 19's earlier kernels, compiled
-from git (COMMITS) by the same method; v7 (v6 with grad k formed by the backward query) is the
-working tree. From v5 on, the forward's sqdiff path is counted without its pass 1 (the fallback of
+microbenchmarks give 480-700 ns). Versions: v3 to v7 are issue 19's earlier kernels, compiled
+from git (COMMITS) by the same method; v8 (v7 with the staged channels side by side, read by
+vector loads) is the working tree. From v5 on, the forward's sqdiff path is counted without its pass 1 (the fallback of
 a strip whose weights underflow from the bound), and from v6 on without the variant of pass 2
 that tests every neighbour (it runs only where a prior logit is NaN). From v6 on the fp32 copies
 hold no register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the
@@ -32,7 +34,9 @@ and the backward input reads them (instead of x and D); the backward query's til
 key-gradient copies and the backward input's grad-k gather are counted from their SASS loops.
 From v5 on, the two guarded phases of the
 backward query's per-column grad-geo reduction (K * 8 and K threads) are counted for the warps
-that hold those threads (2 and 1 of 4 at K = 7), not for every warp.
+that hold those threads (2 and 1 of 4 at K = 7), not for every warp. In every version the
+backward query's delta loop (D = sum_c gy_c y_c per output, from global memory) is counted
+from its SASS loops.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -54,29 +58,35 @@ THREADS = TILE_W * TILE_H
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
 B, K, M, S, F = 32, 7, 8, 1, 4  # batch, window, channels per group, stride, bytes per value
 KERNELS = nvrtc.KERNEL_NAMES
-SHARED_OPS = ("LDS", "STS")
+#: Shared-memory wavefronts of one conflict-free warp request per opcode (a vector access of
+#: 2 or 4 words per lane takes 2 or 4).
+SHARED_OPS = {"LDS": 1, "STS": 1, "LDS.64": 2, "STS.64": 2, "LDS.128": 4, "STS.128": 4}
 
 
 #: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the
 #: working tree is CURRENT.
-COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099", "v6": "4978dae"}
-CURRENT = "v7"
+COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099", "v6": "4978dae", "v7": "97f0573"}
+CURRENT = "v8"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
-STRIPS = {"v3": (1, 1, 1), "v4": (4, 4, 2), "v5": (2, 2, 2), "v6": (4, 2, 2)}
+STRIPS = {"v3": (1, 1, 1), "v4": (4, 4, 2), "v5": (2, 2, 2), "v6": (4, 2, 2), "v7": (4, 2, 4)}
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7")
+ASYNC_COPIES = ("v6", "v7", "v8")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7")
+MASK_BY_KEY = ("v6", "v7", "v8")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7",)
+KEY_GRAD_IN_QUERY = ("v7", "v8")
+#: Versions whose channel tiles hold their staged channels side by side at each position, read
+#: by vector loads (cupy_backend.vector_width), and whose loader copies one plane of each group
+#: per thread.
+VECTOR_CHANNELS = ("v8",)
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -122,10 +132,20 @@ def compile_version(kernel: str, source: str) -> nvrtc.CompiledProgram:
 # ---- per-thread dynamic counts ------------------------------------------------------------------
 
 
-def loader_trips(rows: int, cols: int, batch: int) -> int:
-    """Batches of the tile loader per plane of one ROWS x COLS tile."""
-    trips = -(-rows * cols // THREADS)
-    return -(-trips // min(trips, batch))
+def loader_slots(rows: int, cols: int, batch: int, width: int = 1) -> float:
+    """Element slots a loader thread runs per plane of one ROWS x COLS tile whose planes are
+    staged in groups of ``width`` side by side (a thread copies one plane of each group): the
+    group's trips, in batches of up to ``batch`` (a partial last batch runs whole), over the
+    ``width`` planes of the group."""
+    trips = -(-rows * cols * width // THREADS)
+    step = min(trips, batch)
+    return -(-trips // step) * step / width
+
+
+def loader_slots_per_iteration(loop) -> int:
+    """Element slots of one iteration of a tile-loader loop: its asynchronous copies, or (the
+    register path) its shared stores."""
+    return loop.every["LDGSTS"] or loop.every["STS"]
 
 
 def strip_of(kernel: str, version: str) -> int:
@@ -161,8 +181,12 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         and lp.every["ISETP"] > 1
         and lp not in window
     ]
-    loader = sum((lp.every for lp in loaders), Counter())
+    # ops per element slot, averaged over the loader loops
+    loader = Counter()
+    for lp in loaders:
+        loader.update({op: n / loader_slots_per_iteration(lp) for op, n in lp.every.items()})
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})
+    width = cupy_backend.vector_width(kernel, K, S) if version in VECTOR_CHANNELS else 1
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
     total = Counter()
     for body in window:
@@ -197,10 +221,10 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     if kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
         rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
-        tiles = staged + M
     else:
-        rows, cols, tiles = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1 + M
-    total.update({op: tiles * loader_trips(rows, cols, batch) * n for op, n in loader.items()})
+        rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
+    slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
+    total.update({op: slots * n for op, n in loader.items()})
     if kernel == "lr_backward_input" and version in KEY_GRAD_IN_QUERY:
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
@@ -233,6 +257,28 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         positions = -(-rows * cols // THREADS)
         for lp in tile_end:
             total.update({op: positions * n for op, n in lp.every.items()})
+    if kernel == "lr_backward_query":
+        # the delta D = sum_c gy_c y_c of each strip output, from global memory: the loops with
+        # global loads and FFMAs and no shared access, unrolled by the compiler with remainder
+        # loops (channels per trip = their FFMAs): over the m channels greedily, largest first;
+        # a loop no smaller than the one before starts the next output's channels
+        delta = [
+            lp
+            for lp in loops
+            if lp not in window
+            and lp not in loaders
+            and lp.every["LDG"] >= 2
+            and lp.every["FFMA"]
+            and not (lp.every["LDS"] or lp.every["STS"] or lp.every["STG"])
+        ]
+        remaining, previous = 0, 0
+        for lp in delta:
+            per_trip = lp.every["FFMA"]
+            if per_trip >= previous:
+                remaining = M
+            trips, previous = remaining // per_trip, per_trip
+            remaining -= trips * per_trip
+            total.update({op: trips * n for op, n in lp.every.items()})
     if kernel == "lr_backward_query" and version == "v4":
         # the fixed-order reduction per window column (outside v4's rolled strip-row loop; inside
         # v3's window loop and v5's column loop): 16 + 8 shared reads and adds by a quarter of
@@ -265,7 +311,8 @@ def predict(
     warps = B * G * warps_per_plane
     issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
     mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
-    shared = warps * sum(counts[op] for op in SHARED_OPS) / (SHARED_PER_CLOCK * SMS * CLOCK)
+    wavefronts = sum(counts[op] * n for op, n in SHARED_OPS.items())
+    shared = warps * wavefronts / (SHARED_PER_CLOCK * SMS * CLOCK)
     ih = (rows - 1) * S + K
     halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
     oh = (rows + S - 2) // S + NCOV
@@ -314,7 +361,7 @@ def main() -> None:
             counts[version, kernel] = per_thread(kernel, version, text, batches[version])
     print("Per position (per thread / strip), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
     print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
-          "| shared requests |")  # fmt: skip
+          "| shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for kernel in KERNELS:
         for version in versions:
@@ -322,7 +369,7 @@ def main() -> None:
             blocks, _ = nvrtc.occupancy(u, "sm_90")
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
                   f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
-                  f"| {sum(c[o] for o in SHARED_OPS) / strip:.0f} |")  # fmt: skip
+                  f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / strip:.0f} |")  # fmt: skip
     print()
     print("| stage (CxHxW) | kernel | version | bound by | predicted us "
           "| issue us | smem us | MUFU us | DRAM us |")  # fmt: skip

@@ -1,6 +1,6 @@
-// Local relation op, CUDA kernels v7 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// Local relation op, CUDA kernels v8 (DESIGN.md §1): tiled, register-blocked strips unrolled over
 // their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+, grad k formed
-// by the backward query.
+// by the backward query, staged channels side by side and read by vector loads.
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
@@ -17,7 +17,9 @@
 // of R positions (register blocking, lr_common.cuh: R = lr_forward_strip outputs in the
 // forward, lr_query_strip in the backward query, R = lr_input_strip inputs in the backward
 // input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo
-// and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32). The window loops
+// and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32), the channels in
+// groups of V side by side at each position (lr_vec_width: 4 in the backward kernels, 2 in the
+// forward, whose accumulators leave no registers for quads), read with one V-word load. The window loops
 // run over window columns outside and the strip's rows inside (unrolled in the forward and
 // backward query, lr_strip_columns): a window word read from shared memory once serves every
 // position of the strip whose window holds it, so a thread holds R x MC accumulators, never a
@@ -65,10 +67,15 @@ struct lr_query_shape {
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
     static constexpr int MC_FORWARD = lr_chunk<TF + lr_forward_geo<K>(), TF>();
+    // channels side by side (lr_vec_width): quads, but one at a time in the forward at strips
+    // of 4, whose 4 x MC accumulators leave no registers for them (pairs or quads spilled 4-20
+    // bytes under the 128-register cap)
+    static constexpr int V_FORWARD = R == 4 ? 1 : lr_vec_width<MC_FORWARD>();
     // backward query: its key-gradient copies (LR_TILE_H of GS floats) in shared memory or not
     static constexpr bool GK_SHARED = lr_key_grad_shared<K, STRIDE>();
     static constexpr int GS = lr_key_grad_pitch<K, STRIDE, R>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R, GK_SHARED>(), TF>();
+    static constexpr int V_QUERY = lr_vec_width<MC_QUERY>();
 };
 
 // Tile geometry of lr_backward_input: strips of RI inputs, tiles of LR_TILE_W x ITH inputs; the
@@ -87,6 +94,7 @@ struct lr_input_shape {
     static constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();
     static constexpr int TO = OH * PO;
     static constexpr int MC = lr_chunk<2 * TO + K * K, TO>();
+    static constexpr int V = lr_vec_width<MC>();  // gy channels side by side
 };
 
 // Call FN<T, K, STRIDE, COMP>(...) for the runtime composability code comp: the window loops
@@ -112,6 +120,7 @@ __device__ __forceinline__ void lr_forward_tiles(
     using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_FORWARD;
+    constexpr int V = S::V_FORWARD;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (Ho + OTH - 1) / OTH;
@@ -194,8 +203,8 @@ __device__ __forceinline__ void lr_forward_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            lr_load_phased<IH, IW, STRIDE, PW, MC>(s_x, TF, x + (b * C + cc) * H * W, H * W, nc,
-                                                   r0, c0, H, W, tid);
+            lr_load_phased<IH, IW, STRIDE, PW, MC, V>(s_x, TF, x + (b * C + cc) * H * W, H * W,
+                                                      nc, r0, c0, H, W, tid);
             __syncthreads();
             if (!exact && cc == c_first) {
 #pragma unroll
@@ -217,7 +226,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                         win, base, s_geo, true,
                         [&](int t, int s, bool ok, const float* gw) {
                             float xv[MC];
-                            const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                            const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
                             lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
                                 const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
                                 const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
@@ -264,8 +273,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
+    LR_SHARED_VECTORS(float, s_x, S::MC_FORWARD * S::TF);
     LR_SHARED(float, s_k, S::TF);
-    LR_SHARED(float, s_x, S::MC_FORWARD * S::TF);
     LR_SHARED(float, s_geo, lr_forward_geo<K>());
     LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
@@ -323,6 +332,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
+    constexpr int V = S::V_QUERY;
     // copies[ty * STEP + s] is thread row ty's copy of staged index s (a row's strips start
     // RS staged rows, RS * PW floats, below the previous row's; its copy GS floats after it)
     constexpr int GS = S::GS, RS = R * STRIDE, STEP = GS - RS * PW;
@@ -384,8 +394,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
             const int nc = mg - cg < MC ? mg - cg : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            lr_load_phased<IH, IW, STRIDE, PW, MC>(s_x, TF, x + (b * C + c_first + cg) * H * W,
-                                                   H * W, nc, r0, c0, H, W, tid);
+            lr_load_phased<IH, IW, STRIDE, PW, MC, V>(s_x, TF, x + (b * C + c_first + cg) * H * W,
+                                                      H * W, nc, r0, c0, H, W, tid);
             __syncthreads();
             float gyv[R][MC];
 #pragma unroll
@@ -407,7 +417,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     }
                     lr_shift_in<L>(gg, 0.0f);
                     float xv[MC];
-                    const float kv = lr_read_staged<MC, TF>(s_k, s_x, s, xv);
+                    const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
                     float gkv = 0.0f;  // the strip's key gradient at s
                     lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
                         // (outside the image: LR_FAR_KEY, p = 0, except mul)
@@ -471,8 +481,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     long long nchunks, int comp) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
+    LR_SHARED_VECTORS(float, s_x, S::MC_QUERY * S::TF);
     LR_SHARED(float, s_k, S::TF);
-    LR_SHARED(float, s_x, S::MC_QUERY * S::TF);
     LR_SHARED(float, s_geo, K * K);
     LR_SHARED(float, s_row, K * LR_RED_PITCH);
     LR_SHARED(float, s_part, K * 8);
@@ -525,7 +535,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     using S = lr_input_shape<K, STRIDE>;
     using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, RI = S::RI, ITH = S::ITH, NC = S::NC, NT = S::NT;
-    constexpr int OH = S::OH, OW = S::OW, PO = S::PO, TO = S::TO, MC = S::MC;
+    constexpr int OH = S::OH, OW = S::OW, PO = S::PO, TO = S::TO, MC = S::MC, V = S::V;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = (H + ITH - 1) / ITH;
@@ -597,8 +607,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_gy
-            lr_load_tile<OH, OW, PO, MC>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo, nc, oi0,
-                                         oj0, Ho, Wo, tid);
+            lr_load_tile<OH, OW, PO, MC, V>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo, nc,
+                                            oi0, oj0, Ho, Wo, tid);
             __syncthreads();
             float gxv[RI][MC];
 #pragma unroll
@@ -624,8 +634,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                         const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
                         const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E;
                         float gyc[MC];
-#pragma unroll
-                        for (int c = 0; c < MC; ++c) gyc[c] = s_gy[c * TO + s];  // 0 past nc
+                        lr_read_channels<MC, TO, V>(s_gy, s, gyc);  // 0 past nc
 #pragma unroll
                         for (int r = 0; r < RI; ++r) {
                             // window row a_first + r - t * STRIDE of hs + r in output row t
@@ -670,13 +679,13 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     using S = lr_input_shape<K, STRIDE>;
-    // q, lse and the MC gy tiles in one array: the window loop reads them at one address plus
-    // constant offsets
-    LR_SHARED(float, s_out, (2 + S::MC) * S::TO);
+    // the MC gy tiles (first: 16-byte aligned for lr_read_channels), q and lse in one array: the
+    // window loop reads them at one address plus constant offsets
+    LR_SHARED_VECTORS(float, s_out, (2 + S::MC) * S::TO);
     LR_SHARED(float, s_geo, K * K);
-    float* const s_q = s_out;
-    float* const s_lse = s_out + S::TO;
-    float* const s_gy = s_out + 2 * S::TO;
+    float* const s_gy = s_out;
+    float* const s_q = s_out + S::MC * S::TO;
+    float* const s_lse = s_q + S::TO;
     LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, q, k, geo, lse, gy, gk_partial, gx, gk, B,
                         C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
 }

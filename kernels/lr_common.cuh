@@ -189,10 +189,13 @@ __device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
 
 // ---- shared memory ----------------------------------------------------------------------------
 
-// A static shared array. The CUDA execution emulator of the tests (tests/host_shim) defines its
-// own, which poisons the array at the start of every block and keeps concurrent blocks apart.
+// A static shared array; LR_SHARED_VECTORS one read by vector loads (lr_read_vec), 16-byte
+// aligned, declared first in its kernel so that ptxas pads no other array. The CUDA execution
+// emulator of the tests (tests/host_shim) defines its own (heap buffers, 16-byte aligned), which
+// poisons the array at the start of every block and keeps concurrent blocks apart.
 #ifndef LR_SHARED
 #define LR_SHARED(T, name, count) __shared__ T name[count]
+#define LR_SHARED_VECTORS(T, name, count) __shared__ alignas(16) T name[count]
 #endif
 
 // ---- tiles --------------------------------------------------------------------------------
@@ -441,14 +444,56 @@ __device__ __forceinline__ void lr_strip_pairs(int t, PAIR pair) {
     }
 }
 
-// The key at shared index s of a staged k tile, and the MC staged channels of x (tiles of TF
-// floats) at the same index into xv (the loader fills the channels past a ragged group with 0).
-template <int MC, int TF>
+// Channels of a staged chunk of MC that sit side by side at each position (4, 2 or 1: the
+// largest that divides MC): the chunk is stored as MC / V groups of V * TF floats (TF floats per
+// channel tile), channel c of staged position s at (c / V) * V * TF + s * V + c % V, so that a
+// window step reads each group with one V-word shared load (LDS.128 at V = 4: a warp request
+// of 4 wavefronts instead of 4 requests of one; the same shared bandwidth, a quarter of the
+// instructions). robustlr.ops.cupy_backend.vector_width mirrors it.
+template <int MC>
+__host__ __device__ constexpr int lr_vec_width() {
+    return MC % 4 == 0 ? 4 : (MC % 2 == 0 ? 2 : 1);
+}
+
+template <int V>
+struct alignas(4 * V) lr_vec {
+    float v[V];
+};
+
+// out[e] = p[i * V + e], e < V, for p in shared memory: one V-word load on the GPU (p + i * V
+// must be 4 * V-byte aligned: a GPU faults on a misaligned vector load, and so does the CUDA
+// execution emulator of the tests).
+template <int V>
+__device__ __forceinline__ void lr_read_vec(const float* __restrict__ p, int i, float* out) {
+#ifdef __CUDA_ARCH__
+    const lr_vec<V> w = reinterpret_cast<const lr_vec<V>*>(p)[i];
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = w.v[e];
+#else
+#ifdef LR_EMU_CHECK_ALIGNMENT
+    LR_EMU_CHECK_ALIGNMENT(p + i * V, 4 * V);
+#endif
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = p[i * V + e];
+#endif
+}
+
+// The MC staged channels (groups of V tiles of TF floats, lr_vec_width) at staged index s into
+// xv (the loader fills the channels past a ragged group with 0).
+template <int MC, int TF, int V>
+__device__ __forceinline__ void lr_read_channels(const float* __restrict__ s_x, int s,
+                                                 float* xv) {
+#pragma unroll
+    for (int c = 0; c < MC; c += V) lr_read_vec<V>(s_x + c * TF, s, xv + c);
+}
+
+// The key at shared index s of a staged k tile, and the MC staged channels of x at the same
+// index into xv (lr_read_channels).
+template <int MC, int TF, int V>
 __device__ __forceinline__ float lr_read_staged(const float* __restrict__ s_k,
                                                 const float* __restrict__ s_x, int s, float* xv) {
     const float kv = s_k[s];
-#pragma unroll
-    for (int c = 0; c < MC; ++c) xv[c] = s_x[c * TF + s];
+    lr_read_channels<MC, TF, V>(s_x, s, xv);
     return kv;
 }
 
@@ -544,48 +589,62 @@ __device__ __forceinline__ const P* lr_opaque(const P* v) {
 // Copy NP planes into shared memory as fp32: plane p < n is the ROWS x COLS window, top-left
 // corner (r0, c0), of the (H, W) plane at src + p * src_stride, with `outside` where the window
 // leaves the plane; planes n <= p < NP are zeros (the channels past a ragged group). Element
-// (row, col) of plane p goes to dst[p * dst_stride + row * PITCH + (PHASED ?
-// lr_phase_col<COLS, STRIDE>(col) : col)]. All threads of the block take part (tid in
-// [0, LR_THREADS)). The planes share one geometry: each thread works out its elements' plane
-// offsets and shared indices once per batch of LR_LOAD_BATCH elements and reuses them for every
-// plane. Pipelined: constant trip counts; with lr_copies_async<T> (fp32 on sm_80+) every element
-// is one lr_copy_async and a thread waits once, for all its planes, before it returns;
-// otherwise a thread issues the batch's global loads of a plane before the first of their shared
-// stores (one memory latency per batch and plane).
-template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, typename T>
+// (row, col) of plane p goes to dst[(p / V) * V * dst_stride + idx * V + p % V] with idx =
+// row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col): groups of V planes side by
+// side at each position (lr_vec_width; V = 1: plane p at p * dst_stride). All threads of the
+// block take part (tid in [0, LR_THREADS)); thread tid copies plane tid % V of each group, so
+// a warp stores 32 / V positions x V planes, 32 consecutive words where the positions are. The
+// planes share one geometry: each thread works out its elements' plane offsets and shared
+// indices once per batch of LR_LOAD_BATCH elements and reuses them for every group.
+// Pipelined: constant trip counts; with lr_copies_async<T> (fp32 on sm_80+) every element is
+// one lr_copy_async and a thread waits once, for all its planes, before it returns; otherwise
+// a thread issues the batch's global loads of a group before the first of their shared stores
+// (one memory latency per batch and group).
+template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, int V, typename T>
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
                                                long long W, int tid, float outside = 0.0f) {
-    constexpr int N = ROWS * COLS;
+    static_assert(NP % V == 0 && LR_THREADS % V == 0, "whole groups of planes");
+    constexpr int N = ROWS * COLS * V;  // elements of one group: (position, plane in group)
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
     // the elements' geometry is worked out here, not kept across tiles; tid < LR_THREADS lets
     // the compiler drop the tile-end test of every trip but the last
     tid = lr_opaque(tid) & (LR_THREADS - 1);
+    const int lane_plane = tid % V;  // the plane of each group this thread copies
+    dst += lane_plane;
+    src += lane_plane * src_stride;
 #pragma unroll 1
     for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
         long long off[BATCH];  // offset in the plane, -1 outside it
         int to[BATCH];         // shared index, -1 past the tile
 #pragma unroll
         for (int t = 0; t < BATCH; ++t) {
-            const int e = tid + (t0 + t) * LR_THREADS;
+            const int e = (tid + (t0 + t) * LR_THREADS) / V;  // the position
             const int row = e / COLS, col = e % COLS;
             const long long r = r0 + row, c = c0 + col;
-            off[t] = e < N && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
-            to[t] = e < N ? row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col) : -1;
+            off[t] = e < N / V && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
+            to[t] = e < N / V
+                        ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
+                        : -1;
         }
         if constexpr (lr_copies_async<T>::value) {
-            // per element: its source in plane 0 (the plane's start outside it: not read)
+            // per element: its source in the group's first plane (the plane's start outside
+            // it: not read)
             const T* from[BATCH];
 #pragma unroll
             for (int t = 0; t < BATCH; ++t) from[t] = lr_opaque(src + (off[t] >= 0 ? off[t] : 0));
+            // the groups whose V planes are all copied, then the rest: this thread's plane
+            // copied, or past n a zero fill (as where the window leaves the plane, unless
+            // `outside` is not 0)
+            const int whole = n / V * V;
 #pragma unroll 1
-            for (int p = 0; p < n; ++p) {
+            for (int p = 0; p < whole; p += V) {
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
                     if (to[t] < 0) continue;
-                    if (off[t] >= 0 || outside == 0.0f) {  // outside the plane: a zero fill
+                    if (off[t] >= 0 || outside == 0.0f) {
                         lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
                                       off[t] >= 0);
                     } else {
@@ -594,19 +653,27 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 }
             }
 #pragma unroll 1
-            for (int p = n; p < NP; ++p) {
+            for (int p = whole; p < NP; p += V) {
+                const bool copied = p + lane_plane < n;
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
-                    if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], 0.0f);
+                    if (to[t] < 0) continue;
+                    const bool inside = copied && off[t] >= 0;
+                    if (inside || outside == 0.0f) {
+                        lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
+                                      inside);
+                    } else {
+                        lr_store_shared(dst + p * dst_stride, to[t], copied ? outside : 0.0f);
+                    }
                 }
             }
         } else {
             const T* next = src;
 #pragma unroll 1
-            for (int p = 0; p < NP; ++p, next += src_stride) {
+            for (int p = 0; p < NP; p += V, next += V * src_stride) {
                 // (a null plane rather than a test of p: with the test, ptxas put the batch's
                 // shared stores between its global loads, one memory latency per store)
-                const T* plane = p < n ? next : nullptr;
+                const T* plane = p + lane_plane < n ? next : nullptr;
                 float v[BATCH];
                 if (plane != nullptr) {
 #pragma unroll
@@ -628,24 +695,24 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
 }
 
 // NP planes of a tile read at STRIDE by the window loops: phase order, row pitch PITCH
-// (lr_pitch).
-template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, typename T>
+// (lr_pitch), groups of V planes side by side.
+template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V = 1, typename T>
 __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
                                                long long W, int tid, float outside = 0.0f) {
-    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP>(dst, dst_stride, src, src_stride, n, r0,
-                                                        c0, H, W, tid, outside);
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V>(dst, dst_stride, src, src_stride, n,
+                                                           r0, c0, H, W, tid, outside);
 }
 
-// NP planes of a tile in plain row order with row pitch PITCH.
-template <int ROWS, int COLS, int PITCH, int NP, typename T>
+// NP planes of a tile in plain row order with row pitch PITCH, groups of V planes side by side.
+template <int ROWS, int COLS, int PITCH, int NP, int V = 1, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_stride,
                                              const T* __restrict__ src, long long src_stride,
                                              int n, long long r0, long long c0, long long H,
                                              long long W, int tid, float outside = 0.0f) {
-    lr_load_planes<ROWS, COLS, 1, PITCH, false, NP>(dst, dst_stride, src, src_stride, n, r0, c0,
-                                                    H, W, tid, outside);
+    lr_load_planes<ROWS, COLS, 1, PITCH, false, NP, V>(dst, dst_stride, src, src_stride, n, r0,
+                                                       c0, H, W, tid, outside);
 }
 
 // Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works

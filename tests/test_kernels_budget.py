@@ -20,7 +20,7 @@ import pytest
 from host_shim.host_launcher import _cache_dir
 
 from robustlr.ops import cupy_backend, nvrtc
-from robustlr.ops.bank_model import transactions, window_read_transactions
+from robustlr.ops.bank_model import transactions, vector_transactions, window_read_transactions
 from robustlr.ops.sass import sass_loops
 
 try:
@@ -158,6 +158,10 @@ def test_bank_conflict_model_sees_conflicts():
     assert transactions([ty * 22 + tx for ty in (0, 1) for tx in range(16)]) == 2
     assert transactions([ty * 48 + tx for ty in (0, 1) for tx in range(16)]) == 1
     assert transactions([0] * 32) == 1  # a broadcast
+    # vector reads: quads of 32 consecutive positions take the fewest wavefronts (4), quads of
+    # every other position twice as many (each quarter-warp's 8 quads span 64 words)
+    assert vector_transactions(list(range(32)), 4) == 4
+    assert vector_transactions([2 * i for i in range(32)], 4) == 8
 
 
 # ---- the tile loader's global loads, in the SASS ----------------------------------------------
@@ -235,3 +239,35 @@ def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
     tested = [lp.every["FSEL"] + sum(pair["FSEL"] for pair in lp.pairs) > 0 for lp in loops]
     assert not all(tested), "every window loop tests its neighbours"
     assert any(tested), "mul's window loop lost its test"
+
+
+def test_arrays_read_by_vector_loads_are_16_byte_aligned():
+    """A 128-bit shared load from an address that is not a multiple of 16 faults on the GPU: in
+    the PTX every kernel's channel tiles (s_x; backward_input's s_out) are declared .align 16."""
+    source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
+    names = [nvrtc.name_expression(k, "float", 7, 1) for k in nvrtc.KERNEL_NAMES]
+    ptx = nvrtc.compile_source(source, names, "compute_90").binary.decode()
+    declared = re.findall(r"\.shared \.align (\d+) \.b8 _ZZ\d+(\w+?)I\w*E\d+(s_\w+)\[", ptx)
+    vector = {(kernel, array): int(align) for align, kernel, array in declared}
+    assert vector[("lr_forward", "s_x")] == 16
+    assert vector[("lr_backward_query", "s_x")] == 16
+    assert vector[("lr_backward_input", "s_out")] == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["lr_backward_query", "lr_backward_input"])
+def test_window_loops_read_channel_quads(kernel):
+    """The backward kernels stage their channels side by side (lr_vec_width 4 at m = 8) and read
+    a quad with one 128-bit load: in the sm_90 SASS of the fp32 K = 7 kernel every window loop
+    holds LDS.128, two per staged position it reads (the m = 8 channels)."""
+    assert cupy_backend.vector_width(kernel, 7, 1) == 4
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
+    prog = nvrtc.compile_source(source, [nvrtc.name_expression(kernel, "float", 7, 1)], "sm_90")
+    loops = [lp for lp in sass_loops(nvrtc.sass(prog, nvdisasm)) if lp.every["MUFU"] or lp.pairs]
+    assert loops
+    for lp in loops:
+        quads = lp.every["LDS.128"]
+        assert quads > 0 and quads % 2 == 0, lp.every

@@ -211,6 +211,27 @@ def test_asynchronous_copies_land_only_at_the_wait(tmp_path):
     assert torch.equal(waited[:, 1:], want[:, 1:])
 
 
+def test_misaligned_vector_reads_abort(tmp_path):
+    """A 4-word shared load (lr_read_vec, LDS.128 on the GPU) must start on a 16-byte boundary,
+    or a GPU faults: the emulator aborts on the misaligned one and reads the aligned one."""
+    block, grid = 64, 2
+    src = torch.arange(block * grid, dtype=torch.float32) + 1.0
+
+    def launch(shift):
+        args = [ScriptArg("ptr", src), ScriptArg("ptr", torch.zeros(block * grid)),
+                ScriptArg("i32", shift)]  # fmt: skip
+        return ("lr_vector_read", config(grid, block), args)
+
+    aligned = run_sanitized("asan", write_script(tmp_path, [launch(4)]))
+    assert aligned.returncode == 0, aligned.stderr[-4000:]
+    got = read_out(tmp_path, 0, 1, src).view(grid, block)
+    want = torch.cat([src.view(grid, block)[:, 4:], torch.zeros(grid, 4)], dim=1)
+    assert torch.equal(got, want)
+    misaligned = run_sanitized("asan", write_script(tmp_path, [launch(1)]))
+    assert misaligned.returncode != 0
+    assert "misaligned 16-byte vector load" in misaligned.stderr
+
+
 def test_tsan_fires_on_a_race_between_blocks(tmp_path):
     racy = ("lr_block_race", config(4, 32), [ScriptArg("ptr", torch.zeros(4))])
     proc = run_sanitized("tsan", write_script(tmp_path, [racy]))

@@ -3,8 +3,10 @@
 The address each lane of a warp reads is evaluated from the kernels' own index expressions
 (kernels/local_relation.cu, mirrored here; the layout functions are those of
 ``cupy_backend``), and a warp request of 4-byte words costs as many transactions as the most
-distinct words that fall in one of the 32 banks. tests/test_kernels_budget.py requires 1 for
-every kernel, K = 3..13, strides 1-3; benchmarks/roofline.py uses the count in its prediction.
+distinct words that fall in one of the 32 banks (a request of 2- or 4-word vector accesses is
+served in 2 or 4 phases of lanes, each costing the same way). tests/test_kernels_budget.py
+requires the fewest for every kernel, K = 3..13, strides 1-3; benchmarks/roofline.py counts
+every window read at that fewest.
 """
 
 from __future__ import annotations
@@ -23,19 +25,37 @@ def transactions(addresses: list[int]) -> int:
     return max(len(words) for words in per_bank.values())
 
 
-def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
-    """Worst warp request over the window reads of one kernel (16 x 8 block, warp w = thread
-    rows 2w and 2w + 1, each thread a vertical strip of R positions, ``cupy_backend.strip``):
-    forward / backward_query read ``tile[ty*R*S*PW + tx + t*PW + lr_phase_col(b)]`` of a
-    phase-ordered tile (``lr_load_phased``) for every strip row t and window column b, for
-    every staged channel; backward_query also adds into its thread row's key-gradient copy,
-    ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]`` (``cupy_backend.key_grad_pitch``);
-    backward_input reads ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every
-    tile origin modulo S."""
+def vector_transactions(indices: list[int], width: int) -> int:
+    """Shared-memory wavefronts of one warp request of ``width``-word accesses (``lr_read_vec``):
+    lane i reads words ``indices[i] * width + e``, e < width. The warp is served in ``width``
+    phases of 32 / width consecutive lanes, each as many wavefronts as ``transactions`` of its
+    words: at least ``width`` in all."""
+    per = len(indices) // width
+    return sum(
+        transactions(
+            [i * width + e for i in indices[ph * per : (ph + 1) * per] for e in range(width)]
+        )
+        for ph in range(width)
+    )
+
+
+def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> float:
+    """Worst warp request over the window reads of one kernel, in wavefronts over the fewest a
+    request of its width takes (1: conflict-free). 16 x 8 block, warp w = thread rows 2w and
+    2w + 1, each thread a vertical strip of R positions (``cupy_backend.strip``): forward /
+    backward_query read ``tile[ty*R*S*PW + tx + t*PW + lr_phase_col(b)]`` of a phase-ordered
+    tile (``lr_load_phased``) for every strip row t and window column b: one word of the k
+    tile, and V = ``cupy_backend.vector_width`` words of each group of channel tiles (channels
+    side by side, ``vector_transactions``); backward_query also adds into its thread row's
+    key-gradient copy, ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]``
+    (``cupy_backend.key_grad_pitch``); backward_input reads q, lse (one word) and gy (V words)
+    at ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every tile origin modulo
+    S."""
     K, S = kernel_size, stride
     R = cupy_backend.strip(kernel, K, S)
+    V = cupy_backend.vector_width(kernel, K, S)
     tw, th = cupy_backend.TILE
-    worst = 0
+    worst = 0.0
     for warp in range(tw * th // 32):
         lanes = [(t % tw, t // tw) for t in range(32 * warp, 32 * warp + 32)]
         if kernel in ("lr_forward", "lr_backward_query"):
@@ -46,7 +66,7 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
                 for b in range(K):
                     col = cupy_backend.phase_col(b, iw, S)
                     req = [ty * R * S * pw + tx + row * pw + col for tx, ty in lanes]
-                    worst = max(worst, transactions(req))
+                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
                     if kernel == "lr_backward_query":
                         req = [ty * copy + tx + row * pw + col for tx, ty in lanes]
                         worst = max(worst, transactions(req))
@@ -65,7 +85,7 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> int:
                             + tj
                             for tx, ty in lanes
                         ]
-                        worst = max(worst, transactions(req))
+                        worst = max(worst, transactions(req), vector_transactions(req, V) / V)
         else:
             raise KeyError(kernel)
     return worst

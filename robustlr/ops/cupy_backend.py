@@ -230,6 +230,16 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     return tile, channel_chunk(fixed, tile), fixed
 
 
+def vector_width(kernel: str, kernel_size: int, stride: int) -> int:
+    """Staged channels side by side at each position of one kernel instantiation's channel tiles
+    (``lr_vec_width``): 4, 2 or 1, the largest dividing the chunk; 1 in lr_forward at strips of
+    4 (its accumulators leave no registers for vectors)."""
+    if kernel == "lr_forward" and forward_strip(kernel_size, stride) == 4:
+        return 1
+    chunk = kernel_tiles(kernel, kernel_size, stride)[1]
+    return next(v for v in (4, 2, 1) if chunk % v == 0)
+
+
 def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of the ``__shared__`` arrays of one kernel instantiation, as declared in
     kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas)."""

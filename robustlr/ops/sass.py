@@ -13,7 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Instr:
     address: int
-    op: str  # opcode without modifiers, e.g. FFMA, MUFU, LDS
+    op: str  # opcode without modifiers, e.g. FFMA, MUFU, LDS; a vector shared access keeps
+    # its width (LDS.64, LDS.128, STS.64, STS.128: 2 and 4 wavefronts per warp request)
     target: str | None  # branch target label
 
 
@@ -36,7 +37,11 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
             labels[name] = address
         pending = []
         target = re.search(r"`?\(?(\.L_x_\d+)", body) if body.startswith("BRA") else None
-        instrs.append(Instr(address, body.split()[0].split(".")[0], target and target.group(1)))
+        parts = body.split()[0].split(".")
+        op = parts[0]
+        if op in ("LDS", "STS") and ("64" in parts or "128" in parts):
+            op += ".128" if "128" in parts else ".64"
+        instrs.append(Instr(address, op, target and target.group(1)))
     return instrs, labels
 
 

@@ -17,6 +17,8 @@
 //   48 KB of them per block aborts (CUDA's static limit); raw __shared__ does not compile here;
 //   dynamic shared memory (LR_DYNAMIC_SHARED, the portable spelling of
 //   `extern __shared__ T name[]`) is an exactly sized heap buffer per slot, poisoned likewise;
+// - a vector load (lr_read_vec of lr_common.cuh: LDS.64 / LDS.128 on the GPU) from an address
+//   that is not a multiple of its width aborts, as a GPU faults (misaligned address);
 // - asynchronous copies global -> shared (lr_copy_async of lr_common.cuh, cp.async on sm_80+)
 //   are queued per thread and land only at the thread's next lr_copy_wait (cp.async.wait_all):
 //   a tile read without that wait reads the poison; copies still queued when a block ends are
@@ -51,8 +53,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define LR_SHARED(T, name, count) T* const name = lr_emu::shared_array<T>(count)
+#define LR_SHARED_VECTORS(T, name, count) LR_SHARED(T, name, count)
 #define LR_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(lr_emu::dynamic_shared())
 #define LR_EMU_ASYNC_COPY 1
+#define LR_EMU_CHECK_ALIGNMENT(p, bytes) lr_emu::check_alignment(p, bytes)
 
 #ifndef LR_EMU_CONCURRENT_BLOCKS
 #define LR_EMU_CONCURRENT_BLOCKS 2
@@ -180,6 +184,14 @@ T* shared_array(std::size_t count) {
         std::abort();
     }
     return static_cast<T*>(st.shared[i].first);
+}
+
+// A vector load of `bytes` at p: p must be a multiple of `bytes` (a GPU faults otherwise).
+inline void check_alignment(const void* p, std::size_t bytes) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "lr_emu: misaligned %zu-byte vector load at %p\n", bytes, p);
+        std::abort();
+    }
 }
 
 inline int lane() { return linear_tid % 32; }

@@ -126,6 +126,7 @@ const std::vector<Entry>& registry() {
         make_entry("lr_block_own", &lr_block_own),
         make_entry("lr_copy_unwaited", &lr_copy_unwaited),
         make_entry("lr_copy_waited", &lr_copy_waited),
+        make_entry("lr_vector_read", &lr_vector_read),
 #endif
     };
     return entries;

@@ -100,3 +100,19 @@ __global__ void lr_copy_waited(const float* __restrict__ in, float* __restrict__
     __syncthreads();
     out[blockIdx.x * blockDim.x + t] = tile[blockDim.x - 1 - t];
 }
+
+// Reads `in` back through shared memory 4 words at a time (lr_read_vec<4>, LDS.128 on the GPU),
+// each thread's quad starting `shift` words into the tile: at a shift that is not a multiple of
+// 4 the load is misaligned (a GPU faults; the emulator aborts).
+__global__ void lr_vector_read(const float* __restrict__ in, float* __restrict__ out, int shift) {
+    LR_SHARED_VECTORS(float, tile, 68);
+    const int t = threadIdx.x;
+    tile[t] = in[blockIdx.x * blockDim.x + t];
+    if (t < 4) tile[64 + t] = 0.0f;
+    __syncthreads();
+    if (t < 16) {
+        float quad[4];
+        lr_read_vec<4>(tile + shift, t, quad);
+        for (int e = 0; e < 4; ++e) out[blockIdx.x * blockDim.x + 4 * t + e] = quad[e];
+    }
+}
