@@ -255,19 +255,41 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["lr_backward_query", "lr_backward_input"])
-def test_window_loops_read_channel_quads(kernel):
-    """The backward kernels stage their channels side by side (lr_vec_width 4 at m = 8) and read
-    a quad with one 128-bit load: in the sm_90 SASS of the fp32 K = 7 kernel every window loop
-    holds LDS.128, two per staged position it reads (the m = 8 channels)."""
-    assert cupy_backend.vector_width(kernel, 7, 1) == 4
+@pytest.mark.parametrize(
+    ("kernel", "K", "S"),
+    [
+        ("lr_forward", 7, 1),
+        ("lr_forward", 7, 2),
+        ("lr_forward", 9, 1),
+        ("lr_backward_query", 7, 1),
+        ("lr_backward_query", 5, 2),
+        ("lr_backward_input", 7, 1),
+    ],
+)
+def test_window_loops_read_channels_with_vector_loads(kernel, K, S):
+    """Staged channels side by side are read V at a time (``cupy_backend.vector_width``, the
+    kernels' lr_vec_width rule): in the sm_90 SASS of the fp32 kernel every window loop with exp
+    holds LDS.128 where V = 4, LDS.64 where V = 2, neither where V = 1 (the forward at strips
+    of 4)."""
+    width = cupy_backend.vector_width(kernel, K, S)
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
     source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
-    prog = nvrtc.compile_source(source, [nvrtc.name_expression(kernel, "float", 7, 1)], "sm_90")
-    loops = [lp for lp in sass_loops(nvrtc.sass(prog, nvdisasm)) if lp.every["MUFU"] or lp.pairs]
+    prog = nvrtc.compile_source(source, [nvrtc.name_expression(kernel, "float", K, S)], "sm_90")
+    loops = [
+        lp
+        for lp in sass_loops(nvrtc.sass(prog, nvdisasm))
+        if lp.every["MUFU"] or any(pair["MUFU"] for pair in lp.pairs)
+    ]
     assert loops
     for lp in loops:
-        quads = lp.every["LDS.128"]
-        assert quads > 0 and quads % 2 == 0, lp.every
+        assert (lp.every["LDS.128"] > 0) == (width == 4), (width, lp.every)
+        assert (lp.every["LDS.64"] > 0) == (width == 2), (width, lp.every)
+
+
+def test_vector_width_cases_cover_every_width():
+    """The SASS check above sees each width the kernels use: 1 (the forward at strips of 4), 2
+    and 4."""
+    cases = [("lr_forward", 7, 1), ("lr_forward", 7, 2), ("lr_backward_query", 7, 1)]
+    assert [cupy_backend.vector_width(*case) for case in cases] == [1, 2, 4]
