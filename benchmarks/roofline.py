@@ -25,18 +25,17 @@ and compute phases), DRAM time with the high bytes + the largest on-chip time (n
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
 microbenchmarks give 480-700 ns). Versions: v3 to v7 are issue 19's earlier kernels, compiled
 from git (COMMITS) by the same method; v8 (v7 with the staged channels side by side, read by
-vector loads) is the working tree. From v5 on, the forward's sqdiff path is counted without its pass 1 (the fallback of
-a strip whose weights underflow from the bound), and from v6 on without the variant of pass 2
-that tests every neighbour (it runs only where a prior logit is NaN). From v6 on the fp32 copies
-hold no register, so a thread keeps a whole tile's copies in flight: its DRAM bandwidth is the
-peak. From v7 on the backward query writes one grad-k partial per staged position of each tile
-and the backward input reads them (instead of x and D); the backward query's tile-end sum of its
-key-gradient copies and the backward input's grad-k gather are counted from their SASS loops.
-From v5 on, the two guarded phases of the
-backward query's per-column grad-geo reduction (K * 8 and K threads) are counted for the warps
-that hold those threads (2 and 1 of 4 at K = 7), not for every warp. In every version the
-backward query's delta loop (D = sum_c gy_c y_c per output, from global memory) is counted
-from its SASS loops.
+vector loads) is the working tree. From v5 on, the forward's sqdiff path is counted without its
+pass 1 (the fallback of a strip whose weights underflow from the bound), and from v6 on without
+the variant of pass 2 that tests every neighbour (it runs only where a prior logit is NaN). From
+v6 on the fp32 copies hold no register, so a thread keeps a whole tile's copies in flight: its
+DRAM bandwidth is the peak. From v7 on the backward query writes one grad-k partial per staged
+position of each tile and the backward input reads them (instead of x and D); the backward
+query's tile-end sum of its key-gradient copies and the backward input's grad-k gather are
+counted from their SASS loops. From v5 on, the two guarded phases of the backward query's
+per-column grad-geo reduction (K * 8 and K threads) are counted for the warps that hold those
+threads (2 and 1 of 4 at K = 7), not for every warp. In every version the backward query's
+delta loop (D = sum_c gy_c y_c per output, from global memory) is counted from its SASS loops.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
