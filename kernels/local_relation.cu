@@ -18,12 +18,12 @@
 // forward, lr_query_strip in the backward query, R = lr_input_strip inputs in the backward
 // input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo
 // and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32), the channels in
-// groups of V side by side at each position (lr_vec_width: 4 in the backward kernels, 2 in the
-// forward, whose accumulators leave no registers for quads), read with one V-word load. The window loops
-// run over window columns outside and the strip's rows inside (unrolled in the forward and
-// backward query, lr_strip_columns): a window word read from shared memory once serves every
-// position of the strip whose window holds it, so a thread holds R x MC accumulators, never a
-// K x K array.
+// groups of V side by side at each position (lr_vec_width; one at a time in the forward at
+// strips of 4, whose accumulators leave no registers for vectors), read with one V-word load.
+// The window loops run over window columns outside and the strip's rows inside (unrolled in
+// the forward and backward query, lr_strip_columns): a window word read from shared memory
+// once serves every position of the strip whose window holds it, so a thread holds R x MC
+// accumulators, never a K x K array.
 // Strided window reads go through the phase-ordered, padded layout of lr_common.cuh (one
 // shared-memory transaction per warp request, counted by tests/test_kernels_budget.py). A warp
 // whose strips lie wholly below the image skips the window loops (it still takes part in the
