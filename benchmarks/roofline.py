@@ -48,7 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
-from robustlr.ops.sass import sass_loops
+from robustlr.ops.sass import Loop, sass_loops
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
 ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
@@ -141,10 +141,22 @@ def loader_slots(rows: int, cols: int, batch: int, width: int = 1) -> float:
     return -(-trips // step) * step / width
 
 
-def loader_slots_per_iteration(loop) -> int:
+def loader_slots_per_iteration(loop: Loop) -> int:
     """Element slots of one iteration of a tile-loader loop: its asynchronous copies, or (the
     register path) its shared stores."""
     return loop.every["LDGSTS"] or loop.every["STS"]
+
+
+def global_loops(loops: list[Loop], others: list[Loop], least: dict[str, int]) -> list[Loop]:
+    """The loops not in ``others`` that touch no shared memory and store nothing to global memory,
+    whose every iteration runs at least ``least[op]`` of each op."""
+    return [
+        lp
+        for lp in loops
+        if lp not in others
+        and all(lp.every[op] >= n for op, n in least.items())
+        and not (lp.every["LDS"] or lp.every["STS"] or lp.every["STG"])
+    ]
 
 
 def strip_of(kernel: str, version: str) -> int:
@@ -230,16 +242,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         # per input (the tile columns unrolled into one iteration)
         query_rows = (TILE_H * cupy_backend.query_strip(K, S) - 1) * S + K
         trips = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
-        gather = [
-            lp
-            for lp in loops
-            if lp not in window
-            and lp not in loaders
-            and lp.every["LDG"]
-            and lp.every["FADD"]
-            and not (lp.every["STS"] or lp.every["STG"] or lp.every["LDS"])
-        ]
-        for lp in gather:
+        for lp in global_loops(loops, window + loaders, {"LDG": 1, "FADD": 1}):
             total.update({op: trips * n for op, n in lp.every.items()})
     if kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
@@ -261,17 +264,8 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         # global loads and FFMAs and no shared access, unrolled by the compiler with remainder
         # loops (channels per trip = their FFMAs): over the m channels greedily, largest first;
         # a loop no smaller than the one before starts the next output's channels
-        delta = [
-            lp
-            for lp in loops
-            if lp not in window
-            and lp not in loaders
-            and lp.every["LDG"] >= 2
-            and lp.every["FFMA"]
-            and not (lp.every["LDS"] or lp.every["STS"] or lp.every["STG"])
-        ]
         remaining, previous = 0, 0
-        for lp in delta:
+        for lp in global_loops(loops, window + loaders, {"LDG": 2, "FFMA": 1}):
             per_trip = lp.every["FFMA"]
             if per_trip >= previous:
                 remaining = M
