@@ -48,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
+from robustlr.ops.contract import LocalRelationShape
 from robustlr.ops.sass import Loop, sass_loops
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
@@ -56,7 +57,6 @@ TILE_W, TILE_H = cupy_backend.TILE
 THREADS = TILE_W * TILE_H
 SHAPES = [(100, 56), (200, 28), (400, 14), (800, 7)]  # res2..res5 (C, H = W), stride 1
 B, K, M, S, F = 32, 7, 8, 1, 4  # batch, window, channels per group, stride, bytes per value
-KERNELS = nvrtc.KERNEL_NAMES
 #: Shared-memory wavefronts of one conflict-free warp request per opcode (a vector access of
 #: 2 or 4 words per lane takes 2 or 4).
 SHARED_OPS = {"LDS": 1, "STS": 1, "LDS.64": 2, "STS.64": 2, "LDS.128": 4, "STS.128": 4}
@@ -64,28 +64,48 @@ SHARED_OPS = {"LDS": 1, "STS": 1, "LDS.64": 2, "STS.64": 2, "LDS.128": 4, "STS.1
 
 #: Earlier kernels, compiled from git for the same-method comparison (issue 19's steps); the
 #: working tree is CURRENT.
-COMMITS = {"v3": "07f7f62", "v4": "c4bdd63", "v5": "6e01099", "v6": "4978dae", "v7": "97f0573"}
-CURRENT = "v8"
+COMMITS = {
+    "v3": "07f7f62",
+    "v4": "c4bdd63",
+    "v5": "6e01099",
+    "v6": "4978dae",
+    "v7": "97f0573",
+    "v8": "244ec97",
+}
+CURRENT = "v9"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
-STRIPS = {"v3": (1, 1, 1), "v4": (4, 4, 2), "v5": (2, 2, 2), "v6": (4, 2, 2), "v7": (4, 2, 4)}
+STRIPS = {
+    "v3": (1, 1, 1),
+    "v4": (4, 4, 2),
+    "v5": (2, 2, 2),
+    "v6": (4, 2, 2),
+    "v7": (4, 2, 4),
+    "v8": (4, 2, 4),
+}
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width), and whose loader copies one plane of each group
 #: per thread.
-VECTOR_CHANNELS = ("v8",)
+VECTOR_CHANNELS = ("v8", "v9")
+#: Versions whose forward runs lr_forward_packed where the images fit its slots
+#: (cupy_backend.forward_packed: 8 images of a group per block).
+PACKED_FORWARD = ("v9",)
+#: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
+#: runs.
+KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -165,6 +185,24 @@ def strip_of(kernel: str, version: str) -> int:
     return cupy_backend.strip(kernel, K, S)
 
 
+def kernels_of(version: str) -> tuple[str, ...]:
+    """The kernels a version has (lr_forward_packed from PACKED_FORWARD on)."""
+    return (*KERNELS, "lr_forward_packed") if version in PACKED_FORWARD else KERNELS
+
+
+def stage_shape(C: int, H: int) -> LocalRelationShape:
+    """The op's shape at one LR-Net-26 stage (batch B, K, m, stride S)."""
+    Ho = (H - 1) // S + 1
+    return LocalRelationShape(B, C, H, H, C // M, M, Ho, Ho, K, S, 1)
+
+
+def runs_as(kernel: str, version: str, C: int, H: int) -> str:
+    """The kernel that does ``kernel``'s work at one stage: lr_forward_packed for the forward of
+    small images (cupy_backend.forward_packed) in PACKED_FORWARD versions."""
+    packed = version in PACKED_FORWARD and cupy_backend.forward_packed(stage_shape(C, H))
+    return "lr_forward_packed" if kernel == "lr_forward" and packed else kernel
+
+
 def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels).
 
@@ -177,11 +215,12 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     and 4-fold in v3 and v4, test only their counter. Interior positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
-    if kernel == "lr_forward" and version in BOUNDED_FORWARD:
+    forward = kernel in ("lr_forward", "lr_forward_packed")
+    if forward and version in BOUNDED_FORWARD:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
         window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
-    if kernel == "lr_forward" and version in MASK_BY_KEY:
+    if forward and version in MASK_BY_KEY:
         # pass 2's variant that tests every neighbour (FSEL) runs only where a prior logit is
         # NaN (or for mul): counted as never
         window = [lp for lp in window if not lp.every["FSEL"]]
@@ -232,10 +271,21 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     if kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
         rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
+    elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
+        packed = cupy_backend.packed_shape(K, S)
+        rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
     else:
         rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
     slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
     total.update({op: slots * n for op, n in loader.items()})
+    if kernel == "lr_forward_packed":
+        # the tiles filled once per block with what lies outside the images (4-word stores: one
+        # STS.128 per iteration), counted as if every block ran one tile (LR-Net-26's stage 4)
+        packed = cupy_backend.packed_shape(K, S)
+        fills = [lp for lp in loops if lp.every["STS.128"] and lp not in window + loaders]
+        for lp, planes in zip(fills, (1, M), strict=True):  # s_k, then s_x
+            trips = -(-planes * cupy_backend.SLOTS * packed.slot // (4 * THREADS))
+            total.update({op: trips * n for op, n in lp.every.items()})
     if kernel == "lr_backward_input" and version in KEY_GRAD_IN_QUERY:
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
@@ -302,6 +352,10 @@ def predict(
     else:
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
     warps = B * G * warps_per_plane
+    dynamic = 0
+    if kernel == "lr_forward_packed":  # a warp per two images (its slots), live if the first is
+        warps = G * -(-B // 2)
+        dynamic = cupy_backend.packed_shared_bytes(K, S)
     issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
     mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
     wavefronts = sum(counts[op] * n for op, n in SHARED_OPS.items())
@@ -312,7 +366,9 @@ def predict(
     halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
     # grad-k partials: one per staged input position of each backward-query tile
     n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
-    if kernel == "lr_forward":  # x, q, k in; y, lse out
+    if kernel == "lr_forward_packed":  # x, q, k in (each image staged once); y, lse out
+        low = high = F * (n_in + 3 * n_g + n_in)
+    elif kernel == "lr_forward":  # x, q, k in; y, lse out
         low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
     elif kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
         # x, q, k, lse, y, gy in; gq and the grad-k partials (n_partial) out
@@ -327,7 +383,7 @@ def predict(
     else:  # q, lse, D, gy (halo), x, k in; gx, gk out
         low = F * (3 * n_in + 5 * n_g)
         high = F * (halo_out * (n_in + 3 * n_g) + 2 * n_in + 2 * n_g)
-    blocks, _ = nvrtc.occupancy(usage, "sm_90")
+    blocks, _ = nvrtc.occupancy(usage, "sm_90", dynamic=dynamic)
     resident = blocks * THREADS // 32
     in_flight = SMS * resident * batch * WARP_LOAD_BYTES / LATENCY
     bandwidth = DRAM if version in ASYNC_COPIES else min(DRAM, in_flight)
@@ -347,7 +403,7 @@ def main() -> None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
     counts, usage = {}, {}
     for version in versions:
-        for kernel in KERNELS:
+        for kernel in kernels_of(version):
             prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
             text = nvrtc.sass(prog, nvdisasm)
@@ -356,10 +412,11 @@ def main() -> None:
     print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
           "| shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for kernel in KERNELS:
-        for version in versions:
+    for kernel in nvrtc.KERNEL_NAMES:
+        for version in (v for v in versions if kernel in kernels_of(v)):
             c, u, strip = counts[version, kernel], usage[version, kernel], strip_of(kernel, version)
-            blocks, _ = nvrtc.occupancy(u, "sm_90")
+            dynamic = cupy_backend.packed_shared_bytes(K, S) if kernel == "lr_forward_packed" else 0
+            blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=dynamic)
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
                   f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
                   f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / strip:.0f} |")  # fmt: skip
@@ -369,11 +426,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     totals: dict[tuple[int, int, str], list[tuple[str, float, float]]] = {}
     for C, H in SHAPES:
-        for kernel in KERNELS:
+        for role in KERNELS:
             for version in versions:
+                kernel = runs_as(role, version, C, H)
                 c, u = counts[version, kernel], usage[version, kernel]
                 low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
-                direction = "forward" if kernel == "lr_forward" else "backward"
+                direction = "forward" if role == "lr_forward" else "backward"
                 totals.setdefault((C, H, version), []).append((direction, low, high))
                 print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} "
                       f"| {t['issue']:.0f} | {t['smem']:.0f} | {t['MUFU']:.0f} "
@@ -392,9 +450,9 @@ def main() -> None:
             f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2)]
             b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2)]
             print(f"| {C}x{H}x{H} | {version} | {floor_f:.0f} | {f[0]:.0f}-{f[1]:.0f} "
-                  f"| {f[0] / floor_f:.1f}-{f[1] / floor_f:.1f} | {floor_b:.0f} "
+                  f"| {f[0] / floor_f:.2f}-{f[1] / floor_f:.2f} | {floor_b:.0f} "
                   f"| {b[0]:.0f}-{b[1]:.0f} "
-                  f"| {b[0] / floor_b:.1f}-{b[1] / floor_b:.1f} |")  # fmt: skip
+                  f"| {b[0] / floor_b:.2f}-{b[1] / floor_b:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,16 +66,45 @@ struct lr_query_shape {
     static constexpr int TF = IH * PW;
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
-    static constexpr int MC_FORWARD = lr_chunk<TF + lr_forward_geo<K>(), TF>();
-    // channels side by side (lr_vec_width): quads, but one at a time in the forward at strips
-    // of 4, whose 4 x MC accumulators leave no registers for them (pairs or quads spilled 4-20
-    // bytes under the 128-register cap)
-    static constexpr int V_FORWARD = R == 4 ? 1 : lr_vec_width<MC_FORWARD>();
     // backward query: its key-gradient copies (LR_TILE_H of GS floats) in shared memory or not
     static constexpr bool GK_SHARED = lr_key_grad_shared<K, STRIDE>();
     static constexpr int GS = lr_key_grad_pitch<K, STRIDE, R>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R, GK_SHARED>(), TF>();
     static constexpr int V_QUERY = lr_vec_width<MC_QUERY>();
+};
+
+// Tile geometry of lr_forward (SLOTS = 1: one tile of lr_query_shape per block) and of
+// lr_forward_packed (SLOTS = LR_SLOTS small images per block, lr_common.cuh: one per slot of
+// OW x OH outputs, two thread rows of strips of R); each slot's IH x IW input positions staged
+// at pitch PW, SLOT floats apart (TF floats per plane); MC channels staged at once: as many as
+// 48 KB of static shared memory hold (lr_forward), all LR_MAX_CHUNK (lr_forward_packed, in
+// dynamic shared memory: FLOATS in all).
+template <int K, int STRIDE, int SLOTS>
+struct lr_forward_shape {
+    static constexpr int R = lr_forward_strip<K, STRIDE>();
+    static constexpr int OW = SLOTS == 1 ? LR_TILE_W : LR_SLOT_W;
+    static constexpr int OH = SLOTS == 1 ? LR_TILE_H * R : 2 * R;
+    static constexpr int IH = (OH - 1) * STRIDE + K;
+    static constexpr int IW = (OW - 1) * STRIDE + K;
+    static constexpr int STEP = R * STRIDE;  // input rows between the two thread rows of a warp
+    static constexpr int PW = SLOTS == 1
+                                  ? lr_pitch<IW, STRIDE, STEP>()
+                                  : lr_slot_pitch<STRIDE * lr_phase_cols<IW, STRIDE>(), STEP>();
+    static constexpr int SLOT = SLOTS == 1 ? IH * PW : lr_slot_floats<IH * PW, STEP * PW % 32>();
+    static constexpr int TF = SLOTS * SLOT;
+    static constexpr int NT = (R - 1) * STRIDE + K;
+    static constexpr int L = (R - 1) * STRIDE + 1;
+    static constexpr int GEO = lr_forward_geo<K>();
+    static constexpr int MC = SLOTS == 1 ? lr_chunk<TF + GEO, TF>() : LR_MAX_CHUNK;
+    // channels side by side (lr_vec_width): quads, but one at a time at strips of 4, whose
+    // 4 x MC accumulators leave no registers for them (pairs or quads spilled 4-20 bytes under
+    // the 128-register cap)
+    static constexpr int V = R == 4 ? 1 : lr_vec_width<MC>();
+    static constexpr int FLOATS = (MC + 1) * TF + GEO;
+    // lr_forward_packed: the image positions a slot's window holds, at most BOX_H x BOX_W (an
+    // image of at most OH x OW outputs is at most OH * STRIDE x OW * STRIDE)
+    static constexpr int BOX_H = OH * STRIDE < IH - K / 2 ? OH * STRIDE : IH - K / 2;
+    static constexpr int BOX_W = OW * STRIDE < IW - K / 2 ? OW * STRIDE : IW - K / 2;
 };
 
 // Tile geometry of lr_backward_input: strips of RI inputs, tiles of LR_TILE_W x ITH inputs; the
@@ -111,37 +140,60 @@ struct lr_input_shape {
 
 // Forward, fused: logits, softmax and aggregation; one thread per strip of R outputs
 // (i0 + r, j), r < R, of a tile. Shared: the k tile (logits) and MC channel tiles of x.
-template <typename T, int K, int STRIDE, int COMP>
+// SLOTS = 1 (lr_forward): a tile of LR_TILE_W x LR_TILE_H * R outputs of one (b, g) plane.
+// SLOTS = LR_SLOTS (lr_forward_packed, images of at most LR_SLOT_W x 2R outputs): the whole
+// images of LR_SLOTS consecutive b of one g, thread (tx, ty) in slot (ty / 2) * 2 + tx / LR_SLOT_W
+// (a warp holds two slots side by side), its strip at (ty % 2) * R, tx % LR_SLOT_W.
+template <typename T, int K, int STRIDE, int COMP, int SLOTS>
 __device__ __forceinline__ void lr_forward_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     float* __restrict__ s_k, float* __restrict__ s_x, float* __restrict__ s_geo) {
-    using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
-    constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
-    constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_FORWARD;
-    constexpr int V = S::V_FORWARD;
+    using S = lr_forward_shape<K, STRIDE, SLOTS>;
+    constexpr int P = K / 2, KK = K * K, R = S::R, OH = S::OH, IH = S::IH, IW = S::IW;
+    constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC, V = S::V;
+    constexpr bool PACKED = SLOTS > 1;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
-    const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (Ho + OTH - 1) / OTH;
-    const int base = ty * R * STRIDE * PW + tx;  // this thread's window in the tiles
+    // packed: this thread's slot and its place in the slot
+    const int slot = (ty / 2) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 2;
+    const long long tiles_w = PACKED ? 1 : (Wo + LR_TILE_W - 1) / LR_TILE_W;
+    const long long tiles_h = PACKED ? 1 : (Ho + OH - 1) / OH;
+    const long long images = PACKED ? (B + SLOTS - 1) / SLOTS : B;  // per group, per tile
+    // this thread's window in the tiles
+    const int base =
+        PACKED ? slot * S::SLOT + sy * R * STRIDE * PW + sx : ty * R * STRIDE * PW + tx;
 
-    // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque: not held in registers)
-    for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
+    if constexpr (PACKED) {  // what lies outside the images, once: the loads write the rest
+        lr_fill_shared<TF>(s_k, LR_FAR_KEY, tid);
+        lr_fill_shared<MC * TF>(s_x, 0.0f, tid);
+    }
+    // images * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque: not held in
+    // registers)
+    for (long long tile = blockIdx.x; tile < lr_opaque(images) * G * tiles_h * tiles_w;
          tile += gridDim.x) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
-        const long long b = tile / (tiles_w * tiles_h * G);
-        const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
-        const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
-        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
+        const long long b0 = tile / (tiles_w * tiles_h * G) * SLOTS;  // the tile's first image
+        const long long b = PACKED ? b0 + slot : b0;
+        const long long i0 = PACKED ? sy * R : th * OH + ty * R;
+        const long long j = PACKED ? sx : tw * LR_TILE_W + tx;
+        const long long r0 = th * OH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
+        // uniform over the warp (packed: its first slot holds an image)
+        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : th * OH + (ty & ~1) * R < Ho;
         const long long qplane = (b * G + g) * Ho;
+        const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
 
         __syncthreads();  // the previous tile is done with s_k, s_x and s_geo
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
-                                              tid, LR_FAR_KEY);
+        if constexpr (PACKED) {
+            lr_load_slots<IH, IW, STRIDE, PW, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
+                s_k, 0, k + (b0 * G + g) * H * W, 0, 1, -P, -P, H, W, tid, G * H * W, slots);
+        } else {
+            lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H,
+                                                  W, tid, LR_FAR_KEY);
+        }
         __syncthreads();
 
         // the bound on the logits (see pass 2) in s_geo[KK], and in s_geo[KK + 1] whether a
@@ -158,7 +210,8 @@ __device__ __forceinline__ void lr_forward_tiles(
             s_geo[KK + 1] = nan;
         }
 
-        const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
+        // output r exists iff r < outs
+        const int outs = b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
         float qv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -203,8 +256,14 @@ __device__ __forceinline__ void lr_forward_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            lr_load_phased<IH, IW, STRIDE, PW, MC, V>(s_x, TF, x + (b * C + cc) * H * W, H * W,
-                                                      nc, r0, c0, H, W, tid);
+            if constexpr (PACKED) {
+                lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
+                    s_x, TF, x + (b0 * C + cc) * H * W, H * W, nc, -P, -P, H, W, tid, C * H * W,
+                    slots);
+            } else {
+                lr_load_phased<IH, IW, STRIDE, PW, MC, V>(s_x, TF, x + (b * C + cc) * H * W,
+                                                          H * W, nc, r0, c0, H, W, tid);
+            }
             __syncthreads();
             if (!exact && cc == c_first) {
 #pragma unroll
@@ -266,17 +325,44 @@ __device__ __forceinline__ void lr_forward_tiles(
     }
 }
 
+// The forward's tile bodies by layout, for LR_BY_COMPOSABILITY.
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_forward_one(A... args) {
+    lr_forward_tiles<T, K, STRIDE, COMP, 1>(args...);
+}
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_forward_slots(A... args) {
+    lr_forward_tiles<T, K, STRIDE, COMP, LR_SLOTS>(args...);
+}
+
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
-    using S = lr_query_shape<K, STRIDE, lr_forward_strip<K, STRIDE>()>;
-    LR_SHARED_VECTORS(float, s_x, S::MC_FORWARD * S::TF);
+    using S = lr_forward_shape<K, STRIDE, 1>;
+    LR_SHARED_VECTORS(float, s_x, S::MC * S::TF);
     LR_SHARED(float, s_k, S::TF);
-    LR_SHARED(float, s_geo, lr_forward_geo<K>());
-    LR_BY_COMPOSABILITY(comp, lr_forward_tiles, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
+    LR_SHARED(float, s_geo, S::GEO);
+    LR_BY_COMPOSABILITY(comp, lr_forward_one, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
+                        s_k, s_x, s_geo)
+}
+
+// lr_forward on small images (at most LR_SLOT_W x 2R outputs, R = lr_forward_strip): LR_SLOTS
+// images per block (lr_forward_tiles), its tiles in dynamic shared memory (lr_forward_shape's
+// FLOATS; over 48 KB, so the launch opts in: cupy_backend.packed_shared_bytes).
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward_packed(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    using S = lr_forward_shape<K, STRIDE, LR_SLOTS>;
+    LR_DYNAMIC_SHARED(float, s_x);  // MC channel tiles, then the k tile and geo
+    float* const s_k = s_x + S::MC * S::TF;
+    float* const s_geo = s_k + S::TF;
+    LR_BY_COMPOSABILITY(comp, lr_forward_slots, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
 }
 

@@ -196,6 +196,7 @@ __device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
 #ifndef LR_SHARED
 #define LR_SHARED(T, name, count) __shared__ T name[count]
 #define LR_SHARED_VECTORS(T, name, count) __shared__ alignas(16) T name[count]
+#define LR_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
 #endif
 
 // ---- tiles --------------------------------------------------------------------------------
@@ -251,6 +252,33 @@ __host__ __device__ constexpr int lr_pitch() {
 template <int COLS, int STRIDE>
 __host__ __device__ constexpr int lr_phase_col(int col) {
     return (col % STRIDE) * lr_phase_cols<COLS, STRIDE>() + col / STRIDE;
+}
+
+// Packed small images (lr_forward_packed): each block works on LR_SLOTS images of one group at
+// a time, one per slot of LR_SLOT_W x 2 threads (a warp: two slots side by side), each slot's
+// input staged with its own halo. The slots' staged rows lie at a pitch with STEP * pitch = 8,
+// 16 or 24 (mod 32) words (STEP: the input rows between a slot's two thread rows) and the slots
+// lie lr_slot_floats apart, 16 (or 8) modulo 32 words, so that the four 8-word groups of a
+// warp's window read (two slots x two thread rows) fall in 32 distinct banks.
+// robustlr.ops.cupy_backend.slot_pitch / slot_floats mirror these.
+#define LR_SLOT_W (LR_TILE_W / 2)
+#define LR_SLOTS LR_TILE_H
+
+template <int MIN, int STEP>
+__host__ __device__ constexpr int lr_slot_pitch() {
+    for (int extra = 0; extra < 32; ++extra) {
+        const int phase = (STEP * (MIN + extra)) % 32;
+        if (phase == 8 || phase == 16 || phase == 24) return MIN + extra;
+    }
+    return MIN;
+}
+
+template <int FLOATS, int ROW_PHASE>
+__host__ __device__ constexpr int lr_slot_floats() {
+    for (int extra = 0; extra < 32; ++extra) {
+        if ((FLOATS + extra) % 32 == (ROW_PHASE == 16 ? 8 : 16)) return FLOATS + extra;
+    }
+    return FLOATS;
 }
 
 // Row pitch of the backward-input tiles (read at stride 1 by lanes that share words at larger
@@ -591,7 +619,12 @@ __device__ __forceinline__ const P* lr_opaque(const P* v) {
 // leaves the plane; planes n <= p < NP are zeros (the channels past a ragged group). Element
 // (row, col) of plane p goes to dst[(p / V) * V * dst_stride + idx * V + p % V] with idx =
 // row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col): groups of V planes side by
-// side at each position (lr_vec_width; V = 1: plane p at p * dst_stride). All threads of the
+// side at each position (lr_vec_width; V = 1: plane p at p * dst_stride). With SLOTS > 1 (the
+// packed tiles of lr_forward_packed) the window of slot z < `slots` is that of the image at
+// src + z * slot_stride, at idx + z * SLOT, and only its positions inside the image are written
+// (those of the BOX_H x BOX_W image positions from (-r0, -c0) that the window holds): the rest
+// keep what the caller filled them with once (lr_fill_shared), the slots z >= `slots` (no image)
+// whatever they held. All threads of the
 // block take part (tid in [0, LR_THREADS)); thread tid copies plane tid % V of each group, so
 // a warp stores 32 / V positions x V planes, 32 consecutive words where the positions are. The
 // planes share one geometry: each thread works out its elements' plane offsets and shared
@@ -600,13 +633,16 @@ __device__ __forceinline__ const P* lr_opaque(const P* v) {
 // one lr_copy_async and a thread waits once, for all its planes, before it returns; otherwise
 // a thread issues the batch's global loads of a group before the first of their shared stores
 // (one memory latency per batch and group).
-template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, int V, typename T>
+template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, int V, int SLOTS = 1,
+          int SLOT = 0, int BOX_H = ROWS, int BOX_W = COLS, typename T>
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
-                                               long long W, int tid, float outside = 0.0f) {
+                                               long long W, int tid, float outside = 0.0f,
+                                               long long slot_stride = 0, int slots = 1) {
     static_assert(NP % V == 0 && LR_THREADS % V == 0, "whole groups of planes");
-    constexpr int N = ROWS * COLS * V;  // elements of one group: (position, plane in group)
+    // elements of one group: (position, plane), over the slots' image boxes with SLOTS > 1
+    constexpr int N = SLOTS == 1 ? ROWS * COLS * V : SLOTS * BOX_H * BOX_W * V;
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
     // the elements' geometry is worked out here, not kept across tiles; tid < LR_THREADS lets
@@ -622,12 +658,21 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
 #pragma unroll
         for (int t = 0; t < BATCH; ++t) {
             const int e = (tid + (t0 + t) * LR_THREADS) / V;  // the position
-            const int row = e / COLS, col = e % COLS;
-            const long long r = r0 + row, c = c0 + col;
-            off[t] = e < N / V && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
-            to[t] = e < N / V
-                        ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
-                        : -1;
+            if constexpr (SLOTS == 1) {
+                const int row = e / COLS, col = e % COLS;
+                const long long r = r0 + row, c = c0 + col;
+                off[t] = e < N / V && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
+                to[t] = e < N / V
+                            ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
+                            : -1;
+            } else {  // image position (r, c) of slot z, staged at (r - r0, c - c0)
+                const int z = e / (BOX_H * BOX_W), at = e % (BOX_H * BOX_W);
+                const int r = at / BOX_W, c = at % BOX_W;
+                const bool in = e < N / V && z < slots && r < H && c < W;
+                const int row = r - (int)r0, col = c - (int)c0;
+                off[t] = in ? z * slot_stride + r * W + c : -1;
+                to[t] = in ? (z * SLOT + row * PITCH + lr_phase_col<COLS, STRIDE>(col)) * V : -1;
+            }
         }
         if constexpr (lr_copies_async<T>::value) {
             // per element: its source in the group's first plane (the plane's start outside
@@ -703,6 +748,34 @@ __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_
                                                long long W, int tid, float outside = 0.0f) {
     lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V>(dst, dst_stride, src, src_stride, n,
                                                            r0, c0, H, W, tid, outside);
+}
+
+// NP planes of the SLOTS images of a packed tile (lr_forward_packed), each staged as a ROWS x
+// COLS window from (r0, c0) <= (0, 0), read at STRIDE: phase order, row pitch PITCH, slots SLOT
+// floats apart, groups of V planes side by side; the image of slot z at src + z * slot_stride
+// (z < `slots`). Only the positions inside the images are written, those of the BOX_H x BOX_W
+// image positions from the image's corner (at most (H, W)) that the window holds: the caller
+// fills the tiles once with what lies outside (lr_fill_shared).
+template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V, int SLOTS, int SLOT,
+          int BOX_H, int BOX_W, typename T>
+__device__ __forceinline__ void lr_load_slots(float* __restrict__ dst, int dst_stride,
+                                              const T* __restrict__ src, long long src_stride,
+                                              int n, int r0, int c0, long long H, long long W,
+                                              int tid, long long slot_stride, int slots) {
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V, SLOTS, SLOT, BOX_H, BOX_W>(
+        dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, 0.0f, slot_stride, slots);
+}
+
+// dst[i] = v for i < COUNT (a multiple of 4, dst 16-byte aligned) in shared memory, by every
+// thread of the block: 4-word stores.
+template <int COUNT>
+__device__ __forceinline__ void lr_fill_shared(float* __restrict__ dst, float v, int tid) {
+    static_assert(COUNT % 4 == 0, "whole 4-word stores");
+    lr_vec<4> w;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w.v[e] = v;
+#pragma unroll 1
+    for (int i = tid; i < COUNT / 4; i += LR_THREADS) reinterpret_cast<lr_vec<4>*>(dst)[i] = w;
 }
 
 // NP planes of a tile in plain row order with row pitch PITCH, groups of V planes side by side.

@@ -71,6 +71,9 @@ SHAPES = [
     (1, 2, 3, 2, 2, 9, 2),
     (1, 16, 12, 12, 2, 9, 3),
     (3, 64, 20, 20, 8, 7, 1),  # more positions than one block
+    # lr_forward_packed: 8 + 3 images of a group per block, 60 KB of dynamic shared memory (the
+    # launch opts in above 48 KB)
+    (11, 64, 7, 7, 8, 7, 1),
 ]
 
 

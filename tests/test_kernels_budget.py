@@ -122,6 +122,20 @@ def test_static_shared_memory_formula_is_what_ptxas_reports(table):
         assert r.usage.shared == want, r
 
 
+def test_packed_forward_keeps_two_blocks_per_sm_with_its_dynamic_shared_memory(table):
+    """lr_forward_packed's tiles are dynamic shared memory (over 48 KB, so the launch opts in):
+    with them, every instantiation that plan_forward may launch keeps >= 2 resident blocks per
+    SM, 3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images)."""
+    for r in table:
+        dynamic = cupy_backend.packed_shared_bytes(r.kernel_size, r.stride)
+        if r.kernel != "lr_forward_packed" or dynamic > cupy_backend.MAX_OPTIN_SHARED:
+            continue
+        blocks, _ = nvrtc.occupancy(r.usage, r.arch, dynamic=dynamic)
+        assert blocks >= 2, (r, dynamic)
+        if (r.kernel_size, r.stride, r.arch) == (7, 1, "sm_90"):
+            assert blocks == 3, (r, dynamic)
+
+
 def test_registers_per_block_within_the_register_file(table):
     threads = cupy_backend.TILE[0] * cupy_backend.TILE[1]
     for r in table:
@@ -224,7 +238,7 @@ def test_tile_loader_copies_fp32_asynchronously():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_query"])
+@pytest.mark.parametrize("kernel", ["lr_forward", "lr_forward_packed", "lr_backward_query"])
 def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
     """The k tiles hold LR_FAR_KEY outside the image, so sqdiff's window loop (and absdiff's in
     the forward) weighs a neighbour with no test: in the sm_90 SASS of the fp32 K = 7 kernel,
@@ -243,7 +257,8 @@ def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
 
 def test_arrays_read_by_vector_loads_are_16_byte_aligned():
     """A 128-bit shared load from an address that is not a multiple of 16 faults on the GPU: in
-    the PTX every kernel's channel tiles (s_x; backward_input's s_out) are declared .align 16."""
+    the PTX every kernel's channel tiles (s_x; backward_input's s_out) are declared .align 16,
+    lr_forward_packed's dynamic shared memory (its channel tiles first) too."""
     source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
     names = [nvrtc.name_expression(k, "float", 7, 1) for k in nvrtc.KERNEL_NAMES]
     ptx = nvrtc.compile_source(source, names, "compute_90").binary.decode()
@@ -252,6 +267,7 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
     assert vector[("lr_forward", "s_x")] == 16
     assert vector[("lr_backward_query", "s_x")] == 16
     assert vector[("lr_backward_input", "s_out")] == 16
+    assert ".extern .shared .align 16 .b8 s_x[];" in ptx  # lr_forward_packed's tiles
 
 
 @pytest.mark.slow
@@ -261,6 +277,8 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
         ("lr_forward", 7, 1),
         ("lr_forward", 7, 2),
         ("lr_forward", 9, 1),
+        ("lr_forward_packed", 7, 1),
+        ("lr_forward_packed", 5, 2),
         ("lr_backward_query", 7, 1),
         ("lr_backward_query", 5, 2),
         ("lr_backward_input", 7, 1),
@@ -293,3 +311,5 @@ def test_vector_width_cases_cover_every_width():
     and 4."""
     cases = [("lr_forward", 7, 1), ("lr_forward", 7, 2), ("lr_backward_query", 7, 1)]
     assert [cupy_backend.vector_width(*case) for case in cases] == [1, 2, 4]
+    packed = [("lr_forward_packed", 7, 1), ("lr_forward_packed", 5, 2)]
+    assert [cupy_backend.vector_width(*case) for case in packed] == [1, 4]

@@ -74,16 +74,21 @@ def plain():
 
 
 # (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage, the
-# backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2 tiles); the slow
-# tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1:
-# strips of 4; 16 x 16 otherwise: strips of 2) with B = 2
+# backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2 tiles), small
+# images (lr_forward_packed, several blocks per group); the slow tier adds K = 7 in fp32 and bf16
+# over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16 otherwise:
+# strips of 2) with B = 2, and lr_forward_packed at strips of 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
     ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
     ((1, 4, 5, 4, 2, 3, 2, "mul"), torch.float16),
     ((2, 2, 68, 66, 1, 3, 4, "absdiff"), torch.float32),
+    # lr_forward_packed: 10 images of 7 x 7 per group, two blocks (8 + 2 slots) per group
+    ((10, 4, 7, 7, 2, 7, 1, "sqdiff"), torch.float32),
     pytest.param((2, 4, 66, 33, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
     pytest.param((2, 3, 130, 66, 3, 7, 2, "mul"), torch.bfloat16, marks=pytest.mark.slow),
+    # lr_forward_packed at strips of 2 (channels read as quads): 4 x 8 outputs, 9 images
+    pytest.param((9, 6, 8, 16, 3, 3, 2, "mul"), torch.float16, marks=pytest.mark.slow),
 ]
 
 
@@ -96,8 +101,10 @@ SANITIZED_CASES = [
 )  # fmt: skip
 def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case, dtype):
     script, after = record_backend(plain, case, dtype)
+    _, _, H, W, _, K, s, _ = case
+    small = -(-H // s) <= 2 * cupy_backend.forward_strip(K, s) and -(-W // s) <= 8
     assert [name.split("<")[0] for name, _, _ in script] == [
-        "lr_forward",
+        "lr_forward_packed" if small else "lr_forward",
         "lr_backward_query",
         "lr_backward_input",
     ]
@@ -121,6 +128,17 @@ def test_asan_fires_on_a_read_past_the_end(tmp_path):
     assert proc.returncode != 0
     assert "AddressSanitizer: heap-buffer-overflow" in proc.stderr
     assert "READ of size 4" in proc.stderr
+
+
+def test_guard_catches_a_write_past_the_end(tmp_path):
+    """The builds without AddressSanitizer (plain, TSan) follow every buffer with a guard: a
+    write past the end fails the launch (the TSan build's replay here)."""
+    n = 40
+    launch = ("lr_write_past_end", config(2, 32), [ScriptArg("ptr", torch.arange(n + 0.0)),
+              ScriptArg("ptr", torch.zeros(n)), ScriptArg("i64", n)])  # fmt: skip
+    proc = run_sanitized("tsan", write_script(tmp_path, [launch]))
+    assert proc.returncode != 0
+    assert "lr_host_launch(lr_write_past_end) returned 3" in proc.stderr
 
 
 def test_tsan_fires_on_a_missing_syncthreads(tmp_path):

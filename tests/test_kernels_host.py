@@ -97,6 +97,70 @@ def test_fp32_backend_matches_naive(lib, case):
     check_case(lib, case)
 
 
+@pytest.fixture
+def tiled_forward(monkeypatch):
+    """lr_forward on every shape, small images too (not lr_forward_packed)."""
+    monkeypatch.setattr(cupy_backend, "forward_packed", lambda shape: False)
+
+
+def forward_kernel() -> str:
+    """The forward kernel of the last backend_run."""
+    return backend_run.made[0].records[0].config.kernel
+
+
+#: The CASES whose images fit a slot of lr_forward_packed (outputs <= 8 x 2 strips).
+SMALL_CASES = [
+    c for c in CASES if cupy_backend.forward_packed(check_inputs(*make_case(*c[:7])[:4], *c[5:]))
+]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
+def test_fp32_tiled_forward_on_small_images_matches_naive(lib, case, tiled_forward):
+    """lr_forward keeps working on the images that lr_forward_packed now takes."""
+    check_case(lib, case)
+    assert forward_kernel() == "lr_forward"
+
+
+# ---- lr_forward_packed: several small images per block --------------------------------------
+PACKED_CASES = [
+    (11, 16, 7, 7, 2, 7, 1, "sqdiff"),  # 8 + 3 images per group: a block with 5 empty slots
+    (9, 12, 8, 8, 4, 3, 1, "mul"),  # whole 8 x 8 slots, 8 + 1 images
+    pytest.param((10, 9, 8, 13, 3, 5, 2, "absdiff"), marks=pytest.mark.slow),  # 4 x 7 outputs
+    (17, 7, 6, 8, 2, 5, 2, "sqdiff"),  # strips of 2 (quads): 3 x 4 outputs, m = 4, ragged
+    (8, 19, 5, 6, 2, 3, 1, "sqdiff"),  # m = 10: chunks of 8 + 2 (and 8 + 1), one full block
+    (3, 6, 3, 2, 2, 9, 1, "absdiff"),  # images smaller than the window, 3 of 8 slots
+]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
+def test_packed_forward_matches_naive(lib, case):
+    check_case(lib, case, seed=53)
+    assert forward_kernel() == "lr_forward_packed"
+
+
+def test_packed_forward_grid_size_does_not_change_results(lib):
+    """The packed forward loops over its tiles (8 images of a group each) like lr_forward."""
+    x, q, k, geo, gy = make_case(19, 6, 7, 7, 3, 7, 1, seed=7)  # 3 groups x 3 blocks
+    base = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff")
+    assert forward_kernel() == "lr_forward_packed"
+    assert backend_run.made[0].records[0].config.grid[0] == 9
+    small = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff",
+                        override={"lr_forward_packed": {"grid": (2, 1, 1)}})  # fmt: skip
+    assert torch.equal(base[0], small[0])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7, 9, 11, 13])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
+    """cupy_backend.packed_shape (the launch's dynamic shared memory, the bank model) is
+    lr_forward_shape<K, S, LR_SLOTS> of the kernels."""
+    out = (ctypes.c_int * 9)()
+    assert lib.lr_host_packed_shape(kernel_size, stride, out) == 0
+    p = cupy_backend.packed_shape(kernel_size, stride)
+    assert list(out) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
+                         p.box_rows, p.box_cols]  # fmt: skip
+
+
 @pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
 def test_fp32_composabilities_ragged_groups(lib, comp):
     check_case(lib, (2, 11, 9, 7, 3, 5, 2, comp), seed=3)  # m = 4, last group holds 3
@@ -375,10 +439,11 @@ def test_empty_batch(lib):
 
 
 def _forward_args(dtype=torch.float32):
-    x, q, k, geo, _ = make_case(1, 4, 5, 5, 2, 3, 1, dtype=dtype)
+    # 5 x 9: wider than a slot of lr_forward_packed, so lr_forward runs
+    x, q, k, geo, _ = make_case(1, 4, 5, 9, 2, 3, 1, dtype=dtype)
     shape = check_inputs(x, q, k, geo, 3, 1, "sqdiff")
     y = torch.empty_like(x)
-    lse = torch.empty(1, 2, 5, 5)
+    lse = torch.empty(1, 2, 5, 9)
     sizes = cupy_backend._sizes(shape)
     comp = cupy_backend.np.int32(0)
     return shape, [x, q, k, geo.float(), y, lse, *sizes, comp]
@@ -393,7 +458,7 @@ def _forward_args(dtype=torch.float32):
         (lambda a: a.__setitem__(6, 1), "tensors or numpy scalars"),
         (lambda a: a.__setitem__(0, a[0].double()), "float64"),
         (lambda a: a.__setitem__(0, a[0].transpose(2, 3)), "contiguous"),
-        (lambda a: a.__setitem__(5, torch.empty(49)), "holds 49 elements, expected 50"),
+        (lambda a: a.__setitem__(5, torch.empty(89)), "holds 89 elements, expected 90"),
         (lambda a: a.__setitem__(4, a[0]), "overlaps"),
     ],
 )
@@ -408,7 +473,8 @@ def test_host_launcher_rejects_what_the_gpu_would(lib, mutate, message):
 @pytest.mark.parametrize(
     "change",
     [{"block": (2048, 1, 1)}, {"block": (64, 32, 1)}, {"block": (8, 16, 1)},
-     {"grid": (1, 70000, 1)}, {"shared_bytes": 64 * 1024}, {"kernel": "lr_forward_missing"}],
+     {"grid": (1, 70000, 1)}, {"shared_bytes": cupy_backend.MAX_OPTIN_SHARED + 4},
+     {"kernel": "lr_forward_missing"}],
 )  # fmt: skip
 def test_host_launcher_rejects_bad_geometry(lib, change):
     shape, args = _forward_args()
@@ -438,11 +504,11 @@ def test_host_launcher_checks_the_ptxas_report(lib, usage, message):
 def test_host_launcher_counts_static_and_dynamic_shared_memory(lib):
     shape, args = _forward_args()
     static = cupy_backend.static_shared_bytes("lr_forward", 3, 1)
-    room = {"lr_forward": {"shared_bytes": 48 * 1024 - static}}
+    room = {"lr_forward": {"shared_bytes": cupy_backend.MAX_OPTIN_SHARED - static}}
     HostLauncher(lib, "float", 3, 1, override=room).launch(
         cupy_backend.plan_forward(shape), tuple(args)
     )
-    over = {"lr_forward": {"shared_bytes": 48 * 1024 - static + 4}}
+    over = {"lr_forward": {"shared_bytes": cupy_backend.MAX_OPTIN_SHARED - static + 4}}
     with pytest.raises(LaunchError, match="static"):
         HostLauncher(lib, "float", 3, 1, override=over).launch(
             cupy_backend.plan_forward(shape), tuple(args)

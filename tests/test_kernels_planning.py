@@ -37,9 +37,14 @@ def test_plans_cover_64bit_sizes(sizes):
     Ho, Wo = shape.out_height, shape.out_width
     rows, in_rows = cb.query_strip(K, s), cb.input_strip(K, s)
     fwd = cb.plan_forward(shape)
-    assert fwd.kernel == "lr_forward" and fwd.block == (*cb.TILE, 1)
-    fwd_tiles = tiles(Ho, Wo, cb.forward_strip(K, s))
-    assert fwd.grid == (min(B * G * fwd_tiles, cb.MAX_BLOCKS), 1, 1)
+    assert fwd.block == (*cb.TILE, 1)
+    if Ho <= 2 * cb.forward_strip(K, s) and Wo <= 8:  # small images: 8 per block
+        assert fwd.kernel == "lr_forward_packed"
+        assert fwd.grid == (min(G * -(-B // 8), cb.MAX_BLOCKS), 1, 1)
+    else:
+        assert fwd.kernel == "lr_forward" and fwd.shared_bytes == 0
+        fwd_tiles = tiles(Ho, Wo, cb.forward_strip(K, s))
+        assert fwd.grid == (min(B * G * fwd_tiles, cb.MAX_BLOCKS), 1, 1)
     bwd = cb.plan_backward_input(shape)
     assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
     blocks_per_sm = cb.THREADS_PER_SM // (cb.TILE[0] * cb.TILE[1])
@@ -53,6 +58,33 @@ def test_plans_cover_64bit_sizes(sizes):
     for config in (fwd, bwd):
         assert all(isinstance(v, int) for v in (*config.grid, *config.block))
         assert config.grid[0] <= 2**31 - 1 and config.block[0] * config.block[1] <= 1024
+
+
+@pytest.mark.parametrize(
+    ("sizes", "packed"),
+    [
+        ((32, 800, 7, 7, 100, 7, 1), True),  # LR-Net-26 res5 at 224: 7 x 7
+        ((9, 16, 8, 8, 2, 7, 1), True),  # a whole slot: 8 x 8 outputs (strips of 4)
+        ((9, 16, 9, 8, 2, 7, 1), False),  # one row more than a slot
+        ((9, 16, 8, 9, 2, 7, 1), False),  # one column more
+        ((9, 16, 8, 16, 2, 5, 2), True),  # stride 2: 4 x 8 outputs (strips of 2), 67 KB
+        ((9, 16, 9, 16, 2, 5, 2), False),  # 5 x 8 outputs
+        ((9, 16, 8, 16, 2, 7, 2), False),  # K = 7, stride 2: 88 KB of tiles, over 80 KB
+        ((9, 16, 4, 4, 2, 7, 3), False),  # K = 7, stride 3: 170 KB
+    ],
+)
+def test_small_images_take_the_packed_forward(sizes, packed):
+    """lr_forward_packed runs where the outputs fit a slot of 8 columns x 2 strips and its
+    dynamic shared memory 80 KB (two blocks per SM on sm_80); its blocks hold 8 images of a
+    group."""
+    shape = shape_of(*sizes)
+    B, G = sizes[0], sizes[4]
+    fwd = cb.plan_forward(shape)
+    assert (fwd.kernel == "lr_forward_packed") == packed
+    if packed:
+        assert fwd.grid == (G * -(-B // 8), 1, 1)
+        assert 48 * 1024 < fwd.shared_bytes <= 80 * 1024
+        assert fwd.shared_bytes == cb.packed_shared_bytes(*sizes[5:])
 
 
 def test_empty_problems_launch_nothing():

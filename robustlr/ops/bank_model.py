@@ -48,9 +48,10 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
     tile, and V = ``cupy_backend.vector_width`` words of each group of channel tiles (channels
     side by side, ``vector_transactions``); backward_query also adds into its thread row's
     key-gradient copy, ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]``
-    (``cupy_backend.key_grad_pitch``); backward_input reads q, lse (one word) and gy (V words)
-    at ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every tile origin modulo
-    S."""
+    (``cupy_backend.key_grad_pitch``); forward_packed reads its slots' tiles
+    (``cupy_backend.packed_shape``) the same way, from each thread's slot; backward_input reads
+    q, lse (one word) and gy (V words) at
+    ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every tile origin modulo S."""
     K, S = kernel_size, stride
     R = cupy_backend.strip(kernel, K, S)
     V = cupy_backend.vector_width(kernel, K, S)
@@ -70,6 +71,23 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                     if kernel == "lr_backward_query":
                         req = [ty * copy + tx + row * pw + col for tx, ty in lanes]
                         worst = max(worst, transactions(req))
+        elif kernel == "lr_forward_packed":
+            # slot z = (ty // 2) * 2 + tx // SLOT_WIDTH, its strip at (ty % 2, tx % SLOT_WIDTH):
+            # slot[z * SLOT + (ty % 2)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)]
+            packed, sw = cupy_backend.packed_shape(K, S), cupy_backend.SLOT_WIDTH
+            pw = packed.pitch
+            for row in range((R - 1) * S + K):
+                for b in range(K):
+                    col = cupy_backend.phase_col(b, packed.cols, S)
+                    req = [
+                        ((ty // 2) * 2 + tx // sw) * packed.slot
+                        + (ty % 2) * R * S * pw
+                        + tx % sw
+                        + row * pw
+                        + col
+                        for tx, ty in lanes
+                    ]
+                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
         elif kernel == "lr_backward_input":
             nc = (K - 1) // S + 1
             po = cupy_backend.plain_pitch((tw + S - 2) // S + nc, S, R)

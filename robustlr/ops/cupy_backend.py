@@ -36,7 +36,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,6 +70,15 @@ MAX_BLOCKS = (1 << 31) - 1
 THREADS_PER_SM = 2048
 #: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
 MAX_STATIC_SHARED = 48 * 1024
+#: Shared memory (static + dynamic) a launch may ask for, opting in above 48 KB
+#: (``max_dynamic_shared_size_bytes``): two resident blocks per SM on sm_80 (164 KB per SM, 1 KB
+#: per block reserved), within the opt-in limit of every GPU with cp.async (99 KB on sm_86 and
+#: sm_89, 163 KB on sm_80, 227 KB on sm_90).
+MAX_OPTIN_SHARED = 80 * 1024
+#: Images per block of lr_forward_packed (LR_SLOTS), each in a slot of SLOT_WIDTH output columns
+#: (LR_SLOT_W) and two thread rows.
+SLOTS = 8
+SLOT_WIDTH = 8
 #: Largest window of the kernels: the one the emulator tests cover against the float64 loop
 #: (lr_backward_query's row reduction allows K <= 16; docs/gpu-kernels.md).
 MAX_KERNEL_SIZE = 13
@@ -109,6 +118,72 @@ def shared_pitch(cols: int, stride: int, step: int) -> int:
 def phase_col(col: int, cols: int, stride: int) -> int:
     """Position of column ``col`` in a phase-ordered row (``lr_phase_col``)."""
     return (col % stride) * phase_cols(cols, stride) + col // stride
+
+
+def slot_pitch(minimum: int, step: int) -> int:
+    """``lr_slot_pitch``: the smallest pitch >= minimum with step * pitch = 8, 16 or 24
+    (mod 32); ``minimum`` when there is none."""
+    for extra in range(32):
+        if step * (minimum + extra) % 32 in (8, 16, 24):
+            return minimum + extra
+    return minimum
+
+
+def slot_floats(floats: int, row_phase: int) -> int:
+    """``lr_slot_floats``: the smallest slot size >= floats that is 16 modulo 32 words (8 where
+    the rows' phase ``row_phase`` is 16), so that a warp's two slots fall in distinct banks."""
+    want = 8 if row_phase == 16 else 16
+    for extra in range(32):
+        if (floats + extra) % 32 == want:
+            return floats + extra
+    return floats
+
+
+@dataclass(frozen=True)
+class PackedShape:
+    """``lr_forward_shape<K, STRIDE, LR_SLOTS>``: lr_forward_packed's slots of ``out_rows`` x
+    SLOT_WIDTH outputs (strips of ``strip``), each staging ``rows`` x ``cols`` input positions
+    at ``pitch``, ``slot`` floats apart, ``floats`` of dynamic shared memory in all; its loader
+    copies the image positions of a ``box_rows`` x ``box_cols`` box per slot."""
+
+    strip: int
+    out_rows: int
+    rows: int
+    cols: int
+    pitch: int
+    slot: int
+    floats: int
+    box_rows: int
+    box_cols: int
+
+
+def packed_shape(kernel_size: int, stride: int) -> PackedShape:
+    """The geometry of lr_forward_packed at (K, stride)."""
+    K, S = kernel_size, stride
+    R = forward_strip(K, S)
+    rows, cols = (2 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K
+    pitch = slot_pitch(S * phase_cols(cols, S), R * S)
+    slot = slot_floats(rows * pitch, R * S * pitch % 32)
+    tile = SLOTS * slot
+    floats = (MAX_CHANNEL_CHUNK + 1) * tile + _forward_geo(K)
+    box_rows, box_cols = min(2 * R * S, rows - K // 2), min(SLOT_WIDTH * S, cols - K // 2)
+    return PackedShape(R, 2 * R, rows, cols, pitch, slot, floats, box_rows, box_cols)
+
+
+def packed_shared_bytes(kernel_size: int, stride: int) -> int:
+    """Bytes of dynamic shared memory of lr_forward_packed at (K, stride)."""
+    return 4 * packed_shape(kernel_size, stride).floats
+
+
+def forward_packed(shape: LocalRelationShape) -> bool:
+    """Whether the forward of ``shape`` runs lr_forward_packed: its outputs fit one slot and
+    its shared memory the opt-in limit."""
+    packed = packed_shape(shape.kernel_size, shape.stride)
+    return (
+        shape.out_height <= packed.out_rows
+        and shape.out_width <= SLOT_WIDTH
+        and packed_shared_bytes(shape.kernel_size, shape.stride) <= MAX_OPTIN_SHARED
+    )
 
 
 def plain_pitch(cols: int, stride: int, strip: int) -> int:
@@ -204,7 +279,7 @@ def strip(kernel: str, kernel_size: int, stride: int) -> int:
     """Positions per thread (a vertical strip) of one kernel instantiation."""
     if kernel == "lr_backward_input":
         return input_strip(kernel_size, stride)
-    if kernel == "lr_forward":
+    if kernel in ("lr_forward", "lr_forward_packed"):
         return forward_strip(kernel_size, stride)
     return query_strip(kernel_size, stride)
 
@@ -214,6 +289,8 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     instantiation, as declared in kernels/local_relation.cu."""
     K, S = kernel_size, stride
     R = strip(kernel, K, S)
+    if kernel == "lr_forward_packed":  # dynamic shared memory only (packed_shared_bytes)
+        return 0, 0, 0
     if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
         fixed = tile + _forward_geo(K)
@@ -234,17 +311,22 @@ def vector_width(kernel: str, kernel_size: int, stride: int) -> int:
     """Staged channels side by side at each position of one kernel instantiation's channel tiles
     (``lr_vec_width``): 4, 2 or 1, the largest dividing the chunk; 1 in lr_forward at strips of
     4 (its accumulators leave no registers for vectors)."""
-    if kernel == "lr_forward" and forward_strip(kernel_size, stride) == 4:
+    if kernel in ("lr_forward", "lr_forward_packed") and forward_strip(kernel_size, stride) == 4:
         return 1
-    chunk = kernel_tiles(kernel, kernel_size, stride)[1]
+    if kernel == "lr_forward_packed":
+        chunk = MAX_CHANNEL_CHUNK
+    else:
+        chunk = kernel_tiles(kernel, kernel_size, stride)[1]
     return next(v for v in (4, 2, 1) if chunk % v == 0)
 
 
 def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of the ``__shared__`` arrays of one kernel instantiation, as declared in
-    kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas)."""
+    kernels/local_relation.cu (tests/test_kernels_budget.py checks them against ptxas):
+    rounded up to 16 bytes, where the dynamic shared memory of the module (LR_DYNAMIC_SHARED,
+    16-byte aligned) would start."""
     tile, chunk, fixed = kernel_tiles(kernel, kernel_size, stride)
-    return 4 * (fixed + chunk * tile)
+    return -(-4 * (fixed + chunk * tile) // 16) * 16
 
 
 def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
@@ -288,8 +370,16 @@ def _config(kernel: str, blocks: int) -> LaunchConfig | None:
 
 
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
-    """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; None when
-    there is no output."""
+    """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; or, where the
+    images fit a slot (``forward_packed``), of ``lr_forward_packed``: one block per SLOTS images
+    of a group, its tiles in dynamic shared memory. None when there is no output."""
+    if shape.out_height * shape.out_width <= 0:
+        return None
+    if forward_packed(shape):
+        blocks = shape.groups * -(-shape.batch // SLOTS)
+        config = _config("lr_forward_packed", blocks)
+        bytes_ = packed_shared_bytes(shape.kernel_size, shape.stride)
+        return None if config is None else replace(config, shared_bytes=bytes_)
     tiles = _tiles(
         shape.out_height, shape.out_width, forward_strip(shape.kernel_size, shape.stride)
     )
@@ -358,9 +448,10 @@ LauncherFactory = Callable[[torch.device, str, int, int], Launcher]
 
 @dataclass(frozen=True)
 class CupyKernels:
-    """The three compiled kernels of one (device, dtype, K, stride)."""
+    """The compiled kernels of one (device, dtype, K, stride), in KERNEL_NAMES order."""
 
     forward: Any
+    forward_packed: Any
     backward_query: Any
     backward_input: Any
 
@@ -419,6 +510,10 @@ class CupyLauncher:
 
     def launch(self, config: LaunchConfig, args: tuple) -> None:
         fn = self.kernels.by_name(config.kernel)
+        if config.shared_bytes > MAX_STATIC_SHARED and (
+            fn.max_dynamic_shared_size_bytes < config.shared_bytes
+        ):  # opt in (up to MAX_OPTIN_SHARED, which plan_forward keeps to)
+            fn.max_dynamic_shared_size_bytes = config.shared_bytes
         fn(config.grid, config.block, tuple(map(pack_arg, args)), shared_mem=config.shared_bytes)
 
 

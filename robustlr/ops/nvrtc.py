@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: The source file holding the local relation kernels and the kernel templates it defines,
 #: each templated as ``<T, K, STRIDE>``.
 KERNEL_SOURCE = "local_relation.cu"
-KERNEL_NAMES = ("lr_forward", "lr_backward_query", "lr_backward_input")
+KERNEL_NAMES = ("lr_forward", "lr_forward_packed", "lr_backward_query", "lr_backward_input")
 #: Kernel names per source file in kernels/ (every ``__global__`` template must be listed).
 KERNEL_CATALOGUE: dict[str, tuple[str, ...]] = {KERNEL_SOURCE: KERNEL_NAMES}
 #: C++ storage types of the kernels' template parameter T (fp16/bf16 as raw 16-bit tags).
@@ -269,8 +269,11 @@ SM_LIMITS = {
 }
 
 
-def occupancy(usage: PtxasUsage, arch: str, block_threads: int = 128) -> tuple[int, float]:
-    """Resident blocks per SM and occupancy (resident threads / max threads) for one kernel.
+def occupancy(
+    usage: PtxasUsage, arch: str, block_threads: int = 128, dynamic: int = 0
+) -> tuple[int, float]:
+    """Resident blocks per SM and occupancy (resident threads / max threads) for one kernel
+    launched with ``dynamic`` bytes of dynamic shared memory.
 
     Registers are allocated per warp in units of 256 (i.e. rounded up to 8 per thread); each
     block also reserves 1 KiB of shared memory for the system.
@@ -279,7 +282,7 @@ def occupancy(usage: PtxasUsage, arch: str, block_threads: int = 128) -> tuple[i
     warps = -(-block_threads // 32)
     regs_per_warp = -(-max(usage.registers, 1) * 32 // 256) * 256
     by_regs = regs_per_sm // (regs_per_warp * warps)
-    by_smem = smem_per_sm // (usage.shared + 1024)
+    by_smem = smem_per_sm // (usage.shared + dynamic + 1024)
     blocks = min(by_regs, by_smem, max_threads // block_threads, max_blocks)
     return blocks, blocks * block_threads / max_threads
 

@@ -93,8 +93,9 @@ TORCH_OF_POINTEE = {"float": torch.float32, "lr_half": torch.float16, "lr_bf16":
 MAX_BLOCK = (1024, 1024, 64)
 MAX_THREADS_PER_BLOCK = 1024
 MAX_GRID = (2**31 - 1, 65535, 65535)
-MAX_DYNAMIC_SHARED = 48 * 1024  # without an opt-in attribute
-MAX_SHARED_PER_BLOCK = 48 * 1024  # static + dynamic, without an opt-in attribute
+MAX_STATIC_SHARED = cupy_backend.MAX_STATIC_SHARED
+# static + dynamic: the CuPy launcher opts in (max_dynamic_shared_size_bytes) above 48 KB
+MAX_SHARED_PER_BLOCK = cupy_backend.MAX_OPTIN_SHARED
 MAX_REGISTERS_PER_BLOCK = 65536
 
 
@@ -249,6 +250,8 @@ class HostLauncher:
             name.encode(), grid, block, ctypes.c_ulonglong(config.shared_bytes), argv, sizes,
             len(values),
         )  # fmt: skip
+        if rc == 3:
+            raise LaunchError(f"{name} wrote past the end of an argument")
         if rc != 0:
             raise LaunchError(f"lr_host_launch({name}) returned {rc}")
 
@@ -345,7 +348,7 @@ def _check_geometry(name: str, config: cupy_backend.LaunchConfig) -> None:
             raise LaunchError(f"{name}: grid {grid} / block {block} beyond CUDA's limits")
     if block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK:
         raise LaunchError(f"{name}: {block} is more than 1024 threads per block")
-    if not 0 <= config.shared_bytes <= MAX_DYNAMIC_SHARED:
+    if not 0 <= config.shared_bytes <= MAX_SHARED_PER_BLOCK:
         raise LaunchError(f"{name}: {config.shared_bytes} bytes of dynamic shared memory")
 
 
@@ -367,7 +370,7 @@ def _check_resources(
                 f"{name}: {usage.registers} registers x {threads} threads per block > "
                 f"{MAX_REGISTERS_PER_BLOCK}"
             )
-    if static + config.shared_bytes > MAX_SHARED_PER_BLOCK:
+    if static > MAX_STATIC_SHARED or static + config.shared_bytes > MAX_SHARED_PER_BLOCK:
         raise LaunchError(
             f"{name}: {static} bytes of static + {config.shared_bytes} of dynamic shared memory "
             f"> {MAX_SHARED_PER_BLOCK}"

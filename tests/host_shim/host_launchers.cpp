@@ -88,8 +88,8 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
 #define LR_ENTRY(KERNEL, T, K, S) \
     make_entry(#KERNEL "<" #T ", " #K ", " #S ">", &KERNEL<T, K, S>)
 #define LR_ENTRIES(T, K, S) \
-    LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_backward_query, T, K, S), \
-        LR_ENTRY(lr_backward_input, T, K, S)
+    LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_forward_packed, T, K, S),  \
+        LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_input, T, K, S)
 
 const std::vector<Entry>& registry() {
     static const std::vector<Entry> entries = {
@@ -118,6 +118,7 @@ const std::vector<Entry>& registry() {
 #endif
 #ifdef LR_HOST_NEGATIVE_CONTROLS
         make_entry("lr_read_past_end", &lr_read_past_end),
+        make_entry("lr_write_past_end", &lr_write_past_end),
         make_entry("lr_missing_sync", &lr_missing_sync),
         make_entry("lr_with_sync", &lr_with_sync),
         make_entry("lr_warp_ops", &lr_warp_ops),
@@ -162,24 +163,68 @@ extern "C" int lr_host_launch(const char* name, const unsigned* grid, const unsi
     const Entry* e = find(name);
     if (e == nullptr) return 1;
     if (nargs != e->nargs) return 2;
-    // exactly sized copies of every buffer (AddressSanitizer sees accesses past their end)
+    // exactly sized copies of every buffer (AddressSanitizer sees accesses past their end); the
+    // other builds follow each copy with a guard of its own size + 4 KB, filled with a pattern
+    // that a write past the end changes (return 3)
+#if defined(__SANITIZE_ADDRESS__)
+    constexpr bool kGuarded = false;
+#else
+    constexpr bool kGuarded = true;
+#endif
     std::vector<void*> originals(nargs, nullptr), copies(nargs, nullptr);
     std::vector<void*> values(args, args + nargs);
+    std::vector<std::size_t> guards(nargs, 0);
     for (int i = 0; i < nargs; ++i) {
         if (nbytes[i] == 0) continue;
+        guards[i] = kGuarded ? nbytes[i] + 4096 : 0;
         originals[i] = *static_cast<void**>(args[i]);
-        copies[i] = std::malloc(nbytes[i]);
+        copies[i] = std::malloc(nbytes[i] + guards[i]);
         std::memcpy(copies[i], originals[i], nbytes[i]);
+        std::memset(static_cast<unsigned char*>(copies[i]) + nbytes[i], 0xa5, guards[i]);
         values[i] = &copies[i];
     }
     lr_emu::launch(dim3{grid[0], grid[1], grid[2]}, dim3{block[0], block[1], block[2]},
                    shared_bytes, [&] { e->invoke(e->fn, values.data()); });
+    int rc = 0;
     for (int i = 0; i < nargs; ++i) {
         if (nbytes[i] == 0) continue;
+        const unsigned char* guard = static_cast<unsigned char*>(copies[i]) + nbytes[i];
+        for (std::size_t b = 0; b < guards[i]; ++b) rc = guard[b] != 0xa5 ? 3 : rc;
         std::memcpy(originals[i], copies[i], nbytes[i]);
         std::free(copies[i]);
     }
-    return 0;
+    return rc;
+}
+
+// lr_forward_packed's geometry (lr_forward_shape<K, S, LR_SLOTS>) for K = 3..13 odd, strides
+// 1-3: strip, output rows, staged rows and columns, pitch, slot, dynamic shared floats and the
+// loader's image box into out[9]; 1 for a (K, S) not in the table. cupy_backend.packed_shape
+// mirrors it.
+namespace {
+template <int K, int S>
+void packed_shape(int* out) {
+    using P = lr_forward_shape<K, S, LR_SLOTS>;
+    const int v[9] = {P::R, P::OH, P::IH, P::IW, P::PW, P::SLOT, P::FLOATS, P::BOX_H, P::BOX_W};
+    std::memcpy(out, v, sizeof v);
+}
+struct PackedRow {
+    int K, S;
+    void (*fn)(int*);
+};
+#define LR_PACKED_ROWS(K) {K, 1, &packed_shape<K, 1>}, {K, 2, &packed_shape<K, 2>}, \
+                          {K, 3, &packed_shape<K, 3>}
+const PackedRow kPackedRows[] = {LR_PACKED_ROWS(3), LR_PACKED_ROWS(5), LR_PACKED_ROWS(7),
+                                 LR_PACKED_ROWS(9), LR_PACKED_ROWS(11), LR_PACKED_ROWS(13)};
+}  // namespace
+
+extern "C" int lr_host_packed_shape(int K, int S, int* out) {
+    for (const PackedRow& row : kPackedRows) {
+        if (row.K == K && row.S == S) {
+            row.fn(out);
+            return 0;
+        }
+    }
+    return 1;
 }
 
 // The 16-bit conversion helpers of lr_common.cuh, elementwise.

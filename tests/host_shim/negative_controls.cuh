@@ -9,6 +9,14 @@ __global__ void lr_read_past_end(const float* __restrict__ in, float* __restrict
     if (i < n) out[i] = in[i + (i == n - 1 ? 1 : 0)];
 }
 
+// Copies `in` to `out` (n elements) and writes one element past the end of `out` in the last
+// thread (the guard of the builds without AddressSanitizer sees it).
+__global__ void lr_write_past_end(const float* __restrict__ in, float* __restrict__ out,
+                                  long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i + (i == n - 1 ? 1 : 0)] = in[i];
+}
+
 // Reverses `in` within each block through shared memory; without the barrier a thread reads a
 // slot another thread has not written yet (a data race).
 __global__ void lr_missing_sync(const float* __restrict__ in, float* __restrict__ out) {
