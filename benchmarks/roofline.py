@@ -100,12 +100,15 @@ KEY_GRAD_IN_QUERY = ("v7", "v8", "v9")
 #: by vector loads (cupy_backend.vector_width), and whose loader copies one plane of each group
 #: per thread.
 VECTOR_CHANNELS = ("v8", "v9")
-#: Versions whose forward runs lr_forward_packed where the images fit its slots
-#: (cupy_backend.forward_packed: 8 images of a group per block).
-PACKED_FORWARD = ("v9",)
+#: Versions whose forward and backward input run lr_forward_packed and
+#: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
+#: input_packed: 8 images of a group per block).
+PACKED = ("v9",)
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
+#: The kernels with lr_backward_input's window loops (one strip of inputs per thread).
+INPUT_KERNELS = ("lr_backward_input", "lr_backward_input_packed")
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -186,8 +189,18 @@ def strip_of(kernel: str, version: str) -> int:
 
 
 def kernels_of(version: str) -> tuple[str, ...]:
-    """The kernels a version has (lr_forward_packed from PACKED_FORWARD on)."""
-    return (*KERNELS, "lr_forward_packed") if version in PACKED_FORWARD else KERNELS
+    """The kernels a version has (the packed ones in PACKED versions)."""
+    packed = ("lr_forward_packed", "lr_backward_input_packed")
+    return (*KERNELS, *packed) if version in PACKED else KERNELS
+
+
+def packed_bytes(kernel: str) -> int:
+    """Dynamic shared memory of a kernel's launch (the packed kernels'), else 0."""
+    if kernel == "lr_forward_packed":
+        return cupy_backend.packed_shared_bytes(K, S)
+    if kernel == "lr_backward_input_packed":
+        return cupy_backend.packed_input_bytes(K)
+    return 0
 
 
 def stage_shape(C: int, H: int) -> LocalRelationShape:
@@ -197,10 +210,15 @@ def stage_shape(C: int, H: int) -> LocalRelationShape:
 
 
 def runs_as(kernel: str, version: str, C: int, H: int) -> str:
-    """The kernel that does ``kernel``'s work at one stage: lr_forward_packed for the forward of
-    small images (cupy_backend.forward_packed) in PACKED_FORWARD versions."""
-    packed = version in PACKED_FORWARD and cupy_backend.forward_packed(stage_shape(C, H))
-    return "lr_forward_packed" if kernel == "lr_forward" and packed else kernel
+    """The kernel that does ``kernel``'s work at one stage: in PACKED versions the packed
+    kernels for the forward and backward input of small images (cupy_backend.forward_packed,
+    input_packed)."""
+    shape = stage_shape(C, H)
+    if version in PACKED and kernel == "lr_forward" and cupy_backend.forward_packed(shape):
+        return "lr_forward_packed"
+    if version in PACKED and kernel == "lr_backward_input" and cupy_backend.input_packed(shape):
+        return "lr_backward_input_packed"
+    return kernel
 
 
 def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
@@ -244,7 +262,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         if version == "v3":  # one iteration per window row, its K (NC) pairs unrolled
             runs = {op: nc * (body.every[op] + pairs[op]) for op in body.every | pairs}
         elif body.pairs:  # rolled strip-row loops: NT iterations per window column
-            if kernel == "lr_backward_input":
+            if kernel in INPUT_KERNELS:
                 iterations, column_pairs = nc * ((R + S - 2) // S + nc), nc * K
             else:
                 iterations, column_pairs = K * ((R - 1) * S + K), K * K
@@ -254,7 +272,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
             }
         else:  # strip rows unrolled: as many iterations as the window pairs take
             per_iteration = body.every["MUFU"] or body.every["FMNMX"]
-            window_pairs = (nc if kernel == "lr_backward_input" else K) * K * R
+            window_pairs = (nc if kernel in INPUT_KERNELS else K) * K * R
             iterations = window_pairs / per_iteration
             every = body.every.copy()
             if kernel == "lr_backward_query" and version in REDUCE_BY_THREADS:
@@ -268,7 +286,11 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
                     every.subtract({op: (1 - share) * n for op, n in block.items()})
             runs = {op: iterations * n for op, n in every.items()}
         total.update(runs)
-    if kernel == "lr_backward_input":
+    if kernel == "lr_backward_input_packed":  # q, lse over the output box of each slot
+        packed_input = cupy_backend.packed_input_shape(K)
+        rows, cols = cupy_backend.SLOTS * packed_input.box_rows, packed_input.box_cols
+        staged = 2
+    elif kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
         rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
     elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
@@ -278,15 +300,18 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
     slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
     total.update({op: slots * n for op, n in loader.items()})
-    if kernel == "lr_forward_packed":
+    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
         # the tiles filled once per block with what lies outside the images (4-word stores: one
         # STS.128 per iteration), counted as if every block ran one tile (LR-Net-26's stage 4)
-        packed = cupy_backend.packed_shape(K, S)
+        if kernel == "lr_forward_packed":  # s_k, then s_x
+            slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
+        else:  # s_q, s_lse, then s_gy
+            slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
         fills = [lp for lp in loops if lp.every["STS.128"] and lp not in window + loaders]
-        for lp, planes in zip(fills, (1, M), strict=True):  # s_k, then s_x
-            trips = -(-planes * cupy_backend.SLOTS * packed.slot // (4 * THREADS))
+        for lp, n_planes in zip(fills, planes, strict=True):
+            trips = -(-n_planes * cupy_backend.SLOTS * slot // (4 * THREADS))
             total.update({op: trips * n for op, n in lp.every.items()})
-    if kernel == "lr_backward_input" and version in KEY_GRAD_IN_QUERY:
+    if kernel in INPUT_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
         # per input (the tile columns unrolled into one iteration)
@@ -353,9 +378,10 @@ def predict(
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
     warps = B * G * warps_per_plane
     dynamic = 0
-    if kernel == "lr_forward_packed":  # a warp per two images (its slots), live if the first is
+    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
+        # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
-        dynamic = cupy_backend.packed_shared_bytes(K, S)
+        dynamic = packed_bytes(kernel)
     issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
     mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
     wavefronts = sum(counts[op] * n for op, n in SHARED_OPS.items())
@@ -364,6 +390,8 @@ def predict(
     halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
     oh = (rows + S - 2) // S + NCOV
     halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
+    if kernel == "lr_backward_input_packed":  # each image's outputs staged once
+        halo_out = 1.0
     # grad-k partials: one per staged input position of each backward-query tile
     n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
     if kernel == "lr_forward_packed":  # x, q, k in (each image staged once); y, lse out
@@ -415,8 +443,7 @@ def main() -> None:
     for kernel in nvrtc.KERNEL_NAMES:
         for version in (v for v in versions if kernel in kernels_of(v)):
             c, u, strip = counts[version, kernel], usage[version, kernel], strip_of(kernel, version)
-            dynamic = cupy_backend.packed_shared_bytes(K, S) if kernel == "lr_forward_packed" else 0
-            blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=dynamic)
+            blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=packed_bytes(kernel))
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
                   f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
                   f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / strip:.0f} |")  # fmt: skip

@@ -107,23 +107,36 @@ struct lr_forward_shape {
     static constexpr int BOX_W = OW * STRIDE < IW - K / 2 ? OW * STRIDE : IW - K / 2;
 };
 
-// Tile geometry of lr_backward_input: strips of RI inputs, tiles of LR_TILE_W x ITH inputs; the
-// outputs covering a tile are OH x OW, staged at pitch PO (TO floats per tile); a strip is
-// covered by NT output rows and NC output columns; MC gy channels staged at once.
-template <int K, int STRIDE>
+// Tile geometry of lr_backward_input (SLOTS = 1) and lr_backward_input_packed (SLOTS =
+// LR_SLOTS small images per block, stride 1: one per slot of ITW x ITH inputs, two thread rows
+// of strips of RI): strips of RI inputs, tiles (slots) of ITW x ITH inputs; the outputs covering
+// a tile are OH x OW, staged at pitch PO, SLOT floats apart (TO floats per plane); a strip is
+// covered by NT output rows and NC output columns; MC gy channels staged at once (all
+// LR_MAX_CHUNK in lr_backward_input_packed's dynamic shared memory: FLOATS in all).
+template <int K, int STRIDE, int SLOTS = 1>
 struct lr_input_shape {
+    static_assert(SLOTS == 1 || STRIDE == 1, "packed at stride 1 only");
     static constexpr int RI = lr_input_strip<K, STRIDE>();
-    static constexpr int ITH = LR_TILE_H * RI;
+    static constexpr int ITW = SLOTS == 1 ? LR_TILE_W : LR_SLOT_W;
+    static constexpr int ITH = SLOTS == 1 ? LR_TILE_H * RI : 2 * RI;
     static constexpr int NC = (K - 1) / STRIDE + 1;  // most outputs covering an input, per axis
     static constexpr int NT = (RI + STRIDE - 2) / STRIDE + NC;
     // i_first of the tile's last row is at most ceil((ITH - 1) / STRIDE) past the first row's,
     // and each row reads NC of them
     static constexpr int OH = (ITH + STRIDE - 2) / STRIDE + NC;
-    static constexpr int OW = (LR_TILE_W + STRIDE - 2) / STRIDE + NC;
-    static constexpr int PO = lr_plain_pitch<OW, STRIDE, RI>();
-    static constexpr int TO = OH * PO;
-    static constexpr int MC = lr_chunk<2 * TO + K * K, TO>();
+    static constexpr int OW = (ITW + STRIDE - 2) / STRIDE + NC;
+    static constexpr int PO =
+        SLOTS == 1 ? lr_plain_pitch<OW, STRIDE, RI>() : lr_slot_pitch<OW, RI>();
+    static constexpr int SLOT = SLOTS == 1 ? OH * PO : lr_slot_floats<OH * PO, RI * PO % 32>();
+    static constexpr int TO = SLOTS * SLOT;
+    static constexpr int MC = SLOTS == 1 ? lr_chunk<2 * TO + K * K, TO>() : LR_MAX_CHUNK;
     static constexpr int V = lr_vec_width<MC>();  // gy channels side by side
+    static constexpr int FLOATS = (2 + MC) * TO + K * K;
+    // lr_backward_input_packed: the first output row (column) staged, relative to the image's
+    // first input, and the image outputs a slot stages, at most BOX_H x BOX_W
+    static constexpr int OI0 = (K / 2 - K + STRIDE) / STRIDE;  // floor: K / 2 - K + 1 < 0
+    static constexpr int BOX_H = ITH < OH + OI0 ? ITH : OH + OI0;
+    static constexpr int BOX_W = ITW < OW + OI0 ? ITW : OW + OI0;
 };
 
 // Call FN<T, K, STRIDE, COMP>(...) for the runtime composability code comp: the window loops
@@ -325,7 +338,7 @@ __device__ __forceinline__ void lr_forward_tiles(
     }
 }
 
-// The forward's tile bodies by layout, for LR_BY_COMPOSABILITY.
+// The tile bodies by layout (one tile, or LR_SLOTS small images), for LR_BY_COMPOSABILITY.
 template <typename T, int K, int STRIDE, int COMP, typename... A>
 __device__ __forceinline__ void lr_forward_one(A... args) {
     lr_forward_tiles<T, K, STRIDE, COMP, 1>(args...);
@@ -610,7 +623,7 @@ __device__ __forceinline__ float lr_gather_key_grad(const float* __restrict__ pa
 // strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj, tj < NC; and
 // grad k from lr_backward_query's partials (lr_gather_key_grad). Shared: q and lse over the
 // outputs covering the tile, and gy of MC channels over the same outputs.
-template <typename T, int K, int STRIDE, int COMP>
+template <typename T, int K, int STRIDE, int COMP, int SLOTS>
 __device__ __forceinline__ void lr_backward_input_tiles(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
     const float* __restrict__ lse, const T* __restrict__ gy,
@@ -618,28 +631,42 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     float* __restrict__ s_q, float* __restrict__ s_lse, float* __restrict__ s_gy,
     float* __restrict__ s_geo) {
-    using S = lr_input_shape<K, STRIDE>;
+    using S = lr_input_shape<K, STRIDE, SLOTS>;
     using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
     constexpr int P = K / 2, KK = K * K, RI = S::RI, ITH = S::ITH, NC = S::NC, NT = S::NT;
     constexpr int OH = S::OH, OW = S::OW, PO = S::PO, TO = S::TO, MC = S::MC, V = S::V;
+    constexpr bool PACKED = SLOTS > 1;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
-    const long long tiles_w = (W + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (H + ITH - 1) / ITH;
+    // packed: this thread's slot and its place in the slot (as in lr_forward_tiles)
+    const int slot = (ty / 2) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 2;
+    const long long tiles_w = PACKED ? 1 : (W + LR_TILE_W - 1) / LR_TILE_W;
+    const long long tiles_h = PACKED ? 1 : (H + ITH - 1) / ITH;
+    const long long images = PACKED ? (B + SLOTS - 1) / SLOTS : B;  // per group, per tile
     // lr_backward_query's tiles per (b, g) plane, and the floats of their grad-k partials
     const long long query_tiles_h = (Ho + QS::OTH - 1) / QS::OTH;
     const long long query_tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long plane_partials = query_tiles_h * query_tiles_w * (QS::IH * QS::IW);
 
-    // B * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
-    for (long long tile = blockIdx.x; tile < lr_opaque(B) * G * tiles_h * tiles_w;
+    if constexpr (PACKED) {  // what lies outside the images, once: the loads write the rest
+        lr_fill_shared<TO>(s_q, 0.0f, tid);
+        lr_fill_shared<TO>(s_lse, LR_FAR_KEY, tid);
+        lr_fill_shared<MC * TO>(s_gy, 0.0f, tid);
+    }
+    // images * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
+    for (long long tile = blockIdx.x; tile < lr_opaque(images) * G * tiles_h * tiles_w;
          tile += gridDim.x) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
-        const long long b = tile / (tiles_w * tiles_h * G);
+        const long long b0 = tile / (tiles_w * tiles_h * G) * SLOTS;  // the tile's first image
+        const long long b = PACKED ? b0 + slot : b0;
         const long long h0 = th * ITH, w0 = tw * LR_TILE_W;
-        const long long hs = h0 + ty * RI, wc = w0 + tx;
-        const bool warp_live = h0 + (ty & ~1) * RI < H;  // uniform over the warp
+        // (packed: opaque, or ptxas specialises the window loops on the small values and spills)
+        const long long hs = PACKED ? lr_opaque((long long)sy * RI) : h0 + ty * RI;
+        const long long wc = PACKED ? lr_opaque((long long)sx) : w0 + tx;
+        // uniform over the warp (packed: its first slot holds an image)
+        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : h0 + (ty & ~1) * RI < H;
+        const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
         // first output row / column whose window can cover the tile
         const long long oi0 = lr_floor_div(h0 + P - K + STRIDE, STRIDE);
         const long long oj0 = lr_floor_div(w0 + P - K + STRIDE, STRIDE);
@@ -647,16 +674,25 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 
         __syncthreads();
         lr_load_geo<KK>(s_geo, geo + g * KK, tid);
-        lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
         // an output outside the image: lse LR_FAR_KEY, so its weights are exactly 0 (and its gy
         // is staged as 0)
-        lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid,
-                                    LR_FAR_KEY);
+        if constexpr (PACKED) {
+            const long long first = (b0 * G + g) * Ho * Wo;
+            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false>(
+                s_q, 0, q + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots);
+            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false>(
+                s_lse, 0, lse + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots);
+        } else {
+            lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
+            lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid,
+                                        LR_FAR_KEY);
+        }
 
         // the outputs covering the strip: i = i_first + t, j = j_first + tj
         const long long i_first = lr_floor_div(hs + P - K + STRIDE, STRIDE);
         const long long j_first = lr_floor_div(wc + P - K + STRIDE, STRIDE);
-        const int sbase = (int)((i_first - oi0) * PO + (j_first - oj0));
+        const int sbase =
+            (int)((i_first - oi0) * PO + (j_first - oj0)) + (PACKED ? slot * S::SLOT : 0);
         // row offset of (t, r) = (0, 0) and column offset of tj = 0 (K - 1 at stride 1)
         const int a_first = STRIDE == 1 ? K - 1 : (int)(hs + P - i_first * STRIDE);
         const int b_first = STRIDE == 1 ? K - 1 : (int)(wc + P - j_first * STRIDE);
@@ -678,7 +714,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         unsigned pair_rows[RI];
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
-            in_ok[r] = hs + r < H && wc < W;
+            in_ok[r] = hs + r < H && wc < W && (!PACKED || b < B);
             kv[r] = in_ok[r] ? lr_load(k, ((b * G + g) * H + hs + r) * W + wc) : 0.0f;
             pair_rows[r] = 0;
 #pragma unroll
@@ -693,8 +729,14 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         for (long long cc = c_first; cc < c_end; cc += MC) {
             const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_gy
-            lr_load_tile<OH, OW, PO, MC, V>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo, nc,
-                                            oi0, oj0, Ho, Wo, tid);
+            if constexpr (PACKED) {
+                lr_load_slots<OH, OW, 1, PO, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false>(
+                    s_gy, TO, gy + (b0 * C + cc) * Ho * Wo, Ho * Wo, nc, S::OI0, S::OI0, Ho, Wo,
+                    tid, C * Ho * Wo, slots);
+            } else {
+                lr_load_tile<OH, OW, PO, MC, V>(s_gy, TO, gy + (b * C + cc) * Ho * Wo, Ho * Wo,
+                                                nc, oi0, oj0, Ho, Wo, tid);
+            }
             __syncthreads();
             float gxv[RI][MC];
 #pragma unroll
@@ -757,6 +799,15 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     }
 }
 
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_backward_input_one(A... args) {
+    lr_backward_input_tiles<T, K, STRIDE, COMP, 1>(args...);
+}
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_backward_input_slots(A... args) {
+    lr_backward_input_tiles<T, K, STRIDE, COMP, LR_SLOTS>(args...);
+}
+
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
@@ -772,6 +823,29 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     float* const s_gy = s_out;
     float* const s_q = s_out + S::MC * S::TO;
     float* const s_lse = s_q + S::TO;
-    LR_BY_COMPOSABILITY(comp, lr_backward_input_tiles, q, k, geo, lse, gy, gk_partial, gx, gk, B,
+    LR_BY_COMPOSABILITY(comp, lr_backward_input_one, q, k, geo, lse, gy, gk_partial, gx, gk, B,
                         C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
+}
+
+// lr_backward_input on small images at stride 1 (at most LR_SLOT_W x 2 RI inputs): LR_SLOTS
+// images per block (lr_backward_input_tiles), its tiles in dynamic shared memory
+// (lr_input_shape's FLOATS; the launch opts in above 48 KB: cupy_backend.packed_input_bytes).
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input_packed(
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
+    const float* __restrict__ lse, const T* __restrict__ gy,
+    const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    // packed tiles at stride 1 only (other strides: an empty body, never launched)
+    constexpr int SLOTS = STRIDE == 1 ? LR_SLOTS : 1;
+    using S = lr_input_shape<K, STRIDE, SLOTS>;
+    LR_DYNAMIC_SHARED(float, s_gy);  // MC gy tiles, then q, lse and geo
+    float* const s_q = s_gy + S::MC * S::TO;
+    float* const s_lse = s_q + S::TO;
+    float* const s_geo = s_lse + S::TO;
+    if constexpr (STRIDE == 1) {
+        LR_BY_COMPOSABILITY(comp, lr_backward_input_slots, q, k, geo, lse, gy, gk_partial, gx,
+                            gk, B, C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
+    }
 }

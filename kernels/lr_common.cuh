@@ -671,7 +671,8 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 const bool in = e < N / V && z < slots && r < H && c < W;
                 const int row = r - (int)r0, col = c - (int)c0;
                 off[t] = in ? z * slot_stride + r * W + c : -1;
-                to[t] = in ? (z * SLOT + row * PITCH + lr_phase_col<COLS, STRIDE>(col)) * V : -1;
+                const int at_col = PHASED ? lr_phase_col<COLS, STRIDE>(col) : col;
+                to[t] = in ? (z * SLOT + row * PITCH + at_col) * V : -1;
             }
         }
         if constexpr (lr_copies_async<T>::value) {
@@ -750,19 +751,20 @@ __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_
                                                            r0, c0, H, W, tid, outside);
 }
 
-// NP planes of the SLOTS images of a packed tile (lr_forward_packed), each staged as a ROWS x
-// COLS window from (r0, c0) <= (0, 0), read at STRIDE: phase order, row pitch PITCH, slots SLOT
+// NP planes of the SLOTS images of a packed tile (lr_forward_packed, lr_backward_input_packed),
+// each staged as a ROWS x COLS window from (r0, c0) <= (0, 0), read at STRIDE: phase order (or
+// plain row order without PHASED), row pitch PITCH, slots SLOT
 // floats apart, groups of V planes side by side; the image of slot z at src + z * slot_stride
 // (z < `slots`). Only the positions inside the images are written, those of the BOX_H x BOX_W
 // image positions from the image's corner (at most (H, W)) that the window holds: the caller
 // fills the tiles once with what lies outside (lr_fill_shared).
 template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V, int SLOTS, int SLOT,
-          int BOX_H, int BOX_W, typename T>
+          int BOX_H, int BOX_W, bool PHASED = true, typename T>
 __device__ __forceinline__ void lr_load_slots(float* __restrict__ dst, int dst_stride,
                                               const T* __restrict__ src, long long src_stride,
                                               int n, int r0, int c0, long long H, long long W,
                                               int tid, long long slot_stride, int slots) {
-    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V, SLOTS, SLOT, BOX_H, BOX_W>(
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, PHASED, NP, V, SLOTS, SLOT, BOX_H, BOX_W>(
         dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, 0.0f, slot_stride, slots);
 }
 

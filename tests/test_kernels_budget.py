@@ -122,18 +122,26 @@ def test_static_shared_memory_formula_is_what_ptxas_reports(table):
         assert r.usage.shared == want, r
 
 
-def test_packed_forward_keeps_two_blocks_per_sm_with_its_dynamic_shared_memory(table):
-    """lr_forward_packed's tiles are dynamic shared memory (over 48 KB, so the launch opts in):
-    with them, every instantiation that plan_forward may launch keeps >= 2 resident blocks per
-    SM, 3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images)."""
+def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(table):
+    """The packed kernels' tiles are dynamic shared memory (over 48 KB, so the launch opts in):
+    with them, every instantiation that the plans may launch keeps >= 2 resident blocks per SM,
+    3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images)."""
+    checked = 0
     for r in table:
-        dynamic = cupy_backend.packed_shared_bytes(r.kernel_size, r.stride)
-        if r.kernel != "lr_forward_packed" or dynamic > cupy_backend.MAX_OPTIN_SHARED:
+        if r.kernel == "lr_forward_packed":
+            dynamic = cupy_backend.packed_shared_bytes(r.kernel_size, r.stride)
+        elif r.kernel == "lr_backward_input_packed" and r.stride == 1:
+            dynamic = cupy_backend.packed_input_bytes(r.kernel_size)
+        else:
+            continue
+        if dynamic > cupy_backend.MAX_OPTIN_SHARED:
             continue
         blocks, _ = nvrtc.occupancy(r.usage, r.arch, dynamic=dynamic)
         assert blocks >= 2, (r, dynamic)
         if (r.kernel_size, r.stride, r.arch) == (7, 1, "sm_90"):
             assert blocks == 3, (r, dynamic)
+        checked += 1
+    assert checked >= 2 * 5  # sm_80 and sm_90: forward K = 3, 5, 7 (stride 1), 3, 5 (stride 2)
 
 
 def test_registers_per_block_within_the_register_file(table):
@@ -161,6 +169,8 @@ def test_phase_layout_is_a_permutation_of_each_row():
 @pytest.mark.parametrize("K", [3, 5, 7, 9, 11, 13])
 @pytest.mark.parametrize("kernel", nvrtc.KERNEL_NAMES)
 def test_window_reads_are_one_transaction_per_warp(kernel, K, S):
+    if kernel == "lr_backward_input_packed" and S > 1:
+        pytest.skip("lr_backward_input_packed runs at stride 1 only (cupy_backend.input_packed)")
     assert window_read_transactions(kernel, K, S) == 1
 
 

@@ -101,12 +101,11 @@ SANITIZED_CASES = [
 )  # fmt: skip
 def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case, dtype):
     script, after = record_backend(plain, case, dtype)
-    _, _, H, W, _, K, s, _ = case
-    small = -(-H // s) <= 2 * cupy_backend.forward_strip(K, s) and -(-W // s) <= 8
+    shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
     assert [name.split("<")[0] for name, _, _ in script] == [
-        "lr_forward_packed" if small else "lr_forward",
+        "lr_forward_packed" if cupy_backend.forward_packed(shape) else "lr_forward",
         "lr_backward_query",
-        "lr_backward_input",
+        "lr_backward_input_packed" if cupy_backend.input_packed(shape) else "lr_backward_input",
     ]
     proc = run_sanitized(variant, write_script(tmp_path, script))
     assert proc.returncode == 0, proc.stderr[-4000:]

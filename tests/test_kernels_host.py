@@ -99,8 +99,10 @@ def test_fp32_backend_matches_naive(lib, case):
 
 @pytest.fixture
 def tiled_forward(monkeypatch):
-    """lr_forward on every shape, small images too (not lr_forward_packed)."""
+    """lr_forward and lr_backward_input on every shape, small images too (not the packed
+    kernels)."""
     monkeypatch.setattr(cupy_backend, "forward_packed", lambda shape: False)
+    monkeypatch.setattr(cupy_backend, "input_packed", lambda shape: False)
 
 
 def forward_kernel() -> str:
@@ -108,17 +110,27 @@ def forward_kernel() -> str:
     return backend_run.made[0].records[0].config.kernel
 
 
-#: The CASES whose images fit a slot of lr_forward_packed (outputs <= 8 x 2 strips).
-SMALL_CASES = [
-    c for c in CASES if cupy_backend.forward_packed(check_inputs(*make_case(*c[:7])[:4], *c[5:]))
-]
+def input_kernel() -> str:
+    """The backward-input kernel of the last backend_run."""
+    return backend_run.made[-1].records[-1].config.kernel
+
+
+def small(case) -> bool:
+    """Whether a case runs a packed kernel (its outputs or inputs fit a slot)."""
+    shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
+    return cupy_backend.forward_packed(shape) or cupy_backend.input_packed(shape)
+
+
+#: The CASES whose images fit a slot of lr_forward_packed or lr_backward_input_packed.
+SMALL_CASES = [c for c in CASES if small(c)]
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
 def test_fp32_tiled_forward_on_small_images_matches_naive(lib, case, tiled_forward):
-    """lr_forward keeps working on the images that lr_forward_packed now takes."""
+    """lr_forward and lr_backward_input keep working on the images that the packed kernels now
+    take."""
     check_case(lib, case)
-    assert forward_kernel() == "lr_forward"
+    assert (forward_kernel(), input_kernel()) == ("lr_forward", "lr_backward_input")
 
 
 # ---- lr_forward_packed: several small images per block --------------------------------------
@@ -134,19 +146,29 @@ PACKED_CASES = [
 
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
 def test_packed_forward_matches_naive(lib, case):
+    """Both packed kernels where they apply (lr_backward_input_packed: stride 1, K <= 7, whose
+    tiles fit 80 KB)."""
     check_case(lib, case, seed=53)
     assert forward_kernel() == "lr_forward_packed"
+    K, stride = case[5:7]
+    packed_input = stride == 1 and K <= 7
+    assert input_kernel() == ("lr_backward_input_packed" if packed_input else "lr_backward_input")
 
 
-def test_packed_forward_grid_size_does_not_change_results(lib):
-    """The packed forward loops over its tiles (8 images of a group each) like lr_forward."""
+def test_packed_grid_size_does_not_change_results(lib):
+    """The packed kernels loop over their tiles (8 images of a group each) like lr_forward."""
     x, q, k, geo, gy = make_case(19, 6, 7, 7, 3, 7, 1, seed=7)  # 3 groups x 3 blocks
     base = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff")
     assert forward_kernel() == "lr_forward_packed"
     assert backend_run.made[0].records[0].config.grid[0] == 9
-    small = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff",
-                        override={"lr_forward_packed": {"grid": (2, 1, 1)}})  # fmt: skip
-    assert torch.equal(base[0], small[0])
+    assert input_kernel() == "lr_backward_input_packed"
+    assert backend_run.made[-1].records[-1].config.grid[0] == 9
+    small = {"grid": (2, 1, 1)}
+    two = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff",
+                      override={"lr_forward_packed": small,
+                                "lr_backward_input_packed": small})  # fmt: skip
+    for a, b in zip(base[:3], two[:3], strict=True):  # y, grad x, grad q: the same sums
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5, 7, 9, 11, 13])
@@ -159,6 +181,11 @@ def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
     p = cupy_backend.packed_shape(kernel_size, stride)
     assert list(out) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
                          p.box_rows, p.box_cols]  # fmt: skip
+    if stride == 1:
+        assert lib.lr_host_packed_input_shape(kernel_size, out) == 0
+        i = cupy_backend.packed_input_shape(kernel_size)
+        assert list(out) == [i.strip, i.in_rows, i.rows, i.cols, i.pitch, i.slot, i.floats,
+                             i.box_rows, i.box_cols]  # fmt: skip
 
 
 @pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
@@ -186,12 +213,16 @@ def test_logits_far_below_the_prior_bound_take_the_exact_shift(lib, comp):
 
 
 @pytest.mark.parametrize("comp", ["sqdiff", "mul"])
-def test_large_prior_logits(lib, comp):
+@pytest.mark.parametrize(
+    "sizes", [(2, 6, 9, 7, 2, 5, 1), (9, 6, 7, 7, 2, 5, 1)], ids=["tiled", "packed"]
+)
+def test_large_prior_logits(lib, comp, sizes):
     """Prior logits near 120 (exp overflows fp32 from 88.7): the softmax is shift-invariant, and
     no kernel may form exp of a logit without its output's shift. The backward input's window
-    loop reaches outputs beyond the image (staged as zeros, lse 0 among them): only its masks
-    keep their weights (exp(120) = inf, times a zero gy: NaN) out of grad x and grad k."""
-    B, C, H, W, G, K, s = 2, 6, 9, 7, 2, 5, 1
+    loop reaches outputs beyond the image (staged with lse LR_FAR_KEY, gy 0): only that lse and
+    its masks keep their weights (exp(120) = inf, times a zero gy: NaN) out of grad x and grad k.
+    On 7 x 7 images the packed kernels run."""
+    B, C, H, W, G, K, s = sizes
     x, q, k, geo, gy = make_case(B, C, H, W, G, K, s, seed=31)
     geo += 120.0
     got = backend_run(lib, x, q, k, geo, gy, K, s, comp)
@@ -408,7 +439,8 @@ def test_strided_inputs_and_partial_grads(lib):
             else:
                 assert a is None
         kernels = [r.config.kernel for r in backend_run.made[-1].records]
-        assert kernels == (["lr_backward_input"] if needs[0] else ["lr_backward_query"])
+        # 7 x 8 images at stride 1: the packed backward input
+        assert kernels == (["lr_backward_input_packed"] if needs[0] else ["lr_backward_query"])
 
 
 def test_mixed_dtypes_and_refusals(lib):

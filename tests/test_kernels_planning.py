@@ -46,7 +46,12 @@ def test_plans_cover_64bit_sizes(sizes):
         fwd_tiles = tiles(Ho, Wo, cb.forward_strip(K, s))
         assert fwd.grid == (min(B * G * fwd_tiles, cb.MAX_BLOCKS), 1, 1)
     bwd = cb.plan_backward_input(shape)
-    assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
+    if s == 1 and max(H, W) <= 8 and K <= 7:  # small images (8 x 8 inputs): 8 per block
+        assert bwd.kernel == "lr_backward_input_packed"
+        assert bwd.grid == (min(G * -(-B // 8), cb.MAX_BLOCKS), 1, 1)
+    else:
+        assert bwd.kernel == "lr_backward_input" and bwd.shared_bytes == 0
+        assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
     blocks_per_sm = cb.THREADS_PER_SM // (cb.TILE[0] * cb.TILE[1])
     for sms in (1, 108, 132):
         n = cb.query_chunks(shape, sms)
@@ -61,30 +66,36 @@ def test_plans_cover_64bit_sizes(sizes):
 
 
 @pytest.mark.parametrize(
-    ("sizes", "packed"),
+    ("sizes", "packed", "packed_input"),
     [
-        ((32, 800, 7, 7, 100, 7, 1), True),  # LR-Net-26 res5 at 224: 7 x 7
-        ((9, 16, 8, 8, 2, 7, 1), True),  # a whole slot: 8 x 8 outputs (strips of 4)
-        ((9, 16, 9, 8, 2, 7, 1), False),  # one row more than a slot
-        ((9, 16, 8, 9, 2, 7, 1), False),  # one column more
-        ((9, 16, 8, 16, 2, 5, 2), True),  # stride 2: 4 x 8 outputs (strips of 2), 67 KB
-        ((9, 16, 9, 16, 2, 5, 2), False),  # 5 x 8 outputs
-        ((9, 16, 8, 16, 2, 7, 2), False),  # K = 7, stride 2: 88 KB of tiles, over 80 KB
-        ((9, 16, 4, 4, 2, 7, 3), False),  # K = 7, stride 3: 170 KB
+        ((32, 800, 7, 7, 100, 7, 1), True, True),  # LR-Net-26 res5 at 224: 7 x 7
+        ((9, 16, 8, 8, 2, 7, 1), True, True),  # a whole slot: 8 x 8 outputs (strips of 4)
+        ((9, 16, 9, 8, 2, 7, 1), False, False),  # one row more than a slot
+        ((9, 16, 8, 9, 2, 7, 1), False, False),  # one column more
+        ((9, 16, 4, 8, 2, 9, 1), True, False),  # K = 9 (strips of 2): 69 KB forward, 98 KB input
+        ((9, 16, 8, 16, 2, 5, 2), True, False),  # stride 2: 4 x 8 outputs (strips of 2), 67 KB
+        ((9, 16, 9, 16, 2, 5, 2), False, False),  # 5 x 8 outputs
+        ((9, 16, 8, 16, 2, 7, 2), False, False),  # K = 7, stride 2: 88 KB of tiles, over 80 KB
+        ((9, 16, 4, 4, 2, 7, 3), False, False),  # K = 7, stride 3: 170 KB
     ],
 )
-def test_small_images_take_the_packed_forward(sizes, packed):
-    """lr_forward_packed runs where the outputs fit a slot of 8 columns x 2 strips and its
-    dynamic shared memory 80 KB (two blocks per SM on sm_80); its blocks hold 8 images of a
-    group."""
+def test_small_images_take_the_packed_kernels(sizes, packed, packed_input):
+    """lr_forward_packed runs where the outputs fit a slot of 8 columns x 2 strips, and
+    lr_backward_input_packed at stride 1 where the inputs do, each where its dynamic shared
+    memory fits 80 KB (two blocks per SM on sm_80); their blocks hold 8 images of a group."""
     shape = shape_of(*sizes)
     B, G = sizes[0], sizes[4]
-    fwd = cb.plan_forward(shape)
+    fwd, bwd = cb.plan_forward(shape), cb.plan_backward_input(shape)
     assert (fwd.kernel == "lr_forward_packed") == packed
+    assert (bwd.kernel == "lr_backward_input_packed") == packed_input
     if packed:
         assert fwd.grid == (G * -(-B // 8), 1, 1)
         assert 48 * 1024 < fwd.shared_bytes <= 80 * 1024
         assert fwd.shared_bytes == cb.packed_shared_bytes(*sizes[5:])
+    if packed_input:
+        assert bwd.grid == (G * -(-B // 8), 1, 1)
+        assert 48 * 1024 < bwd.shared_bytes <= 80 * 1024
+        assert bwd.shared_bytes == cb.packed_input_bytes(sizes[5])
 
 
 def test_empty_problems_launch_nothing():

@@ -49,7 +49,9 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
     side by side, ``vector_transactions``); backward_query also adds into its thread row's
     key-gradient copy, ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]``
     (``cupy_backend.key_grad_pitch``); forward_packed reads its slots' tiles
-    (``cupy_backend.packed_shape``) the same way, from each thread's slot; backward_input reads
+    (``cupy_backend.packed_shape``) the same way, from each thread's slot, and
+    backward_input_packed its slots' output tiles (``cupy_backend.packed_input_shape``, stride 1;
+    none at other strides, where it is not launched); backward_input reads
     q, lse (one word) and gy (V words) at
     ``tile[(i_first - oi0)*PO + (j_first - oj0) + t*PO + tj]`` for every tile origin modulo S."""
     K, S = kernel_size, stride
@@ -85,6 +87,24 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                         + tx % sw
                         + row * pw
                         + col
+                        for tx, ty in lanes
+                    ]
+                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
+        elif kernel == "lr_backward_input_packed":
+            # stride 1: slot z's tile at z * SLOT, strip (ty % 2, tx % SLOT_WIDTH) reading
+            # tile[(ty % 2)*RI*PO + tx % SLOT_WIDTH + t*PO + tj]
+            if S != 1:
+                continue
+            packed, sw = cupy_backend.packed_input_shape(K), cupy_backend.SLOT_WIDTH
+            po = packed.pitch
+            for row in range(R - 1 + K):
+                for tj in range(K):
+                    req = [
+                        ((ty // 2) * 2 + tx // sw) * packed.slot
+                        + (ty % 2) * R * po
+                        + tx % sw
+                        + row * po
+                        + tj
                         for tx, ty in lanes
                     ]
                     worst = max(worst, transactions(req), vector_transactions(req, V) / V)

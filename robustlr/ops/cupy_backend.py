@@ -186,6 +186,55 @@ def forward_packed(shape: LocalRelationShape) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class PackedInputShape:
+    """``lr_input_shape<K, 1, LR_SLOTS>``: lr_backward_input_packed's slots of ``in_rows`` x
+    SLOT_WIDTH inputs (strips of ``strip``), each staging the ``rows`` x ``cols`` outputs that
+    cover it at ``pitch``, ``slot`` floats apart, ``floats`` of dynamic shared memory in all; its
+    loader copies the outputs of a ``box_rows`` x ``box_cols`` box per slot."""
+
+    strip: int
+    in_rows: int
+    rows: int
+    cols: int
+    pitch: int
+    slot: int
+    floats: int
+    box_rows: int
+    box_cols: int
+
+
+def packed_input_shape(kernel_size: int) -> PackedInputShape:
+    """The geometry of lr_backward_input_packed at (K, stride 1)."""
+    K = kernel_size
+    R = input_strip(K, 1)
+    rows, cols = 2 * R - 1 + K, SLOT_WIDTH - 1 + K
+    pitch = slot_pitch(cols, R)
+    slot = slot_floats(rows * pitch, R * pitch % 32)
+    floats = (2 + MAX_CHANNEL_CHUNK) * SLOTS * slot + K * K
+    first = K // 2 - K + 1  # the first staged output row (column), from the image's first input
+    box_rows, box_cols = min(2 * R, rows + first), min(SLOT_WIDTH, cols + first)
+    return PackedInputShape(R, 2 * R, rows, cols, pitch, slot, floats, box_rows, box_cols)
+
+
+def packed_input_bytes(kernel_size: int) -> int:
+    """Bytes of dynamic shared memory of lr_backward_input_packed at (K, stride 1)."""
+    return 4 * packed_input_shape(kernel_size).floats
+
+
+def input_packed(shape: LocalRelationShape) -> bool:
+    """Whether the backward input of ``shape`` runs lr_backward_input_packed: stride 1, its
+    inputs fit one slot and its shared memory MAX_OPTIN_SHARED."""
+    if shape.stride != 1:
+        return False
+    packed = packed_input_shape(shape.kernel_size)
+    return (
+        shape.height <= packed.in_rows
+        and shape.width <= SLOT_WIDTH
+        and packed_input_bytes(shape.kernel_size) <= MAX_OPTIN_SHARED
+    )
+
+
 def plain_pitch(cols: int, stride: int, strip: int) -> int:
     """Row pitch of lr_backward_input's tiles (``lr_plain_pitch``): padded for half-warps
     ``strip`` output rows apart at stride 1, unpadded otherwise."""
@@ -277,7 +326,7 @@ def input_strip(kernel_size: int, stride: int) -> int:
 
 def strip(kernel: str, kernel_size: int, stride: int) -> int:
     """Positions per thread (a vertical strip) of one kernel instantiation."""
-    if kernel == "lr_backward_input":
+    if kernel in ("lr_backward_input", "lr_backward_input_packed"):
         return input_strip(kernel_size, stride)
     if kernel in ("lr_forward", "lr_forward_packed"):
         return forward_strip(kernel_size, stride)
@@ -289,7 +338,7 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     instantiation, as declared in kernels/local_relation.cu."""
     K, S = kernel_size, stride
     R = strip(kernel, K, S)
-    if kernel == "lr_forward_packed":  # dynamic shared memory only (packed_shared_bytes)
+    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):  # dynamic shared memory only
         return 0, 0, 0
     if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
@@ -313,7 +362,7 @@ def vector_width(kernel: str, kernel_size: int, stride: int) -> int:
     4 (its accumulators leave no registers for vectors)."""
     if kernel in ("lr_forward", "lr_forward_packed") and forward_strip(kernel_size, stride) == 4:
         return 1
-    if kernel == "lr_forward_packed":
+    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
         chunk = MAX_CHANNEL_CHUNK
     else:
         chunk = kernel_tiles(kernel, kernel_size, stride)[1]
@@ -412,7 +461,14 @@ def key_partials(kernel_size: int, stride: int, out_height: int, out_width: int)
 
 
 def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
-    """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane."""
+    """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane; or, where
+    the images fit a slot (``input_packed``), of ``lr_backward_input_packed``: one block per
+    SLOTS images of a group, its tiles in dynamic shared memory."""
+    if input_packed(shape):
+        blocks = shape.groups * -(-shape.batch // SLOTS)
+        config = _config("lr_backward_input_packed", blocks)
+        bytes_ = packed_input_bytes(shape.kernel_size)
+        return None if config is None else replace(config, shared_bytes=bytes_)
     tiles = _tiles(shape.height, shape.width, input_strip(shape.kernel_size, shape.stride))
     return _config("lr_backward_input", shape.batch * shape.groups * tiles)
 
@@ -454,6 +510,7 @@ class CupyKernels:
     forward_packed: Any
     backward_query: Any
     backward_input: Any
+    backward_input_packed: Any
 
     def by_name(self, kernel: str) -> Any:
         return getattr(self, kernel.removeprefix("lr_"))

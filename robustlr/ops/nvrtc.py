@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 #: The source file holding the local relation kernels and the kernel templates it defines,
 #: each templated as ``<T, K, STRIDE>``.
 KERNEL_SOURCE = "local_relation.cu"
-KERNEL_NAMES = ("lr_forward", "lr_forward_packed", "lr_backward_query", "lr_backward_input")
+KERNEL_NAMES = (
+    "lr_forward",
+    "lr_forward_packed",
+    "lr_backward_query",
+    "lr_backward_input",
+    "lr_backward_input_packed",
+)
 #: Kernel names per source file in kernels/ (every ``__global__`` template must be listed).
 KERNEL_CATALOGUE: dict[str, tuple[str, ...]] = {KERNEL_SOURCE: KERNEL_NAMES}
 #: C++ storage types of the kernels' template parameter T (fp16/bf16 as raw 16-bit tags).

@@ -89,7 +89,8 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
     make_entry(#KERNEL "<" #T ", " #K ", " #S ">", &KERNEL<T, K, S>)
 #define LR_ENTRIES(T, K, S) \
     LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_forward_packed, T, K, S),  \
-        LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_input, T, K, S)
+        LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_input, T, K, S), \
+        LR_ENTRY(lr_backward_input_packed, T, K, S)
 
 const std::vector<Entry>& registry() {
     static const std::vector<Entry> entries = {
@@ -216,6 +217,35 @@ struct PackedRow {
 const PackedRow kPackedRows[] = {LR_PACKED_ROWS(3), LR_PACKED_ROWS(5), LR_PACKED_ROWS(7),
                                  LR_PACKED_ROWS(9), LR_PACKED_ROWS(11), LR_PACKED_ROWS(13)};
 }  // namespace
+
+// lr_backward_input_packed's geometry (lr_input_shape<K, 1, LR_SLOTS>) for K = 3..13 odd: strip,
+// input rows, staged output rows and columns, pitch, slot, dynamic shared floats and the loader's
+// output box into out[9]; 1 for a K not in the table. cupy_backend.packed_input_shape mirrors it.
+namespace {
+template <int K>
+void packed_input_shape(int* out) {
+    using P = lr_input_shape<K, 1, LR_SLOTS>;
+    const int v[9] = {P::RI, P::ITH, P::OH, P::OW, P::PO, P::SLOT, P::FLOATS, P::BOX_H, P::BOX_W};
+    std::memcpy(out, v, sizeof v);
+}
+struct PackedInputRow {
+    int K;
+    void (*fn)(int*);
+};
+const PackedInputRow kPackedInputRows[] = {
+    {3, &packed_input_shape<3>},   {5, &packed_input_shape<5>},   {7, &packed_input_shape<7>},
+    {9, &packed_input_shape<9>},   {11, &packed_input_shape<11>}, {13, &packed_input_shape<13>}};
+}  // namespace
+
+extern "C" int lr_host_packed_input_shape(int K, int* out) {
+    for (const PackedInputRow& row : kPackedInputRows) {
+        if (row.K == K) {
+            row.fn(out);
+            return 0;
+        }
+    }
+    return 1;
+}
 
 extern "C" int lr_host_packed_shape(int K, int S, int* out) {
     for (const PackedRow& row : kPackedRows) {
