@@ -49,7 +49,7 @@ from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.contract import LocalRelationShape
-from robustlr.ops.sass import Loop, sass_loops
+from robustlr.ops.sass import Loop, outside_loops, sass_loops
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
 ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
@@ -109,6 +109,8 @@ PACKED = ("v9",)
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
 #: The kernels with lr_backward_input's window loops (one strip of inputs per thread).
 INPUT_KERNELS = ("lr_backward_input", "lr_backward_input_packed")
+#: The kernels with lr_backward_query's loops.
+QUERY_KERNELS = ("lr_backward_query", "lr_backward_query_packed")
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -190,14 +192,15 @@ def strip_of(kernel: str, version: str) -> int:
 
 def kernels_of(version: str) -> tuple[str, ...]:
     """The kernels a version has (the packed ones in PACKED versions)."""
-    packed = ("lr_forward_packed", "lr_backward_input_packed")
-    return (*KERNELS, *packed) if version in PACKED else KERNELS
+    return (*KERNELS, *cupy_backend.PACKED_KERNELS) if version in PACKED else KERNELS
 
 
 def packed_bytes(kernel: str) -> int:
     """Dynamic shared memory of a kernel's launch (the packed kernels'), else 0."""
     if kernel == "lr_forward_packed":
         return cupy_backend.packed_shared_bytes(K, S)
+    if kernel == "lr_backward_query_packed":
+        return cupy_backend.packed_query_bytes(K, S)
     if kernel == "lr_backward_input_packed":
         return cupy_backend.packed_input_bytes(K)
     return 0
@@ -218,6 +221,8 @@ def runs_as(kernel: str, version: str, C: int, H: int) -> str:
         return "lr_forward_packed"
     if version in PACKED and kernel == "lr_backward_input" and cupy_backend.input_packed(shape):
         return "lr_backward_input_packed"
+    if version in PACKED and kernel == "lr_backward_query" and cupy_backend.query_packed(shape):
+        return "lr_backward_query_packed"
     return kernel
 
 
@@ -275,7 +280,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
             window_pairs = (nc if kernel in INPUT_KERNELS else K) * K * R
             iterations = window_pairs / per_iteration
             every = body.every.copy()
-            if kernel == "lr_backward_query" and version in REDUCE_BY_THREADS:
+            if kernel in QUERY_KERNELS and version in REDUCE_BY_THREADS:
                 # the grad-geo reduction of each window column: its first phase (the larger
                 # guarded block without exp) runs on the warps holding the K * 8 summing threads,
                 # its second on those holding the K offset threads, not on every warp
@@ -296,21 +301,14 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
         packed = cupy_backend.packed_shape(K, S)
         rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
+    elif kernel == "lr_backward_query_packed":  # the same (its tile end: over the same box)
+        packed_query = cupy_backend.packed_query_shape(K, S)
+        rows, cols = cupy_backend.QUERY_SLOTS * packed_query.box_rows, packed_query.box_cols
+        staged = 1  # k
     else:
         rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
     slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
     total.update({op: slots * n for op, n in loader.items()})
-    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
-        # the tiles filled once per block with what lies outside the images (4-word stores: one
-        # STS.128 per iteration), counted as if every block ran one tile (LR-Net-26's stage 4)
-        if kernel == "lr_forward_packed":  # s_k, then s_x
-            slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
-        else:  # s_q, s_lse, then s_gy
-            slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
-        fills = [lp for lp in loops if lp.every["STS.128"] and lp not in window + loaders]
-        for lp, n_planes in zip(fills, planes, strict=True):
-            trips = -(-n_planes * cupy_backend.SLOTS * slot // (4 * THREADS))
-            total.update({op: trips * n for op, n in lp.every.items()})
     if kernel in INPUT_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
@@ -319,7 +317,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         trips = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
         for lp in global_loops(loops, window + loaders, {"LDG": 1, "FADD": 1}):
             total.update({op: trips * n for op, n in lp.every.items()})
-    if kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
+    if kernel in QUERY_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
         # THREADS per thread) the loop that stores its partial (one STG) and the loop over the
         # copies holding it (one LDS and one STS each)
@@ -334,7 +332,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         positions = -(-rows * cols // THREADS)
         for lp in tile_end:
             total.update({op: positions * n for op, n in lp.every.items()})
-    if kernel == "lr_backward_query":
+    if kernel in QUERY_KERNELS:
         # the delta D = sum_c gy_c y_c of each strip output, from global memory: the loops with
         # global loads and FFMAs and no shared access, unrolled by the compiler with remainder
         # loops (channels per trip = their FFMAs): over the m channels greedily, largest first;
@@ -354,6 +352,38 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
     return total
+
+
+def per_block(kernel: str, text: str) -> Counter:
+    """Dynamic instruction counts of one thread over what a block runs once, whatever its tiles:
+    the packed kernels' fill of their tiles with what lies outside the images (the loops of
+    4-word stores, one STS.128 per iteration)."""
+    total = Counter()
+    if kernel not in cupy_backend.PACKED_KERNELS:
+        return total
+    slots = cupy_backend.SLOTS
+    if kernel == "lr_forward_packed":  # s_k, then s_x
+        slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
+    elif kernel == "lr_backward_query_packed":  # s_k, then s_x
+        slot, planes = cupy_backend.packed_query_shape(K, S).slot, (1, M)
+        slots = cupy_backend.QUERY_SLOTS
+    else:  # s_q, s_lse, then s_gy
+        slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
+    fills = [lp for lp in sass_loops(text) if set(lp.every) & {"STS.128"} and lp.every["STS.128"]]
+    for lp, n_planes in zip(fills, planes, strict=True):
+        trips = -(-n_planes * slots * slot // (4 * THREADS))
+        total.update({op: trips * n for op, n in lp.every.items()})
+    return total
+
+
+def tiles_per_block(kernel: str, C: int, H: int) -> float:
+    """Tiles a block of a packed kernel runs at one stage, on average (its grid as planned for
+    SMS multiprocessors); 1 for the others (per_block is empty for them)."""
+    shape = stage_shape(C, H)
+    if kernel == "lr_backward_query_packed":
+        per_group = -(-B // cupy_backend.QUERY_SLOTS)
+        return per_group / cupy_backend.query_chunks(shape, SMS)
+    return 1.0
 
 
 def predict(
@@ -377,11 +407,14 @@ def predict(
     else:
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
     warps = B * G * warps_per_plane
-    dynamic = 0
+    dynamic = packed_bytes(kernel)
     if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
         # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
-        dynamic = packed_bytes(kernel)
+    elif kernel == "lr_backward_query_packed":
+        # tiles of QUERY_SLOTS images: two warps per two images (slots of four thread rows)
+        tiles = range(0, B, cupy_backend.QUERY_SLOTS)
+        warps = G * sum(2 * -(-min(cupy_backend.QUERY_SLOTS, B - b0) // 2) for b0 in tiles)
     issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
     mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
     wavefronts = sum(counts[op] * n for op, n in SHARED_OPS.items())
@@ -392,12 +425,17 @@ def predict(
     halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
     if kernel == "lr_backward_input_packed":  # each image's outputs staged once
         halo_out = 1.0
-    # grad-k partials: one per staged input position of each backward-query tile
+    # grad-k partials: one per staged input position of each backward-query tile; one per input
+    # where the packed backward query writes them (the images' positions only)
     n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
+    if runs_as("lr_backward_query", version, C, H) == "lr_backward_query_packed":
+        n_partial = B * G * H * H
     if kernel == "lr_forward_packed":  # x, q, k in (each image staged once); y, lse out
         low = high = F * (n_in + 3 * n_g + n_in)
     elif kernel == "lr_forward":  # x, q, k in; y, lse out
         low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
+    elif kernel == "lr_backward_query_packed":  # each image staged once
+        low = high = F * (3 * n_in + 4 * n_g + n_partial)
     elif kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
         # x, q, k, lse, y, gy in; gq and the grad-k partials (n_partial) out
         low = F * (3 * n_in + 4 * n_g + n_partial)
@@ -429,20 +467,24 @@ def main() -> None:
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
-    counts, usage = {}, {}
+    counts, once, straight, usage = {}, {}, {}, {}
     for version in versions:
         for kernel in kernels_of(version):
             prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
             text = nvrtc.sass(prog, nvdisasm)
             counts[version, kernel] = per_thread(kernel, version, text, batches[version])
-    print("Per position (per thread / strip), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
+            once[version, kernel] = per_block(kernel, text)
+            straight[version, kernel] = outside_loops(text)
+    print("Per position (per thread / strip; the packed kernels' once-per-block fill counted as")
+    print("if a block ran one tile), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
     print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
           "| shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for kernel in nvrtc.KERNEL_NAMES:
         for version in (v for v in versions if kernel in kernels_of(v)):
-            c, u, strip = counts[version, kernel], usage[version, kernel], strip_of(kernel, version)
+            c, u = counts[version, kernel] + once[version, kernel], usage[version, kernel]
+            strip = strip_of(kernel, version)
             blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=packed_bytes(kernel))
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
                   f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
@@ -451,22 +493,30 @@ def main() -> None:
     print("| stage (CxHxW) | kernel | version | bound by | predicted us "
           "| issue us | smem us | MUFU us | DRAM us |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    totals: dict[tuple[int, int, str], list[tuple[str, float, float]]] = {}
+    totals: dict[tuple[int, int, str], list[tuple[str, float, float, float]]] = {}
     for C, H in SHAPES:
         for role in KERNELS:
             for version in versions:
                 kernel = runs_as(role, version, C, H)
-                c, u = counts[version, kernel], usage[version, kernel]
+                share = 1 / tiles_per_block(kernel, C, H)  # of the once-per-block counts
+                c = counts[version, kernel] + Counter(
+                    {op: n * share for op, n in once[version, kernel].items()}
+                )
+                u = usage[version, kernel]
                 low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
+                # every instruction outside the loops once per tile (an upper bound on them)
+                c_all = c + straight[version, kernel]
+                low_all = predict(kernel, version, c_all, u, batches[version], C, H)[0]
                 direction = "forward" if role == "lr_forward" else "backward"
-                totals.setdefault((C, H, version), []).append((direction, low, high))
+                totals.setdefault((C, H, version), []).append((direction, low, high, low_all))
                 print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} "
                       f"| {t['issue']:.0f} | {t['smem']:.0f} | {t['MUFU']:.0f} "
                       f"| {t['DRAM']:.0f} |")  # fmt: skip
     print()
     print("| stage | version | forward floor us | forward predicted us | x floor "
-          "| backward floor us | backward predicted us | x floor |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| x floor, straight-line code | backward floor us | backward predicted us | x floor "
+          "| x floor, straight-line code |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for C, H in SHAPES:
         G = C // M
         n_in, n_g = B * C * H * H, B * G * H * H
@@ -474,12 +524,12 @@ def main() -> None:
         floor_b = F * (3 * n_in + 5 * n_g) / DRAM * 1e6
         for version in versions:
             got = totals[(C, H, version)]
-            f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2)]
-            b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2)]
+            f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2, 3)]
+            b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2, 3)]
             print(f"| {C}x{H}x{H} | {version} | {floor_f:.0f} | {f[0]:.0f}-{f[1]:.0f} "
-                  f"| {f[0] / floor_f:.2f}-{f[1] / floor_f:.2f} | {floor_b:.0f} "
-                  f"| {b[0]:.0f}-{b[1]:.0f} "
-                  f"| {b[0] / floor_b:.2f}-{b[1] / floor_b:.2f} |")  # fmt: skip
+                  f"| {f[0] / floor_f:.2f}-{f[1] / floor_f:.2f} | {f[2] / floor_f:.2f} "
+                  f"| {floor_b:.0f} | {b[0]:.0f}-{b[1]:.0f} | {b[0] / floor_b:.2f}-"
+                  f"{b[1] / floor_b:.2f} | {b[2] / floor_b:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ struct lr_query_shape {
     static constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
     static constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();
     static constexpr int TF = IH * PW;
+    static constexpr int SLOT = TF;  // one tile (the names of lr_query_packed_shape)
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
     // backward query: its key-gradient copies (LR_TILE_H of GS floats) in shared memory or not
@@ -71,6 +72,47 @@ struct lr_query_shape {
     static constexpr int GS = lr_key_grad_pitch<K, STRIDE, R>();
     static constexpr int MC_QUERY = lr_chunk<lr_query_fixed<K, STRIDE, R, GK_SHARED>(), TF>();
     static constexpr int V_QUERY = lr_vec_width<MC_QUERY>();
+};
+
+// Tile geometry of lr_backward_query_packed (small images): LR_SLOTS / 2 images of one group per
+// block, one per slot of LR_SLOT_W x OTH outputs (four thread rows of strips of R =
+// lr_query_strip; a warp holds two slots side by side), with the names of lr_query_shape: each
+// slot's IH x IW input positions staged at pitch PW, SLOT floats apart (TF floats per plane);
+// the key-gradient copies one per (thread row, slot column), GS floats apart (8 modulo 32: the
+// four copies a warp adds into fall in distinct banks); all LR_MAX_CHUNK channels staged; FLOATS
+// of dynamic shared memory in all (the tiles, the copies, geo, the grad-geo reduction's rows and
+// partial sums and the block's grad geo).
+template <int K, int STRIDE>
+struct lr_query_packed_shape {
+    static constexpr int SLOTS = LR_SLOTS / 2;
+    static constexpr int R = lr_query_strip<K, STRIDE>();
+    static constexpr int OTH = 4 * R;
+    static constexpr int IH = (OTH - 1) * STRIDE + K;
+    static constexpr int IW = (LR_SLOT_W - 1) * STRIDE + K;
+    static constexpr int STEP = R * STRIDE;  // input rows between a warp's two thread rows
+    static constexpr int PW = lr_slot_pitch<STRIDE * lr_phase_cols<IW, STRIDE>(), STEP>();
+    static constexpr int SLOT = lr_slot_floats<IH * PW, STEP * PW % 32>();
+    static constexpr int TF = SLOTS * SLOT;
+    static constexpr int NT = (R - 1) * STRIDE + K;
+    static constexpr int L = (R - 1) * STRIDE + 1;
+    static constexpr bool GK_SHARED = true;
+    static constexpr int GS = NT * PW + (40 - NT * PW % 32) % 32;  // >= NT * PW, 8 modulo 32
+    static constexpr int MC_QUERY = LR_MAX_CHUNK;
+    static constexpr int V_QUERY = lr_vec_width<MC_QUERY>();
+    static constexpr int FLOATS = (MC_QUERY + 1) * TF + 2 * LR_TILE_H * GS + 2 * K * K +
+                                  K * LR_RED_PITCH + K * 8;
+    // the image positions a slot stages, at most BOX_H x BOX_W
+    static constexpr int BOX_H = OTH * STRIDE < IH - K / 2 ? OTH * STRIDE : IH - K / 2;
+    static constexpr int BOX_W = LR_SLOT_W * STRIDE < IW - K / 2 ? LR_SLOT_W * STRIDE : IW - K / 2;
+};
+
+template <bool C, typename A, typename B>
+struct lr_pick {
+    using type = A;
+};
+template <typename A, typename B>
+struct lr_pick<false, A, B> {
+    using type = B;
 };
 
 // Tile geometry of lr_forward (SLOTS = 1: one tile of lr_query_shape per block) and of
@@ -404,6 +446,40 @@ __device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row
     }
 }
 
+// lr_backward_query_packed's tile end: the key gradient of each slot's image positions (a
+// BOX_H x BOX_W box of each of the SLOTS slots), summed over the copies of the slot's four thread
+// rows that hold it in thread-row order and zeroed, goes to gk_partial in lr_backward_query's
+// layout (the image's one tile of lr_query_shape, which lr_backward_input reads), for the slots
+// that hold an image (b0 + z < B). The copies of the positions outside the images only ever
+// receive zeros (weight 0) and are never read.
+template <int K, int STRIDE>
+__device__ __forceinline__ void lr_query_packed_partials(float* __restrict__ copies,
+                                                         float* __restrict__ gk_partial,
+                                                         long long B, long long b0, long long g,
+                                                         long long G, long long H, long long W,
+                                                         int tid) {
+    using S = lr_query_packed_shape<K, STRIDE>;
+    using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;  // the partials' layout
+    constexpr int P = K / 2, RS = S::R * STRIDE, BOX = S::BOX_H * S::BOX_W;
+    for (int e = tid; e < S::SLOTS * BOX; e += LR_THREADS) {
+        const int z = e / BOX, r = e % BOX / S::BOX_W, c = e % S::BOX_W;
+        const int row = r + P, at = lr_phase_col<S::IW, STRIDE>(c + P);
+        const int rt_first = row < S::NT ? 0 : (row - S::NT) / RS + 1;
+        const int rt_last = row / RS < 3 ? row / RS : 3;
+        float v = 0.0f;
+        for (int rt = rt_first; rt <= rt_last; ++rt) {  // copy of thread row (z / 2) * 4 + rt
+            float& copy = copies[(((z / 2) * 4 + rt) * 2 + z % 2) * S::GS + (row - rt * RS) *
+                                 S::PW + at];
+            v += copy;
+            copy = 0.0f;  // for the next tile
+        }
+        const long long b = b0 + z;
+        if (b < B && r < H && c < W) {
+            gk_partial[(b * G + g) * (QS::IH * QS::IW) + row * QS::IW + (c + P)] = v;
+        }
+    }
+}
+
 // Backward, query side. Grid: G * nchunks blocks; block (g, chunk) takes the tiles chunk,
 // chunk + nchunks, ... of group g's (b, tile) list; one thread per strip of R outputs. Per
 // output it writes grad q; per tile the key gradient of its IH x IW staged positions,
@@ -418,7 +494,7 @@ __device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row
 // row's threads read other columns) and the other rows have their own copies, so there is no
 // race; the next column's additions are ordered after by the barriers of the column's grad-geo
 // reduction. At the end of the tile the copies are summed in thread-row order (and zeroed).
-template <typename T, int K, int STRIDE, int COMP>
+template <typename T, int K, int STRIDE, int COMP, int SLOTS>
 __device__ __forceinline__ void lr_backward_query_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
@@ -428,7 +504,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     long long nchunks, float* __restrict__ s_k, float* __restrict__ s_x,
     float* __restrict__ s_geo, float* __restrict__ s_row, float* __restrict__ s_part,
     float* __restrict__ s_gacc, float* __restrict__ s_gk) {
-    using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
+    constexpr bool PACKED = SLOTS > 1;
+    using S = typename lr_pick<PACKED, lr_query_packed_shape<K, STRIDE>,
+                               lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>>::type;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
     constexpr int V = S::V_QUERY;
@@ -436,39 +514,62 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     // RS staged rows, RS * PW floats, below the previous row's; its copy GS floats after it)
     constexpr int GS = S::GS, RS = R * STRIDE, STEP = GS - RS * PW;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
+    // packed: this thread's slot (four thread rows each, two side by side) and its place in it
+    const int slot = (ty / 4) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 4;
     // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
     const int g = (int)(blockIdx.x / (unsigned)nchunks);
     const int chunk = (int)(blockIdx.x % (unsigned)nchunks);
-    const long long tiles_w = (Wo + LR_TILE_W - 1) / LR_TILE_W;
-    const long long tiles_h = (Ho + OTH - 1) / OTH;
-    const int base = ty * R * STRIDE * PW + tx;
+    const long long tiles_w = PACKED ? 1 : (Wo + LR_TILE_W - 1) / LR_TILE_W;
+    const long long tiles_h = PACKED ? 1 : (Ho + OTH - 1) / OTH;
+    const int base =
+        PACKED ? slot * S::SLOT + sy * RS * PW + sx : ty * R * STRIDE * PW + tx;
     float* const copies =
         S::GK_SHARED ? s_gk : gk_work + (long long)blockIdx.x * (LR_TILE_H * GS);
-    const int gbase = ty * STEP;  // staged index s of this thread: copies[gbase + s]
+    // staged index s of this thread: copies[gbase + s] (packed: one copy per thread row and
+    // slot column, at its slot's staged positions)
+    const int gbase = PACKED ? (ty * 2 + tx / LR_SLOT_W) * GS - (slot * S::SLOT + sy * RS * PW)
+                             : ty * STEP;
     lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
-    for (int e = tid; e < LR_TILE_H * GS; e += LR_THREADS) copies[e] = 0.0f;
+    constexpr int NCOPIES = PACKED ? 2 * LR_TILE_H : LR_TILE_H;
+    for (int e = tid; e < NCOPIES * GS; e += LR_THREADS) copies[e] = 0.0f;
+    if constexpr (PACKED) {  // what lies outside the images, once: the loads write the rest
+        lr_fill_shared<TF>(s_k, LR_FAR_KEY, tid);
+        lr_fill_shared<MC * TF>(s_x, 0.0f, tid);
+    }
     const long long c_first = g * m;
     const int mg = (int)(c_first + m < C ? m : C - c_first);  // channels of group g (< 2^31)
 
-    const long long ntiles = B * tiles_h * tiles_w;  // of this group
+    // of this group (packed: SLOTS images each)
+    const long long ntiles = (PACKED ? (B + SLOTS - 1) / SLOTS : B) * tiles_h * tiles_w;
     for (long long tile = chunk; tile < ntiles; tile += nchunks) {
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
-        const long long b = tile / (tiles_w * tiles_h);
-        const long long i0 = th * OTH + ty * R, j = tw * LR_TILE_W + tx;
+        const long long b0 = tile / (tiles_w * tiles_h) * SLOTS;  // the tile's first image
+        const long long b = PACKED ? b0 + slot : b0;
+        // (packed: opaque, or ptxas specialises the window loops on the small values and spills)
+        const long long i0 = PACKED ? lr_opaque((long long)sy * R) : th * OTH + ty * R;
+        const long long j = PACKED ? lr_opaque((long long)sx) : tw * LR_TILE_W + tx;
         const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
         const long long qplane = (b * G + g) * Ho;
-        const bool warp_live = th * OTH + (ty & ~1) * R < Ho;  // uniform over the warp
+        // uniform over the warp (packed: its first slot holds an image)
+        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : th * OTH + (ty & ~1) * R < Ho;
+        const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
 
         __syncthreads();  // the previous tile is done with s_k, s_row, copies (s_geo, s_gacc set)
         if (!warp_live) {  // wholly below the image: zeros for every column's grad-geo reduction
 #pragma unroll
             for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
         }
-        lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H, W,
-                                              tid, LR_FAR_KEY);
-        const int outs = lr_strip_outputs<R>(i0, j, Ho, Wo);  // output r exists iff r < outs
+        if constexpr (PACKED) {
+            lr_load_slots<IH, IW, STRIDE, PW, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
+                s_k, 0, k + (b0 * G + g) * H * W, 0, 1, -P, -P, H, W, tid, G * H * W, slots);
+        } else {
+            lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H,
+                                                  W, tid, LR_FAR_KEY);
+        }
+        // output r exists iff r < outs
+        const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
         // y, gy at (c_first, i0, j)
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
         // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
@@ -493,8 +594,14 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
             const int nc = mg - cg < MC ? mg - cg : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
-            lr_load_phased<IH, IW, STRIDE, PW, MC, V>(s_x, TF, x + (b * C + c_first + cg) * H * W,
-                                                      H * W, nc, r0, c0, H, W, tid);
+            if constexpr (PACKED) {
+                lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
+                    s_x, TF, x + (b0 * C + c_first + cg) * H * W, H * W, nc, -P, -P, H, W, tid,
+                    C * H * W, slots);
+            } else {
+                lr_load_phased<IH, IW, STRIDE, PW, MC, V>(
+                    s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid);
+            }
             __syncthreads();
             float gyv[R][MC];
 #pragma unroll
@@ -550,6 +657,10 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         // the copies are complete: the barriers of the last window column's grad-geo reduction
         // order every addition before this. Staged position (row, col) is read by the strips
         // of the thread rows rt with 0 <= row - rt * RS < NT, at copies[rt * STEP + slot].
+        if constexpr (PACKED) {
+            lr_query_packed_partials<K, STRIDE>(copies, gk_partial, B, b0, g, G, H, W, tid);
+            continue;
+        }
         float* const out = gk_partial + ((b * G + g) * tiles_h * tiles_w + th * tiles_w + tw) *
                                             (IH * IW);
         for (int e = tid; e < IH * IW; e += LR_THREADS) {
@@ -571,6 +682,15 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     }
 }
 
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_backward_query_one(A... args) {
+    lr_backward_query_tiles<T, K, STRIDE, COMP, 1>(args...);
+}
+template <typename T, int K, int STRIDE, int COMP, typename... A>
+__device__ __forceinline__ void lr_backward_query_slots(A... args) {
+    lr_backward_query_tiles<T, K, STRIDE, COMP, LR_SLOTS / 2>(args...);
+}
+
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
@@ -587,7 +707,32 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     LR_SHARED(float, s_part, K * 8);
     LR_SHARED(float, s_gacc, K * K);  // the block's grad geo, accumulated in a fixed order
     LR_SHARED(float, s_gk, S::GK_SHARED ? LR_TILE_H * S::GS : 1);  // the key-gradient copies
-    LR_BY_COMPOSABILITY(comp, lr_backward_query_tiles, x, q, k, geo, lse, y, gy, gq, gk_partial,
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_one, x, q, k, geo, lse, y, gy, gq, gk_partial,
+                        gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
+                        s_row, s_part, s_gacc, s_gk)
+}
+
+// lr_backward_query on small images (at most LR_SLOT_W x 4R outputs): LR_SLOTS / 2 images per
+// block (lr_backward_query_tiles), all its shared arrays in dynamic shared memory
+// (lr_query_packed_shape's FLOATS: cupy_backend.packed_query_bytes); the same grid and outputs
+// as lr_backward_query (its grad-k partials in lr_backward_query's layout).
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_packed(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ gk_partial,
+    float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    long long nchunks, int comp) {
+    using S = lr_query_packed_shape<K, STRIDE>;
+    LR_DYNAMIC_SHARED(float, s_x);  // MC channel tiles, then the rest
+    float* const s_k = s_x + S::MC_QUERY * S::TF;
+    float* const s_gk = s_k + S::TF;  // the key-gradient copies
+    float* const s_geo = s_gk + 2 * LR_TILE_H * S::GS;
+    float* const s_gacc = s_geo + K * K;
+    float* const s_row = s_gacc + K * K;
+    float* const s_part = s_row + K * LR_RED_PITCH;
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_slots, x, q, k, geo, lse, y, gy, gq, gk_partial,
                         gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
                         s_row, s_part, s_gacc, s_gk)
 }

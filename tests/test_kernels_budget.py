@@ -130,6 +130,8 @@ def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(
     for r in table:
         if r.kernel == "lr_forward_packed":
             dynamic = cupy_backend.packed_shared_bytes(r.kernel_size, r.stride)
+        elif r.kernel == "lr_backward_query_packed":
+            dynamic = cupy_backend.packed_query_bytes(r.kernel_size, r.stride)
         elif r.kernel == "lr_backward_input_packed" and r.stride == 1:
             dynamic = cupy_backend.packed_input_bytes(r.kernel_size)
         else:
@@ -141,7 +143,7 @@ def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(
         if (r.kernel_size, r.stride, r.arch) == (7, 1, "sm_90"):
             assert blocks == 3, (r, dynamic)
         checked += 1
-    assert checked >= 2 * 5  # sm_80 and sm_90: forward K = 3, 5, 7 (stride 1), 3, 5 (stride 2)
+    assert checked >= 2 * 13  # sm_80, sm_90: 5 forward, 5 backward query, 3 backward input
 
 
 def test_registers_per_block_within_the_register_file(table):

@@ -102,6 +102,7 @@ def tiled_forward(monkeypatch):
     """lr_forward and lr_backward_input on every shape, small images too (not the packed
     kernels)."""
     monkeypatch.setattr(cupy_backend, "forward_packed", lambda shape: False)
+    monkeypatch.setattr(cupy_backend, "query_packed", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "input_packed", lambda shape: False)
 
 
@@ -115,10 +116,22 @@ def input_kernel() -> str:
     return backend_run.made[-1].records[-1].config.kernel
 
 
+def query_kernel() -> str:
+    """The backward-query kernel of the last backend_run."""
+    return backend_run.made[-1].records[0].config.kernel
+
+
 def small(case) -> bool:
     """Whether a case runs a packed kernel (its outputs or inputs fit a slot)."""
     shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
-    return cupy_backend.forward_packed(shape) or cupy_backend.input_packed(shape)
+    return any(
+        fn(shape)
+        for fn in (
+            cupy_backend.forward_packed,
+            cupy_backend.query_packed,
+            cupy_backend.input_packed,
+        )
+    )
 
 
 #: The CASES whose images fit a slot of lr_forward_packed or lr_backward_input_packed.
@@ -130,7 +143,8 @@ def test_fp32_tiled_forward_on_small_images_matches_naive(lib, case, tiled_forwa
     """lr_forward and lr_backward_input keep working on the images that the packed kernels now
     take."""
     check_case(lib, case)
-    assert (forward_kernel(), input_kernel()) == ("lr_forward", "lr_backward_input")
+    kernels = (forward_kernel(), query_kernel(), input_kernel())
+    assert kernels == ("lr_forward", "lr_backward_query", "lr_backward_input")
 
 
 # ---- lr_forward_packed: several small images per block --------------------------------------
@@ -146,10 +160,11 @@ PACKED_CASES = [
 
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
 def test_packed_forward_matches_naive(lib, case):
-    """Both packed kernels where they apply (lr_backward_input_packed: stride 1, K <= 7, whose
-    tiles fit 80 KB)."""
+    """The packed kernels where they apply (lr_backward_query_packed: outputs <= 8 x 4 strips;
+    lr_backward_input_packed: stride 1, K <= 7, whose tiles fit 80 KB)."""
     check_case(lib, case, seed=53)
     assert forward_kernel() == "lr_forward_packed"
+    assert query_kernel() == "lr_backward_query_packed"
     K, stride = case[5:7]
     packed_input = stride == 1 and K <= 7
     assert input_kernel() == ("lr_backward_input_packed" if packed_input else "lr_backward_input")
@@ -181,6 +196,11 @@ def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
     p = cupy_backend.packed_shape(kernel_size, stride)
     assert list(out) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
                          p.box_rows, p.box_cols]  # fmt: skip
+    query = (ctypes.c_int * 10)()
+    assert lib.lr_host_packed_query_shape(kernel_size, stride, query) == 0
+    p = cupy_backend.packed_query_shape(kernel_size, stride)
+    assert list(query) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
+                           p.floats, p.box_rows, p.box_cols]  # fmt: skip
     if stride == 1:
         assert lib.lr_host_packed_input_shape(kernel_size, out) == 0
         i = cupy_backend.packed_input_shape(kernel_size)
@@ -439,8 +459,9 @@ def test_strided_inputs_and_partial_grads(lib):
             else:
                 assert a is None
         kernels = [r.config.kernel for r in backend_run.made[-1].records]
-        # 7 x 8 images at stride 1: the packed backward input
-        assert kernels == (["lr_backward_input_packed"] if needs[0] else ["lr_backward_query"])
+        # 7 x 8 images at stride 1: the packed backward kernels
+        packed = ["lr_backward_input_packed"] if needs[0] else ["lr_backward_query_packed"]
+        assert kernels == packed
 
 
 def test_mixed_dtypes_and_refusals(lib):
@@ -548,7 +569,7 @@ def test_host_launcher_counts_static_and_dynamic_shared_memory(lib):
 
 
 def test_query_grid_must_match_its_chunk_count(lib):
-    x, q, k, geo, gy = make_case(1, 4, 5, 5, 2, 3, 1)
+    x, q, k, geo, gy = make_case(1, 4, 5, 9, 2, 3, 1)  # wider than a slot: lr_backward_query
     with pytest.raises(LaunchError, match="G \\* nchunks"):
         backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff",
                     override={"lr_backward_query": {"grid": (1, 1, 1)}})  # fmt: skip

@@ -53,9 +53,14 @@ def test_plans_cover_64bit_sizes(sizes):
         assert bwd.kernel == "lr_backward_input" and bwd.shared_bytes == 0
         assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
     blocks_per_sm = cb.THREADS_PER_SM // (cb.TILE[0] * cb.TILE[1])
+    query_tiles = B * tiles(Ho, Wo, rows)
+    if Ho <= 4 * rows and Wo <= 8 and cb.packed_query_bytes(K, s) <= 80 * 1024:  # 4 per tile
+        query_tiles = -(-B // 4)
+        per_sm = 228 * 1024 // (cb.packed_query_bytes(K, s) + 1024)
+        blocks_per_sm = min(blocks_per_sm, per_sm)
     for sms in (1, 108, 132):
         n = cb.query_chunks(shape, sms)
-        assert n == max(1, min(B * tiles(Ho, Wo, rows), -(-sms * blocks_per_sm // G)))
+        assert n == max(1, min(query_tiles, -(-sms * blocks_per_sm // G)))
         q = cb.plan_backward_query(shape, n)
         assert q.grid == (G * n, 1, 1) and G * n <= cb.MAX_BLOCKS
         # the grad-geo partial buffer stays proportional to the GPU, not to the problem
@@ -66,28 +71,36 @@ def test_plans_cover_64bit_sizes(sizes):
 
 
 @pytest.mark.parametrize(
-    ("sizes", "packed", "packed_input"),
+    ("sizes", "packed", "packed_query", "packed_input"),
     [
-        ((32, 800, 7, 7, 100, 7, 1), True, True),  # LR-Net-26 res5 at 224: 7 x 7
-        ((9, 16, 8, 8, 2, 7, 1), True, True),  # a whole slot: 8 x 8 outputs (strips of 4)
-        ((9, 16, 9, 8, 2, 7, 1), False, False),  # one row more than a slot
-        ((9, 16, 8, 9, 2, 7, 1), False, False),  # one column more
-        ((9, 16, 4, 8, 2, 9, 1), True, False),  # K = 9 (strips of 2): 69 KB forward, 98 KB input
-        ((9, 16, 8, 16, 2, 5, 2), True, False),  # stride 2: 4 x 8 outputs (strips of 2), 67 KB
-        ((9, 16, 9, 16, 2, 5, 2), False, False),  # 5 x 8 outputs
-        ((9, 16, 8, 16, 2, 7, 2), False, False),  # K = 7, stride 2: 88 KB of tiles, over 80 KB
-        ((9, 16, 4, 4, 2, 7, 3), False, False),  # K = 7, stride 3: 170 KB
+        ((32, 800, 7, 7, 100, 7, 1), True, True, True),  # LR-Net-26 res5 at 224: 7 x 7
+        ((9, 16, 8, 8, 2, 7, 1), True, True, True),  # a whole slot: 8 x 8 outputs
+        ((9, 16, 9, 8, 2, 7, 1), False, False, False),  # one row more than a slot
+        ((9, 16, 8, 9, 2, 7, 1), False, False, False),  # one column more
+        ((9, 16, 4, 8, 2, 9, 1), True, True, False),  # K = 9: 98 KB backward input
+        ((9, 16, 8, 16, 2, 5, 2), True, True, False),  # stride 2: 4 x 8 outputs
+        ((9, 16, 9, 16, 2, 5, 2), False, True, False),  # 5 x 8 outputs: 4 strips of 2 in a slot
+        ((9, 16, 8, 16, 2, 7, 2), False, False, False),  # K = 7, stride 2: 88 KB and 84 KB
+        ((9, 16, 4, 4, 2, 7, 3), False, False, False),  # K = 7, stride 3: 170 KB
     ],
 )
-def test_small_images_take_the_packed_kernels(sizes, packed, packed_input):
-    """lr_forward_packed runs where the outputs fit a slot of 8 columns x 2 strips, and
-    lr_backward_input_packed at stride 1 where the inputs do, each where its dynamic shared
-    memory fits 80 KB (two blocks per SM on sm_80); their blocks hold 8 images of a group."""
+def test_small_images_take_the_packed_kernels(sizes, packed, packed_query, packed_input):
+    """lr_forward_packed runs where the outputs fit a slot of 8 columns x 2 strips,
+    lr_backward_query_packed where they fit 8 columns x 4 strips, and lr_backward_input_packed
+    at stride 1 where the inputs fit 8 x 2 strips, each where its dynamic shared memory fits
+    80 KB (two blocks per SM on sm_80); their blocks hold 8 (the query's 4) images of a group."""
     shape = shape_of(*sizes)
     B, G = sizes[0], sizes[4]
     fwd, bwd = cb.plan_forward(shape), cb.plan_backward_input(shape)
     assert (fwd.kernel == "lr_forward_packed") == packed
     assert (bwd.kernel == "lr_backward_input_packed") == packed_input
+    query = cb.plan_backward_query(shape, cb.query_chunks(shape, 132))
+    assert (query.kernel == "lr_backward_query_packed") == packed_query
+    if packed_query:
+        assert query.shared_bytes == cb.packed_query_bytes(*sizes[5:]) <= 80 * 1024
+        # 4 images per tile; blocks: what 132 SMs hold at once by shared memory, per group
+        per_sm = 228 * 1024 // (query.shared_bytes + 1024)
+        assert cb.query_chunks(shape, 132) == min(-(-B // 4), -(-132 * per_sm // G))
     if packed:
         assert fwd.grid == (G * -(-B // 8), 1, 1)
         assert 48 * 1024 < fwd.shared_bytes <= 80 * 1024
@@ -108,12 +121,15 @@ def test_empty_problems_launch_nothing():
 def test_query_grid_fills_the_sms_for_lrnet_shapes():
     """At LR-Net-26 res2 (batch 32, 56x56, G = 13) the query kernel runs at least as many
     threads as an H100 holds (the old fixed 65,536 threads filled a quarter of it); at res5
-    (7x7, G = 100) too, with several blocks per group."""
+    (7x7, G = 100) the packed kernel's grid is what an H100 holds at once by its 58 KB of
+    shared memory (3 blocks per SM, 396 in all): 4 blocks per group of 8 tiles of 4 images."""
     res2 = shape_of(32, 100, 56, 56, 13, 7, 1)
     block = cb.TILE[0] * cb.TILE[1]
     assert res2.groups * cb.query_chunks(res2, 132) * block >= 132 * cb.THREADS_PER_SM
     res5 = shape_of(32, 800, 7, 7, 100, 7, 1)
-    assert res5.groups * cb.query_chunks(res5, 132) * block >= 132 * cb.THREADS_PER_SM
+    assert cb.plan_backward_query(res5, 4).kernel == "lr_backward_query_packed"
+    assert cb.query_chunks(res5, 132) == 4
+    assert res5.groups * cb.query_chunks(res5, 132) >= 3 * 132
 
 
 def test_tile_shape_matches_the_kernels():

@@ -90,6 +90,25 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                         for tx, ty in lanes
                     ]
                     worst = max(worst, transactions(req), vector_transactions(req, V) / V)
+        elif kernel == "lr_backward_query_packed":
+            # slot z = (ty // 4) * 2 + tx // SLOT_WIDTH, strip (ty % 4, tx % SLOT_WIDTH):
+            # slot[z * SLOT + (ty % 4)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)], and
+            # the key gradient into copy ty * 2 + tx // SLOT_WIDTH at the same offset in it
+            packed, sw = cupy_backend.packed_query_shape(K, S), cupy_backend.SLOT_WIDTH
+            pw = packed.pitch
+            for row in range((R - 1) * S + K):
+                for b in range(K):
+                    col = cupy_backend.phase_col(b, packed.cols, S)
+                    at = [(ty % 4) * R * S * pw + tx % sw + row * pw + col for tx, ty in lanes]
+                    slot = [((ty // 4) * 2 + tx // sw) * packed.slot for tx, ty in lanes]
+                    req = [a + z for a, z in zip(at, slot, strict=True)]
+                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
+                    copies = [(ty * 2 + tx // sw) * packed.copy for tx, ty in lanes]
+                    req = [
+                        c + a - (ty % 4) * R * S * pw
+                        for c, a, (_, ty) in zip(copies, at, lanes, strict=True)
+                    ]
+                    worst = max(worst, transactions(req))
         elif kernel == "lr_backward_input_packed":
             # stride 1: slot z's tile at z * SLOT, strip (ty % 2, tx % SLOT_WIDTH) reading
             # tile[(ty % 2)*RI*PO + tx % SLOT_WIDTH + t*PO + tj]

@@ -68,6 +68,10 @@ TILE = (16, 8)
 MAX_BLOCKS = (1 << 31) - 1
 #: Resident threads per SM that the backward-query grid aims for (2048 on sm_80 and sm_90).
 THREADS_PER_SM = 2048
+#: Shared memory per SM (sm_90; sm_80 has 164 KB) and what each resident block reserves besides
+#: its own: how many blocks of lr_backward_query_packed an SM holds at once (its grid's aim).
+SHARED_PER_SM = 228 * 1024
+SHARED_RESERVED = 1024
 #: Static shared memory one block may declare (CUDA's limit without an opt-in attribute).
 MAX_STATIC_SHARED = 48 * 1024
 #: Shared memory (static + dynamic) a launch may ask for, opting in above 48 KB
@@ -79,6 +83,10 @@ MAX_OPTIN_SHARED = 80 * 1024
 #: (LR_SLOT_W) and two thread rows.
 SLOTS = 8
 SLOT_WIDTH = 8
+#: The kernels for small images, several per block, their tiles in dynamic shared memory.
+PACKED_KERNELS = ("lr_forward_packed", "lr_backward_query_packed", "lr_backward_input_packed")
+#: Images per block of lr_backward_query_packed (LR_SLOTS / 2: slots of four thread rows).
+QUERY_SLOTS = 4
 #: Largest window of the kernels: the one the emulator tests cover against the float64 loop
 #: (lr_backward_query's row reduction allows K <= 16; docs/gpu-kernels.md).
 MAX_KERNEL_SIZE = 13
@@ -183,6 +191,58 @@ def forward_packed(shape: LocalRelationShape) -> bool:
         shape.out_height <= packed.out_rows
         and shape.out_width <= SLOT_WIDTH
         and packed_shared_bytes(shape.kernel_size, shape.stride) <= MAX_OPTIN_SHARED
+    )
+
+
+@dataclass(frozen=True)
+class PackedQueryShape:
+    """``lr_query_packed_shape<K, STRIDE>``: lr_backward_query_packed's QUERY_SLOTS slots of
+    ``out_rows`` x SLOT_WIDTH outputs (four thread rows of strips of ``strip``), each staging
+    ``rows`` x ``cols`` input positions at ``pitch``, ``slot`` floats apart; key-gradient copies
+    of ``copy`` floats (one per thread row and slot column); ``floats`` of dynamic shared memory
+    in all; its loader copies the image positions of a ``box_rows`` x ``box_cols`` box per
+    slot."""
+
+    strip: int
+    out_rows: int
+    rows: int
+    cols: int
+    pitch: int
+    slot: int
+    copy: int
+    floats: int
+    box_rows: int
+    box_cols: int
+
+
+def packed_query_shape(kernel_size: int, stride: int) -> PackedQueryShape:
+    """The geometry of lr_backward_query_packed at (K, stride)."""
+    K, S = kernel_size, stride
+    R = query_strip(K, S)
+    rows, cols = (4 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K
+    pitch = slot_pitch(S * phase_cols(cols, S), R * S)
+    slot = slot_floats(rows * pitch, R * S * pitch % 32)
+    reads = ((R - 1) * S + K) * pitch  # a strip's staged rows
+    copy = reads + (40 - reads % 32) % 32  # 8 modulo 32
+    floats = (MAX_CHANNEL_CHUNK + 1) * QUERY_SLOTS * slot + 2 * TILE[1] * copy
+    floats += 2 * K * K + K * RED_PITCH + K * 8
+    box_rows, box_cols = min(4 * R * S, rows - K // 2), min(SLOT_WIDTH * S, cols - K // 2)
+    return PackedQueryShape(R, 4 * R, rows, cols, pitch, slot, copy, floats, box_rows, box_cols)
+
+
+def packed_query_bytes(kernel_size: int, stride: int) -> int:
+    """Bytes of dynamic shared memory of lr_backward_query_packed at (K, stride)."""
+    return 4 * packed_query_shape(kernel_size, stride).floats
+
+
+def query_packed(shape: LocalRelationShape) -> bool:
+    """Whether the backward query of ``shape`` runs lr_backward_query_packed: its outputs fit one
+    slot and its shared memory MAX_OPTIN_SHARED."""
+    packed = packed_query_shape(shape.kernel_size, shape.stride)
+    return (
+        shape.out_height <= packed.out_rows
+        and shape.out_width <= SLOT_WIDTH
+        and packed_query_bytes(shape.kernel_size, shape.stride) <= MAX_OPTIN_SHARED
     )
 
 
@@ -338,7 +398,7 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     instantiation, as declared in kernels/local_relation.cu."""
     K, S = kernel_size, stride
     R = strip(kernel, K, S)
-    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):  # dynamic shared memory only
+    if kernel in PACKED_KERNELS:  # dynamic shared memory only
         return 0, 0, 0
     if kernel == "lr_forward":  # s_k, s_x, s_geo (and the bound on the logits, a NaN flag)
         tile = _query_tile(K, S, R)
@@ -362,7 +422,7 @@ def vector_width(kernel: str, kernel_size: int, stride: int) -> int:
     4 (its accumulators leave no registers for vectors)."""
     if kernel in ("lr_forward", "lr_forward_packed") and forward_strip(kernel_size, stride) == 4:
         return 1
-    if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
+    if kernel in PACKED_KERNELS:
         chunk = MAX_CHANNEL_CHUNK
     else:
         chunk = kernel_tiles(kernel, kernel_size, stride)[1]
@@ -437,18 +497,30 @@ def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
 
 def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
     """Blocks per group of ``lr_backward_query``: enough blocks to fill every SM, at most one
-    per output tile of the group, at least one."""
+    per output tile of the group, at least one. lr_backward_query_packed (QUERY_SLOTS images per
+    tile) aims for the blocks its shared memory lets an SM hold at once (3 on sm_90 at K = 7):
+    each block fills its tiles once with what lies outside the images, so fewer blocks that run
+    more tiles each pay that less often."""
     rows = query_strip(shape.kernel_size, shape.stride)
     tiles = shape.batch * _tiles(shape.out_height, shape.out_width, rows)
     blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
+    if query_packed(shape):
+        tiles = -(-shape.batch // QUERY_SLOTS)
+        need = packed_query_bytes(shape.kernel_size, shape.stride) + SHARED_RESERVED
+        blocks_per_sm = max(1, min(blocks_per_sm, SHARED_PER_SM // need))
     target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
     return max(1, min(tiles, target))
 
 
 def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig | None:
-    """Launch of ``lr_backward_query``: G * nchunks blocks."""
+    """Launch of ``lr_backward_query``: G * nchunks blocks; of ``lr_backward_query_packed``
+    where the images fit its slots (``query_packed``), its arrays in dynamic shared memory."""
     if shape.batch * shape.out_height * shape.out_width <= 0:
         return None
+    if query_packed(shape):
+        config = _config("lr_backward_query_packed", shape.groups * nchunks)
+        bytes_ = packed_query_bytes(shape.kernel_size, shape.stride)
+        return None if config is None else replace(config, shared_bytes=bytes_)
     return _config("lr_backward_query", shape.groups * nchunks)
 
 
@@ -509,6 +581,7 @@ class CupyKernels:
     forward: Any
     forward_packed: Any
     backward_query: Any
+    backward_query_packed: Any
     backward_input: Any
     backward_input_packed: Any
 

@@ -39,6 +39,7 @@ KERNEL_NAMES = (
     "lr_forward",
     "lr_forward_packed",
     "lr_backward_query",
+    "lr_backward_query_packed",
     "lr_backward_input",
     "lr_backward_input_packed",
 )

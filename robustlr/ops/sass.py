@@ -55,17 +55,34 @@ class Loop:
     guarded: list[Counter]
 
 
-def sass_loops(text: str) -> list[Loop]:
-    """The innermost loops of a kernel, in address order."""
-    instrs, labels = parse_sass(text)
+def _inner_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """(first, last) address of each innermost loop."""
     loops = [
         (labels[i.target], i.address)
         for i in instrs
-        if i.target and labels[i.target] < i.address  # a backward branch closes a loop
+        if i.target in labels and labels[i.target] < i.address  # a backward branch closes a loop
     ]
-    inner = [
+    return [
         lp for lp in loops if not any(o != lp and lp[0] <= o[0] <= o[1] <= lp[1] for o in loops)
     ]
+
+
+def outside_loops(text: str) -> Counter:
+    """Ops of the kernel's code outside its innermost loops (each at most once per pass through
+    the code around them), without ptxas's padding and the CUDA runtime's subroutines (64-bit
+    division, the slow path of the reciprocal) that follow the kernel."""
+    kernel = re.split(r"\n\s*\.weak\s+\$__internal", text)[0]
+    instrs, labels = parse_sass(kernel)
+    inner = _inner_loops(instrs, labels)
+    return Counter(
+        i.op for i in instrs if i.op != "NOP" and not any(lo <= i.address <= hi for lo, hi in inner)
+    )
+
+
+def sass_loops(text: str) -> list[Loop]:
+    """The innermost loops of a kernel, in address order."""
+    instrs, labels = parse_sass(text)
+    inner = _inner_loops(instrs, labels)
     result = []
     for lo, hi in sorted(inner):
         body = [i for i in instrs if lo <= i.address <= hi]
