@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from robustlr.ops.cupy_backend import dynamic_shared_bytes
 from robustlr.ops.nvrtc import occupancy, ptxas_table
 
 
@@ -22,16 +23,17 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| kernel | dtype | K | stride | arch | registers | stack B | spill st/ld B | smem B "
-        "| blocks/SM | occupancy |"
+        "| dynamic smem B | blocks/SM | occupancy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in ptxas_table(args.ks, args.strides, args.archs):
-        blocks, occ = occupancy(row.usage, row.arch)
+        dynamic = dynamic_shared_bytes(row.kernel, row.kernel_size, row.stride)
+        blocks, occ = occupancy(row.usage, row.arch, dynamic=dynamic)
         u = row.usage
         print(
             f"| {row.kernel} | {row.ctype} | {row.kernel_size} | {row.stride} | {row.arch} "
             f"| {u.registers} | {u.stack_frame} | {u.spill_stores}/{u.spill_loads} "
-            f"| {u.shared} | {blocks} | {occ:.0%} |"
+            f"| {u.shared} | {dynamic} | {blocks} | {occ:.0%} |"
         )
 
 

@@ -197,13 +197,7 @@ def kernels_of(version: str) -> tuple[str, ...]:
 
 def packed_bytes(kernel: str) -> int:
     """Dynamic shared memory of a kernel's launch (the packed kernels'), else 0."""
-    if kernel == "lr_forward_packed":
-        return cupy_backend.packed_shared_bytes(K, S)
-    if kernel == "lr_backward_query_packed":
-        return cupy_backend.packed_query_bytes(K, S)
-    if kernel == "lr_backward_input_packed":
-        return cupy_backend.packed_input_bytes(K)
-    return 0
+    return cupy_backend.dynamic_shared_bytes(kernel, K, S)
 
 
 def stage_shape(C: int, H: int) -> LocalRelationShape:

@@ -21,7 +21,7 @@ from host_shim.host_launcher import _cache_dir
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.bank_model import transactions, vector_transactions, window_read_transactions
-from robustlr.ops.sass import sass_loops
+from robustlr.ops.sass import outside_loops, sass_loops
 
 try:
     from cupy.cuda import nvrtc as cupy_nvrtc
@@ -128,15 +128,8 @@ def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(
     3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images)."""
     checked = 0
     for r in table:
-        if r.kernel == "lr_forward_packed":
-            dynamic = cupy_backend.packed_shared_bytes(r.kernel_size, r.stride)
-        elif r.kernel == "lr_backward_query_packed":
-            dynamic = cupy_backend.packed_query_bytes(r.kernel_size, r.stride)
-        elif r.kernel == "lr_backward_input_packed" and r.stride == 1:
-            dynamic = cupy_backend.packed_input_bytes(r.kernel_size)
-        else:
-            continue
-        if dynamic > cupy_backend.MAX_OPTIN_SHARED:
+        dynamic = cupy_backend.dynamic_shared_bytes(r.kernel, r.kernel_size, r.stride)
+        if not 0 < dynamic <= cupy_backend.MAX_OPTIN_SHARED:
             continue
         blocks, _ = nvrtc.occupancy(r.usage, r.arch, dynamic=dynamic)
         assert blocks >= 2, (r, dynamic)
@@ -227,6 +220,39 @@ def ldg_runs(ops: list[str]) -> list[int]:
             runs.append(current)
             current = 0
     return runs + ([current] if current else [])
+
+
+# A kernel with one loop of 4 FFMAs (unroll 1) between straight-line code: 3 FMULs before it
+# and a 64-bit division (the runtime's subroutine, which outside_loops leaves out) after it.
+_LOOP_PROBE = """
+__global__ void lr_probe_loop(const float* __restrict__ in, float* __restrict__ out, int n,
+                              long long d) {
+    float a = in[threadIdx.x] * 3.0f, b = a * in[1], c = b * in[2];
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {
+        a = fmaf(a, b, c);
+        b = fmaf(b, c, a);
+        c = fmaf(c, a, b);
+        a = fmaf(a, c, b);
+    }
+    out[threadIdx.x] = a + (float)((long long)n * 977 / d);
+}
+"""
+
+
+def test_outside_loops_counts_the_straight_line_code():
+    """sass.outside_loops (the roofline's upper bound on the code outside the loops) holds the
+    probe's FMULs and none of its loop's FFMAs, and not the 64-bit division's subroutine."""
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    prog = nvrtc.compile_source(_LOOP_PROBE, ["lr_probe_loop"], "sm_90")
+    text = nvrtc.sass(prog, nvdisasm)
+    outside = outside_loops(text)
+    assert [lp.every["FFMA"] for lp in sass_loops(text)] == [4]
+    assert outside["FMUL"] == 3 and outside["FFMA"] == 0
+    assert "__internal" in text  # the division is a subroutine call
+    assert outside["CALL"] == 1 and outside["RET"] == 0
 
 
 def test_tile_loader_issues_its_loads_before_its_stores():

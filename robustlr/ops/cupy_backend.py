@@ -438,6 +438,19 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     return -(-4 * (fixed + chunk * tile) // 16) * 16
 
 
+def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
+    """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
+    kernel's tiles (``packed_shared_bytes``, ``packed_query_bytes``, ``packed_input_bytes``),
+    0 for the others."""
+    if kernel == "lr_forward_packed":
+        return packed_shared_bytes(kernel_size, stride)
+    if kernel == "lr_backward_query_packed":
+        return packed_query_bytes(kernel_size, stride)
+    if kernel == "lr_backward_input_packed" and stride == 1:
+        return packed_input_bytes(kernel_size)
+    return 0
+
+
 def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
     """Whether the kernels run (K, stride): K <= MAX_KERNEL_SIZE and every kernel within the
     static shared-memory limit; the reason when not (the automatic backend then falls back to
