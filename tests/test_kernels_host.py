@@ -194,17 +194,17 @@ def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
     out = (ctypes.c_int * 9)()
     assert lib.lr_host_packed_shape(kernel_size, stride, out) == 0
     p = cupy_backend.packed_shape(kernel_size, stride)
-    assert list(out) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
+    assert list(out) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
                          p.box_rows, p.box_cols]  # fmt: skip
     query = (ctypes.c_int * 10)()
     assert lib.lr_host_packed_query_shape(kernel_size, stride, query) == 0
     p = cupy_backend.packed_query_shape(kernel_size, stride)
-    assert list(query) == [p.strip, p.out_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
+    assert list(query) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
                            p.floats, p.box_rows, p.box_cols]  # fmt: skip
     if stride == 1:
         assert lib.lr_host_packed_input_shape(kernel_size, out) == 0
         i = cupy_backend.packed_input_shape(kernel_size)
-        assert list(out) == [i.strip, i.in_rows, i.rows, i.cols, i.pitch, i.slot, i.floats,
+        assert list(out) == [i.strip, i.slot_rows, i.rows, i.cols, i.pitch, i.slot, i.floats,
                              i.box_rows, i.box_cols]  # fmt: skip
 
 

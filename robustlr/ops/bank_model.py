@@ -73,60 +73,29 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                     if kernel == "lr_backward_query":
                         req = [ty * copy + tx + row * pw + col for tx, ty in lanes]
                         worst = max(worst, transactions(req))
-        elif kernel == "lr_forward_packed":
-            # slot z = (ty // 2) * 2 + tx // SLOT_WIDTH, its strip at (ty % 2, tx % SLOT_WIDTH):
-            # slot[z * SLOT + (ty % 2)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)]
-            packed, sw = cupy_backend.packed_shape(K, S), cupy_backend.SLOT_WIDTH
-            pw = packed.pitch
+        elif kernel in cupy_backend.PACKED_KERNELS:
+            # slot z = (ty // TR) * 2 + tx // SLOT_WIDTH (TR thread rows each: 4 in
+            # backward_query, 2 otherwise), strip (ty % TR, tx % SLOT_WIDTH): reads
+            # slot[z * SLOT + (ty % TR)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)];
+            # backward_query adds the key gradient into copy ty * 2 + tx // SLOT_WIDTH at the
+            # same offset in it. backward_input_packed: stride 1 only (not launched otherwise)
+            if kernel == "lr_backward_input_packed" and S != 1:
+                continue
+            packed, sw = cupy_backend.packed_geometry(kernel, K, S), cupy_backend.SLOT_WIDTH
+            tr, pw = packed.slot_rows // R, packed.pitch
             for row in range((R - 1) * S + K):
                 for b in range(K):
                     col = cupy_backend.phase_col(b, packed.cols, S)
-                    req = [
-                        ((ty // 2) * 2 + tx // sw) * packed.slot
-                        + (ty % 2) * R * S * pw
-                        + tx % sw
-                        + row * pw
-                        + col
-                        for tx, ty in lanes
-                    ]
-                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
-        elif kernel == "lr_backward_query_packed":
-            # slot z = (ty // 4) * 2 + tx // SLOT_WIDTH, strip (ty % 4, tx % SLOT_WIDTH):
-            # slot[z * SLOT + (ty % 4)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)], and
-            # the key gradient into copy ty * 2 + tx // SLOT_WIDTH at the same offset in it
-            packed, sw = cupy_backend.packed_query_shape(K, S), cupy_backend.SLOT_WIDTH
-            pw = packed.pitch
-            for row in range((R - 1) * S + K):
-                for b in range(K):
-                    col = cupy_backend.phase_col(b, packed.cols, S)
-                    at = [(ty % 4) * R * S * pw + tx % sw + row * pw + col for tx, ty in lanes]
-                    slot = [((ty // 4) * 2 + tx // sw) * packed.slot for tx, ty in lanes]
+                    at = [(ty % tr) * R * S * pw + tx % sw + row * pw + col for tx, ty in lanes]
+                    slot = [((ty // tr) * 2 + tx // sw) * packed.slot for tx, ty in lanes]
                     req = [a + z for a, z in zip(at, slot, strict=True)]
                     worst = max(worst, transactions(req), vector_transactions(req, V) / V)
-                    copies = [(ty * 2 + tx // sw) * packed.copy for tx, ty in lanes]
-                    req = [
-                        c + a - (ty % 4) * R * S * pw
-                        for c, a, (_, ty) in zip(copies, at, lanes, strict=True)
-                    ]
-                    worst = max(worst, transactions(req))
-        elif kernel == "lr_backward_input_packed":
-            # stride 1: slot z's tile at z * SLOT, strip (ty % 2, tx % SLOT_WIDTH) reading
-            # tile[(ty % 2)*RI*PO + tx % SLOT_WIDTH + t*PO + tj]
-            if S != 1:
-                continue
-            packed, sw = cupy_backend.packed_input_shape(K), cupy_backend.SLOT_WIDTH
-            po = packed.pitch
-            for row in range(R - 1 + K):
-                for tj in range(K):
-                    req = [
-                        ((ty // 2) * 2 + tx // sw) * packed.slot
-                        + (ty % 2) * R * po
-                        + tx % sw
-                        + row * po
-                        + tj
-                        for tx, ty in lanes
-                    ]
-                    worst = max(worst, transactions(req), vector_transactions(req, V) / V)
+                    if packed.copy:
+                        req = [
+                            (ty * 2 + tx // sw) * packed.copy + a - (ty % tr) * R * S * pw
+                            for a, (tx, ty) in zip(at, lanes, strict=True)
+                        ]
+                        worst = max(worst, transactions(req))
         elif kernel == "lr_backward_input":
             nc = (K - 1) // S + 1
             po = cupy_backend.plain_pitch((tw + S - 2) // S + nc, S, R)

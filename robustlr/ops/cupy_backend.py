@@ -149,13 +149,16 @@ def slot_floats(floats: int, row_phase: int) -> int:
 
 @dataclass(frozen=True)
 class PackedShape:
-    """``lr_forward_shape<K, STRIDE, LR_SLOTS>``: lr_forward_packed's slots of ``out_rows`` x
-    SLOT_WIDTH outputs (strips of ``strip``), each staging ``rows`` x ``cols`` input positions
-    at ``pitch``, ``slot`` floats apart, ``floats`` of dynamic shared memory in all; its loader
-    copies the image positions of a ``box_rows`` x ``box_cols`` box per slot."""
+    """The geometry of a packed kernel (``lr_forward_shape<K, S, LR_SLOTS>``,
+    ``lr_query_packed_shape<K, S>``, ``lr_input_shape<K, 1, LR_SLOTS>``): slots of ``slot_rows`` x
+    SLOT_WIDTH positions (outputs; inputs in lr_backward_input_packed) in strips of ``strip``,
+    each staging ``rows`` x ``cols`` positions at ``pitch``, ``slot`` floats apart;
+    lr_backward_query_packed's key-gradient copies of ``copy`` floats; ``floats`` of dynamic
+    shared memory in all; the loader copies the image positions of a ``box_rows`` x
+    ``box_cols`` box per slot."""
 
     strip: int
-    out_rows: int
+    slot_rows: int
     rows: int
     cols: int
     pitch: int
@@ -163,19 +166,51 @@ class PackedShape:
     floats: int
     box_rows: int
     box_cols: int
+    copy: int = 0
+
+
+def _packed(
+    kernel_size: int, stride: int, strip: int, slot_rows: int, rows: int, cols: int
+) -> PackedShape:
+    """A packed kernel's slot layout (``lr_slot_pitch``, ``lr_slot_floats``) and image box, its
+    floats not yet counted."""
+    K, S = kernel_size, stride
+    pitch = slot_pitch(S * phase_cols(cols, S), strip * S)
+    slot = slot_floats(rows * pitch, strip * S * pitch % 32)
+    box_rows, box_cols = min(slot_rows * S, rows - K // 2), min(SLOT_WIDTH * S, cols - K // 2)
+    return PackedShape(strip, slot_rows, rows, cols, pitch, slot, 0, box_rows, box_cols)
 
 
 def packed_shape(kernel_size: int, stride: int) -> PackedShape:
-    """The geometry of lr_forward_packed at (K, stride)."""
+    """The geometry of lr_forward_packed at (K, stride): SLOTS slots of two strips."""
     K, S = kernel_size, stride
     R = forward_strip(K, S)
-    rows, cols = (2 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K
-    pitch = slot_pitch(S * phase_cols(cols, S), R * S)
-    slot = slot_floats(rows * pitch, R * S * pitch % 32)
-    tile = SLOTS * slot
-    floats = (MAX_CHANNEL_CHUNK + 1) * tile + _forward_geo(K)
-    box_rows, box_cols = min(2 * R * S, rows - K // 2), min(SLOT_WIDTH * S, cols - K // 2)
-    return PackedShape(R, 2 * R, rows, cols, pitch, slot, floats, box_rows, box_cols)
+    shape = _packed(K, S, R, 2 * R, (2 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K)
+    floats = (MAX_CHANNEL_CHUNK + 1) * SLOTS * shape.slot + _forward_geo(K)
+    return replace(shape, floats=floats)
+
+
+def packed_query_shape(kernel_size: int, stride: int) -> PackedShape:
+    """The geometry of lr_backward_query_packed at (K, stride): QUERY_SLOTS slots of four
+    strips, a key-gradient copy per thread row and slot column (8 modulo 32 floats apart)."""
+    K, S = kernel_size, stride
+    R = query_strip(K, S)
+    shape = _packed(K, S, R, 4 * R, (4 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K)
+    reads = ((R - 1) * S + K) * shape.pitch  # a strip's staged rows
+    copy = reads + (40 - reads % 32) % 32
+    floats = (MAX_CHANNEL_CHUNK + 1) * QUERY_SLOTS * shape.slot + 2 * TILE[1] * copy
+    floats += 2 * K * K + K * RED_PITCH + K * 8
+    return replace(shape, floats=floats, copy=copy)
+
+
+def packed_input_shape(kernel_size: int) -> PackedShape:
+    """The geometry of lr_backward_input_packed at (K, stride 1): SLOTS slots of two strips of
+    inputs, each staging the outputs that cover it."""
+    K = kernel_size
+    R = input_strip(K, 1)
+    shape = _packed(K, 1, R, 2 * R, 2 * R - 1 + K, SLOT_WIDTH - 1 + K)
+    floats = (2 + MAX_CHANNEL_CHUNK) * SLOTS * shape.slot + K * K
+    return replace(shape, floats=floats)
 
 
 def packed_shared_bytes(kernel_size: int, stride: int) -> int:
@@ -183,98 +218,9 @@ def packed_shared_bytes(kernel_size: int, stride: int) -> int:
     return 4 * packed_shape(kernel_size, stride).floats
 
 
-def forward_packed(shape: LocalRelationShape) -> bool:
-    """Whether the forward of ``shape`` runs lr_forward_packed: its outputs fit one slot and
-    its shared memory the opt-in limit."""
-    packed = packed_shape(shape.kernel_size, shape.stride)
-    return (
-        shape.out_height <= packed.out_rows
-        and shape.out_width <= SLOT_WIDTH
-        and packed_shared_bytes(shape.kernel_size, shape.stride) <= MAX_OPTIN_SHARED
-    )
-
-
-@dataclass(frozen=True)
-class PackedQueryShape:
-    """``lr_query_packed_shape<K, STRIDE>``: lr_backward_query_packed's QUERY_SLOTS slots of
-    ``out_rows`` x SLOT_WIDTH outputs (four thread rows of strips of ``strip``), each staging
-    ``rows`` x ``cols`` input positions at ``pitch``, ``slot`` floats apart; key-gradient copies
-    of ``copy`` floats (one per thread row and slot column); ``floats`` of dynamic shared memory
-    in all; its loader copies the image positions of a ``box_rows`` x ``box_cols`` box per
-    slot."""
-
-    strip: int
-    out_rows: int
-    rows: int
-    cols: int
-    pitch: int
-    slot: int
-    copy: int
-    floats: int
-    box_rows: int
-    box_cols: int
-
-
-def packed_query_shape(kernel_size: int, stride: int) -> PackedQueryShape:
-    """The geometry of lr_backward_query_packed at (K, stride)."""
-    K, S = kernel_size, stride
-    R = query_strip(K, S)
-    rows, cols = (4 * R - 1) * S + K, (SLOT_WIDTH - 1) * S + K
-    pitch = slot_pitch(S * phase_cols(cols, S), R * S)
-    slot = slot_floats(rows * pitch, R * S * pitch % 32)
-    reads = ((R - 1) * S + K) * pitch  # a strip's staged rows
-    copy = reads + (40 - reads % 32) % 32  # 8 modulo 32
-    floats = (MAX_CHANNEL_CHUNK + 1) * QUERY_SLOTS * slot + 2 * TILE[1] * copy
-    floats += 2 * K * K + K * RED_PITCH + K * 8
-    box_rows, box_cols = min(4 * R * S, rows - K // 2), min(SLOT_WIDTH * S, cols - K // 2)
-    return PackedQueryShape(R, 4 * R, rows, cols, pitch, slot, copy, floats, box_rows, box_cols)
-
-
 def packed_query_bytes(kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory of lr_backward_query_packed at (K, stride)."""
     return 4 * packed_query_shape(kernel_size, stride).floats
-
-
-def query_packed(shape: LocalRelationShape) -> bool:
-    """Whether the backward query of ``shape`` runs lr_backward_query_packed: its outputs fit one
-    slot and its shared memory MAX_OPTIN_SHARED."""
-    packed = packed_query_shape(shape.kernel_size, shape.stride)
-    return (
-        shape.out_height <= packed.out_rows
-        and shape.out_width <= SLOT_WIDTH
-        and packed_query_bytes(shape.kernel_size, shape.stride) <= MAX_OPTIN_SHARED
-    )
-
-
-@dataclass(frozen=True)
-class PackedInputShape:
-    """``lr_input_shape<K, 1, LR_SLOTS>``: lr_backward_input_packed's slots of ``in_rows`` x
-    SLOT_WIDTH inputs (strips of ``strip``), each staging the ``rows`` x ``cols`` outputs that
-    cover it at ``pitch``, ``slot`` floats apart, ``floats`` of dynamic shared memory in all; its
-    loader copies the outputs of a ``box_rows`` x ``box_cols`` box per slot."""
-
-    strip: int
-    in_rows: int
-    rows: int
-    cols: int
-    pitch: int
-    slot: int
-    floats: int
-    box_rows: int
-    box_cols: int
-
-
-def packed_input_shape(kernel_size: int) -> PackedInputShape:
-    """The geometry of lr_backward_input_packed at (K, stride 1)."""
-    K = kernel_size
-    R = input_strip(K, 1)
-    rows, cols = 2 * R - 1 + K, SLOT_WIDTH - 1 + K
-    pitch = slot_pitch(cols, R)
-    slot = slot_floats(rows * pitch, R * pitch % 32)
-    floats = (2 + MAX_CHANNEL_CHUNK) * SLOTS * slot + K * K
-    first = K // 2 - K + 1  # the first staged output row (column), from the image's first input
-    box_rows, box_cols = min(2 * R, rows + first), min(SLOT_WIDTH, cols + first)
-    return PackedInputShape(R, 2 * R, rows, cols, pitch, slot, floats, box_rows, box_cols)
 
 
 def packed_input_bytes(kernel_size: int) -> int:
@@ -282,17 +228,32 @@ def packed_input_bytes(kernel_size: int) -> int:
     return 4 * packed_input_shape(kernel_size).floats
 
 
-def input_packed(shape: LocalRelationShape) -> bool:
-    """Whether the backward input of ``shape`` runs lr_backward_input_packed: stride 1, its
-    inputs fit one slot and its shared memory MAX_OPTIN_SHARED."""
-    if shape.stride != 1:
-        return False
-    packed = packed_input_shape(shape.kernel_size)
+def _fits(height: int, width: int, packed: PackedShape) -> bool:
+    """Whether images of height x width positions fit a slot and the kernel's shared memory
+    MAX_OPTIN_SHARED."""
     return (
-        shape.height <= packed.in_rows
-        and shape.width <= SLOT_WIDTH
-        and packed_input_bytes(shape.kernel_size) <= MAX_OPTIN_SHARED
+        height <= packed.slot_rows and width <= SLOT_WIDTH and 4 * packed.floats <= MAX_OPTIN_SHARED
     )
+
+
+def forward_packed(shape: LocalRelationShape) -> bool:
+    """Whether the forward of ``shape`` runs lr_forward_packed (its outputs fit a slot)."""
+    packed = packed_shape(shape.kernel_size, shape.stride)
+    return _fits(shape.out_height, shape.out_width, packed)
+
+
+def query_packed(shape: LocalRelationShape) -> bool:
+    """Whether the backward query of ``shape`` runs lr_backward_query_packed (its outputs fit a
+    slot)."""
+    packed = packed_query_shape(shape.kernel_size, shape.stride)
+    return _fits(shape.out_height, shape.out_width, packed)
+
+
+def input_packed(shape: LocalRelationShape) -> bool:
+    """Whether the backward input of ``shape`` runs lr_backward_input_packed: stride 1 and its
+    inputs fit a slot."""
+    packed = packed_input_shape(shape.kernel_size)
+    return shape.stride == 1 and _fits(shape.height, shape.width, packed)
 
 
 def plain_pitch(cols: int, stride: int, strip: int) -> int:
@@ -438,17 +399,24 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     return -(-4 * (fixed + chunk * tile) // 16) * 16
 
 
+def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
+    """The geometry of one packed kernel (``PACKED_KERNELS``) at (K, stride)."""
+    if kernel == "lr_forward_packed":
+        return packed_shape(kernel_size, stride)
+    if kernel == "lr_backward_query_packed":
+        return packed_query_shape(kernel_size, stride)
+    if kernel == "lr_backward_input_packed":
+        return packed_input_shape(kernel_size)
+    raise KeyError(kernel)
+
+
 def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
-    kernel's tiles (``packed_shared_bytes``, ``packed_query_bytes``, ``packed_input_bytes``),
-    0 for the others."""
-    if kernel == "lr_forward_packed":
-        return packed_shared_bytes(kernel_size, stride)
-    if kernel == "lr_backward_query_packed":
-        return packed_query_bytes(kernel_size, stride)
-    if kernel == "lr_backward_input_packed" and stride == 1:
-        return packed_input_bytes(kernel_size)
-    return 0
+    kernel's tiles, 0 for the others (and for lr_backward_input_packed's empty body at strides
+    other than 1)."""
+    if kernel not in PACKED_KERNELS or (kernel == "lr_backward_input_packed" and stride != 1):
+        return 0
+    return 4 * packed_geometry(kernel, kernel_size, stride).floats
 
 
 def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
