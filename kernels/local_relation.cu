@@ -1,6 +1,7 @@
-// Local relation op, CUDA kernels v8 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// Local relation op, CUDA kernels v9 (DESIGN.md §1): tiled, register-blocked strips unrolled over
 // their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+, grad k formed
-// by the backward query, staged channels side by side and read by vector loads.
+// by the backward query, staged channels side by side and read by vector loads; small images
+// packed several per block (lr_*_packed: one image per slot, tiles in dynamic shared memory).
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
 // size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
@@ -106,6 +107,7 @@ struct lr_query_packed_shape {
     static constexpr int BOX_W = LR_SLOT_W * STRIDE < IW - K / 2 ? LR_SLOT_W * STRIDE : IW - K / 2;
 };
 
+// A where C, else B (std::conditional: the kernels include no standard header, for NVRTC).
 template <bool C, typename A, typename B>
 struct lr_pick {
     using type = A;

@@ -254,12 +254,13 @@ __host__ __device__ constexpr int lr_phase_col(int col) {
     return (col % STRIDE) * lr_phase_cols<COLS, STRIDE>() + col / STRIDE;
 }
 
-// Packed small images (lr_forward_packed): each block works on LR_SLOTS images of one group at
-// a time, one per slot of LR_SLOT_W x 2 threads (a warp: two slots side by side), each slot's
-// input staged with its own halo. The slots' staged rows lie at a pitch with STEP * pitch = 8,
-// 16 or 24 (mod 32) words (STEP: the input rows between a slot's two thread rows) and the slots
-// lie lr_slot_floats apart, 16 (or 8) modulo 32 words, so that the four 8-word groups of a
-// warp's window read (two slots x two thread rows) fall in 32 distinct banks.
+// Packed small images (lr_forward_packed, lr_backward_query_packed, lr_backward_input_packed):
+// each block works on LR_SLOTS images of one group at a time (LR_SLOTS / 2 in the backward
+// query), one per slot of LR_SLOT_W x 2 threads (x 4 in the backward query; a warp: two slots
+// side by side), each slot staged with its own halo. The slots' staged rows lie at a pitch with
+// STEP * pitch = 8, 16 or 24 (mod 32) words (STEP: the rows between a warp's two thread rows)
+// and the slots lr_slot_floats apart, 16 (or 8) modulo 32 words, so that the four 8-word groups
+// of a warp's window read (two slots x two thread rows) fall in 32 distinct banks.
 // robustlr.ops.cupy_backend.slot_pitch / slot_floats mirror these.
 #define LR_SLOT_W (LR_TILE_W / 2)
 #define LR_SLOTS LR_TILE_H
@@ -620,7 +621,7 @@ __device__ __forceinline__ const P* lr_opaque(const P* v) {
 // (row, col) of plane p goes to dst[(p / V) * V * dst_stride + idx * V + p % V] with idx =
 // row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col): groups of V planes side by
 // side at each position (lr_vec_width; V = 1: plane p at p * dst_stride). With SLOTS > 1 (the
-// packed tiles of lr_forward_packed) the window of slot z < `slots` is that of the image at
+// packed kernels' tiles) the window of slot z < `slots` is that of the image at
 // src + z * slot_stride, at idx + z * SLOT, and only its positions inside the image are written
 // (those of the BOX_H x BOX_W image positions from (-r0, -c0) that the window holds): the rest
 // keep what the caller filled them with once (lr_fill_shared), the slots z >= `slots` (no image)
@@ -751,13 +752,12 @@ __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_
                                                            r0, c0, H, W, tid, outside);
 }
 
-// NP planes of the SLOTS images of a packed tile (lr_forward_packed, lr_backward_input_packed),
-// each staged as a ROWS x COLS window from (r0, c0) <= (0, 0), read at STRIDE: phase order (or
-// plain row order without PHASED), row pitch PITCH, slots SLOT
-// floats apart, groups of V planes side by side; the image of slot z at src + z * slot_stride
-// (z < `slots`). Only the positions inside the images are written, those of the BOX_H x BOX_W
-// image positions from the image's corner (at most (H, W)) that the window holds: the caller
-// fills the tiles once with what lies outside (lr_fill_shared).
+// NP planes of the SLOTS images of a packed kernel's tile, each staged as a ROWS x COLS window
+// from (r0, c0) <= (0, 0), read at STRIDE: phase order (or plain row order without PHASED), row
+// pitch PITCH, slots SLOT floats apart, groups of V planes side by side; the image of slot z at
+// src + z * slot_stride (z < `slots`). Only the positions inside the images are written, those
+// of the BOX_H x BOX_W image positions from the image's corner (at most (H, W)) that the window
+// holds: the caller fills the tiles once with what lies outside (lr_fill_shared).
 template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V, int SLOTS, int SLOT,
           int BOX_H, int BOX_W, bool PHASED = true, typename T>
 __device__ __forceinline__ void lr_load_slots(float* __restrict__ dst, int dst_stride,
