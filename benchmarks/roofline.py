@@ -363,7 +363,7 @@ def per_block(kernel: str, text: str) -> Counter:
         slots = cupy_backend.QUERY_SLOTS
     else:  # s_q, s_lse, then s_gy
         slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
-    fills = [lp for lp in sass_loops(text) if set(lp.every) & {"STS.128"} and lp.every["STS.128"]]
+    fills = [lp for lp in sass_loops(text) if lp.every["STS.128"]]
     for lp, n_planes in zip(fills, planes, strict=True):
         trips = -(-n_planes * slots * slot // (4 * THREADS))
         total.update({op: trips * n for op, n in lp.every.items()})
