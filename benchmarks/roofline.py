@@ -49,7 +49,7 @@ from pathlib import Path
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.contract import LocalRelationShape
-from robustlr.ops.sass import Loop, outside_loops, sass_loops
+from robustlr.ops.sass import Loop, LoopNode, loop_tree, sass_loops
 
 SMS, CLOCK, DRAM, LATENCY = 132, 1.98e9, 3.35e12, 600e-9
 ISSUE_PER_CLOCK, MUFU_PER_CLOCK, SHARED_PER_CLOCK, WARP_LOAD_BYTES = 4, 0.5, 1, 128
@@ -71,8 +71,9 @@ COMMITS = {
     "v6": "4978dae",
     "v7": "97f0573",
     "v8": "244ec97",
+    "v9": "889441c",
 }
-CURRENT = "v9"
+CURRENT = "v10"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -84,26 +85,26 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width), and whose loader copies one plane of each group
 #: per thread.
-VECTOR_CHANNELS = ("v8", "v9")
+VECTOR_CHANNELS = ("v8", "v9", "v10")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9",)
+PACKED = ("v9", "v10")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
@@ -220,8 +221,34 @@ def runs_as(kernel: str, version: str, C: int, H: int) -> str:
     return kernel
 
 
-def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
-    """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels).
+def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
+    """(rows, columns, planes besides the M channels) a kernel's tile loaders copy per tile (a
+    packed kernel's: the image boxes of its slots, stacked)."""
+    R, nc = strip_of(kernel, version), (K - 1) // S + 1
+    if kernel == "lr_backward_input_packed":  # q, lse over the output box of each slot
+        packed_input = cupy_backend.packed_input_shape(K)
+        rows, cols = cupy_backend.SLOTS * packed_input.box_rows, packed_input.box_cols
+        staged = 2
+    elif kernel == "lr_backward_input":
+        staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
+        rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
+    elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
+        packed = cupy_backend.packed_shape(K, S)
+        rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
+    elif kernel == "lr_backward_query_packed":  # the same (its tile end: over the same box)
+        packed_query = cupy_backend.packed_query_shape(K, S)
+        rows, cols = cupy_backend.QUERY_SLOTS * packed_query.box_rows, packed_query.box_cols
+        staged = 1  # k
+    else:
+        rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
+    return rows, cols, staged
+
+
+def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counter, dict[int, str]]:
+    """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels) in
+    the kernel's innermost loops, and the role of each loop it accounts for, by its first
+    address ("window", "loader", "gather", "delta", "tile end"; the window-loop variants counted
+    as never run are "window" too).
 
     v3: one window-loop iteration per window row (K, NC), its pairs unrolled. Later versions: a
     window loop whose pairs are branched blocks (rolled strip rows) runs NT iterations per
@@ -232,6 +259,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
     and 4-fold in v3 and v4, test only their counter. Interior positions: every pair runs."""
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
+    roles = {lp.first: "window" for lp in window}
     forward = kernel in ("lr_forward", "lr_forward_packed")
     if forward and version in BOUNDED_FORWARD:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
@@ -248,6 +276,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         and lp.every["ISETP"] > 1
         and lp not in window
     ]
+    roles.update({lp.first: "loader" for lp in loaders})
     # ops per element slot, averaged over the loader loops
     loader = Counter()
     for lp in loaders:
@@ -285,22 +314,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
                     every.subtract({op: (1 - share) * n for op, n in block.items()})
             runs = {op: iterations * n for op, n in every.items()}
         total.update(runs)
-    if kernel == "lr_backward_input_packed":  # q, lse over the output box of each slot
-        packed_input = cupy_backend.packed_input_shape(K)
-        rows, cols = cupy_backend.SLOTS * packed_input.box_rows, packed_input.box_cols
-        staged = 2
-    elif kernel == "lr_backward_input":
-        staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
-        rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
-    elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
-        packed = cupy_backend.packed_shape(K, S)
-        rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
-    elif kernel == "lr_backward_query_packed":  # the same (its tile end: over the same box)
-        packed_query = cupy_backend.packed_query_shape(K, S)
-        rows, cols = cupy_backend.QUERY_SLOTS * packed_query.box_rows, packed_query.box_cols
-        staged = 1  # k
-    else:
-        rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
+    rows, cols, staged = staged_tile(kernel, version)
     slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
     total.update({op: slots * n for op, n in loader.items()})
     if kernel in INPUT_KERNELS and version in KEY_GRAD_IN_QUERY:
@@ -311,21 +325,26 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
         trips = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
         for lp in global_loops(loops, window + loaders, {"LDG": 1, "FADD": 1}):
             total.update({op: trips * n for op, n in lp.every.items()})
+            roles[lp.first] = "gather"
     if kernel in QUERY_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
         # THREADS per thread) the loop that stores its partial (one STG) and the loop over the
-        # copies holding it (one LDS and one STS each)
+        # copies holding it (one LDS and one STS each), inside the tile loop (not the block's
+        # store of its grad-geo partials, after it)
+        tiles = next(node for node in loop_tree(text).children if node.children)
         tile_end = [
             lp
             for lp in loops
             if lp not in window
             and lp not in loaders
+            and tiles.first <= lp.first <= tiles.last
             and lp.every["LDS"]
             and (lp.every["STG"] == 1 or lp.every["LDS"] == lp.every["STS"])
         ]
         positions = -(-rows * cols // THREADS)
         for lp in tile_end:
             total.update({op: positions * n for op, n in lp.every.items()})
+            roles[lp.first] = "tile end"
     if kernel in QUERY_KERNELS:
         # the delta D = sum_c gy_c y_c of each strip output, from global memory: the loops with
         # global loads and FFMAs and no shared access, unrolled by the compiler with remainder
@@ -339,22 +358,24 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> Counter:
             trips, previous = remaining // per_trip, per_trip
             remaining -= trips * per_trip
             total.update({op: trips * n for op, n in lp.every.items()})
+            roles[lp.first] = "delta"
     if kernel == "lr_backward_query" and version == "v4":
         # the fixed-order reduction per window column (outside v4's rolled strip-row loop; inside
         # v3's window loop and v5's column loop): 16 + 8 shared reads and adds by a quarter of
         # the threads, counted for all
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
-    return total
+    return total, roles
 
 
-def per_block(kernel: str, text: str) -> Counter:
+def per_block(kernel: str, text: str) -> tuple[Counter, dict[int, str]]:
     """Dynamic instruction counts of one thread over what a block runs once, whatever its tiles:
     the packed kernels' fill of their tiles with what lies outside the images (the loops of
-    4-word stores, one STS.128 per iteration)."""
+    4-word stores, one STS.128 per iteration); and those loops' role ("fill") by first
+    address."""
     total = Counter()
     if kernel not in cupy_backend.PACKED_KERNELS:
-        return total
+        return total, {}
     slots = cupy_backend.SLOTS
     if kernel == "lr_forward_packed":  # s_k, then s_x
         slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
@@ -367,15 +388,113 @@ def per_block(kernel: str, text: str) -> Counter:
     for lp, n_planes in zip(fills, planes, strict=True):
         trips = -(-n_planes * slots * slot // (4 * THREADS))
         total.update({op: trips * n for op, n in lp.every.items()})
-    return total
+    return total, {lp.first: "fill" for lp in fills}
+
+
+def chunks_of(kernel: str) -> int:
+    """Channel chunks a tile runs: the M channels of a group, MC at a time."""
+    packed = kernel in cupy_backend.PACKED_KERNELS
+    chunk = cupy_backend.MAX_CHANNEL_CHUNK if packed else cupy_backend.kernel_tiles(kernel, K, S)[1]
+    return -(-M // chunk)
+
+
+def block_arrays(kernel: str) -> tuple[int, int]:
+    """(floats, prior-logit partials) a block zeroes and stores in loops outside its tile loop:
+    lr_backward_query's grad-geo accumulator and key-gradient copies zeroed before the tiles, its
+    K * K grad-geo partials stored after them; (0, 0) for the other kernels."""
+    if kernel == "lr_backward_query":
+        R = cupy_backend.query_strip(K, S)
+        return K * K + TILE_H * cupy_backend.key_grad_pitch(K, S, R), K * K
+    if kernel == "lr_backward_query_packed":
+        return K * K + 2 * TILE_H * cupy_backend.packed_query_shape(K, S).copy, K * K
+    return 0, 0
+
+
+def straight_line(
+    kernel: str, version: str, text: str, roles: dict[int, str], batch: int
+) -> tuple[Counter, Counter]:
+    """Dynamic instruction counts of one thread of the code per_thread and per_block do not
+    count, (per tile, per block): each loop's own code (its inner loops left out) along its
+    longest path (``loop_tree``: the most instructions, no call of the runtime's slow paths),
+    times the runs of that loop per tile; and what a block runs before and after its tiles. The
+    runs by what a loop holds:
+
+    - the tile loop (the outermost loop holding the window loops) and the loops between it and
+      them (the channel chunks, the forward's pass-2 retry): once (one chunk of channels at
+      m = 8, chunks_of; the retry, the fallback of a strip whose weights underflow, counted as
+      never);
+    - a loop around loader loops (more than LR_LOAD_BATCH elements a thread): once per batch of
+      the larger of the loaders it may hold (an upper bound);
+    - a loop around the backward query's tile-end loop: once per staged position of a thread;
+    - a loop around the backward input's grad-k gather: once per backward-query tile row that
+      staged an input (the gather loop's own count, per_thread);
+    - the loops a block runs before or after its tiles (zeroing its accumulators and copies,
+      storing its grad-geo partials): the floats they cover over the threads, at one element per
+      store of an iteration, each loop as if it covered the largest such array (an upper bound).
+
+    Raises ValueError for a loop of none of these kinds (a new kernel structure to model)."""
+    tree = loop_tree(text)
+    rows, cols, _ = staged_tile(kernel, version)
+    width = cupy_backend.vector_width(kernel, K, S) if version in VECTOR_CHANNELS else 1
+    batches = max(
+        -(-trips // min(trips, batch))
+        for trips in (-(-rows * cols // THREADS), -(-rows * cols * width // THREADS))
+    )
+    positions = -(-rows * cols // THREADS)
+    query_rows = (TILE_H * cupy_backend.query_strip(K, S) - 1) * S + K
+    gather_rows = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
+    zeroed, stored = block_arrays(kernel)
+    if chunks_of(kernel) != 1:
+        raise ValueError(f"{kernel}: more than one chunk of channels per tile")
+
+    def leaf_roles(node: LoopNode) -> set[str]:
+        return {roles.get(n.first, "?") for n in node.walk() if not n.children}
+
+    def runs(node: LoopNode, outer: float) -> Counter:
+        kinds = {roles.get(child.first) for child in node.children if not child.children}
+        if "window" in leaf_roles(node):
+            each = 1
+        elif kinds == {"loader"}:
+            each = batches
+        elif "tile end" in kinds:
+            each = positions
+        elif "gather" in kinds:
+            each = gather_rows
+        else:
+            raise ValueError(f"{kernel}: no model for the loop at {node.first:#x}")
+        total = Counter({op: outer * each * n for op, n in node.path.items()})
+        for child in node.children:
+            if child.children:
+                total.update(runs(child, outer * each))
+            elif child.first not in roles:
+                raise ValueError(f"{kernel}: no model for the loop at {child.first:#x}")
+        return total
+
+    once = Counter(tree.path)
+    per_tile = Counter()
+    for node in tree.children:
+        if node.children:
+            per_tile.update(runs(node, 1.0))
+        elif node.first not in roles:  # before or after the tiles
+            stores = node.ops["STG"] or node.ops["STS"]
+            if not stores or not zeroed:
+                raise ValueError(f"{kernel}: no model for the loop at {node.first:#x}")
+            floats = stored if node.ops["STG"] else zeroed
+            once.update({op: -(-floats // (THREADS * stores)) * n for op, n in node.path.items()})
+    return per_tile, once
 
 
 def tiles_per_block(kernel: str, C: int, H: int) -> float:
-    """Tiles a block of a packed kernel runs at one stage, on average (its grid as planned for
-    SMS multiprocessors); 1 for the others (per_block is empty for them)."""
+    """Tiles a block runs at one stage, on average (its grid as planned for SMS
+    multiprocessors): the backward query's tiles of a group over its blocks per group
+    (query_chunks); 1 for the others (a block per tile)."""
     shape = stage_shape(C, H)
     if kernel == "lr_backward_query_packed":
         per_group = -(-B // cupy_backend.QUERY_SLOTS)
+        return per_group / cupy_backend.query_chunks(shape, SMS)
+    if kernel == "lr_backward_query":
+        rows = TILE_H * cupy_backend.query_strip(K, S)
+        per_group = B * -(-H // rows) * -(-H // TILE_W)
         return per_group / cupy_backend.query_chunks(shape, SMS)
     return 1.0
 
@@ -461,69 +580,88 @@ def main() -> None:
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
-    counts, once, straight, usage = {}, {}, {}, {}
+    counts, once, rest, usage = {}, {}, {}, {}
     for version in versions:
         for kernel in kernels_of(version):
             prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
             text = nvrtc.sass(prog, nvdisasm)
-            counts[version, kernel] = per_thread(kernel, version, text, batches[version])
-            once[version, kernel] = per_block(kernel, text)
-            straight[version, kernel] = outside_loops(text)
-    print("Per position (per thread / strip; the packed kernels' once-per-block fill counted as")
-    print("if a block ran one tile), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS:\n")
-    print("| kernel | version | strip | registers | warps/SM | instructions | MUFU "
-          "| shared wavefronts |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+            counts[version, kernel], roles = per_thread(kernel, version, text, batches[version])
+            once[version, kernel], fills = per_block(kernel, text)
+            if version == CURRENT:  # the code outside the counted loops (ALL_CODE)
+                rest[kernel] = straight_line(kernel, version, text, roles | fills, batches[version])
+
+    def dynamic(kernel: str, version: str, C: int, H: int, all_code: bool) -> Counter:
+        """Per thread and tile at one stage: the loops' counts, the once-per-block ones over the
+        tiles a block runs, and (all_code) the code outside the counted loops."""
+        share = 1 / tiles_per_block(kernel, C, H)
+        block = once[version, kernel].copy()
+        tile = counts[version, kernel].copy()
+        if all_code:
+            tile.update(rest[kernel][0])
+            block.update(rest[kernel][1])
+        return tile + Counter({op: n * share for op, n in block.items()})
+
+    C1, H1 = SHAPES[0]
+    print("Per position (per thread / strip) at stage 1, K = 7, stride 1, m = 8, sqdiff, sm_90")
+    print(f"SASS; all code: {CURRENT} only (the loops alone for the earlier versions):\n")
+    print("| kernel | version | strip | registers | warps/SM | instructions (loops) "
+          "| instructions (all code) | MUFU | shared wavefronts |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for kernel in nvrtc.KERNEL_NAMES:
         for version in (v for v in versions if kernel in kernels_of(v)):
-            c, u = counts[version, kernel] + once[version, kernel], usage[version, kernel]
+            c, u = dynamic(kernel, version, C1, H1, False), usage[version, kernel]
             strip = strip_of(kernel, version)
             blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=packed_bytes(kernel))
+            all_code = "-"
+            if version == CURRENT:
+                c = dynamic(kernel, version, C1, H1, True)
+                all_code = f"{c.total() / strip:.0f}"
+                loops = dynamic(kernel, version, C1, H1, False).total() / strip
+            else:
+                loops = c.total() / strip
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
-                  f"| {c.total() / strip:.0f} | {c['MUFU'] / strip:.0f} "
+                  f"| {loops:.0f} | {all_code} | {c['MUFU'] / strip:.0f} "
                   f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / strip:.0f} |")  # fmt: skip
     print()
-    print("| stage (CxHxW) | kernel | version | bound by | predicted us "
+    print("| stage (CxHxW) | kernel | version | code | bound by | predicted us "
           "| issue us | smem us | MUFU us | DRAM us |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    totals: dict[tuple[int, int, str], list[tuple[str, float, float, float]]] = {}
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    totals: dict[tuple[int, int, str, bool], list[tuple[str, float, float]]] = {}
     for C, H in SHAPES:
         for role in KERNELS:
             for version in versions:
                 kernel = runs_as(role, version, C, H)
-                share = 1 / tiles_per_block(kernel, C, H)  # of the once-per-block counts
-                c = counts[version, kernel] + Counter(
-                    {op: n * share for op, n in once[version, kernel].items()}
-                )
-                u = usage[version, kernel]
-                low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
-                # every instruction outside the loops once per tile (an upper bound on them)
-                c_all = c + straight[version, kernel]
-                low_all = predict(kernel, version, c_all, u, batches[version], C, H)[0]
-                direction = "forward" if role == "lr_forward" else "backward"
-                totals.setdefault((C, H, version), []).append((direction, low, high, low_all))
-                print(f"| {C}x{H}x{H} | {kernel} | {version} | {bound} | {low:.0f}-{high:.0f} "
-                      f"| {t['issue']:.0f} | {t['smem']:.0f} | {t['MUFU']:.0f} "
-                      f"| {t['DRAM']:.0f} |")  # fmt: skip
+                for all_code in (False, True) if version == CURRENT else (False,):
+                    c = dynamic(kernel, version, C, H, all_code)
+                    u = usage[version, kernel]
+                    low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
+                    direction = "forward" if role == "lr_forward" else "backward"
+                    totals.setdefault((C, H, version, all_code), []).append((direction, low, high))
+                    code = "all" if all_code else "loops"
+                    print(f"| {C}x{H}x{H} | {kernel} | {version} | {code} | {bound} "
+                          f"| {low:.0f}-{high:.0f} | {t['issue']:.0f} | {t['smem']:.0f} "
+                          f"| {t['MUFU']:.0f} | {t['DRAM']:.0f} |")  # fmt: skip
     print()
-    print("| stage | version | forward floor us | forward predicted us | x floor "
-          "| x floor, straight-line code | backward floor us | backward predicted us | x floor "
-          "| x floor, straight-line code |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | version | code | forward floor us | forward predicted us | x floor "
+          "| backward floor us | backward predicted us | x floor |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for C, H in SHAPES:
         G = C // M
         n_in, n_g = B * C * H * H, B * G * H * H
         floor_f = F * (2 * n_in + 2 * n_g) / DRAM * 1e6
         floor_b = F * (3 * n_in + 5 * n_g) / DRAM * 1e6
-        for version in versions:
-            got = totals[(C, H, version)]
-            f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2, 3)]
-            b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2, 3)]
-            print(f"| {C}x{H}x{H} | {version} | {floor_f:.0f} | {f[0]:.0f}-{f[1]:.0f} "
-                  f"| {f[0] / floor_f:.2f}-{f[1] / floor_f:.2f} | {f[2] / floor_f:.2f} "
+        for version, all_code in ((v, a) for v in versions for a in (False, True)):
+            if (C, H, version, all_code) not in totals:
+                continue
+            got = totals[(C, H, version, all_code)]
+            f = [sum(r[i] for r in got if r[0] == "forward") for i in (1, 2)]
+            b = [sum(r[i] for r in got if r[0] == "backward") for i in (1, 2)]
+            print(f"| {C}x{H}x{H} | {version} | {'all' if all_code else 'loops'} "
+                  f"| {floor_f:.0f} | {f[0]:.0f}-{f[1]:.0f} "
+                  f"| {f[0] / floor_f:.2f}-{f[1] / floor_f:.2f} "
                   f"| {floor_b:.0f} | {b[0]:.0f}-{b[1]:.0f} | {b[0] / floor_b:.2f}-"
-                  f"{b[1] / floor_b:.2f} | {b[2] / floor_b:.2f} |")  # fmt: skip
+                  f"{b[1] / floor_b:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

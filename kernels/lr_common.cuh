@@ -413,6 +413,23 @@ __device__ __forceinline__ int lr_strip_outputs(long long i0, long long j, long 
     return j < Wo && i0 < Ho ? (Ho - i0 < R ? (int)(Ho - i0) : R) : 0;
 }
 
+// lr_opaque(v) is v, in a way the compiler cannot see through: values derived from it are
+// computed where they are used rather than hoisted out of the loops and held in registers through
+// the window loops (the tile loader's per-thread geometry, 2 registers per element; a grid-stride
+// loop's bound); a loop count that it hides is not known at compile time.
+__device__ __forceinline__ int lr_opaque(int v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+#endif
+    return v;
+}
+__device__ __forceinline__ long long lr_opaque(long long v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b64 %0, %0;" : "+l"(v));
+#endif
+    return v;
+}
+
 // Which of a strip's NT input rows (top + t) and K window columns (left + b) lie in the
 // (H, W) image, worked out once per tile: rows [row_lo, row_hi), columns by bit.
 template <int NT, int K>
@@ -444,8 +461,10 @@ template <int NT, int K, int L, int IW, int STRIDE, int PW, typename ROW, typena
 __device__ __forceinline__ void lr_strip_columns(const lr_window<NT, K>& win, int base,
                                                  const float* __restrict__ s_geo, bool live,
                                                  ROW row, DONE column_done) {
+    // (the count opaque: with K known, the compiler peels the first column off the loop, one
+    // more copy of the window code per variant, about 470 instructions each in the forward)
 #pragma unroll 1
-    for (int bb = 0; bb < K; ++bb) {
+    for (int bb = 0; bb < lr_opaque(K); ++bb) {
         if (live) {
             const bool col_ok = win.col(bb);
             const int sc = base + lr_phase_col<IW, STRIDE>(bb);
@@ -592,21 +611,7 @@ __device__ __forceinline__ void lr_copy_wait() {
 #endif
 }
 
-// v, in a way the compiler cannot see through: values derived from it are computed where they
-// are used rather than hoisted out of the loops and held in registers through the window loops
-// (the tile loader's per-thread geometry, 2 registers per element; a grid-stride loop's bound).
-__device__ __forceinline__ int lr_opaque(int v) {
-#ifdef __CUDA_ARCH__
-    asm volatile("mov.b32 %0, %0;" : "+r"(v));
-#endif
-    return v;
-}
-__device__ __forceinline__ long long lr_opaque(long long v) {
-#ifdef __CUDA_ARCH__
-    asm volatile("mov.b64 %0, %0;" : "+l"(v));
-#endif
-    return v;
-}
+// lr_opaque of a pointer.
 template <typename P>
 __device__ __forceinline__ const P* lr_opaque(const P* v) {
 #ifdef __CUDA_ARCH__

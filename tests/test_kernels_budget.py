@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -21,7 +22,7 @@ from host_shim.host_launcher import _cache_dir
 
 from robustlr.ops import cupy_backend, nvrtc
 from robustlr.ops.bank_model import transactions, vector_transactions, window_read_transactions
-from robustlr.ops.sass import outside_loops, sass_loops
+from robustlr.ops.sass import loop_tree, sass_loops
 
 try:
     from cupy.cuda import nvrtc as cupy_nvrtc
@@ -230,7 +231,8 @@ def ldg_runs(ops: list[str]) -> list[int]:
 
 
 # A kernel with one loop of 4 FFMAs (unroll 1) between straight-line code: 3 FMULs before it
-# and a 64-bit division (the runtime's subroutine, which outside_loops leaves out) after it.
+# and a 64-bit division after it (its 32-bit fast path inline, its slow path a call of the
+# runtime's subroutine).
 _LOOP_PROBE = """
 __global__ void lr_probe_loop(const float* __restrict__ in, float* __restrict__ out, int n,
                               long long d) {
@@ -247,19 +249,71 @@ __global__ void lr_probe_loop(const float* __restrict__ in, float* __restrict__ 
 """
 
 
-def test_outside_loops_counts_the_straight_line_code():
-    """sass.outside_loops (the roofline's upper bound on the code outside the loops) holds the
-    probe's FMULs and none of its loop's FFMAs, and not the 64-bit division's subroutine."""
+def test_loop_tree_finds_the_loop_and_the_longest_path_around_it():
+    """sass.loop_tree (the roofline's count of the code outside the loops) finds the probe's one
+    loop, whose path is its 4 FFMAs; the kernel's path around it holds the 3 FMULs and the
+    division's fast path, and neither the loop's FFMAs nor the call of its slow path (which
+    the kernel's code does hold)."""
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
     prog = nvrtc.compile_source(_LOOP_PROBE, ["lr_probe_loop"], "sm_90")
     text = nvrtc.sass(prog, nvdisasm)
-    outside = outside_loops(text)
-    assert [lp.every["FFMA"] for lp in sass_loops(text)] == [4]
-    assert outside["FMUL"] == 3 and outside["FFMA"] == 0
-    assert "__internal" in text  # the division is a subroutine call
-    assert outside["CALL"] == 1 and outside["RET"] == 0
+    tree = loop_tree(text)
+    (loop,) = tree.children
+    assert not loop.children and loop.path["FFMA"] == 4
+    assert [lp.first for lp in sass_loops(text)] == [loop.first]
+    assert tree.path["FMUL"] == 3 and tree.path["FFMA"] == 0
+    assert "__internal" in text and tree.ops["CALL"] == 1  # the division's slow path
+    assert tree.path["CALL"] == 0 and tree.path["MUFU"] == 1  # its fast path (a reciprocal)
+    assert tree.path.total() < tree.ops.total() - loop.ops.total()
+
+
+# Hand-written SASS in nvdisasm's layout: a branch around a slow path (a call of the runtime's
+# division) whose other side is shorter, a loop with an inner loop and a forward branch around
+# two FMULs, and ptxas's trap loop after the exit (reached by no path).
+_TREE_SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/               @P0 BRA `(.L_x_1) ;
+        /*0020*/                   IMAD R1, R0, R0, RZ ;
+        /*0030*/                   IMAD R1, R1, R0, RZ ;
+        /*0040*/                   IMAD R1, R1, R0, RZ ;
+        /*0050*/                   MOV R2, 0x70 ;
+        /*0060*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0070*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0080*/                   IADD3 R1, R0, 0x1, RZ ;
+.L_x_2:
+        /*0090*/                   FMUL R3, R1, R1 ;
+.L_x_3:
+        /*00a0*/                   FADD R3, R3, 1 ;
+.L_x_4:
+        /*00b0*/                   FFMA R3, R3, R3, R3 ;
+        /*00c0*/               @P1 BRA `(.L_x_4) ;
+        /*00d0*/               @P2 BRA `(.L_x_5) ;
+        /*00e0*/                   FMUL R3, R3, R3 ;
+        /*00f0*/                   FMUL R3, R3, R3 ;
+.L_x_5:
+        /*0100*/               @P3 BRA `(.L_x_3) ;
+        /*0110*/                   EXIT ;
+.L_x_6:
+        /*0120*/                   BRA `(.L_x_6) ;
+"""
+
+
+def test_loop_tree_takes_the_longest_path_that_calls_nothing():
+    """On hand-written SASS: the kernel's path takes the short side of the branch (the long side
+    calls the division's slow path), the outer loop's path the FMULs its branch may skip, the
+    inner loop is the outer loop's one child, and the trap loop after the exit is no loop."""
+    tree = loop_tree(_TREE_SASS)
+    (outer,) = tree.children
+    (inner,) = outer.children
+    assert tree.path == Counter({"S2R": 1, "BRA": 1, "IADD3": 1, "FMUL": 1, "EXIT": 1})
+    assert tree.ops["CALL"] == 1 and tree.ops["IMAD"] == 3
+    assert (outer.first, outer.last) == (0xA0, 0x100)
+    assert outer.path == Counter({"FADD": 1, "BRA": 2, "FMUL": 2})
+    assert (inner.first, inner.last, inner.path) == (0xB0, 0xC0, Counter({"FFMA": 1, "BRA": 1}))
+    assert not inner.children
 
 
 def test_tile_loader_issues_its_loads_before_its_stores():
@@ -349,6 +403,25 @@ def test_window_loops_read_channels_with_vector_loads(kernel, K, S):
     for lp in loops:
         assert (lp.every["LDS.128"] > 0) == (width == 4), (width, lp.every)
         assert (lp.every["LDS.64"] > 0) == (width == 2), (width, lp.every)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", nvrtc.KERNEL_NAMES)
+def test_window_columns_are_not_peeled_off_their_loop(kernel):
+    """Every exp of the fp32 K = 7 kernel (MUFU.EX2 in its sm_90 SASS) lies in an innermost
+    loop: the compiler did not peel a window column off its loop (lr_strip_columns hides the
+    column count), so the roofline's loop counts and the code around them (loop_tree) do not
+    count one column twice."""
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    source = nvrtc.load_kernel_source(nvrtc.KERNEL_SOURCE)
+    prog = nvrtc.compile_source(source, [nvrtc.name_expression(kernel, "float", 7, 1)], "sm_90")
+    text = nvrtc.sass(prog, nvdisasm)
+    exps = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]{4,})\*/\s+MUFU\.EX2", text)]
+    loops = sass_loops(text)
+    assert exps
+    assert all(any(lp.first <= a <= lp.last for lp in loops) for a in exps)
 
 
 def test_vector_width_cases_cover_every_width():
