@@ -264,6 +264,9 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
     if forward and version in BOUNDED_FORWARD:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
+        exact = [lp for lp in window if not (lp.pairs or lp.every["MUFU"])]
+        if len(exact) > 1:  # another loop of FMNMX (the bound's, say) taken for pass 1
+            raise ValueError(f"{kernel} {version}: {len(exact)} loops of FMNMX without exp")
         window = [lp for lp in window if lp.pairs or lp.every["MUFU"]]
     if forward and version in MASK_BY_KEY:
         # pass 2's variant that tests every neighbour (FSEL) runs only where a prior logit is
@@ -602,13 +605,14 @@ def main() -> None:
             block.update(rest[kernel][1])
         return tile + Counter({op: n * share for op, n in block.items()})
 
-    C1, H1 = SHAPES[0]
-    print("Per position (per thread / strip) at stage 1, K = 7, stride 1, m = 8, sqdiff, sm_90")
-    print(f"SASS; all code: {CURRENT} only (the loops alone for the earlier versions):\n")
+    print("Per position (per thread / strip; the tiled kernels at stage 1, the packed ones at")
+    print("stage 4, where they run), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS; all code:")
+    print(f"{CURRENT} only (the loops alone for the earlier versions):\n")
     print("| kernel | version | strip | registers | warps/SM | instructions (loops) "
           "| instructions (all code) | MUFU | shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for kernel in nvrtc.KERNEL_NAMES:
+        C1, H1 = SHAPES[-1] if kernel in cupy_backend.PACKED_KERNELS else SHAPES[0]
         for version in (v for v in versions if kernel in kernels_of(v)):
             c, u = dynamic(kernel, version, C1, H1, False), usage[version, kernel]
             strip = strip_of(kernel, version)

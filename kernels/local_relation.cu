@@ -253,27 +253,36 @@ __device__ __forceinline__ void lr_forward_tiles(
         }
         __syncthreads();
 
-        // the bound on the logits (see pass 2) in s_geo[KK], and in s_geo[KK + 1] whether a
-        // prior logit is NaN (pass 2 then tests every neighbour: the NaN must not reach the
-        // outputs whose window leaves the image at that offset)
-        if (COMP != LR_MUL && tid == 0) {
-            float bound = -3.0e38f, nan = 0.0f;  // finite, also when every prior logit is -inf
-            for (int e = 0; e < KK; ++e) {
-                const float v = s_geo[e];
-                bound = fmaxf(bound, v);
-                if (v != v) nan = 1.0f;
+        // the bound on the logits (see pass 2), and whether a prior logit is NaN (pass 2 then
+        // tests every neighbour: the NaN must not reach the outputs whose window leaves the image
+        // at that offset): worked out by every warp from s_geo, the same in every thread
+        float bound = -3.0e38f;  // finite, also when every prior logit is -inf
+        bool nan_prior = false;
+        if (COMP != LR_MUL) {
+#pragma unroll
+            for (int e0 = 0; e0 < KK; e0 += 32) {  // (unrolled: no loop)
+                const int e = e0 + (tid & 31);
+                const float v = e < KK ? s_geo[e] : bound;
+                bound = fmaxf(bound, v);  // (skips a NaN)
+                nan_prior = nan_prior || v != v;
             }
-            s_geo[KK] = bound;
-            s_geo[KK + 1] = nan;
+#pragma unroll
+            for (int d = 16; d > 0; d /= 2) {
+                bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, d));
+            }
+            nan_prior = __any_sync(0xffffffffu, nan_prior);
         }
 
         // output r exists iff r < outs
         const int outs = b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
+        // the strip's q and lse from one address each, at 32-bit offsets (a plane holds fewer
+        // than 2^31 outputs: cupy_backend.offsets_fit)
+        const int row = (int)Wo;
+        const long long strip_at = (qplane + i0) * Wo + j;
+        const T* const q_strip = lr_opaque(q + strip_at);
         float qv[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            qv[r] = r < outs ? lr_load(q, (qplane + i0 + r) * Wo + j) : 0.0f;
-        }
+        for (int r = 0; r < R; ++r) qv[r] = r < outs ? lr_load(q_strip, r * row) : 0.0f;
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
         float shift[R];  // pass 2's weights are 2^(l * log2(e) + shift), shift <= -max l * log2(e)
         // pass 1: shift from the largest logit in the image (fmaxf skips a NaN logit; pass 2
@@ -324,7 +333,7 @@ __device__ __forceinline__ void lr_forward_tiles(
             __syncthreads();
             if (!exact && cc == c_first) {
 #pragma unroll
-                for (int r = 0; r < R; ++r) shift[r] = -s_geo[KK] * LR_LOG2E;
+                for (int r = 0; r < R; ++r) shift[r] = -bound * LR_LOG2E;
             }
             float acc[R][MC], sum[R];
             for (;;) {
@@ -354,7 +363,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                         },
                         [](int) {});
                 };
-                if (warp_live && (COMP == LR_MUL || s_geo[KK + 1] != 0.0f)) {
+                if (warp_live && (COMP == LR_MUL || nan_prior)) {
                     window(true);
                 } else if (warp_live) {
                     window(false);
@@ -367,16 +376,26 @@ __device__ __forceinline__ void lr_forward_tiles(
                 if (!low) break;
                 exact_shift();
             }
+            // the strip's outputs from one address (its first channel's), at 32-bit offsets
+            T* const y_strip = y + ((b * C + cc) * Ho + i0) * Wo + j;
+            const int plane = (int)(Ho * Wo);
+            // channel c's offset; the channels past a ragged chunk (c >= nc) store to channel
+            // nc - 1, in descending order below, so that its own value is the one stored last
+            // (no test per store)
+            int channel[MC];
+#pragma unroll
+            for (int c = 0; c < MC; ++c) channel[c] = (c < nc ? c : nc - 1) * plane;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 if (r >= outs) continue;
-                const long long i = i0 + r;
-                if (cc == c_first) lse[(qplane + i) * Wo + j] = logf(sum[r]) - shift[r] * LR_LN2;
-                const float inv = 1.0f / sum[r];
-#pragma unroll
-                for (int c = 0; c < MC; ++c) {
-                    if (c < nc) lr_store(y, ((b * C + cc + c) * Ho + i) * Wo + j, acc[r][c] * inv);
+                if (cc == c_first) {
+                    const float log_sum = (lr_log2(sum[r]) - shift[r]) * LR_LN2;
+                    lr_store(lr_opaque(lse + strip_at), r * row, log_sum);
                 }
+                const float inv = lr_rcp(sum[r]);
+                T* const y_r = lr_opaque(y_strip + r * row);
+#pragma unroll
+                for (int c = MC - 1; c >= 0; --c) lr_store(y_r, channel[c], acc[r][c] * inv);
             }
         }
     }
@@ -572,23 +591,28 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         }
         // output r exists iff r < outs
         const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
-        // y, gy at (c_first, i0, j)
+        // the strip's q, lse, grad q and its y, gy (channel c_first) from one address each, at
+        // 32-bit offsets (a plane holds fewer than 2^31 outputs: cupy_backend.offsets_fit)
+        const int row = (int)Wo, plane = (int)(Ho * Wo);
+        const long long strip_at = (qplane + i0) * Wo + j;
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
+        const T* const y_strip = lr_opaque(y + o_first);
+        const T* const gy_strip = lr_opaque(gy + o_first);
         // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
         float qv[R], shift[R], dsub[R], gqv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const long long qidx = (qplane + i0 + r) * Wo + j;
-            qv[r] = r < outs ? lr_load(q, qidx) : 0.0f;
+            qv[r] = r < outs ? lr_load(lr_opaque(q + strip_at), r * row) : 0.0f;
             // past the image's last row: -inf, so every weight of the output is 0 (but mul's)
-            shift[r] = r < outs ? -lse[qidx] * LR_LOG2E : __uint_as_float(0xff800000u);
+            shift[r] = r < outs ? -lr_load(lr_opaque(lse + strip_at), r * row) * LR_LOG2E
+                                : __uint_as_float(0xff800000u);
             gqv[r] = 0.0f;
             // D = sum_c gy_c y_c from the saved output
             dsub[r] = 0.0f;
             if (r < outs) {
                 for (int c = 0; c < mg; ++c) {
-                    const long long yidx = o_first + c * Ho * Wo + r * Wo;
-                    dsub[r] += lr_load(gy, yidx) * lr_load(y, yidx);
+                    const int at = c * plane + r * row;
+                    dsub[r] += lr_load(gy_strip, at) * lr_load(y_strip, at);
                 }
             }
         }
@@ -611,7 +635,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
 #pragma unroll
                 for (int c = 0; c < MC; ++c) {
                     gyv[r][c] = r < outs && c < nc
-                                    ? lr_load(gy, o_first + (cg + c) * Ho * Wo + r * Wo)
+                                    ? lr_load(gy_strip, (cg + c) * plane + r * row)
                                     : 0.0f;
                 }
             }
@@ -653,8 +677,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            if (r >= outs) continue;
-            lr_store(gq, (qplane + i0 + r) * Wo + j, gqv[r]);
+            if (r < outs) lr_store(lr_opaque(gq + strip_at), r * row, gqv[r]);
         }
         // the copies are complete: the barriers of the last window column's grad-geo reduction
         // order every addition before this. Staged position (row, col) is read by the strips
@@ -856,13 +879,18 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         }
         bool in_ok[RI];
         float kv[RI];
+        // the strip's k and grad k from one address each, at 32-bit offsets (a plane holds fewer
+        // than 2^31 inputs: cupy_backend.offsets_fit)
+        const int row = (int)W;
+        const long long strip_at = ((b * G + g) * H + hs) * W + wc;
+        const T* const k_strip = lr_opaque(k + strip_at);
         // bit t of pair_rows[r]: output row i_first + t exists, its window covers strip row r
         // (window row a_first + r - t * STRIDE in [0, K)) and input r exists
         unsigned pair_rows[RI];
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
             in_ok[r] = hs + r < H && wc < W && (!PACKED || b < B);
-            kv[r] = in_ok[r] ? lr_load(k, ((b * G + g) * H + hs + r) * W + wc) : 0.0f;
+            kv[r] = in_ok[r] ? lr_load(k_strip, r * row) : 0.0f;
             pair_rows[r] = 0;
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
@@ -925,13 +953,15 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     }
                 }
             }
+            // no test per store: the channels past a ragged chunk (c >= nc) store to channel
+            // nc - 1, in descending order, so that its own value is the one stored last
 #pragma unroll
             for (int r = 0; r < RI; ++r) {
+                if (!in_ok[r]) continue;
 #pragma unroll
-                for (int c = 0; c < MC; ++c) {
-                    if (in_ok[r] && c < nc) {
-                        lr_store(gx, ((b * C + cc + c) * H + hs + r) * W + wc, gxv[r][c]);
-                    }
+                for (int c = MC - 1; c >= 0; --c) {
+                    const long long channel = cc + (c < nc ? c : nc - 1);
+                    lr_store(gx, ((b * C + channel) * H + hs + r) * W + wc, gxv[r][c]);
                 }
             }
         }
@@ -941,7 +971,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
             const float v = lr_gather_key_grad<K, STRIDE>(
                 gk_partial + (b * G + g) * plane_partials, hs + r, wc, query_tiles_h,
                 query_tiles_w);
-            lr_store(gk, ((b * G + g) * H + hs + r) * W + wc, v);
+            lr_store(lr_opaque(gk + strip_at), r * row, v);
         }
     }
 }

@@ -120,20 +120,49 @@ __device__ __forceinline__ unsigned short lr_float_to_bf16(float f) {
 #endif
 }
 
-__device__ __forceinline__ float lr_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float lr_load(const lr_half* p, long long i) {
-    return lr_half_to_float(p[i].bits);
+// Element i of a tensor in global memory (I: long long, or int where the offset is known to
+// fit: then one IMAD.WIDE for the address). Global loads and stores by name (ld.global.nc,
+// st.global), also through an address the compiler cannot trace to a kernel argument
+// (lr_opaque), which it would otherwise access as generic memory.
+template <typename V>
+__device__ __forceinline__ V lr_global_load(const V* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(p);
+#else
+    return *p;
+#endif
 }
-__device__ __forceinline__ float lr_load(const lr_bf16* p, long long i) {
-    return lr_bf16_bits_to_float(p[i].bits);
+template <typename V>
+__device__ __forceinline__ void lr_global_store(V* p, V v) {
+#ifdef __CUDA_ARCH__
+    __stwb(p, v);
+#else
+    *p = v;
+#endif
 }
-
-__device__ __forceinline__ void lr_store(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void lr_store(lr_half* p, long long i, float v) {
-    p[i].bits = lr_float_to_half(v);
+template <typename I>
+__device__ __forceinline__ float lr_load(const float* p, I i) {
+    return lr_global_load(p + i);
 }
-__device__ __forceinline__ void lr_store(lr_bf16* p, long long i, float v) {
-    p[i].bits = lr_float_to_bf16(v);
+template <typename I>
+__device__ __forceinline__ float lr_load(const lr_half* p, I i) {
+    return lr_half_to_float(lr_global_load(&p[i].bits));
+}
+template <typename I>
+__device__ __forceinline__ float lr_load(const lr_bf16* p, I i) {
+    return lr_bf16_bits_to_float(lr_global_load(&p[i].bits));
+}
+template <typename I>
+__device__ __forceinline__ void lr_store(float* p, I i, float v) {
+    lr_global_store(p + i, v);
+}
+template <typename I>
+__device__ __forceinline__ void lr_store(lr_half* p, I i, float v) {
+    lr_global_store(&p[i].bits, lr_float_to_half(v));
+}
+template <typename I>
+__device__ __forceinline__ void lr_store(lr_bf16* p, I i, float v) {
+    lr_global_store(&p[i].bits, lr_float_to_bf16(v));
 }
 
 // ---- exponentials ------------------------------------------------------------------------------
@@ -151,6 +180,28 @@ __device__ __forceinline__ float lr_exp2(float v) {
     return r;
 #else
     return exp2f(v);
+#endif
+}
+
+// log2(v) and 1 / v for the softmax sums (at least LR_SUM_FLOOR = 2^-80, normal): one MUFU.LG2
+// or MUFU.RCP on the GPU (lg2.approx.ftz: absolute error below 2^-22; rcp.approx.ftz: 1 ulp),
+// where the accurate logf costs 28 instructions and 1.0f / v a test and a call of its slow path.
+__device__ __forceinline__ float lr_log2(float v) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+    return r;
+#else
+    return log2f(v);
+#endif
+}
+__device__ __forceinline__ float lr_rcp(float v) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+    return r;
+#else
+    return 1.0f / v;
 #endif
 }
 
@@ -364,11 +415,10 @@ __host__ __device__ constexpr int lr_chunk() {
                                                 : (12288 - FIXED) / PER;
 }
 
-// Floats of lr_forward's s_geo: the K * K prior logits, the bound on the logits and whether one
-// is NaN. cupy_backend.kernel_tiles mirrors it.
+// Floats of lr_forward's s_geo: the K * K prior logits. cupy_backend.kernel_tiles mirrors it.
 template <int K>
 __host__ __device__ constexpr int lr_forward_geo() {
-    return K * K + 2;
+    return K * K;
 }
 
 // Outputs per thread of lr_forward: 4 at K <= 7 where its k tile and LR_MAX_CHUNK channel tiles
@@ -611,9 +661,9 @@ __device__ __forceinline__ void lr_copy_wait() {
 #endif
 }
 
-// lr_opaque of a pointer.
+// lr_opaque of a pointer (an address worked out once, then offset by 32-bit indices).
 template <typename P>
-__device__ __forceinline__ const P* lr_opaque(const P* v) {
+__device__ __forceinline__ P* lr_opaque(P* v) {
 #ifdef __CUDA_ARCH__
     asm volatile("mov.b64 %0, %0;" : "+l"(v));
 #endif
@@ -652,31 +702,36 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
     // the elements' geometry is worked out here, not kept across tiles; tid < LR_THREADS lets
-    // the compiler drop the tile-end test of every trip but the last
+    // the compiler drop the tile-end test of every trip but the last. In 32 bits: a plane (with
+    // SLOTS > 1, the SLOTS images from src) holds fewer than 2^31 elements
+    // (cupy_backend.offsets_fit refuses larger ones).
     tid = lr_opaque(tid) & (LR_THREADS - 1);
+    const int h = (int)H, w = (int)W, top = (int)r0, left = (int)c0;
     const int lane_plane = tid % V;  // the plane of each group this thread copies
     dst += lane_plane;
-    src += lane_plane * src_stride;
+    src = lr_opaque(src + lane_plane * src_stride);  // (then one IMAD.WIDE per element)
 #pragma unroll 1
     for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
-        long long off[BATCH];  // offset in the plane, -1 outside it
-        int to[BATCH];         // shared index, -1 past the tile
+        int off[BATCH];  // offset in the plane, -1 outside it
+        int to[BATCH];   // shared index, -1 past the tile
 #pragma unroll
         for (int t = 0; t < BATCH; ++t) {
             const int e = (tid + (t0 + t) * LR_THREADS) / V;  // the position
             if constexpr (SLOTS == 1) {
                 const int row = e / COLS, col = e % COLS;
-                const long long r = r0 + row, c = c0 + col;
-                off[t] = e < N / V && r >= 0 && r < H && c >= 0 && c < W ? r * W + c : -1;
+                const int r = top + row, c = left + col;
+                // (unsigned: a negative row or column is past the plane too)
+                const bool in = (unsigned)r < (unsigned)h && (unsigned)c < (unsigned)w;
+                off[t] = e < N / V && in ? r * w + c : -1;
                 to[t] = e < N / V
                             ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
                             : -1;
             } else {  // image position (r, c) of slot z, staged at (r - r0, c - c0)
                 const int z = e / (BOX_H * BOX_W), at = e % (BOX_H * BOX_W);
                 const int r = at / BOX_W, c = at % BOX_W;
-                const bool in = e < N / V && z < slots && r < H && c < W;
-                const int row = r - (int)r0, col = c - (int)c0;
-                off[t] = in ? z * slot_stride + r * W + c : -1;
+                const bool in = e < N / V && z < slots && r < h && c < w;
+                const int row = r - top, col = c - left;
+                off[t] = in ? z * (int)slot_stride + r * w + c : -1;
                 const int at_col = PHASED ? lr_phase_col<COLS, STRIDE>(col) : col;
                 to[t] = in ? (z * SLOT + row * PITCH + at_col) * V : -1;
             }

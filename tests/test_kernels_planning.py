@@ -146,3 +146,33 @@ def test_pack_arg_is_what_cupy_receives():
     assert type(cb.pack_arg(np.int32(3))) is np.int32
     with pytest.raises(TypeError, match="numpy scalars"):
         cb.pack_arg(3)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "fits"),
+    [
+        ((1, 1, 1, 2**31 - 1, 1, 3, 1), True),  # a plane of MAX_OFFSET positions
+        ((1, 1, 1, 2**31, 1, 3, 1), False),  # one more
+        ((2, 4, 2**16, 2**15, 1, 3, 2), False),  # 2^31 inputs (outputs: a quarter)
+        ((8, 2**22, 7, 7, 2**19, 7, 1), True),  # packed: 8 images of 2^22 x 49 < 2^31
+        ((8, 2**23, 7, 7, 2**20, 7, 1), False),  # packed: 8 images of 2^23 x 49 >= 2^31
+        ((8, 2**23, 9, 9, 2**20, 7, 1), True),  # not packed (9 rows > a slot): planes only
+    ],
+)
+def test_32bit_offsets_are_checked(sizes, fits):
+    """The kernels' 32-bit offsets (cupy_backend.offsets_fit): a plane of at most MAX_OFFSET
+    positions, a packed block's 8 images too; local_relation_cupy refuses the rest with the
+    reason, before it touches the tensors (meta tensors here)."""
+    shape = shape_of(*sizes)
+    ok, reason = cb.offsets_fit(shape)
+    assert ok == fits
+    if fits:
+        return
+    assert "32-bit" in reason and "reference" in reason
+    B, C, H, W, G, K, _ = sizes
+    x = torch.empty(B, C, H, W, device="meta")
+    q = torch.empty(B, G, shape.out_height, shape.out_width, device="meta")
+    k = torch.empty(B, G, H, W, device="meta")
+    geo = torch.empty(G, K, K, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        cb.local_relation_cupy(x, q, k, geo, shape, "sqdiff")

@@ -324,9 +324,8 @@ def key_grad_work(kernel_size: int, stride: int) -> int:
 
 
 def _forward_geo(kernel_size: int) -> int:
-    """``lr_forward_geo``: floats of lr_forward's s_geo (the prior logits, the bound on the
-    logits, whether one is NaN)."""
-    return kernel_size * kernel_size + 2
+    """``lr_forward_geo``: floats of lr_forward's s_geo (the prior logits)."""
+    return kernel_size * kernel_size
 
 
 def forward_strip(kernel_size: int, stride: int) -> int:
@@ -434,6 +433,28 @@ def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
             f"the 'cupy' kernels need {need} bytes of shared memory per block at "
             f"kernel_size={kernel_size}, stride={stride} (limit {MAX_STATIC_SHARED}); "
             "use the 'cpu' or 'reference' backend"
+        )
+    return True, ""
+
+
+#: The largest offset the kernels compute in 32 bits (a plane's positions, a packed block's
+#: images): the tile loaders' element offsets, the strips' output addresses.
+MAX_OFFSET = 2**31 - 1
+
+
+def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
+    """Whether the kernels' 32-bit offsets hold for ``shape``: every input and output plane has
+    at most MAX_OFFSET positions and, where a packed kernel runs, so do its SLOTS images of C
+    channels; the reason when not."""
+    plane = max(shape.height * shape.width, shape.out_height * shape.out_width)
+    images = SLOTS * shape.channels * plane
+    packed = forward_packed(shape) or query_packed(shape) or input_packed(shape)
+    if plane > MAX_OFFSET or (packed and images > MAX_OFFSET):
+        return False, (
+            f"the 'cupy' kernels index a plane with 32-bit offsets, at most {MAX_OFFSET} "
+            f"positions; got {shape.height} x {shape.width} inputs and {shape.out_height} x "
+            f"{shape.out_width} outputs with {shape.channels} channels; use the 'cpu' or "
+            "'reference' backend"
         )
     return True, ""
 
@@ -772,9 +793,9 @@ def local_relation_cupy(
     """
     if shape.qk_dim != 1:
         raise ValueError("the 'cupy' backend supports qk_dim = 1 only")
-    fits, reason = kernels_fit(shape.kernel_size, shape.stride)
-    if not fits:
-        raise ValueError(reason)
+    for fits, reason in (kernels_fit(shape.kernel_size, shape.stride), offsets_fit(shape)):
+        if not fits:
+            raise ValueError(reason)
     if launcher is None and x.device.type != "cuda":
         raise RuntimeError(f"the 'cupy' backend runs on CUDA tensors, got a {x.device} tensor")
     if x.dtype not in CTYPE_OF_DTYPE:
