@@ -35,8 +35,11 @@ def test_load_kernel_source_inlines_local_headers():
 
 
 # cubins for sm_80 / sm_90 of every dtype are compiled by tests/test_kernels_budget.py
+# the 16-bit builds in the slow tier (the ptxas budget builds them too, for sm_80 and sm_90)
 @pytest.mark.parametrize("arch", ["compute_80"])
-@pytest.mark.parametrize("ctype", nvrtc.CTYPES)
+@pytest.mark.parametrize(
+    "ctype", [c if c == "float" else pytest.param(c, marks=pytest.mark.slow) for c in nvrtc.CTYPES]
+)
 def test_all_dtypes_compile(arch, ctype):
     for source in nvrtc.KERNEL_CATALOGUE:
         prog = nvrtc.compile_kernels(ctype, 3, 1, arch, filename=source)
@@ -53,7 +56,7 @@ def test_all_dtypes_compile(arch, ctype):
     ("ctype", "K", "s", "arch"),
     [
         ("float", 9, 3, "compute_80"),
-        ("lr_half", 3, 3, "sm_90"),
+        pytest.param("lr_half", 3, 3, "sm_90", marks=pytest.mark.slow),
     ],
 )
 def test_kernel_size_and_stride_instantiations_compile(ctype, K, s, arch):
@@ -113,6 +116,7 @@ def test_cubin_is_a_whole_elf_image():
         nvrtc.elf_extent(b"not an elf" * 10)
 
 
+@pytest.mark.slow  # (the budget's default tier parses every fp32 kernel's usage too)
 def test_ptxas_usage_parses_every_kernel():
     prog = nvrtc.compile_kernels("float", 3, 1, "sm_80", extra_options=("-Xptxas=-v",))
     usage = nvrtc.ptxas_usage(prog.log)
