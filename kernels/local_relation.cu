@@ -275,8 +275,8 @@ __device__ __forceinline__ void lr_forward_tiles(
 
         // output r exists iff r < outs
         const int outs = b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
-        // the strip's q and lse from one address each, at 32-bit offsets (a plane holds fewer
-        // than 2^31 outputs: cupy_backend.offsets_fit)
+        // the strip's q and lse from one address each, at 32-bit offsets (a group's channel
+        // planes span fewer than 2^31 positions: cupy_backend.offsets_fit)
         const int row = (int)Wo;
         const long long strip_at = (qplane + i0) * Wo + j;
         const T* const q_strip = lr_opaque(q + strip_at);
@@ -592,7 +592,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         // output r exists iff r < outs
         const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
         // the strip's q, lse, grad q and its y, gy (channel c_first) from one address each, at
-        // 32-bit offsets (a plane holds fewer than 2^31 outputs: cupy_backend.offsets_fit)
+        // 32-bit offsets (a group's channel planes span fewer than 2^31 positions:
+        // cupy_backend.offsets_fit)
         const int row = (int)Wo, plane = (int)(Ho * Wo);
         const long long strip_at = (qplane + i0) * Wo + j;
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
@@ -879,8 +880,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         }
         bool in_ok[RI];
         float kv[RI];
-        // the strip's k and grad k from one address each, at 32-bit offsets (a plane holds fewer
-        // than 2^31 inputs: cupy_backend.offsets_fit)
+        // the strip's k and grad k from one address each, at 32-bit offsets (a group's channel
+        // planes span fewer than 2^31 positions: cupy_backend.offsets_fit)
         const int row = (int)W;
         const long long strip_at = ((b * G + g) * H + hs) * W + wc;
         const T* const k_strip = lr_opaque(k + strip_at);

@@ -153,16 +153,18 @@ def test_pack_arg_is_what_cupy_receives():
     [
         ((1, 1, 1, 2**31 - 1, 1, 3, 1), True),  # a plane of MAX_OFFSET positions
         ((1, 1, 1, 2**31, 1, 3, 1), False),  # one more
-        ((2, 4, 2**16, 2**15, 1, 3, 2), False),  # 2^31 inputs (outputs: a quarter)
+        ((2, 4, 2**16, 2**15, 4, 3, 2), False),  # 2^31 inputs (outputs: a quarter), m = 1
+        ((2, 8, 2**15, 2**13, 4, 3, 1), True),  # m = 2 channels of 2^28: 2^29 positions
+        ((2, 8, 2**15, 2**13, 1, 3, 1), False),  # m = 8 channels of 2^28: 2^31
         ((8, 2**22, 7, 7, 2**19, 7, 1), True),  # packed: 8 images of 2^22 x 49 < 2^31
         ((8, 2**23, 7, 7, 2**20, 7, 1), False),  # packed: 8 images of 2^23 x 49 >= 2^31
         ((8, 2**23, 9, 9, 2**20, 7, 1), True),  # not packed (9 rows > a slot): planes only
     ],
 )
 def test_32bit_offsets_are_checked(sizes, fits):
-    """The kernels' 32-bit offsets (cupy_backend.offsets_fit): a plane of at most MAX_OFFSET
-    positions, a packed block's 8 images too; local_relation_cupy refuses the rest with the
-    reason, before it touches the tensors (meta tensors here)."""
+    """The kernels' 32-bit offsets (cupy_backend.offsets_fit): a group's m channel planes span
+    at most MAX_OFFSET positions, a packed block's 8 images too; local_relation_cupy refuses the
+    rest with the reason, before it touches the tensors (meta tensors here)."""
     shape = shape_of(*sizes)
     ok, reason = cb.offsets_fit(shape)
     assert ok == fits

@@ -437,24 +437,25 @@ def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
     return True, ""
 
 
-#: The largest offset the kernels compute in 32 bits (a plane's positions, a packed block's
-#: images): the tile loaders' element offsets, the strips' output addresses.
+#: The largest offset the kernels compute in 32 bits: the tile loaders' element offsets (in a
+#: plane; in a packed block, over its images), a strip's accesses (over a group's channels).
 MAX_OFFSET = 2**31 - 1
 
 
 def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
-    """Whether the kernels' 32-bit offsets hold for ``shape``: every input and output plane has
-    at most MAX_OFFSET positions and, where a packed kernel runs, so do its SLOTS images of C
-    channels; the reason when not."""
+    """Whether the kernels' 32-bit offsets hold for ``shape``: a group's m channel planes (input
+    and output) span at most MAX_OFFSET positions and, where a packed kernel runs, so do its
+    SLOTS images of C channels; the reason when not."""
     plane = max(shape.height * shape.width, shape.out_height * shape.out_width)
+    group = shape.channels_per_group * plane
     images = SLOTS * shape.channels * plane
     packed = forward_packed(shape) or query_packed(shape) or input_packed(shape)
-    if plane > MAX_OFFSET or (packed and images > MAX_OFFSET):
+    if group > MAX_OFFSET or (packed and images > MAX_OFFSET):
         return False, (
-            f"the 'cupy' kernels index a plane with 32-bit offsets, at most {MAX_OFFSET} "
-            f"positions; got {shape.height} x {shape.width} inputs and {shape.out_height} x "
-            f"{shape.out_width} outputs with {shape.channels} channels; use the 'cpu' or "
-            "'reference' backend"
+            f"the 'cupy' kernels index a group's channels with 32-bit offsets, at most "
+            f"{MAX_OFFSET} positions; got {shape.channels_per_group} channels of "
+            f"{shape.height} x {shape.width} inputs and {shape.out_height} x {shape.out_width} "
+            f"outputs ({shape.channels} in all); use the 'cpu' or 'reference' backend"
         )
     return True, ""
 
