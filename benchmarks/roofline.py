@@ -221,6 +221,12 @@ def runs_as(kernel: str, version: str, C: int, H: int) -> str:
     return kernel
 
 
+def gather_rows() -> float:
+    """Backward-query tile rows that staged one input, on average: IH / (OTH * S)."""
+    rows = TILE_H * cupy_backend.query_strip(K, S)
+    return ((rows - 1) * S + K) / (rows * S)
+
+
 def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
     """(rows, columns, planes besides the M channels) a kernel's tile loaders copy per tile (a
     packed kernel's: the image boxes of its slots, stacked)."""
@@ -324,8 +330,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
         # per input (the tile columns unrolled into one iteration)
-        query_rows = (TILE_H * cupy_backend.query_strip(K, S) - 1) * S + K
-        trips = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
+        trips = gather_rows()
         for lp in global_loops(loops, window + loaders, {"LDG": 1, "FADD": 1}):
             total.update({op: trips * n for op, n in lp.every.items()})
             roles[lp.first] = "gather"
@@ -444,8 +449,6 @@ def straight_line(
         for trips in (-(-rows * cols // THREADS), -(-rows * cols * width // THREADS))
     )
     positions = -(-rows * cols // THREADS)
-    query_rows = (TILE_H * cupy_backend.query_strip(K, S) - 1) * S + K
-    gather_rows = query_rows / (TILE_H * cupy_backend.query_strip(K, S) * S)
     zeroed, stored = block_arrays(kernel)
     if chunks_of(kernel) != 1:
         raise ValueError(f"{kernel}: more than one chunk of channels per tile")
@@ -462,7 +465,7 @@ def straight_line(
         elif "tile end" in kinds:
             each = positions
         elif "gather" in kinds:
-            each = gather_rows
+            each = gather_rows()
         else:
             raise ValueError(f"{kernel}: no model for the loop at {node.first:#x}")
         total = Counter({op: outer * each * n for op, n in node.path.items()})
