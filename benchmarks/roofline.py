@@ -72,8 +72,9 @@ COMMITS = {
     "v7": "97f0573",
     "v8": "244ec97",
     "v9": "889441c",
+    "v10": "542af4a",
 }
-CURRENT = "v10"
+CURRENT = "v11"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -85,26 +86,32 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
-#: by vector loads (cupy_backend.vector_width), and whose loader copies one plane of each group
-#: per thread.
-VECTOR_CHANNELS = ("v8", "v9", "v10")
+#: by vector loads (cupy_backend.vector_width).
+VECTOR_CHANNELS = ("v8", "v9", "v10", "v11")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10")
+PACKED = ("v9", "v10", "v11")
+#: Versions whose loader copies every plane of a position in one thread (its geometry worked out
+#: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
+#: one plane of each group (its geometry once per element of each group).
+PLANES_PER_POSITION = ("v11",)
+#: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
+#: loop roles model their structure, not the earlier versions').
+ALL_CODE = ("v10", "v11")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
@@ -165,6 +172,14 @@ def loader_slots(rows: int, cols: int, batch: int, width: int = 1) -> float:
     trips = -(-rows * cols * width // THREADS)
     step = min(trips, batch)
     return -(-trips // step) * step / width
+
+
+def loader_width(kernel: str, version: str) -> int:
+    """Planes of a group that share a loader thread's positions (it copies one of them): the
+    vector width where the channels lie side by side, 1 where a thread copies every plane."""
+    if version in VECTOR_CHANNELS and version not in PLANES_PER_POSITION:
+        return cupy_backend.vector_width(kernel, K, S)
+    return 1
 
 
 def loader_slots_per_iteration(loop: Loop) -> int:
@@ -281,8 +296,8 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
     loaders = [
         lp
         for lp in loops
-        if (lp.every["LDGSTS"] or (lp.every["STS"] and lp.every["LDG"]))
-        and lp.every["ISETP"] > 1
+        # (copies; or loads and stores with tests past the loop's own, the register path)
+        if (lp.every["LDGSTS"] or (lp.every["STS"] and lp.every["LDG"] and lp.every["ISETP"] > 1))
         and lp not in window
     ]
     roles.update({lp.first: "loader" for lp in loaders})
@@ -291,7 +306,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
     for lp in loaders:
         loader.update({op: n / loader_slots_per_iteration(lp) for op, n in lp.every.items()})
     loader = Counter({op: n / len(loaders) for op, n in loader.items()})
-    width = cupy_backend.vector_width(kernel, K, S) if version in VECTOR_CHANNELS else 1
+    width = loader_width(kernel, version)
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
     total = Counter()
     for body in window:
@@ -443,7 +458,7 @@ def straight_line(
     Raises ValueError for a loop of none of these kinds (a new kernel structure to model)."""
     tree = loop_tree(text)
     rows, cols, _ = staged_tile(kernel, version)
-    width = cupy_backend.vector_width(kernel, K, S) if version in VECTOR_CHANNELS else 1
+    width = loader_width(kernel, version)
     batches = max(
         -(-trips // min(trips, batch))
         for trips in (-(-rows * cols // THREADS), -(-rows * cols * width // THREADS))
@@ -594,8 +609,10 @@ def main() -> None:
             text = nvrtc.sass(prog, nvdisasm)
             counts[version, kernel], roles = per_thread(kernel, version, text, batches[version])
             once[version, kernel], fills = per_block(kernel, text)
-            if version == CURRENT:  # the code outside the counted loops (ALL_CODE)
-                rest[kernel] = straight_line(kernel, version, text, roles | fills, batches[version])
+            if version in ALL_CODE:  # the code outside the counted loops
+                rest[version, kernel] = straight_line(
+                    kernel, version, text, roles | fills, batches[version]
+                )
 
     def dynamic(kernel: str, version: str, C: int, H: int, all_code: bool) -> Counter:
         """Per thread and tile at one stage: the loops' counts, the once-per-block ones over the
@@ -604,13 +621,13 @@ def main() -> None:
         block = once[version, kernel].copy()
         tile = counts[version, kernel].copy()
         if all_code:
-            tile.update(rest[kernel][0])
-            block.update(rest[kernel][1])
+            tile.update(rest[version, kernel][0])
+            block.update(rest[version, kernel][1])
         return tile + Counter({op: n * share for op, n in block.items()})
 
     print("Per position (per thread / strip; the tiled kernels at stage 1, the packed ones at")
     print("stage 4, where they run), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS; all code:")
-    print(f"{CURRENT} only (the loops alone for the earlier versions):\n")
+    print(f"{', '.join(ALL_CODE)} only (the loops alone for the earlier versions):\n")
     print("| kernel | version | strip | registers | warps/SM | instructions (loops) "
           "| instructions (all code) | MUFU | shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -621,7 +638,7 @@ def main() -> None:
             strip = strip_of(kernel, version)
             blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=packed_bytes(kernel))
             all_code = "-"
-            if version == CURRENT:
+            if version in ALL_CODE:
                 c = dynamic(kernel, version, C1, H1, True)
                 all_code = f"{c.total() / strip:.0f}"
                 loops = dynamic(kernel, version, C1, H1, False).total() / strip
@@ -639,7 +656,7 @@ def main() -> None:
         for role in KERNELS:
             for version in versions:
                 kernel = runs_as(role, version, C, H)
-                for all_code in (False, True) if version == CURRENT else (False,):
+                for all_code in (False, True) if version in ALL_CODE else (False,):
                     c = dynamic(kernel, version, C, H, all_code)
                     u = usage[version, kernel]
                     low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)

@@ -1,10 +1,11 @@
-// Local relation op, CUDA kernels v9 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// Local relation op, CUDA kernels v11 (DESIGN.md §1): tiled, register-blocked strips unrolled over
 // their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+, grad k formed
 // by the backward query, staged channels side by side and read by vector loads; small images
 // packed several per block (lr_*_packed: one image per slot, tiles in dynamic shared memory).
 //
 // Templated on the storage type T (float, lr_half, lr_bf16; all arithmetic in fp32), the window
-// size K and the stride; every tensor extent is a kernel argument and every offset is 64-bit.
+// size K and the stride; every tensor extent is a kernel argument; offsets within a group of
+// channels are 32-bit (cupy_backend.offsets_fit), the others 64-bit.
 // The composability is a runtime argument (LR_SQDIFF, LR_ABSDIFF, LR_MUL), dispatched once.
 //
 // Layouts (all contiguous NCHW): x (B, C, H, W), q (B, G, Ho, Wo), k (B, G, H, W), geo (G, K, K)
@@ -19,8 +20,7 @@
 // forward, lr_query_strip in the backward query, R = lr_input_strip inputs in the backward
 // input), so a tile is LR_TILE_W x LR_TILE_H * R positions. The tile's k (or q) with its halo
 // and MC = lr_chunk channels of x (or gy) are staged in shared memory (fp32), the channels in
-// groups of V side by side at each position (lr_vec_width; one at a time in the forward at
-// strips of 4, whose accumulators leave no registers for vectors), read with one V-word load.
+// groups of V side by side at each position (lr_vec_width), read with one V-word load.
 // The window loops run over window columns outside and the strip's rows inside (unrolled in
 // the forward and backward query, lr_strip_columns): a window word read from shared memory
 // once serves every position of the strip whose window holds it, so a thread holds R x MC
@@ -140,10 +140,11 @@ struct lr_forward_shape {
     static constexpr int L = (R - 1) * STRIDE + 1;
     static constexpr int GEO = lr_forward_geo<K>();
     static constexpr int MC = SLOTS == 1 ? lr_chunk<TF + GEO, TF>() : LR_MAX_CHUNK;
-    // channels side by side (lr_vec_width): quads, but one at a time at strips of 4, whose
-    // 4 x MC accumulators leave no registers for them (pairs or quads spilled 4-20 bytes under
-    // the 128-register cap)
-    static constexpr int V = R == 4 ? 1 : lr_vec_width<MC>();
+    // channels side by side (lr_vec_width): quads, also at strips of 4 since v11 (their 4 x MC
+    // accumulators had left no registers for them up to v10: pairs or quads spilled 4-20 bytes
+    // under the 128-register cap; v11's window masks of one register each and 32-bit chunk
+    // loop made the room)
+    static constexpr int V = lr_vec_width<MC>();
     static constexpr int FLOATS = (MC + 1) * TF + GEO;
     // lr_forward_packed: the image positions a slot's window holds, at most BOX_H x BOX_W (an
     // image of at most OH x OW outputs is at most OH * STRIDE x OW * STRIDE)
@@ -318,9 +319,10 @@ __device__ __forceinline__ void lr_forward_tiles(
 
         // pass 2, per chunk of MC channels: weights, their sums and the R x MC outputs
         const long long c_first = g * m;
-        const long long c_end = c_first + m < C ? c_first + m : C;
-        for (long long cc = c_first; cc < c_end; cc += MC) {
-            const int nc = c_end - cc < MC ? (int)(c_end - cc) : MC;
+        const int mg = (int)(c_first + m < C ? m : C - c_first);  // channels of group g (< 2^31)
+        for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
+            const long long cc = c_first + cg;
+            const int nc = mg - cg < MC ? mg - cg : MC;
             __syncthreads();  // everyone is done with the previous chunk in s_x
             if constexpr (PACKED) {
                 lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
@@ -331,7 +333,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                                                           H * W, nc, r0, c0, H, W, tid);
             }
             __syncthreads();
-            if (!exact && cc == c_first) {
+            if (!exact && cg == 0) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) shift[r] = -bound * LR_LOG2E;
             }
@@ -388,7 +390,7 @@ __device__ __forceinline__ void lr_forward_tiles(
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 if (r >= outs) continue;
-                if (cc == c_first) {
+                if (cg == 0) {
                     const float log_sum = (lr_log2(sum[r]) - shift[r]) * LR_LN2;
                     lr_store(lr_opaque(lse + strip_at), r * row, log_sum);
                 }
@@ -954,15 +956,21 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     }
                 }
             }
-            // no test per store: the channels past a ragged chunk (c >= nc) store to channel
-            // nc - 1, in descending order, so that its own value is the one stored last
+            // the strip's grad x from one address per input row, at 32-bit offsets (a group's
+            // channel planes span fewer than 2^31 positions: cupy_backend.offsets_fit); no
+            // test per store: the channels past a ragged chunk (c >= nc) store to channel
+            // nc - 1, in descending order, so that its own value is the one stored last. The
+            // channel offsets are worked out per row (lr_opaque): held across the rows, they
+            // spilled in the 16-bit sm_80 builds.
+            T* const gx_strip = gx + ((b * C + cc) * H + hs) * W + wc;
+            const int in_plane = (int)(H * W);
 #pragma unroll
             for (int r = 0; r < RI; ++r) {
                 if (!in_ok[r]) continue;
+                const int last = lr_opaque(nc - 1);
 #pragma unroll
                 for (int c = MC - 1; c >= 0; --c) {
-                    const long long channel = cc + (c < nc ? c : nc - 1);
-                    lr_store(gx, ((b * C + channel) * H + hs + r) * W + wc, gxv[r][c]);
+                    lr_store(gx_strip, (c < last ? c : last) * in_plane + r * row, gxv[r][c]);
                 }
             }
         }

@@ -481,23 +481,26 @@ __device__ __forceinline__ long long lr_opaque(long long v) {
 }
 
 // Which of a strip's NT input rows (top + t) and K window columns (left + b) lie in the
-// (H, W) image, worked out once per tile: rows [row_lo, row_hi), columns by bit.
+// (H, W) image, worked out once per tile: one bit each (one register each through the window
+// loops).
 template <int NT, int K>
 struct lr_window {
-    static_assert(K <= 32, "one bit per window column");
-    int row_lo, row_hi;
-    unsigned cols;
+    static_assert(K <= 32 && NT <= 32, "one bit per window column and strip row");
+    unsigned rows, cols;
     __device__ __forceinline__ lr_window(long long top, long long left, long long H,
                                          long long W) {
-        row_lo = top < 0 ? (-top < NT ? (int)-top : NT) : 0;
-        row_hi = H - top <= 0 ? 0 : (H - top < NT ? (int)(H - top) : NT);
+        rows = 0;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (top + t >= 0 && top + t < H) rows |= 1u << t;
+        }
         cols = 0;
 #pragma unroll
         for (int b = 0; b < K; ++b) {
             if (left + b >= 0 && left + b < W) cols |= 1u << b;
         }
     }
-    __device__ __forceinline__ bool row(int t) const { return t >= row_lo && t < row_hi; }
+    __device__ __forceinline__ bool row(int t) const { return (rows >> t) & 1u; }
     __device__ __forceinline__ bool col(int b) const { return (cols >> b) & 1u; }
 };
 
@@ -680,15 +683,18 @@ __device__ __forceinline__ P* lr_opaque(P* v) {
 // src + z * slot_stride, at idx + z * SLOT, and only its positions inside the image are written
 // (those of the BOX_H x BOX_W image positions from (-r0, -c0) that the window holds): the rest
 // keep what the caller filled them with once (lr_fill_shared), the slots z >= `slots` (no image)
-// whatever they held. All threads of the
-// block take part (tid in [0, LR_THREADS)); thread tid copies plane tid % V of each group, so
-// a warp stores 32 / V positions x V planes, 32 consecutive words where the positions are. The
-// planes share one geometry: each thread works out its elements' plane offsets and shared
-// indices once per batch of LR_LOAD_BATCH elements and reuses them for every group.
+// whatever they held. All threads of the block take part (tid in [0, LR_THREADS)).
+// One geometry per position (v11): thread tid copies every plane at positions tid,
+// tid + LR_THREADS, ..., so it works out a position's plane offset and shared index once for
+// all NP planes. Within a group it takes the V planes in a rotated order, lane / (32 / V) first,
+// so that a warp's copy writes 32 distinct banks where its 32 positions are consecutive (lanes
+// 4a..4a+3 at V = 8 hit banks 8 (idx mod 4) + (p + a) mod 8) and reads 32 / V consecutive
+// elements of each of V planes, as the v8-v10 loader did (one plane of each group a thread,
+// 32 / V positions a warp, paying the geometry once per element of every group).
 // Pipelined: constant trip counts; with lr_copies_async<T> (fp32 on sm_80+) every element is
 // one lr_copy_async and a thread waits once, for all its planes, before it returns; otherwise
-// a thread issues the batch's global loads of a group before the first of their shared stores
-// (one memory latency per batch and group).
+// a thread issues the batch's global loads of a plane before the first of their shared stores
+// (one memory latency per batch and plane).
 template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, int V, int SLOTS = 1,
           int SLOT = 0, int BOX_H = ROWS, int BOX_W = COLS, typename T>
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
@@ -696,9 +702,9 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                                                int n, long long r0, long long c0, long long H,
                                                long long W, int tid, float outside = 0.0f,
                                                long long slot_stride = 0, int slots = 1) {
-    static_assert(NP % V == 0 && LR_THREADS % V == 0, "whole groups of planes");
-    // elements of one group: (position, plane), over the slots' image boxes with SLOTS > 1
-    constexpr int N = SLOTS == 1 ? ROWS * COLS * V : SLOTS * BOX_H * BOX_W * V;
+    static_assert(NP % V == 0 && 32 % V == 0, "whole groups of planes, whole rotations a warp");
+    // positions: the tile's, or the slots' image boxes with SLOTS > 1
+    constexpr int N = SLOTS == 1 ? ROWS * COLS : SLOTS * BOX_H * BOX_W;
     constexpr int TRIPS = (N + LR_THREADS - 1) / LR_THREADS;
     constexpr int BATCH = TRIPS < LR_LOAD_BATCH ? TRIPS : LR_LOAD_BATCH;
     // the elements' geometry is worked out here, not kept across tiles; tid < LR_THREADS lets
@@ -707,80 +713,85 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
     // (cupy_backend.offsets_fit refuses larger ones).
     tid = lr_opaque(tid) & (LR_THREADS - 1);
     const int h = (int)H, w = (int)W, top = (int)r0, left = (int)c0;
-    const int lane_plane = tid % V;  // the plane of each group this thread copies
-    dst += lane_plane;
-    src = lr_opaque(src + lane_plane * src_stride);  // (then one IMAD.WIDE per element)
+    const int turn = (tid & 31) / (32 / V);  // this thread's first plane of each group
+    src = lr_opaque(src);
 #pragma unroll 1
     for (int t0 = 0; t0 < TRIPS; t0 += BATCH) {
         int off[BATCH];  // offset in the plane, -1 outside it
-        int to[BATCH];   // shared index, -1 past the tile
+        int to[BATCH];   // shared index of the group's first plane, -1 past the tile
 #pragma unroll
         for (int t = 0; t < BATCH; ++t) {
-            const int e = (tid + (t0 + t) * LR_THREADS) / V;  // the position
+            const int e = tid + (t0 + t) * LR_THREADS;  // the position
             if constexpr (SLOTS == 1) {
                 const int row = e / COLS, col = e % COLS;
                 const int r = top + row, c = left + col;
                 // (unsigned: a negative row or column is past the plane too)
                 const bool in = (unsigned)r < (unsigned)h && (unsigned)c < (unsigned)w;
-                off[t] = e < N / V && in ? r * w + c : -1;
-                to[t] = e < N / V
-                            ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
-                            : -1;
+                off[t] = e < N && in ? r * w + c : -1;
+                to[t] = e < N ? (row * PITCH + (PHASED ? lr_phase_col<COLS, STRIDE>(col) : col)) * V
+                              : -1;
             } else {  // image position (r, c) of slot z, staged at (r - r0, c - c0)
                 const int z = e / (BOX_H * BOX_W), at = e % (BOX_H * BOX_W);
                 const int r = at / BOX_W, c = at % BOX_W;
-                const bool in = e < N / V && z < slots && r < h && c < w;
+                const bool in = e < N && z < slots && r < h && c < w;
                 const int row = r - top, col = c - left;
                 off[t] = in ? z * (int)slot_stride + r * w + c : -1;
                 const int at_col = PHASED ? lr_phase_col<COLS, STRIDE>(col) : col;
                 to[t] = in ? (z * SLOT + row * PITCH + at_col) * V : -1;
             }
         }
+        // plane p of the loop: the group's first plane p - p % V, this thread's (p + turn) % V
+        // of it (V a power of 2); its source in 32 bits (a group's planes span fewer than 2^31
+        // elements: cupy_backend.offsets_fit)
+        const auto plane_of = [&](int p) { return (p & -V) | ((p + turn) & (V - 1)); };
+        const auto shared_of = [&](int p) {
+            return dst + (p & -V) * dst_stride + ((p + turn) & (V - 1));
+        };
+        const int plane_stride = (int)src_stride;
         if constexpr (lr_copies_async<T>::value) {
-            // per element: its source in the group's first plane (the plane's start outside
-            // it: not read)
-            const T* from[BATCH];
-#pragma unroll
-            for (int t = 0; t < BATCH; ++t) from[t] = lr_opaque(src + (off[t] >= 0 ? off[t] : 0));
-            // the groups whose V planes are all copied, then the rest: this thread's plane
-            // copied, or past n a zero fill (as where the window leaves the plane, unless
-            // `outside` is not 0)
+            // the groups whose V planes are all copied, then the rest: this plane copied, or
+            // past n a zero fill (as where the window leaves the plane, unless `outside` is
+            // not 0); an element outside the plane copies from the plane's start (not read)
             const int whole = n / V * V;
 #pragma unroll 1
-            for (int p = 0; p < whole; p += V) {
+            for (int p = 0; p < whole; ++p) {
+                float* const out = shared_of(p);
+                const T* const plane = lr_opaque(src + plane_of(p) * plane_stride);
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
                     if (to[t] < 0) continue;
                     if (off[t] >= 0 || outside == 0.0f) {
-                        lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
-                                      off[t] >= 0);
+                        lr_copy_async(out, to[t], plane + (off[t] >= 0 ? off[t] : 0), off[t] >= 0);
                     } else {
-                        lr_store_shared(dst + p * dst_stride, to[t], outside);
+                        lr_store_shared(out, to[t], outside);
                     }
                 }
             }
 #pragma unroll 1
-            for (int p = whole; p < NP; p += V) {
-                const bool copied = p + lane_plane < n;
+            for (int p = whole; p < NP; ++p) {
+                float* const out = shared_of(p);
+                const int plane_index = plane_of(p);
+                const bool copied = plane_index < n;
+                const T* const plane = lr_opaque(src + plane_index * plane_stride);
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
                     if (to[t] < 0) continue;
                     const bool inside = copied && off[t] >= 0;
                     if (inside || outside == 0.0f) {
-                        lr_copy_async(dst + p * dst_stride, to[t], from[t] + p * src_stride,
-                                      inside);
+                        lr_copy_async(out, to[t], plane + (off[t] >= 0 ? off[t] : 0), inside);
                     } else {
-                        lr_store_shared(dst + p * dst_stride, to[t], copied ? outside : 0.0f);
+                        lr_store_shared(out, to[t], copied ? outside : 0.0f);
                     }
                 }
             }
         } else {
-            const T* next = src;
 #pragma unroll 1
-            for (int p = 0; p < NP; p += V, next += V * src_stride) {
+            for (int p = 0; p < NP; ++p) {
+                const int plane_index = plane_of(p);
+                float* const out = shared_of(p);
                 // (a null plane rather than a test of p: with the test, ptxas put the batch's
                 // shared stores between its global loads, one memory latency per store)
-                const T* plane = p + lane_plane < n ? next : nullptr;
+                const T* plane = plane_index < n ? src + plane_index * plane_stride : nullptr;
                 float v[BATCH];
                 if (plane != nullptr) {
 #pragma unroll
@@ -793,7 +804,7 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 }
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
-                    if (to[t] >= 0) lr_store_shared(dst + p * dst_stride, to[t], v[t]);
+                    if (to[t] >= 0) lr_store_shared(out, to[t], v[t]);
                 }
             }
         }

@@ -375,6 +375,7 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
     [
         ("lr_forward", 7, 1),
         ("lr_forward", 7, 2),
+        ("lr_forward", 7, 3),
         ("lr_forward", 9, 1),
         ("lr_forward_packed", 7, 1),
         ("lr_forward_packed", 5, 2),
@@ -386,8 +387,7 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
 def test_window_loops_read_channels_with_vector_loads(kernel, K, S):
     """Staged channels side by side are read V at a time (``cupy_backend.vector_width``, the
     kernels' lr_vec_width rule): in the sm_90 SASS of the fp32 kernel every window loop with exp
-    holds LDS.128 where V = 4, LDS.64 where V = 2, neither where V = 1 (the forward at strips
-    of 4)."""
+    holds LDS.128 where V = 4, LDS.64 where V = 2, neither where V = 1 (an odd chunk)."""
     width = cupy_backend.vector_width(kernel, K, S)
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
@@ -425,9 +425,9 @@ def test_window_columns_are_not_peeled_off_their_loop(kernel):
 
 
 def test_vector_width_cases_cover_every_width():
-    """The SASS check above sees each width the kernels use: 1 (the forward at strips of 4), 2
-    and 4."""
-    cases = [("lr_forward", 7, 1), ("lr_forward", 7, 2), ("lr_backward_query", 7, 1)]
+    """The SASS check above sees each width the kernels use: 1 (an odd chunk: the forward at
+    K = 7, stride 3), 2 and 4 (the forward at strips of 4 too, since v11)."""
+    cases = [("lr_forward", 7, 3), ("lr_forward", 7, 2), ("lr_forward", 7, 1)]
     assert [cupy_backend.vector_width(*case) for case in cases] == [1, 2, 4]
     packed = [("lr_forward_packed", 7, 1), ("lr_forward_packed", 5, 2)]
-    assert [cupy_backend.vector_width(*case) for case in packed] == [1, 4]
+    assert [cupy_backend.vector_width(*case) for case in packed] == [4, 4]

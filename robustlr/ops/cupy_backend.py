@@ -378,10 +378,7 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
 
 def vector_width(kernel: str, kernel_size: int, stride: int) -> int:
     """Staged channels side by side at each position of one kernel instantiation's channel tiles
-    (``lr_vec_width``): 4, 2 or 1, the largest dividing the chunk; 1 in lr_forward at strips of
-    4 (its accumulators leave no registers for vectors)."""
-    if kernel in ("lr_forward", "lr_forward_packed") and forward_strip(kernel_size, stride) == 4:
-        return 1
+    (``lr_vec_width``): 4, 2 or 1, the largest dividing the chunk."""
     if kernel in PACKED_KERNELS:
         chunk = MAX_CHANNEL_CHUNK
     else:
