@@ -871,14 +871,17 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         const int b_first = STRIDE == 1 ? K - 1 : (int)(wc + P - j_first * STRIDE);
         // the covering outputs that exist: bit t of out_rows (row i_first + t), bit tj of
         // out_cols (column j_first + tj)
+        // (in 32 bits, one unsigned test each: a plane holds fewer than 2^31 positions,
+        // cupy_backend.offsets_fit)
         unsigned out_rows = 0, out_cols = 0;
+        const int i_first32 = (int)i_first, j_first32 = (int)j_first;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-            if (i_first + t >= 0 && i_first + t < Ho) out_rows |= 1u << t;
+            if ((unsigned)(i_first32 + t) < (unsigned)Ho) out_rows |= 1u << t;
         }
 #pragma unroll
         for (int tj = 0; tj < NC; ++tj) {
-            if (j_first + tj >= 0 && j_first + tj < Wo) out_cols |= 1u << tj;
+            if ((unsigned)(j_first32 + tj) < (unsigned)Wo) out_cols |= 1u << tj;
         }
         bool in_ok[RI];
         float kv[RI];

@@ -489,15 +489,19 @@ struct lr_window {
     unsigned rows, cols;
     __device__ __forceinline__ lr_window(long long top, long long left, long long H,
                                          long long W) {
+        // in 32 bits (a plane holds fewer than 2^31 positions: cupy_backend.offsets_fit), one
+        // unsigned test each (a negative row or column is past the image too)
+        const int top32 = (int)top, left32 = (int)left;
+        const unsigned h = (unsigned)H, w = (unsigned)W;
         rows = 0;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-            if (top + t >= 0 && top + t < H) rows |= 1u << t;
+            if ((unsigned)(top32 + t) < h) rows |= 1u << t;
         }
         cols = 0;
 #pragma unroll
         for (int b = 0; b < K; ++b) {
-            if (left + b >= 0 && left + b < W) cols |= 1u << b;
+            if ((unsigned)(left32 + b) < w) cols |= 1u << b;
         }
     }
     __device__ __forceinline__ bool row(int t) const { return (rows >> t) & 1u; }
