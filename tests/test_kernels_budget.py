@@ -21,7 +21,12 @@ import pytest
 from host_shim.host_launcher import _cache_dir
 
 from robustlr.ops import cupy_backend, nvrtc
-from robustlr.ops.bank_model import transactions, vector_transactions, window_read_transactions
+from robustlr.ops.bank_model import (
+    loader_store_transactions,
+    transactions,
+    vector_transactions,
+    window_read_transactions,
+)
 from robustlr.ops.sass import loop_tree, sass_loops
 
 try:
@@ -175,6 +180,27 @@ WINDOW_READ_CASES = [
 @pytest.mark.parametrize(("kernel", "K", "S"), WINDOW_READ_CASES)
 def test_window_reads_are_one_transaction_per_warp(kernel, K, S):
     assert window_read_transactions(kernel, K, S) == 1
+
+
+@pytest.mark.parametrize(("K", "S"), [(3, 1), (5, 1), (7, 1), (5, 2), (7, 2)])
+@pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_query"])
+def test_tile_loader_stores_rotate_the_planes_of_a_group(kernel, K, S):
+    """The tile loader copies every plane of its positions (one geometry per position), a
+    group's V planes in an order rotated by lane: a warp's store request then costs at most 3
+    transactions (2 where its 32 positions cross a padded row, 3 at stride 2 with pairs), where
+    every lane storing the same plane would cost at least V, and more than the rotated order
+    (the 32 positions' words are V apart). The staged k and channel tiles of the kernel at
+    (K, S), its vector width."""
+    R = cupy_backend.strip(kernel, K, S)
+    V = cupy_backend.vector_width(kernel, K, S)
+    cols, rows = (cupy_backend.TILE[0] - 1) * S + K, (cupy_backend.TILE[1] * R - 1) * S + K
+    pitch = cupy_backend.shared_pitch(cols, S, R * S)
+    for width in {1, V}:
+        worst, _ = loader_store_transactions(rows, cols, pitch, width, S)
+        assert worst <= 3, (width, worst)
+        if width > 1:
+            unrotated, _ = loader_store_transactions(rows, cols, pitch, width, S, rotated=False)
+            assert unrotated >= width and unrotated > worst, (width, worst, unrotated)
 
 
 def test_bank_conflict_model_sees_conflicts():

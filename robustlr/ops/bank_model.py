@@ -115,3 +115,34 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
         else:
             raise KeyError(kernel)
     return worst
+
+
+def loader_store_transactions(
+    rows: int, cols: int, pitch: int, width: int, stride: int = 1, rotated: bool = True
+) -> tuple[int, float]:
+    """(worst, mean) transactions of the tile loader's shared stores over one ROWS x COLS tile
+    staged at ``pitch`` in phase order (``lr_load_planes``, SLOTS = 1) with groups of ``width``
+    planes side by side: lane ``tid`` of a 128-thread block copies position ``tid + 128 t`` of
+    every plane, to word ``idx * width + plane % width`` of its group (idx its staged index);
+    at the loop's plane p it takes the group's plane ``(p + lane // (32 / width)) % width``
+    (``rotated``, the kernels' order) or plane p (every lane the same plane, for the
+    comparison). A warp's 32 positions span row breaks of the padded pitch, so some requests
+    are 2-way conflicted in either order; without the rotation every request of ``width``
+    >= 2 is at least ``width``-way."""
+    count = rows * cols
+    seen: list[int] = []
+    for trip in range(-(-count // 128)):
+        for warp in range(4):
+            for p in range(width):
+                req = []
+                for lane in range(32):
+                    e = 32 * warp + lane + 128 * trip
+                    if e >= count:
+                        continue
+                    row, col = divmod(e, cols)
+                    idx = row * pitch + cupy_backend.phase_col(col, cols, stride)
+                    plane = (p + lane // (32 // width)) % width if rotated else p
+                    req.append(idx * width + plane)
+                if req:
+                    seen.append(transactions(req))
+    return max(seen), sum(seen) / len(seen)
