@@ -23,11 +23,14 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3 to v7 are issue 19's earlier kernels, compiled
-from git (COMMITS) by the same method; v8 (v7 with the staged channels side by side, read by
-vector loads) is the working tree. From v5 on, the forward's sqdiff path is counted without its
-pass 1 (the fallback of a strip whose weights underflow from the bound), and from v6 on without
-the variant of pass 2 that tests every neighbour (it runs only where a prior logit is NaN). From
+microbenchmarks give 480-700 ns). Versions: v3 to v10 are issue 19's earlier kernels, compiled
+from git (COMMITS) by the same method; CURRENT is the working tree. For ALL_CODE versions the
+rows "all" add the code outside the counted loops along its longest path (``straight_line``,
+``robustlr.ops.sass.loop_tree``); the loader of PLANES_PER_POSITION versions copies every plane
+of a position in one thread (its element slots per plane: the positions' trips). From v5 on,
+the forward's sqdiff path is counted without its pass 1 (the fallback of a strip whose weights
+underflow from the bound), and from v6 on without the variant of pass 2 that tests every
+neighbour (it runs only where a prior logit is NaN). From
 v6 on the fp32 copies hold no register, so a thread keeps a whole tile's copies in flight: its
 DRAM bandwidth is the peak. From v7 on the backward query writes one grad-k partial per staged
 position of each tile and the backward input reads them (instead of x and D); the backward
@@ -109,6 +112,9 @@ PACKED = ("v9", "v10", "v11")
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
 PLANES_PER_POSITION = ("v11",)
+#: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
+#: one at a time there; cupy_backend.vector_width gives the current rule).
+FORWARD_QUADS = ("v11",)
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
 ALL_CODE = ("v10", "v11")
@@ -177,6 +183,9 @@ def loader_slots(rows: int, cols: int, batch: int, width: int = 1) -> float:
 def loader_width(kernel: str, version: str) -> int:
     """Planes of a group that share a loader thread's positions (it copies one of them): the
     vector width where the channels lie side by side, 1 where a thread copies every plane."""
+    forward = kernel in ("lr_forward", "lr_forward_packed")
+    if forward and strip_of(kernel, version) == 4 and version not in FORWARD_QUADS:
+        return 1  # one channel at a time at strips of 4 before v11
     if version in VECTOR_CHANNELS and version not in PLANES_PER_POSITION:
         return cupy_backend.vector_width(kernel, K, S)
     return 1
