@@ -603,7 +603,7 @@ __device__ __forceinline__ float lr_read_staged(const float* __restrict__ s_k,
 }
 
 // Most elements whose global loads a thread of the tile loader keeps in flight (registers it
-// holds for them: a 64-bit plane offset, a shared index and the value).
+// holds for them: a plane offset, a shared index and, through registers, the value).
 #define LR_LOAD_BATCH 8
 
 // out[i] = v for out in shared memory. On the GPU through its 32-bit shared-window address: from
@@ -776,7 +776,8 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 float* const out = shared_of(p);
                 const int plane_index = plane_of(p);
                 const bool copied = plane_index < n;
-                const T* const plane = lr_opaque(src + plane_index * plane_stride);
+                // (a plane past n is not read: no offset for it, which could pass 2^31)
+                const T* const plane = lr_opaque(copied ? src + plane_index * plane_stride : src);
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
                     if (to[t] < 0) continue;
