@@ -23,11 +23,13 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3 to v10 are issue 19's earlier kernels, compiled
+microbenchmarks give 480-700 ns). Versions: v3 to v11 are issue 19's earlier kernels, compiled
 from git (COMMITS) by the same method; CURRENT is the working tree. For ALL_CODE versions the
 rows "all" add the code outside the counted loops along its longest path (``straight_line``,
 ``robustlr.ops.sass.loop_tree``); the loader of PLANES_PER_POSITION versions copies every plane
-of a position in one thread (its element slots per plane: the positions' trips). From v5 on,
+of a position in one thread (its element slots per plane: the positions' trips), and from v11
+on it is counted by its loops that run at m = 8 (``whole_group_loops``: not the ragged-group
+loop). From v5 on,
 the forward's sqdiff path is counted without its pass 1 (the fallback of a strip whose weights
 underflow from the bound), and from v6 on without the variant of pass 2 that tests every
 neighbour (it runs only where a prior logit is NaN). From
@@ -76,8 +78,9 @@ COMMITS = {
     "v8": "244ec97",
     "v9": "889441c",
     "v10": "542af4a",
+    "v11": "044b968",
 }
-CURRENT = "v11"
+CURRENT = "v12"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -89,35 +92,39 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width).
-VECTOR_CHANNELS = ("v8", "v9", "v10", "v11")
+VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10", "v11")
+PACKED = ("v9", "v10", "v11", "v12")
 #: Versions whose loader copies every plane of a position in one thread (its geometry worked out
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
-PLANES_PER_POSITION = ("v11",)
+PLANES_PER_POSITION = ("v11", "v12")
 #: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
 #: one at a time there; cupy_backend.vector_width gives the current rule).
-FORWARD_QUADS = ("v11",)
+FORWARD_QUADS = ("v11", "v12")
+#: Versions whose loader is counted by its loops that run at m = 8 (whole_group_loops: the
+#: loaders of PLANES_PER_POSITION versions copy a ragged group in a loop of its own); until
+#: roofline v12 every loader loop was averaged in, v11's ragged-group loop included.
+WHOLE_GROUPS_ONLY = ("v11", "v12")
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
-ALL_CODE = ("v10", "v11")
+ALL_CODE = ("v10", "v11", "v12")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
@@ -195,6 +202,23 @@ def loader_slots_per_iteration(loop: Loop) -> int:
     """Element slots of one iteration of a tile-loader loop: its asynchronous copies, or (the
     register path) its shared stores."""
     return loop.every["LDGSTS"] or loop.every["STS"]
+
+
+def whole_group_loops(kernel: str, loaders: list[Loop]) -> list[Loop]:
+    """The tile-loader loops that run at m = 8: lr_load_planes copies in two loops, the groups
+    whose planes are all copied, then the rest (the planes of a ragged group, a chunk short of MC
+    channels), which m = MC = 8 never runs. In address order the first of each pair; the second
+    holds the ragged plane's test, so it is the longer (checked)."""
+    ordered = sorted(loaders, key=lambda lp: lp.first)
+    if len(ordered) % 2:
+        raise ValueError(f"{kernel}: {len(ordered)} loader loops, not pairs")
+    pairs = list(zip(ordered[::2], ordered[1::2], strict=True))
+    for whole, rest in pairs:
+        if rest.every.total() <= whole.every.total():
+            raise ValueError(
+                f"{kernel}: loader loop {rest.first:#x} not longer than {whole.first:#x}"
+            )
+    return [whole for whole, _ in pairs]
 
 
 def global_loops(loops: list[Loop], others: list[Loop], least: dict[str, int]) -> list[Loop]:
@@ -310,11 +334,12 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
         and lp not in window
     ]
     roles.update({lp.first: "loader" for lp in loaders})
-    # ops per element slot, averaged over the loader loops
+    # ops per element slot, averaged over the loader loops that run at m = 8
+    running = whole_group_loops(kernel, loaders) if version in WHOLE_GROUPS_ONLY else loaders
     loader = Counter()
-    for lp in loaders:
+    for lp in running:
         loader.update({op: n / loader_slots_per_iteration(lp) for op, n in lp.every.items()})
-    loader = Counter({op: n / len(loaders) for op, n in loader.items()})
+    loader = Counter({op: n / len(running) for op, n in loader.items()})
     width = loader_width(kernel, version)
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
     total = Counter()

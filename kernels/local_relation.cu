@@ -1,4 +1,4 @@
-// Local relation op, CUDA kernels v11 (DESIGN.md §1): tiled, register-blocked strips unrolled over
+// Local relation op, CUDA kernels v12 (DESIGN.md §1): tiled, register-blocked strips unrolled over
 // their rows, no per-thread window arrays, fp32 tiles copied by cp.async on sm_80+, grad k formed
 // by the backward query, staged channels side by side and read by vector loads; small images
 // packed several per block (lr_*_packed: one image per slot, tiles in dynamic shared memory).
@@ -32,7 +32,9 @@
 //
 // The composability is a template parameter of the tile bodies (lr_*_tiles<T, K, STRIDE, COMP>);
 // each kernel picks the body once per launch from its runtime argument (LR_BY_COMPOSABILITY),
-// so the window loops carry no composability branch. The softmax runs in base 2 (lr_exp2).
+// so the window loops carry no composability branch. The softmax runs in base 2 (lr_exp2), its
+// logits formed in base 2 by every kernel alike (lr_logit2: the query scaled, the prior logits
+// staged by lr_stage_geo as (geo - bound) * log2(e)).
 // The forward and backward query stage k outside the image as LR_FAR_KEY, so that sqdiff's and
 // absdiff's weights there are exactly 0 without a test in the window loops (mul tests).
 //
@@ -244,7 +246,11 @@ __device__ __forceinline__ void lr_forward_tiles(
         const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
 
         __syncthreads();  // the previous tile is done with s_k, s_x and s_geo
-        lr_load_geo<KK>(s_geo, geo + g * KK, tid);
+        // the prior logits in base 2 less their bound (pass 2 starts from it), and whether one is
+        // NaN (pass 2 then tests every neighbour: the NaN must not reach the outputs whose window
+        // leaves the image at that offset)
+        bool nan_prior;
+        const float bound = lr_stage_geo<KK>(s_geo, geo + g * KK, tid, nan_prior);
         if constexpr (PACKED) {
             lr_load_slots<IH, IW, STRIDE, PW, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
                 s_k, 0, k + (b0 * G + g) * H * W, 0, 1, -P, -P, H, W, tid, G * H * W, slots);
@@ -253,26 +259,6 @@ __device__ __forceinline__ void lr_forward_tiles(
                                                   W, tid, LR_FAR_KEY);
         }
         __syncthreads();
-
-        // the bound on the logits (see pass 2), and whether a prior logit is NaN (pass 2 then
-        // tests every neighbour: the NaN must not reach the outputs whose window leaves the image
-        // at that offset): worked out by every warp from s_geo, the same in every thread
-        float bound = -3.0e38f;  // finite, also when every prior logit is -inf
-        bool nan_prior = false;
-        if (COMP != LR_MUL) {
-#pragma unroll
-            for (int e0 = 0; e0 < KK; e0 += 32) {  // (unrolled: no loop)
-                const int e = e0 + (tid & 31);
-                const float v = e < KK ? s_geo[e] : bound;
-                bound = fmaxf(bound, v);  // (skips a NaN)
-                nan_prior = nan_prior || v != v;
-            }
-#pragma unroll
-            for (int d = 16; d > 0; d /= 2) {
-                bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, d));
-            }
-            nan_prior = __any_sync(0xffffffffu, nan_prior);
-        }
 
         // output r exists iff r < outs
         const int outs = b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
@@ -283,9 +269,13 @@ __device__ __forceinline__ void lr_forward_tiles(
         const T* const q_strip = lr_opaque(q + strip_at);
         float qv[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) qv[r] = r < outs ? lr_load(q_strip, r * row) : 0.0f;
+        for (int r = 0; r < R; ++r) {  // scaled (lr_logit2)
+            qv[r] = r < outs ? lr_load(q_strip, r * row) * lr_query_scale(COMP) : 0.0f;
+        }
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
-        float shift[R];  // pass 2's weights are 2^(l * log2(e) + shift), shift <= -max l * log2(e)
+        // the logits in base 2 less the bound, l2 = (l - bound) * log2(e) (lr_logit2); pass 2's
+        // weights are 2^(l2 + shift), shift <= -max l2: 0 from the bound, or -max l2 (pass 1)
+        float shift[R];
         // pass 1: shift from the largest logit in the image (fmaxf skips a NaN logit; pass 2
         // turns it into a NaN weight, so NaN in gives NaN out). Output r, offset (a, bb) reads
         // strip row t = r * STRIDE + a.
@@ -301,14 +291,14 @@ __device__ __forceinline__ void lr_forward_tiles(
                     [&](int t, int s, bool ok, const float* gw) {
                         const float kv = s_k[s];
                         lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
-                            const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                            if (COMP != LR_MUL || ok) peak[r] = fmaxf(peak[r], l);
+                            const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
+                            if (COMP != LR_MUL || ok) peak[r] = fmaxf(peak[r], l2);
                         });
                     },
                     [](int) {});
             }
 #pragma unroll
-            for (int r = 0; r < R; ++r) shift[r] = -peak[r] * LR_LOG2E;
+            for (int r = 0; r < R; ++r) shift[r] = -peak[r];
         };
         // sqdiff and absdiff logits are at most the group's largest prior logit (phi <= 0), so
         // their pass 2 starts from that bound without pass 1; a strip whose weight sum then falls
@@ -316,6 +306,7 @@ __device__ __forceinline__ void lr_forward_tiles(
         // underflow) runs pass 1 and pass 2 again. mul runs pass 1 first.
         bool exact = COMP == LR_MUL;
         if (exact) exact_shift();
+        bool shifted = exact;  // pass 1 has run (exact can be set without it, below)
 
         // pass 2, per chunk of MC channels: weights, their sums and the R x MC outputs
         const long long c_first = g * m;
@@ -335,7 +326,7 @@ __device__ __forceinline__ void lr_forward_tiles(
             __syncthreads();
             if (!exact && cg == 0) {
 #pragma unroll
-                for (int r = 0; r < R; ++r) shift[r] = -bound * LR_LOG2E;
+                for (int r = 0; r < R; ++r) shift[r] = 0.0f;
             }
             float acc[R][MC], sum[R];
             for (;;) {
@@ -345,19 +336,20 @@ __device__ __forceinline__ void lr_forward_tiles(
 #pragma unroll
                     for (int c = 0; c < MC; ++c) acc[r][c] = 0.0f;
                 }
-                // masked: a neighbour outside the image gets weight 0 by a test (mul, or a NaN
-                // prior logit); otherwise by its key (LR_FAR_KEY: e = 0). Each call below passes
-                // a constant, so the window loop is compiled once per value.
-                const auto window = [&](bool masked) {
+                // general: weights 2^(l2 + shift), a neighbour outside the image 0 by a test
+                // (mul, a NaN prior logit, or after pass 1); otherwise 2^l2 (shift 0, from the
+                // bound), 0 outside the image by its key (LR_FAR_KEY). Each call below passes a
+                // constant, so the window loop is compiled once per value.
+                const auto window = [&](bool general) {
                     lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
                         win, base, s_geo, true,
                         [&](int t, int s, bool ok, const float* gw) {
                             float xv[MC];
                             const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
                             lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
-                                const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                                const float e = lr_exp2(fmaf(l, LR_LOG2E, shift[r]));
-                                const float p = !masked || ok ? e : 0.0f;
+                                const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
+                                const float e = lr_exp2(general ? l2 + shift[r] : l2);
+                                const float p = !general || ok ? e : 0.0f;
                                 sum[r] += p;
 #pragma unroll
                                 for (int c = 0; c < MC; ++c) acc[r][c] += p * xv[c];
@@ -365,7 +357,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                         },
                         [](int) {});
                 };
-                if (warp_live && (COMP == LR_MUL || nan_prior)) {
+                if (warp_live && (COMP == LR_MUL || nan_prior || shifted)) {
                     window(true);
                 } else if (warp_live) {
                     window(false);
@@ -377,6 +369,7 @@ __device__ __forceinline__ void lr_forward_tiles(
                 exact = true;  // the later chunks keep this shift
                 if (!low) break;
                 exact_shift();
+                shifted = true;
             }
             // the strip's outputs from one address (its first channel's), at 32-bit offsets
             T* const y_strip = y + ((b * C + cc) * Ho + i0) * Wo + j;
@@ -391,7 +384,7 @@ __device__ __forceinline__ void lr_forward_tiles(
             for (int r = 0; r < R; ++r) {
                 if (r >= outs) continue;
                 if (cg == 0) {
-                    const float log_sum = (lr_log2(sum[r]) - shift[r]) * LR_LN2;
+                    const float log_sum = fmaf(lr_log2(sum[r]) - shift[r], LR_LN2, bound);
                     lr_store(lr_opaque(lse + strip_at), r * row, log_sum);
                 }
                 const float inv = lr_rcp(sum[r]);
@@ -552,7 +545,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     // slot column, at its slot's staged positions)
     const int gbase = PACKED ? (ty * 2 + tx / LR_SLOT_W) * GS - (slot * S::SLOT + sy * RS * PW)
                              : ty * STEP;
-    lr_load_geo<KK>(s_geo, geo + (long long)g * KK, tid);
+    bool nan_prior;  // (the weights are recomputed from the saved lse: no bounded pass)
+    const float bound = lr_stage_geo<KK>(s_geo, geo + (long long)g * KK, tid, nan_prior);
     for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
     constexpr int NCOPIES = PACKED ? 2 * LR_TILE_H : LR_TILE_H;
     for (int e = tid; e < NCOPIES * GS; e += LR_THREADS) copies[e] = 0.0f;
@@ -601,13 +595,15 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
         const T* const y_strip = lr_opaque(y + o_first);
         const T* const gy_strip = lr_opaque(gy + o_first);
-        // shift: -lse * log2(e), so p = 2^(l * log2(e) + shift); dsub: D in the first chunk, then 0
+        // q scaled (lr_logit2); shift: (bound - lse) * log2(e), so p = 2^(l2 + shift) with the
+        // forward's l2 = (l - bound) * log2(e); dsub: D in the first chunk, then 0
         float qv[R], shift[R], dsub[R], gqv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            qv[r] = r < outs ? lr_load(lr_opaque(q + strip_at), r * row) : 0.0f;
+            qv[r] = r < outs ? lr_load(lr_opaque(q + strip_at), r * row) * lr_query_scale(COMP)
+                             : 0.0f;
             // past the image's last row: -inf, so every weight of the output is 0 (but mul's)
-            shift[r] = r < outs ? -lr_load(lr_opaque(lse + strip_at), r * row) * LR_LOG2E
+            shift[r] = r < outs ? (bound - lr_load(lr_opaque(lse + strip_at), r * row)) * LR_LOG2E
                                 : __uint_as_float(0xff800000u);
             gqv[r] = 0.0f;
             // D = sum_c gy_c y_c from the saved output
@@ -657,16 +653,17 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
                         // (outside the image: LR_FAR_KEY, p = 0, except mul)
                         const bool live = COMP != LR_MUL || (ok && r < outs);
-                        const float l = lr_phi(COMP, qv[r], kv) + gw[r * STRIDE];
-                        const float p = live ? lr_exp2(fmaf(l, LR_LOG2E, shift[r])) : 0.0f;
+                        const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
+                        const float p = live ? lr_exp2(l2 + shift[r]) : 0.0f;
                         float dw = 0.0f;
 #pragma unroll
                         for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
                         const float dl = live ? p * (dw - dsub[r]) : 0.0f;
-                        // d phi / d k = -d phi / d q but for mul
-                        const float dq = dl * lr_dphi_dq(COMP, qv[r], kv);
+                        // d phi / d k = -d phi / d q but for mul (in the units of lr_dphi2_dq:
+                        // scaled by lr_query_grad_scale and lr_key_grad_scale after the sums)
+                        const float dq = dl * lr_dphi2_dq(COMP, qv[r], kv);
                         gqv[r] += dq;
-                        gkv += COMP == LR_MUL ? dl * lr_dphi_dk(COMP, qv[r], kv) : -dq;
+                        gkv += COMP == LR_MUL ? dl * lr_dphi2_dk(COMP, qv[r], kv) : -dq;
                         gg[r * STRIDE] += dl;
                     });
                     copies[gbase + s] += gkv;
@@ -680,7 +677,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            if (r < outs) lr_store(lr_opaque(gq + strip_at), r * row, gqv[r]);
+            if (r < outs) {
+                lr_store(lr_opaque(gq + strip_at), r * row, gqv[r] * lr_query_grad_scale(COMP));
+            }
         }
         // the copies are complete: the barriers of the last window column's grad-geo reduction
         // order every addition before this. Staged position (row, col) is read by the strips
@@ -846,7 +845,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         const long long plane = (b * G + g) * Ho * Wo;
 
         __syncthreads();
-        lr_load_geo<KK>(s_geo, geo + g * KK, tid);
+        bool nan_prior;  // (the weights are recomputed from the saved lse: no bounded pass)
+        const float bound = lr_stage_geo<KK>(s_geo, geo + g * KK, tid, nan_prior);
         // an output outside the image: lse LR_FAR_KEY, so its weights are exactly 0 (and its gy
         // is staged as 0)
         if constexpr (PACKED) {
@@ -941,7 +941,9 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     for (int t = 0; t < NT; ++t) {
                         const int s = sbase + t * PO + tj;
                         const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
-                        const float qv = s_q[s], shift = -s_lse[s] * LR_LOG2E;
+                        // q scaled and p = 2^(l2 + shift), as in lr_backward_query
+                        const float qv = s_q[s] * lr_query_scale(COMP);
+                        const float shift = (bound - s_lse[s]) * LR_LOG2E;
                         float gyc[MC];
                         lr_read_channels<MC, TO, V>(s_gy, s, gyc);  // 0 past nc
 #pragma unroll
@@ -950,8 +952,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                             if (STRIDE == 1 && (t < r || t - r >= K)) continue;
                             const bool ok = STRIDE == 1 || ((col_rows[r] >> t) & 1u);
                             const int o = ok ? o_first + r * K : 0;
-                            const float l = lr_phi(COMP, qv, kv[r]) + s_geo[o];
-                            const float e = lr_exp2(fmaf(l, LR_LOG2E, shift));
+                            const float l2 = lr_logit2(COMP, qv, kv[r], s_geo[o]);
+                            const float e = lr_exp2(l2 + shift);
                             const float wt = ok ? e : 0.0f;
 #pragma unroll
                             for (int c = 0; c < MC; ++c) gxv[r][c] += wt * gyc[c];
@@ -983,7 +985,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
             const float v = lr_gather_key_grad<K, STRIDE>(
                 gk_partial + (b * G + g) * plane_partials, hs + r, wc, query_tiles_h,
                 query_tiles_w);
-            lr_store(lr_opaque(gk + strip_at), r * row, v);
+            lr_store(lr_opaque(gk + strip_at), r * row, v * lr_key_grad_scale(COMP));
         }
     }
 }

@@ -167,9 +167,10 @@ __device__ __forceinline__ void lr_store(lr_bf16* p, I i, float v) {
 
 // ---- exponentials ------------------------------------------------------------------------------
 
-// The softmax runs in base 2: exp(l - c) = 2^(l * log2(e) - c * log2(e)), one FFMA and one
-// MUFU.EX2 on the GPU (ex2.approx.ftz: relative error below 2^-22 over the whole range, where the
-// accurate expf costs 11 instructions); exp2f on the CPU builds of the tests.
+// The softmax runs in base 2: exp(l - c) = 2^(l * log2(e) - c * log2(e)), the logits formed in
+// base 2 (lr_logit2), then one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error below 2^-22
+// over the whole range, where the accurate expf costs 11 instructions); exp2f on the CPU builds
+// of the tests.
 #define LR_LOG2E 1.4426950408889634f
 #define LR_LN2 0.6931471805599453f
 
@@ -212,30 +213,60 @@ __device__ __forceinline__ float lr_rcp(float v) {
 #define LR_ABSDIFF 1
 #define LR_MUL 2
 
-__device__ __forceinline__ float lr_phi(int comp, float q, float k) {
+// The logits in base 2 (v12): l * log2(e) = phi2(q2, k) + geo * log2(e), with the query scaled
+// once per output, q2 = q * lr_query_scale(comp), and the prior logits staged as geo2 = (geo -
+// bound) * log2(e) (lr_stage_geo), so that the forward's weight 2^(l * log2(e) - bound *
+// log2(e)) is one MUFU.EX2 of lr_logit2: sqdiff's phi2 is -d^2 with d = q2 - k * sqrt(log2(e))
+// (one FFMA, as q - k was one FADD), absdiff's -|q2 - k * log2(e)|, mul's q2 * k. Every kernel
+// forms its logits this way, so the backward's recomputed weights hold the forward's bits (up to
+// one rounding per output, in its shift).
+#define LR_SQRT_LOG2E 1.2011224087864498f
+
+__device__ __forceinline__ float lr_query_scale(int comp) {
+    return comp == LR_SQDIFF ? LR_SQRT_LOG2E : LR_LOG2E;
+}
+
+// d of sqdiff and absdiff: the scaled q - k
+__device__ __forceinline__ float lr_scaled_diff(int comp, float q2, float k) {
+    return fmaf(k, -lr_query_scale(comp), q2);
+}
+
+// l * log2(e) - bound * log2(e) from the scaled query, the key and the staged prior logit geo2:
+// fused explicitly, so that every kernel (and the CPU builds of the tests) rounds it alike
+__device__ __forceinline__ float lr_logit2(int comp, float q2, float k, float geo2) {
     if (comp == LR_SQDIFF) {
-        float d = q - k;
-        return -d * d;
+        const float d = lr_scaled_diff(comp, q2, k);
+        return fmaf(-d, d, geo2);
     }
-    if (comp == LR_ABSDIFF) return -fabsf(q - k);
-    return q * k;
+    if (comp == LR_ABSDIFF) return geo2 - fabsf(lr_scaled_diff(comp, q2, k));
+    return fmaf(q2, k, geo2);
 }
 
 __device__ __forceinline__ float lr_sign(float v) {
     return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
 }
 
-// d phi / d q (d phi / d k is the same with the roles of q and k swapped).
-__device__ __forceinline__ float lr_dphi_dq(int comp, float q, float k) {
-    if (comp == LR_SQDIFF) return -2.0f * (q - k);
-    if (comp == LR_ABSDIFF) return -lr_sign(q - k);
+// d phi / d q and d phi / d k (natural units) are lr_query_grad_scale(comp) x lr_dphi2_dq and
+// lr_key_grad_scale(comp) x lr_dphi2_dk: the constant applied once per output (grad q) or per
+// input (grad k), after the sums.
+__device__ __forceinline__ float lr_dphi2_dq(int comp, float q2, float k) {
+    if (comp == LR_SQDIFF) return lr_scaled_diff(comp, q2, k);  // -2 (q - k) = -2 / sqrt(log2 e) d
+    if (comp == LR_ABSDIFF) return -lr_sign(lr_scaled_diff(comp, q2, k));
     return k;
 }
 
-__device__ __forceinline__ float lr_dphi_dk(int comp, float q, float k) {
-    if (comp == LR_SQDIFF) return 2.0f * (q - k);
-    if (comp == LR_ABSDIFF) return lr_sign(q - k);
-    return q;
+__device__ __forceinline__ float lr_dphi2_dk(int comp, float q2, float k) {
+    if (comp == LR_SQDIFF) return -lr_scaled_diff(comp, q2, k);
+    if (comp == LR_ABSDIFF) return lr_sign(lr_scaled_diff(comp, q2, k));
+    return q2;  // q = q2 / log2(e)
+}
+
+__device__ __forceinline__ float lr_query_grad_scale(int comp) {
+    return comp == LR_SQDIFF ? -2.0f / LR_SQRT_LOG2E : 1.0f;
+}
+
+__device__ __forceinline__ float lr_key_grad_scale(int comp) {
+    return comp == LR_SQDIFF ? -2.0f / LR_SQRT_LOG2E : (comp == LR_MUL ? LR_LN2 : 1.0f);
 }
 
 // ---- shared memory ----------------------------------------------------------------------------
@@ -866,14 +897,32 @@ __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_st
                                                        c0, H, W, tid, outside);
 }
 
-// Copy the K * K prior logits of one group into shared memory: a strided loop, so every K works
-// with any block size (K * K may exceed LR_THREADS: 169 at K = 13).
+// Stage the K * K prior logits of one group in base 2 less their bound (lr_logit2): dst[e] =
+// (src[e] - bound) * log2(e), the bound their largest (fmaxf skips a NaN; -3e38, finite, where
+// every one is -inf), worked out by each warp from global memory, the same in every thread with
+// no barrier (all 32 lanes must call). nan_prior: a prior logit is NaN. The caller's barrier
+// orders the stores before the reads. Every K works with any block size (K * K may exceed
+// LR_THREADS: 169 at K = 13).
 template <int KK>
-__device__ __forceinline__ void lr_load_geo(float* __restrict__ dst, const float* __restrict__ src,
-                                            int tid) {
-    if (KK <= LR_THREADS) {  // no loop (the compiler would unroll one for any block size)
-        if (tid < KK) dst[tid] = src[tid];
-    } else {
-        for (int e = tid; e < KK; e += LR_THREADS) dst[e] = src[e];
+__device__ __forceinline__ float lr_stage_geo(float* __restrict__ dst,
+                                              const float* __restrict__ src, int tid,
+                                              bool& nan_prior) {
+    float bound = -3.0e38f;
+    bool nan = false;
+#pragma unroll
+    for (int e0 = 0; e0 < KK; e0 += 32) {  // (unrolled)
+        const int e = e0 + (tid & 31);
+        const float v = e < KK ? lr_load(src, e) : bound;
+        bound = fmaxf(bound, v);
+        nan = nan || v != v;
     }
+#pragma unroll
+    for (int d = 16; d > 0; d /= 2) bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, d));
+    nan_prior = __any_sync(0xffffffffu, nan);
+    if (KK <= LR_THREADS) {  // no loop (the compiler would unroll one for any block size)
+        if (tid < KK) dst[tid] = (lr_load(src, tid) - bound) * LR_LOG2E;
+    } else {
+        for (int e = tid; e < KK; e += LR_THREADS) dst[e] = (lr_load(src, e) - bound) * LR_LOG2E;
+    }
+    return bound;
 }
