@@ -232,6 +232,8 @@ __device__ __forceinline__ void lr_forward_tiles(
     // registers)
     for (long long tile = blockIdx.x; tile < lr_opaque(images) * G * tiles_h * tiles_w;
          tile += gridDim.x) {
+        // the list of lr_tile_of, taken apart by 5 divisions: with lr_tile_of's 3, ptxas spills
+        // lr_forward<float, 5, 1> on sm_90 (4 bytes; v13, tests/test_kernels_budget.py)
         const long long tw = tile % tiles_w;
         const long long th = (tile / tiles_w) % tiles_h;
         const long long g = (tile / (tiles_w * tiles_h)) % G;
@@ -560,9 +562,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     // of this group (packed: SLOTS images each)
     const long long ntiles = (PACKED ? (B + SLOTS - 1) / SLOTS : B) * tiles_h * tiles_w;
     for (long long tile = chunk; tile < ntiles; tile += nchunks) {
-        const long long tw = tile % tiles_w;
-        const long long th = (tile / tiles_w) % tiles_h;
-        const long long b0 = tile / (tiles_w * tiles_h) * SLOTS;  // the tile's first image
+        const lr_tile_place place = lr_tile_of(tile, tiles_w, tiles_h, 1);  // (group g's list)
+        const long long tw = place.tw, th = place.th;
+        const long long b0 = place.image * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
         // (packed: opaque, or ptxas specialises the window loops on the small values and spills)
         const long long i0 = PACKED ? lr_opaque((long long)sy * R) : th * OTH + ty * R;
@@ -596,8 +598,8 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const T* const y_strip = lr_opaque(y + o_first);
         const T* const gy_strip = lr_opaque(gy + o_first);
         // q scaled (lr_logit2); shift: (bound - lse) * log2(e), so p = 2^(l2 + shift) with the
-        // forward's l2 = (l - bound) * log2(e); dsub: D in the first chunk, then 0
-        float qv[R], shift[R], dsub[R], gqv[R];
+        // forward's l2 = (l - bound) * log2(e)
+        float qv[R], shift[R], gqv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             qv[r] = r < outs ? lr_load(lr_opaque(q + strip_at), r * row) * lr_query_scale(COMP)
@@ -606,14 +608,6 @@ __device__ __forceinline__ void lr_backward_query_tiles(
             shift[r] = r < outs ? (bound - lr_load(lr_opaque(lse + strip_at), r * row)) * LR_LOG2E
                                 : __uint_as_float(0xff800000u);
             gqv[r] = 0.0f;
-            // D = sum_c gy_c y_c from the saved output
-            dsub[r] = 0.0f;
-            if (r < outs) {
-                for (int c = 0; c < mg; ++c) {
-                    const int at = c * plane + r * row;
-                    dsub[r] += lr_load(gy_strip, at) * lr_load(y_strip, at);
-                }
-            }
         }
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
         for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
@@ -628,14 +622,19 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid);
             }
             __syncthreads();
-            float gyv[R][MC];
+            // gy of the chunk's channels and dsub, the chunk's share of the delta D = sum_c gy_c
+            // y_c (from the saved output): dl = p (dw - D) is linear in both, so each chunk
+            // subtracts its own channels' share
+            float gyv[R][MC], dsub[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
+                dsub[r] = 0.0f;
 #pragma unroll
                 for (int c = 0; c < MC; ++c) {
-                    gyv[r][c] = r < outs && c < nc
-                                    ? lr_load(gy_strip, (cg + c) * plane + r * row)
-                                    : 0.0f;
+                    const bool in = r < outs && c < nc;
+                    const int at = (cg + c) * plane + r * row;
+                    gyv[r][c] = in ? lr_load(gy_strip, at) : 0.0f;
+                    dsub[r] += gyv[r][c] * (in ? lr_load(y_strip, at) : 0.0f);
                 }
             }
             float gg[L];  // gg[d] = the strip's dlogit sum of window row t - d (this column)
@@ -655,15 +654,17 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                         const bool live = COMP != LR_MUL || (ok && r < outs);
                         const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
                         const float p = live ? lr_exp2(l2 + shift[r]) : 0.0f;
-                        float dw = 0.0f;
+                        float dw = -dsub[r];  // dw - dsub, the FFMAs from -dsub
 #pragma unroll
-                        for (int c = 0; c < MC; ++c) dw += gyv[r][c] * xv[c];
-                        const float dl = live ? p * (dw - dsub[r]) : 0.0f;
+                        for (int c = 0; c < MC; ++c) dw = fmaf(gyv[r][c], xv[c], dw);
+                        const float dl = live ? p * dw : 0.0f;
                         // d phi / d k = -d phi / d q but for mul (in the units of lr_dphi2_dq:
-                        // scaled by lr_query_grad_scale and lr_key_grad_scale after the sums)
-                        const float dq = dl * lr_dphi2_dq(COMP, qv[r], kv);
-                        gqv[r] += dq;
-                        gkv += COMP == LR_MUL ? dl * lr_dphi2_dk(COMP, qv[r], kv) : -dq;
+                        // scaled by lr_query_grad_scale and lr_key_grad_scale after the sums);
+                        // each sum one FFMA
+                        const float dphi = lr_dphi2_dq(COMP, qv[r], kv);
+                        gqv[r] = fmaf(dl, dphi, gqv[r]);
+                        gkv = COMP == LR_MUL ? fmaf(dl, lr_dphi2_dk(COMP, qv[r], kv), gkv)
+                                             : fmaf(-dl, dphi, gkv);
                         gg[r * STRIDE] += dl;
                     });
                     copies[gbase + s] += gkv;
@@ -672,8 +673,6 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                     if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
                 },
                 [&](int bb) { lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid); });
-#pragma unroll
-            for (int r = 0; r < R; ++r) dsub[r] = 0.0f;  // the delta term counts once per output
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -764,44 +763,59 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_p
                         s_row, s_part, s_gacc, s_gk)
 }
 
-// grad k at input (h, w) of one (b, g) plane: the sum, in tile order, of lr_backward_query's
-// partials (`partials`: that plane's, tiles_h x tiles_w tiles) of the tiles whose staged
-// positions hold it.
-template <int K, int STRIDE>
-__device__ __forceinline__ float lr_gather_key_grad(const float* __restrict__ partials,
-                                                    long long h, long long w, long long tiles_h,
-                                                    long long tiles_w) {
+// grad k of a strip of RI inputs (hs + r, w), r < RI, of one (b, g) plane: for each input with
+// live[r], the sum, in tile order, of lr_backward_query's partials (`partials`: that plane's,
+// tiles_h x tiles_w tiles) of the tiles whose staged positions hold it; 0 for the others. The
+// tile columns that staged column w are worked out once for the strip. In 32 bits: a plane, so
+// its tile counts, holds fewer than 2^31 positions (cupy_backend.offsets_fit).
+template <int K, int STRIDE, int RI>
+__device__ __forceinline__ void lr_gather_key_grads(const float* __restrict__ partials, int hs,
+                                                    int w, int tiles_h, int tiles_w,
+                                                    const bool (&live)[RI], float (&v)[RI]) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
-    constexpr int P = K / 2, IH = S::IH, IW = S::IW;
-    constexpr long long ROWS = S::OTH * STRIDE, COLS = LR_TILE_W * STRIDE;  // tile steps
-    // tile th stages input rows [th * ROWS - P, th * ROWS - P + IH)
-    const long long th_first = lr_floor_div(h + P - IH, ROWS) + 1;
-    const long long th_last = (h + P) / ROWS < tiles_h - 1 ? (h + P) / ROWS : tiles_h - 1;
-    const long long tw_first = lr_floor_div(w + P - IW, COLS) + 1;
-    const long long tw_last = (w + P) / COLS < tiles_w - 1 ? (w + P) / COLS : tiles_w - 1;
-    float v = 0.0f;
-    for (long long th = th_first > 0 ? th_first : 0; th <= th_last; ++th) {
-        for (long long tw = tw_first > 0 ? tw_first : 0; tw <= tw_last; ++tw) {
-            v += partials[(th * tiles_w + tw) * (IH * IW) + (h + P - th * ROWS) * IW +
-                          (w + P - tw * COLS)];
+    constexpr int P = K / 2, IH = S::IH, IW = S::IW, TILE = IH * IW;
+    constexpr int ROWS = S::OTH * STRIDE, COLS = LR_TILE_W * STRIDE;  // tile steps
+    static_assert(IW <= 2 * COLS, "an input lies in at most two tile columns (K <= 17)");
+    // tile (th, tw) stages input rows [th * ROWS - P, th * ROWS - P + IH), columns likewise:
+    // column w lies in tile column tw_first, and in the next one where `both`
+    const int tw_lo = lr_floor_div_int(w + P - IW, COLS) + 1;
+    const int tw_first = tw_lo > 0 ? tw_lo : 0;
+    const int tw_last = (w + P) / COLS < tiles_w - 1 ? (w + P) / COLS : tiles_w - 1;
+    const bool both = tw_last > tw_first;
+    // from (h, w) in tile (th, 0)'s frame to tile column tw_first's, and on to the next one's
+    const long long first = (long long)tw_first * (TILE - COLS), next = TILE - COLS;
+#pragma unroll
+    for (int r = 0; r < RI; ++r) {
+        v[r] = 0.0f;
+        if (!live[r]) continue;
+        const int h = hs + r;
+        const int th_lo = lr_floor_div_int(h + P - IH, ROWS) + 1;
+        const int th_last = (h + P) / ROWS < tiles_h - 1 ? (h + P) / ROWS : tiles_h - 1;
+#pragma unroll 1
+        for (int th = th_lo > 0 ? th_lo : 0; th <= th_last; ++th) {  // (one or two)
+            const float* const at = partials + (long long)th * tiles_w * TILE +
+                                    (h + P - th * ROWS) * IW + (w + P) + first;
+            v[r] += at[0];
+            if (both) v[r] += at[next];
         }
     }
-    return v;
 }
 
 // Backward, input side: one thread per strip of RI input positions (hs + r, wc), r < RI, of a
 // tile of one (b, g) plane. It gathers grad x for the channels of group g at those positions
 // from the outputs whose windows cover them: output rows i_first + t, t < NT (each covers the
 // strip rows r with 0 <= hs + r + P - i * STRIDE < K), columns j_first + tj, tj < NC; and
-// grad k from lr_backward_query's partials (lr_gather_key_grad). Shared: q and lse over the
-// outputs covering the tile, and gy of MC channels over the same outputs.
+// grad k from lr_backward_query's partials (lr_gather_key_grads). Shared: q and lse over the
+// outputs covering the tile, staged as lr_backward_query uses them (q scaled by
+// lr_query_scale, and the weights' shift (bound - lse) log2(e) in place of lse), and gy of MC
+// channels over the same outputs.
 template <typename T, int K, int STRIDE, int COMP, int SLOTS>
 __device__ __forceinline__ void lr_backward_input_tiles(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
     const float* __restrict__ lse, const T* __restrict__ gy,
     const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
-    float* __restrict__ s_q, float* __restrict__ s_lse, float* __restrict__ s_gy,
+    float* __restrict__ s_q, float* __restrict__ s_shift, float* __restrict__ s_gy,
     float* __restrict__ s_geo) {
     using S = lr_input_shape<K, STRIDE, SLOTS>;
     using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
@@ -821,16 +835,15 @@ __device__ __forceinline__ void lr_backward_input_tiles(
 
     if constexpr (PACKED) {  // what lies outside the images, once: the loads write the rest
         lr_fill_shared<TO>(s_q, 0.0f, tid);
-        lr_fill_shared<TO>(s_lse, LR_FAR_KEY, tid);
+        lr_fill_shared<TO>(s_shift, __uint_as_float(0xff800000u), tid);  // shift -inf
         lr_fill_shared<MC * TO>(s_gy, 0.0f, tid);
     }
     // images * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
     for (long long tile = blockIdx.x; tile < lr_opaque(images) * G * tiles_h * tiles_w;
          tile += gridDim.x) {
-        const long long tw = tile % tiles_w;
-        const long long th = (tile / tiles_w) % tiles_h;
-        const long long g = (tile / (tiles_w * tiles_h)) % G;
-        const long long b0 = tile / (tiles_w * tiles_h * G) * SLOTS;  // the tile's first image
+        const lr_tile_place place = lr_tile_of(tile, tiles_w, tiles_h, G);
+        const long long tw = place.tw, th = place.th, g = place.g;
+        const long long b0 = place.image * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
         const long long h0 = th * ITH, w0 = tw * LR_TILE_W;
         // (packed: opaque, or ptxas specialises the window loops on the small values and spills)
@@ -847,18 +860,25 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         __syncthreads();
         bool nan_prior;  // (the weights are recomputed from the saved lse: no bounded pass)
         const float bound = lr_stage_geo<KK>(s_geo, geo + g * KK, tid, nan_prior);
-        // an output outside the image: lse LR_FAR_KEY, so its weights are exactly 0 (and its gy
-        // is staged as 0)
+        // staged: q scaled, q2 = (0 - q) * -lr_query_scale, and shift = (bound - lse) log2(e),
+        // so p = 2^(l2 + shift) (lr_backward_query's). An output outside the image: lse
+        // LR_FAR_KEY (packed: shift -inf), so its weights are exactly 0 (and its gy is staged
+        // as 0)
+        const lr_rescale scaled_q = {0.0f, -lr_query_scale(COMP)};
+        const lr_rescale shift_of_lse = {bound, LR_LOG2E};
         if constexpr (PACKED) {
             const long long first = (b0 * G + g) * Ho * Wo;
-            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false>(
-                s_q, 0, q + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots);
-            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false>(
-                s_lse, 0, lse + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots);
+            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false, true>(
+                s_q, 0, q + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots,
+                scaled_q);
+            lr_load_slots<OH, OW, 1, PO, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W, false, true>(
+                s_shift, 0, lse + first, 0, 1, S::OI0, S::OI0, Ho, Wo, tid, G * Ho * Wo, slots,
+                shift_of_lse);
         } else {
-            lr_load_tile<OH, OW, PO, 1>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid);
-            lr_load_tile<OH, OW, PO, 1>(s_lse, 0, lse + plane, 0, 1, oi0, oj0, Ho, Wo, tid,
-                                        LR_FAR_KEY);
+            lr_load_tile<OH, OW, PO, 1, 1, true>(s_q, 0, q + plane, 0, 1, oi0, oj0, Ho, Wo, tid,
+                                                 0.0f, scaled_q);
+            lr_load_tile<OH, OW, PO, 1, 1, true>(s_shift, 0, lse + plane, 0, 1, oi0, oj0, Ho,
+                                                 Wo, tid, LR_FAR_KEY, shift_of_lse);
         }
 
         // the outputs covering the strip: i = i_first + t, j = j_first + tj
@@ -942,8 +962,7 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                         const int s = sbase + t * PO + tj;
                         const int o_first = (a_first - t * STRIDE) * K + bb;  // geo of r = 0
                         // q scaled and p = 2^(l2 + shift), as in lr_backward_query
-                        const float qv = s_q[s] * lr_query_scale(COMP);
-                        const float shift = (bound - s_lse[s]) * LR_LOG2E;
+                        const float qv = s_q[s], shift = s_shift[s];
                         float gyc[MC];
                         lr_read_channels<MC, TO, V>(s_gy, s, gyc);  // 0 past nc
 #pragma unroll
@@ -961,31 +980,33 @@ __device__ __forceinline__ void lr_backward_input_tiles(
                     }
                 }
             }
-            // the strip's grad x from one address per input row, at 32-bit offsets (a group's
-            // channel planes span fewer than 2^31 positions: cupy_backend.offsets_fit); no
-            // test per store: the channels past a ragged chunk (c >= nc) store to channel
-            // nc - 1, in descending order, so that its own value is the one stored last. The
-            // channel offsets are worked out per row (lr_opaque): held across the rows, they
-            // spilled in the 16-bit sm_80 builds.
+            // the strip's grad x, one pointer per input row stepped a channel plane at a time
+            // (a group's channel planes span fewer than 2^31 positions:
+            // cupy_backend.offsets_fit), each store predicated on its channel (c < nc: a
+            // ragged chunk's last channels are not stored). The pointers are worked out per
+            // row (lr_opaque): held across the rows, offsets spilled in the 16-bit sm_80 builds.
             T* const gx_strip = gx + ((b * C + cc) * H + hs) * W + wc;
             const int in_plane = (int)(H * W);
 #pragma unroll
             for (int r = 0; r < RI; ++r) {
                 if (!in_ok[r]) continue;
-                const int last = lr_opaque(nc - 1);
+                T* at = lr_opaque(gx_strip + r * row);
 #pragma unroll
-                for (int c = MC - 1; c >= 0; --c) {
-                    lr_store(gx_strip, (c < last ? c : last) * in_plane + r * row, gxv[r][c]);
+                for (int c = 0; c < MC; ++c) {
+                    if (c < nc) lr_store(at, 0, gxv[r][c]);
+                    at += in_plane;
                 }
             }
         }
+        float gkv[RI];
+        lr_gather_key_grads<K, STRIDE, RI>(gk_partial + (b * G + g) * plane_partials, (int)hs,
+                                           (int)wc, (int)query_tiles_h, (int)query_tiles_w,
+                                           in_ok, gkv);
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
-            if (!in_ok[r]) continue;
-            const float v = lr_gather_key_grad<K, STRIDE>(
-                gk_partial + (b * G + g) * plane_partials, hs + r, wc, query_tiles_h,
-                query_tiles_w);
-            lr_store(lr_opaque(gk + strip_at), r * row, v * lr_key_grad_scale(COMP));
+            if (in_ok[r]) {
+                lr_store(lr_opaque(gk + strip_at), r * row, gkv[r] * lr_key_grad_scale(COMP));
+            }
         }
     }
 }
@@ -1007,15 +1028,15 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     using S = lr_input_shape<K, STRIDE>;
-    // the MC gy tiles (first: 16-byte aligned for lr_read_channels), q and lse in one array: the
-    // window loop reads them at one address plus constant offsets
+    // the MC gy tiles (first: 16-byte aligned for lr_read_channels), q and shift in one array:
+    // the window loop reads them at one address plus constant offsets
     LR_SHARED_VECTORS(float, s_out, (2 + S::MC) * S::TO);
     LR_SHARED(float, s_geo, K * K);
     float* const s_gy = s_out;
     float* const s_q = s_out + S::MC * S::TO;
-    float* const s_lse = s_q + S::TO;
+    float* const s_shift = s_q + S::TO;
     LR_BY_COMPOSABILITY(comp, lr_backward_input_one, q, k, geo, lse, gy, gk_partial, gx, gk, B,
-                        C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
+                        C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
 }
 
 // lr_backward_input on small images at stride 1 (at most LR_SLOT_W x 2 RI inputs): LR_SLOTS
@@ -1031,12 +1052,12 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input_p
     // packed tiles at stride 1 only (other strides: an empty body, never launched)
     constexpr int SLOTS = STRIDE == 1 ? LR_SLOTS : 1;
     using S = lr_input_shape<K, STRIDE, SLOTS>;
-    LR_DYNAMIC_SHARED(float, s_gy);  // MC gy tiles, then q, lse and geo
+    LR_DYNAMIC_SHARED(float, s_gy);  // MC gy tiles, then q, shift and geo
     float* const s_q = s_gy + S::MC * S::TO;
-    float* const s_lse = s_q + S::TO;
-    float* const s_geo = s_lse + S::TO;
+    float* const s_shift = s_q + S::TO;
+    float* const s_geo = s_shift + S::TO;
     if constexpr (STRIDE == 1) {
         LR_BY_COMPOSABILITY(comp, lr_backward_input_slots, q, k, geo, lse, gy, gk_partial, gx,
-                            gk, B, C, H, W, G, m, Ho, Wo, s_q, s_lse, s_gy, s_geo)
+                            gk, B, C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
     }
 }

@@ -298,6 +298,26 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
     return (q * b > a) ? q - 1 : q;
 }
 
+// Tile number `tile` of a kernel's tile list, ((image * G + g) * tiles_h + th) * tiles_w + tw,
+// taken apart by three quotients, each with its remainder (the same division: 5 divisions
+// before v13).
+struct lr_tile_place {
+    long long image, g, th, tw;
+};
+__device__ __forceinline__ lr_tile_place lr_tile_of(long long tile, long long tiles_w,
+                                                    long long tiles_h, long long G) {
+    const long long rows = tile / tiles_w;    // (image * G + g) * tiles_h + th
+    const long long planes = rows / tiles_h;  // image * G + g
+    const long long image = planes / G;
+    return {image, planes % G, rows % tiles_h, tile % tiles_w};
+}
+
+// lr_floor_div in 32 bits (its own name: an int overload would make mixed calls ambiguous).
+__device__ __forceinline__ int lr_floor_div_int(int a, int b) {
+    const int q = a / b;
+    return (q * b > a) ? q - 1 : q;
+}
+
 // Register blocking: every thread computes a vertical strip of R adjacent positions (outputs
 // in lr_forward / lr_backward_query, inputs in lr_backward_input), so a tile is LR_TILE_W
 // positions wide and LR_TILE_H * R tall, and each window word a thread reads from shared
@@ -637,6 +657,14 @@ __device__ __forceinline__ float lr_read_staged(const float* __restrict__ s_k,
 // holds for them: a plane offset, a shared index and, through registers, the value).
 #define LR_LOAD_BATCH 8
 
+// What a tile loader stores for a value v with RESCALE (lr_load_planes): (origin - v) * factor,
+// rounded as written (the backward input stages q scaled, origin 0, and the weights' shift
+// (bound - lse) log2(e), as lr_backward_query forms them).
+struct lr_rescale {
+    float origin, factor;
+    __device__ __forceinline__ float operator()(float v) const { return (origin - v) * factor; }
+};
+
 // out[i] = v for out in shared memory. On the GPU through its 32-bit shared-window address: from
 // a generic pointer ptxas recomputed the window address (S2R, LEA) at every store of the loader.
 __device__ __forceinline__ void lr_store_shared(float* out, int i, float v) {
@@ -719,6 +747,8 @@ __device__ __forceinline__ P* lr_opaque(P* v) {
 // (those of the BOX_H x BOX_W image positions from (-r0, -c0) that the window holds): the rest
 // keep what the caller filled them with once (lr_fill_shared), the slots z >= `slots` (no image)
 // whatever they held. All threads of the block take part (tid in [0, LR_THREADS)).
+// RESCALE: every element it writes is stored as (rescale.origin - v) * rescale.factor
+// (lr_rescale), `outside` and the zeros past n included; the filled ones of SLOTS > 1 are not.
 // One geometry per position (v11): thread tid copies every plane at positions tid,
 // tid + LR_THREADS, ..., so it works out a position's plane offset and shared index once for
 // all NP planes. Within a group it takes the V planes in a rotated order, lane / (32 / V) first,
@@ -727,16 +757,18 @@ __device__ __forceinline__ P* lr_opaque(P* v) {
 // elements of each of V planes, as the v8-v10 loader did (one plane of each group a thread,
 // 32 / V positions a warp, paying the geometry once per element of every group).
 // Pipelined: constant trip counts; with lr_copies_async<T> (fp32 on sm_80+) every element is
-// one lr_copy_async and a thread waits once, for all its planes, before it returns; otherwise
+// one lr_copy_async and a thread waits once, for all its planes, before it returns (with
+// RESCALE, once per batch, then rescales the batch's elements in place); otherwise
 // a thread issues the batch's global loads of a plane before the first of their shared stores
 // (one memory latency per batch and plane).
 template <int ROWS, int COLS, int STRIDE, int PITCH, bool PHASED, int NP, int V, int SLOTS = 1,
-          int SLOT = 0, int BOX_H = ROWS, int BOX_W = COLS, typename T>
+          int SLOT = 0, int BOX_H = ROWS, int BOX_W = COLS, bool RESCALE = false, typename T>
 __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
                                                long long W, int tid, float outside = 0.0f,
-                                               long long slot_stride = 0, int slots = 1) {
+                                               long long slot_stride = 0, int slots = 1,
+                                               lr_rescale rescale = {0.0f, 1.0f}) {
     static_assert(NP % V == 0 && 32 % V == 0, "whole groups of planes, whole rotations a warp");
     // positions: the tile's, or the slots' image boxes with SLOTS > 1
     constexpr int N = SLOTS == 1 ? ROWS * COLS : SLOTS * BOX_H * BOX_W;
@@ -820,6 +852,17 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                     }
                 }
             }
+            if constexpr (RESCALE) {  // this thread's own elements, once they have landed
+                lr_copy_wait();
+#pragma unroll 1
+                for (int p = 0; p < NP; ++p) {
+                    float* const out = shared_of(p);
+#pragma unroll
+                    for (int t = 0; t < BATCH; ++t) {
+                        if (to[t] >= 0) lr_store_shared(out, to[t], rescale(out[to[t]]));
+                    }
+                }
+            }
         } else {
 #pragma unroll 1
             for (int p = 0; p < NP; ++p) {
@@ -840,12 +883,12 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 }
 #pragma unroll
                 for (int t = 0; t < BATCH; ++t) {
-                    if (to[t] >= 0) lr_store_shared(out, to[t], v[t]);
+                    if (to[t] >= 0) lr_store_shared(out, to[t], RESCALE ? rescale(v[t]) : v[t]);
                 }
             }
         }
     }
-    if constexpr (lr_copies_async<T>::value) lr_copy_wait();
+    if constexpr (lr_copies_async<T>::value && !RESCALE) lr_copy_wait();  // (RESCALE: waited)
 }
 
 // NP planes of a tile read at STRIDE by the window loops: phase order, row pitch PITCH
@@ -866,13 +909,15 @@ __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_
 // of the BOX_H x BOX_W image positions from the image's corner (at most (H, W)) that the window
 // holds: the caller fills the tiles once with what lies outside (lr_fill_shared).
 template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V, int SLOTS, int SLOT,
-          int BOX_H, int BOX_W, bool PHASED = true, typename T>
+          int BOX_H, int BOX_W, bool PHASED = true, bool RESCALE = false, typename T>
 __device__ __forceinline__ void lr_load_slots(float* __restrict__ dst, int dst_stride,
                                               const T* __restrict__ src, long long src_stride,
                                               int n, int r0, int c0, long long H, long long W,
-                                              int tid, long long slot_stride, int slots) {
-    lr_load_planes<ROWS, COLS, STRIDE, PITCH, PHASED, NP, V, SLOTS, SLOT, BOX_H, BOX_W>(
-        dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, 0.0f, slot_stride, slots);
+                                              int tid, long long slot_stride, int slots,
+                                              lr_rescale rescale = {0.0f, 1.0f}) {
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, PHASED, NP, V, SLOTS, SLOT, BOX_H, BOX_W, RESCALE>(
+        dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, 0.0f, slot_stride, slots,
+        rescale);
 }
 
 // dst[i] = v for i < COUNT (a multiple of 4, dst 16-byte aligned) in shared memory, by every
@@ -888,13 +933,14 @@ __device__ __forceinline__ void lr_fill_shared(float* __restrict__ dst, float v,
 }
 
 // NP planes of a tile in plain row order with row pitch PITCH, groups of V planes side by side.
-template <int ROWS, int COLS, int PITCH, int NP, int V = 1, typename T>
+template <int ROWS, int COLS, int PITCH, int NP, int V = 1, bool RESCALE = false, typename T>
 __device__ __forceinline__ void lr_load_tile(float* __restrict__ dst, int dst_stride,
                                              const T* __restrict__ src, long long src_stride,
                                              int n, long long r0, long long c0, long long H,
-                                             long long W, int tid, float outside = 0.0f) {
-    lr_load_planes<ROWS, COLS, 1, PITCH, false, NP, V>(dst, dst_stride, src, src_stride, n, r0,
-                                                       c0, H, W, tid, outside);
+                                             long long W, int tid, float outside = 0.0f,
+                                             lr_rescale rescale = {0.0f, 1.0f}) {
+    lr_load_planes<ROWS, COLS, 1, PITCH, false, NP, V, 1, 0, ROWS, COLS, RESCALE>(
+        dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, outside, 0, 1, rescale);
 }
 
 // Stage the K * K prior logits of one group in base 2 less their bound (lr_logit2): dst[e] =

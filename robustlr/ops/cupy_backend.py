@@ -366,7 +366,7 @@ def kernel_tiles(kernel: str, kernel_size: int, stride: int) -> tuple[int, int, 
     elif kernel == "lr_backward_query":  # s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk
         tile = _query_tile(K, S, R)
         fixed = _query_fixed(K, S, R, key_grad_shared(K, S))
-    elif kernel == "lr_backward_input":  # s_q, s_lse, s_gy, s_geo
+    elif kernel == "lr_backward_input":  # s_q, s_shift, s_gy, s_geo
         nc = (K - 1) // S + 1
         out_h = (TILE[1] * R + S - 2) // S + nc
         tile = out_h * plain_pitch((TILE[0] + S - 2) // S + nc, S, R)
