@@ -23,7 +23,7 @@ compiled kernels, not from assumed factors:
 Predicted range per kernel: [the largest of the four times (resident blocks overlap their load
 and compute phases), DRAM time with the high bytes + the largest on-chip time (no overlap)].
 H100 SXM: 132 SMs at 1.98 GHz, DRAM 3.35 TB/s, DRAM latency 600 ns (a parameter: published
-microbenchmarks give 480-700 ns). Versions: v3 to v11 are issue 19's earlier kernels, compiled
+microbenchmarks give 480-700 ns). Versions: v3 to v12 are issue 19's earlier kernels, compiled
 from git (COMMITS) by the same method; CURRENT is the working tree. For ALL_CODE versions the
 rows "all" add the code outside the counted loops along its longest path (``straight_line``,
 ``robustlr.ops.sass.loop_tree``); the loader of PLANES_PER_POSITION versions copies every plane
@@ -407,7 +407,8 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
             total.update({op: positions * n for op, n in lp.every.items()})
             roles[lp.first] = "tile end"
     if kernel in QUERY_KERNELS:
-        # the delta D = sum_c gy_c y_c of each strip output, from global memory: the loops with
+        # the delta D = sum_c gy_c y_c of each strip output, from global memory (up to v12; v13
+        # forms D in its chunk code, counted with all code, and has none): the loops with
         # global loads and FFMAs and no shared access, unrolled by the compiler with remainder
         # loops (channels per trip = their FFMAs): over the m channels greedily, largest first;
         # a loop no smaller than the one before starts the next output's channels
