@@ -80,8 +80,9 @@ COMMITS = {
     "v10": "542af4a",
     "v11": "044b968",
     "v12": "13e07b7",
+    "v13": "19bc01a",
 }
-CURRENT = "v13"
+CURRENT = "v14"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -93,39 +94,39 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width).
-VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13")
+VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10", "v11", "v12", "v13")
+PACKED = ("v9", "v10", "v11", "v12", "v13", "v14")
 #: Versions whose loader copies every plane of a position in one thread (its geometry worked out
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
-PLANES_PER_POSITION = ("v11", "v12", "v13")
+PLANES_PER_POSITION = ("v11", "v12", "v13", "v14")
 #: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
 #: one at a time there; cupy_backend.vector_width gives the current rule).
-FORWARD_QUADS = ("v11", "v12", "v13")
+FORWARD_QUADS = ("v11", "v12", "v13", "v14")
 #: Versions whose loader is counted by its loops that run at m = 8 (whole_group_loops: the
 #: loaders of PLANES_PER_POSITION versions copy a ragged group in a loop of its own); until
 #: roofline v12 every loader loop was averaged in, v11's ragged-group loop included.
-WHOLE_GROUPS_ONLY = ("v11", "v12", "v13")
+WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14")
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
-ALL_CODE = ("v10", "v11", "v12", "v13")
+ALL_CODE = ("v10", "v11", "v12", "v13", "v14")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
@@ -389,9 +390,10 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
             roles[lp.first] = "gather"
     if kernel in QUERY_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
-        # THREADS per thread) the loop that stores its partial (one STG) and the loop over the
-        # copies holding it (one LDS and one STS each), inside the tile loop (not the block's
-        # store of its grad-geo partials, after it)
+        # THREADS per thread) the loop that stores its partial (one STG) and, up to v13, the
+        # loop over the copies holding it (one LDS and one STS each; v14 unrolls it into the
+        # storing loop), inside the tile loop (not the block's store of its grad-geo partials,
+        # after it)
         tiles = next(node for node in loop_tree(text).children if node.children)
         tile_end = [
             lp
@@ -492,7 +494,8 @@ def straight_line(
       staged an input (the gather loop's own count, per_thread);
     - the loops a block runs before or after its tiles (zeroing its accumulators and copies,
       storing its grad-geo partials): the floats they cover over the threads, at one element per
-      store of an iteration, each loop as if it covered the largest such array (an upper bound).
+      store of an iteration, each loop as if it covered the largest such array (an upper bound;
+      v14 has no such loops: its stores are unrolled, lr_fill_each, and counted as they run).
 
     Raises ValueError for a loop of none of these kinds (a new kernel structure to model)."""
     tree = loop_tree(text)

@@ -415,9 +415,10 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     using S = lr_forward_shape<K, STRIDE, 1>;
-    LR_SHARED_VECTORS(float, s_x, S::MC * S::TF);
-    LR_SHARED(float, s_k, S::TF);
-    LR_SHARED(float, s_geo, S::GEO);
+    // one array (lr_backward_query): MC channel tiles, the k tile, geo
+    LR_SHARED_VECTORS(float, s_x, S::MC * S::TF + S::TF + S::GEO);
+    float* const s_k = s_x + S::MC * S::TF;
+    float* const s_geo = s_k + S::TF;
     LR_BY_COMPOSABILITY(comp, lr_forward_one, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
                         s_k, s_x, s_geo)
 }
@@ -479,17 +480,22 @@ __device__ __forceinline__ void lr_query_packed_partials(float* __restrict__ cop
     using S = lr_query_packed_shape<K, STRIDE>;
     using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;  // the partials' layout
     constexpr int P = K / 2, RS = S::R * STRIDE, BOX = S::BOX_H * S::BOX_W;
+    // the slot's thread rows top - j, j < NCOV, unrolled (each test a predicate), summed in
+    // thread-row order; thread row rt's copy of (row, col) at a - (top - rt) * STEP
+    constexpr int NCOV = (S::NT + RS - 1) / RS, STEP = 2 * S::GS - RS * S::PW;
+#pragma unroll 1
     for (int e = tid; e < S::SLOTS * BOX; e += LR_THREADS) {
         const int z = e / BOX, r = e % BOX / S::BOX_W, c = e % S::BOX_W;
-        const int row = r + P, at = lr_phase_col<S::IW, STRIDE>(c + P);
-        const int rt_first = row < S::NT ? 0 : (row - S::NT) / RS + 1;
-        const int rt_last = row / RS < 3 ? row / RS : 3;
+        const int row = r + P, top = row / RS, below = row % RS;  // row = top * RS + below
+        const int a = (((z / 2) * 4 + top) * 2 + z % 2) * S::GS + below * S::PW +
+                      lr_phase_col<S::IW, STRIDE>(c + P);
         float v = 0.0f;
-        for (int rt = rt_first; rt <= rt_last; ++rt) {  // copy of thread row (z / 2) * 4 + rt
-            float& copy = copies[(((z / 2) * 4 + rt) * 2 + z % 2) * S::GS + (row - rt * RS) *
-                                 S::PW + at];
-            v += copy;
-            copy = 0.0f;  // for the next tile
+#pragma unroll
+        for (int j = NCOV - 1; j >= 0; --j) {  // copy of thread row (z / 2) * 4 + top - j
+            if (top - j >= 0 && top - j < 4 && below + j * RS < S::NT) {
+                v += copies[a - j * STEP];
+                copies[a - j * STEP] = 0.0f;  // for the next tile
+            }
         }
         const long long b = b0 + z;
         if (b < B && r < H && c < W) {
@@ -549,9 +555,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                              : ty * STEP;
     bool nan_prior;  // (the weights are recomputed from the saved lse: no bounded pass)
     const float bound = lr_stage_geo<KK>(s_geo, geo + (long long)g * KK, tid, nan_prior);
-    for (int e = tid; e < KK; e += LR_THREADS) s_gacc[e] = 0.0f;
+    lr_fill_each<KK>(s_gacc, 0.0f, tid);
     constexpr int NCOPIES = PACKED ? 2 * LR_TILE_H : LR_TILE_H;
-    for (int e = tid; e < NCOPIES * GS; e += LR_THREADS) copies[e] = 0.0f;
+    lr_fill_each<NCOPIES * GS>(copies, 0.0f, tid);
     if constexpr (PACKED) {  // what lies outside the images, once: the loads write the rest
         lr_fill_shared<TF>(s_k, LR_FAR_KEY, tid);
         lr_fill_shared<MC * TF>(s_x, 0.0f, tid);
@@ -561,8 +567,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
 
     // of this group (packed: SLOTS images each)
     const long long ntiles = (PACKED ? (B + SLOTS - 1) / SLOTS : B) * tiles_h * tiles_w;
-    for (long long tile = chunk; tile < ntiles; tile += nchunks) {
-        const lr_tile_place place = lr_tile_of(tile, tiles_w, tiles_h, 1);  // (group g's list)
+    for (unsigned tile = chunk; tile < (unsigned)ntiles; tile += (unsigned)nchunks) {
+        // (group g's list: fewer than 2^31 tiles, lr_tile_of)
+        const lr_tile_place place = lr_tile_of(tile, (unsigned)tiles_w, (unsigned)tiles_h, 1u);
         const long long tw = place.tw, th = place.th;
         const long long b0 = place.image * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
@@ -641,14 +648,16 @@ __device__ __forceinline__ void lr_backward_query_tiles(
             lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
                 win, base, s_geo, warp_live,
                 [&](int t, int s, bool ok, const float* gw) {
+                    // (the sums start from -0: -0 + v is v, no add)
                     if (t == 0) {
 #pragma unroll
-                        for (int d = 0; d < L; ++d) gg[d] = 0.0f;
+                        for (int d = 0; d < L; ++d) gg[d] = -0.0f;
                     }
-                    lr_shift_in<L>(gg, 0.0f);
+                    lr_shift_in<L>(gg, -0.0f);
                     float xv[MC];
                     const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
-                    float gkv = 0.0f;  // the strip's key gradient at s
+                    // the key gradient at s: the copy plus the strip's sum
+                    float gkv = copies[gbase + s];
                     lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
                         // (outside the image: LR_FAR_KEY, p = 0, except mul)
                         const bool live = COMP != LR_MUL || (ok && r < outs);
@@ -667,7 +676,7 @@ __device__ __forceinline__ void lr_backward_query_tiles(
                                              : fmaf(-dl, dphi, gkv);
                         gg[r * STRIDE] += dl;
                     });
-                    copies[gbase + s] += gkv;
+                    copies[gbase + s] = gkv;
                     // window row t - (L - 1) has all its dlogits: no later strip row reaches it
                     const int done = t - (L - 1);
                     if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
@@ -689,22 +698,31 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         }
         float* const out = gk_partial + ((b * G + g) * tiles_h * tiles_w + th * tiles_w + tw) *
                                             (IH * IW);
+        // the thread rows top - j, j < NCOV, unrolled (each test a predicate), summed in
+        // thread-row order
+        constexpr int NCOV = (NT + RS - 1) / RS;  // the most thread rows reading a staged row
+#pragma unroll 1
         for (int e = tid; e < IH * IW; e += LR_THREADS) {
             const int row = e / IW, slot = row * PW + lr_phase_col<IW, STRIDE>(e % IW);
-            const int rt_first = row < NT ? 0 : (row - NT) / RS + 1;
-            const int rt_last = row / RS < LR_TILE_H - 1 ? row / RS : LR_TILE_H - 1;
+            const int top = row / RS, below = row % RS;  // row = top * RS + below
+            const int at = top * STEP + slot;  // (thread row top's copy)
             float v = 0.0f;
-            for (int rt = rt_first; rt <= rt_last; ++rt) {
-                float& copy = copies[rt * STEP + slot];
-                v += copy;
-                copy = 0.0f;  // for the next tile
+#pragma unroll
+            for (int j = NCOV - 1; j >= 0; --j) {
+                // thread row top - j reads the row iff it exists and the row is one of its NT
+                if (top - j >= 0 && top - j < LR_TILE_H && below + j * RS < NT) {
+                    v += copies[at - j * STEP];
+                    copies[at - j * STEP] = 0.0f;  // for the next tile
+                }
             }
             out[e] = v;
         }
     }
     __syncthreads();  // s_gacc is complete
-    for (int e = tid; e < KK; e += LR_THREADS) {
-        geo_partial[((long long)g * KK + e) * nchunks + chunk] = s_gacc[e];
+#pragma unroll
+    for (int e0 = 0; e0 < KK; e0 += LR_THREADS) {  // (unrolled: lr_fill_each)
+        const int e = e0 + tid;
+        if (e < KK) geo_partial[((long long)g * KK + e) * nchunks + chunk] = s_gacc[e];
     }
 }
 
@@ -726,13 +744,17 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     long long nchunks, int comp) {
     using S = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;
-    LR_SHARED_VECTORS(float, s_x, S::MC_QUERY * S::TF);
-    LR_SHARED(float, s_k, S::TF);
-    LR_SHARED(float, s_geo, K * K);
-    LR_SHARED(float, s_row, K * LR_RED_PITCH);
-    LR_SHARED(float, s_part, K * 8);
-    LR_SHARED(float, s_gacc, K * K);  // the block's grad geo, accumulated in a fixed order
-    LR_SHARED(float, s_gk, S::GK_SHARED ? LR_TILE_H * S::GS : 1);  // the key-gradient copies
+    // one array, so that every shared address is one base and a constant (separate arrays:
+    // ptxas worked out each one's address again at every window column, 16 instructions)
+    constexpr int GK = S::GK_SHARED ? LR_TILE_H * S::GS : 1;
+    LR_SHARED_VECTORS(float, s_x, S::MC_QUERY * S::TF + S::TF + 2 * K * K + K * LR_RED_PITCH +
+                                      K * 8 + GK);  // MC channel tiles, then the rest
+    float* const s_k = s_x + S::MC_QUERY * S::TF;
+    float* const s_geo = s_k + S::TF;
+    float* const s_row = s_geo + K * K;
+    float* const s_part = s_row + K * LR_RED_PITCH;
+    float* const s_gacc = s_part + K * 8;  // the block's grad geo, accumulated in a fixed order
+    float* const s_gk = s_gacc + K * K;    // the key-gradient copies
     LR_BY_COMPOSABILITY(comp, lr_backward_query_one, x, q, k, geo, lse, y, gy, gq, gk_partial,
                         gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
                         s_row, s_part, s_gacc, s_gk)
@@ -838,10 +860,11 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         lr_fill_shared<TO>(s_shift, __uint_as_float(0xff800000u), tid);  // shift -inf
         lr_fill_shared<MC * TO>(s_gy, 0.0f, tid);
     }
-    // images * G * tiles_h * tiles_w tiles, recounted at each test (lr_opaque)
-    for (long long tile = blockIdx.x; tile < lr_opaque(images) * G * tiles_h * tiles_w;
-         tile += gridDim.x) {
-        const lr_tile_place place = lr_tile_of(tile, tiles_w, tiles_h, G);
+    // images * G * tiles_h * tiles_w tiles (fewer than 2^31: lr_tile_of)
+    const unsigned ntiles = (unsigned)(images * G * tiles_h * tiles_w);
+    for (unsigned tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const lr_tile_place place = lr_tile_of(tile, (unsigned)tiles_w, (unsigned)tiles_h,
+                                               (unsigned)G);
         const long long tw = place.tw, th = place.th, g = place.g;
         const long long b0 = place.image * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
@@ -1028,13 +1051,13 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
     using S = lr_input_shape<K, STRIDE>;
-    // the MC gy tiles (first: 16-byte aligned for lr_read_channels), q and shift in one array:
-    // the window loop reads them at one address plus constant offsets
-    LR_SHARED_VECTORS(float, s_out, (2 + S::MC) * S::TO);
-    LR_SHARED(float, s_geo, K * K);
+    // the MC gy tiles (first: 16-byte aligned for lr_read_channels), q, shift and geo in one
+    // array: the window loop reads them at one address plus constant offsets
+    LR_SHARED_VECTORS(float, s_out, (2 + S::MC) * S::TO + K * K);
     float* const s_gy = s_out;
     float* const s_q = s_out + S::MC * S::TO;
     float* const s_shift = s_q + S::TO;
+    float* const s_geo = s_shift + S::TO;
     LR_BY_COMPOSABILITY(comp, lr_backward_input_one, q, k, geo, lse, gy, gk_partial, gx, gk, B,
                         C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
 }

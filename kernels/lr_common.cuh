@@ -300,15 +300,17 @@ __device__ __forceinline__ long long lr_floor_div(long long a, long long b) {
 
 // Tile number `tile` of a kernel's tile list, ((image * G + g) * tiles_h + th) * tiles_w + tw,
 // taken apart by three quotients, each with its remainder (the same division: 5 divisions
-// before v13).
+// before v13). In 32 bits, unsigned: a launch's list holds fewer than 2^31 tiles
+// (cupy_backend.offsets_fit), so a grid-stride step past its end does not wrap either (64-bit
+// divisions before v14: each a test and a 32-bit path, and a call where a value passes 2^32).
 struct lr_tile_place {
     long long image, g, th, tw;
 };
-__device__ __forceinline__ lr_tile_place lr_tile_of(long long tile, long long tiles_w,
-                                                    long long tiles_h, long long G) {
-    const long long rows = tile / tiles_w;    // (image * G + g) * tiles_h + th
-    const long long planes = rows / tiles_h;  // image * G + g
-    const long long image = planes / G;
+__device__ __forceinline__ lr_tile_place lr_tile_of(unsigned tile, unsigned tiles_w,
+                                                    unsigned tiles_h, unsigned G) {
+    const unsigned rows = tile / tiles_w;    // (image * G + g) * tiles_h + th
+    const unsigned planes = rows / tiles_h;  // image * G + g
+    const unsigned image = planes / G;
     return {image, planes % G, rows % tiles_h, tile % tiles_w};
 }
 
@@ -930,6 +932,18 @@ __device__ __forceinline__ void lr_fill_shared(float* __restrict__ dst, float v,
     for (int e = 0; e < 4; ++e) w.v[e] = v;
 #pragma unroll 1
     for (int i = tid; i < COUNT / 4; i += LR_THREADS) reinterpret_cast<lr_vec<4>*>(dst)[i] = w;
+}
+
+// dst[i] = v for i < COUNT (shared or global memory), by every thread of the block: each thread
+// a constant count of predicated stores, ceil(COUNT / LR_THREADS), unrolled (as a loop the
+// compiler unrolls it 4-fold with a remainder loop: about 80 instructions a thread for the
+// backward query's key-gradient copies, where the stores take 26).
+template <int COUNT>
+__device__ __forceinline__ void lr_fill_each(float* __restrict__ dst, float v, int tid) {
+#pragma unroll
+    for (int e = 0; e < COUNT; e += LR_THREADS) {
+        if (e + tid < COUNT) dst[e + tid] = v;
+    }
 }
 
 // NP planes of a tile in plain row order with row pitch PITCH, groups of V planes side by side.

@@ -159,6 +159,14 @@ def test_pack_arg_is_what_cupy_receives():
         ((8, 2**22, 7, 7, 2**19, 7, 1), True),  # packed: 8 images of 2^22 x 49 < 2^31
         ((8, 2**23, 7, 7, 2**20, 7, 1), False),  # packed: 8 images of 2^23 x 49 >= 2^31
         ((8, 2**23, 9, 9, 2**20, 7, 1), True),  # not packed (9 rows > a slot): planes only
+        # backward tile lists (backward_tiles): 2^13 groups x 2^15 images x 6 input tiles of
+        # 40 x 40 is 1.6e9 < 2^31; twice the groups, 3.2e9
+        ((2**15, 2**13, 40, 40, 2**13, 3, 1), True),
+        ((2**15, 2**14, 40, 40, 2**14, 3, 1), False),
+        # backward_query's list per group: 2^31 / 9 images of 9 output tiles (48 x 48, one
+        # group) fit; one image more does not
+        ((2**31 // 9, 1, 48, 48, 1, 3, 1), True),
+        ((2**31 // 9 + 1, 1, 48, 48, 1, 3, 1), False),
     ],
 )
 def test_32bit_offsets_are_checked(sizes, fits):

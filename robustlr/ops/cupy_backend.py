@@ -435,14 +435,33 @@ def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
 
 
 #: The largest offset the kernels compute in 32 bits: the tile loaders' element offsets (in a
-#: plane; in a packed block, over its images), a strip's accesses (over a group's channels).
+#: plane; in a packed block, over its images), a strip's accesses (over a group's channels), and
+#: the backward kernels' tile numbers (lr_tile_of, over a launch's tile list).
 MAX_OFFSET = 2**31 - 1
+
+
+def backward_tiles(shape: LocalRelationShape) -> int:
+    """The longer of the backward kernels' tile lists: lr_backward_query's per group (output
+    tiles, or blocks of QUERY_SLOTS images where packed), lr_backward_input's over the launch
+    (input tiles of every (b, g) plane, or blocks of SLOTS images of a group where packed)."""
+    if query_packed(shape):
+        query = -(-shape.batch // QUERY_SLOTS)
+    else:
+        strip = query_strip(shape.kernel_size, shape.stride)
+        query = shape.batch * _tiles(shape.out_height, shape.out_width, strip)
+    if input_packed(shape):
+        per_group = -(-shape.batch // SLOTS)
+    else:
+        strip = input_strip(shape.kernel_size, shape.stride)
+        per_group = shape.batch * _tiles(shape.height, shape.width, strip)
+    return max(query, shape.groups * per_group)
 
 
 def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
     """Whether the kernels' 32-bit offsets hold for ``shape``: a group's m channel planes (input
     and output) span at most MAX_OFFSET positions and, where a packed kernel runs, so do its
-    SLOTS images of C channels; the reason when not."""
+    SLOTS images of C channels; the backward kernels list at most MAX_OFFSET tiles
+    (``backward_tiles``); the reason when not."""
     plane = max(shape.height * shape.width, shape.out_height * shape.out_width)
     group = shape.channels_per_group * plane
     images = SLOTS * shape.channels * plane
@@ -453,6 +472,14 @@ def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
             f"{MAX_OFFSET} positions; got {shape.channels_per_group} channels of "
             f"{shape.height} x {shape.width} inputs and {shape.out_height} x {shape.out_width} "
             f"outputs ({shape.channels} in all); use the 'cpu' or 'reference' backend"
+        )
+    tiles = backward_tiles(shape)
+    if tiles > MAX_OFFSET:
+        return False, (
+            f"the 'cupy' kernels number a launch's tiles with 32-bit offsets, at most "
+            f"{MAX_OFFSET} tiles; got {tiles} tiles of {shape.batch} images of {shape.groups} "
+            f"groups of {shape.height} x {shape.width} inputs; use the 'cpu' or 'reference' "
+            f"backend"
         )
     return True, ""
 
