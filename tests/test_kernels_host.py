@@ -316,12 +316,13 @@ def test_largest_supported_stride_matches_naive(lib, kernel_size):
 
 @pytest.mark.parametrize(
     "case",
-    [(2, 5, 66, 33, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 130, 66, 2, 5, 2, "mul"), marks=SLOW)],
+    [(2, 5, 66, 50, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 130, 66, 2, 5, 2, "mul"), marks=SLOW)],
     ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c),
 )
 def test_images_of_three_by_three_tiles_match_naive(lib, case):
     """Outputs and backward-input positions each span >= 3 x 3 tiles (16 wide, 8 threads x the
-    kernel's strip tall), B = 2."""
+    kernel's strip tall), B = 2; in the first case every kernel's tile rows and tile columns
+    differ in number (3 x 4 for the backward input's), so a tile decode that swaps them shows."""
     B, _, H, W, _, K, s, _ = case
     assert B >= 2
     Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
@@ -329,6 +330,8 @@ def test_images_of_three_by_three_tiles_match_naive(lib, case):
         assert -(-Ho // (8 * strip)) >= 3 and -(-Wo // 16) >= 3
     in_rows = 8 * cupy_backend.input_strip(K, s)
     assert -(-H // in_rows) >= 3 and -(-W // 16) >= 3
+    if case[2:4] == (66, 50):
+        assert -(-H // in_rows) != -(-W // 16)
     check_case(lib, case, seed=41)
 
 
