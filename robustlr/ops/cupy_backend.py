@@ -440,21 +440,28 @@ def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
 MAX_OFFSET = 2**31 - 1
 
 
-def backward_tiles(shape: LocalRelationShape) -> int:
-    """The longer of the backward kernels' tile lists: lr_backward_query's per group (output
-    tiles, or blocks of QUERY_SLOTS images where packed), lr_backward_input's over the launch
-    (input tiles of every (b, g) plane, or blocks of SLOTS images of a group where packed)."""
+def query_tile_list(shape: LocalRelationShape) -> int:
+    """Tiles of lr_backward_query's list per group: output tiles of its B planes, or tiles of
+    QUERY_SLOTS images where packed (``query_packed``)."""
     if query_packed(shape):
-        query = -(-shape.batch // QUERY_SLOTS)
-    else:
-        strip = query_strip(shape.kernel_size, shape.stride)
-        query = shape.batch * _tiles(shape.out_height, shape.out_width, strip)
+        return -(-shape.batch // QUERY_SLOTS)
+    strip = query_strip(shape.kernel_size, shape.stride)
+    return shape.batch * _tiles(shape.out_height, shape.out_width, strip)
+
+
+def input_tile_list(shape: LocalRelationShape) -> int:
+    """Tiles of lr_backward_input's list over the launch, a block each: input tiles of every
+    (b, g) plane, or tiles of SLOTS images of a group where packed (``input_packed``)."""
     if input_packed(shape):
-        per_group = -(-shape.batch // SLOTS)
-    else:
-        strip = input_strip(shape.kernel_size, shape.stride)
-        per_group = shape.batch * _tiles(shape.height, shape.width, strip)
-    return max(query, shape.groups * per_group)
+        return shape.groups * -(-shape.batch // SLOTS)
+    strip = input_strip(shape.kernel_size, shape.stride)
+    return shape.batch * shape.groups * _tiles(shape.height, shape.width, strip)
+
+
+def backward_tiles(shape: LocalRelationShape) -> int:
+    """The longer of the backward kernels' tile lists (``query_tile_list``,
+    ``input_tile_list``)."""
+    return max(query_tile_list(shape), input_tile_list(shape))
 
 
 def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
@@ -528,11 +535,9 @@ def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
     tile) aims for the blocks its shared memory lets an SM hold at once (3 on sm_90 at K = 7):
     each block fills its tiles once with what lies outside the images, so fewer blocks that run
     more tiles each pay that less often."""
-    rows = query_strip(shape.kernel_size, shape.stride)
-    tiles = shape.batch * _tiles(shape.out_height, shape.out_width, rows)
+    tiles = query_tile_list(shape)
     blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
     if query_packed(shape):
-        tiles = -(-shape.batch // QUERY_SLOTS)
         need = packed_query_bytes(shape.kernel_size, shape.stride) + SHARED_RESERVED
         blocks_per_sm = max(1, min(blocks_per_sm, SHARED_PER_SM // need))
     target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
@@ -563,13 +568,12 @@ def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane; or, where
     the images fit a slot (``input_packed``), of ``lr_backward_input_packed``: one block per
     SLOTS images of a group, its tiles in dynamic shared memory."""
+    blocks = input_tile_list(shape)
     if input_packed(shape):
-        blocks = shape.groups * -(-shape.batch // SLOTS)
         config = _config("lr_backward_input_packed", blocks)
         bytes_ = packed_input_bytes(shape.kernel_size)
         return None if config is None else replace(config, shared_bytes=bytes_)
-    tiles = _tiles(shape.height, shape.width, input_strip(shape.kernel_size, shape.stride))
-    return _config("lr_backward_input", shape.batch * shape.groups * tiles)
+    return _config("lr_backward_input", blocks)
 
 
 def pack_arg(arg: Any) -> Any:
