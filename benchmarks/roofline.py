@@ -41,6 +41,10 @@ counted from their SASS loops. From v5 on, the two guarded phases of the backwar
 per-column grad-geo reduction (K * 8 and K threads) are counted for the warps that hold those
 threads (2 and 1 of 4 at K = 7), not for every warp. In every version the backward query's
 delta loop (D = sum_c gy_c y_c per output, from global memory) is counted from its SASS loops.
+Every warp of a tile is counted (roofline v15): a warp wholly below the image (or past the last
+image of a packed tile) skips the window loops and the backward input's grad-k gather (v5 on;
+v4's forward and backward input) and runs the rest of the tile's code, its share of the tile
+loaders included; up to roofline v14 such a warp was counted as running nothing.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -303,11 +307,15 @@ def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
     return rows, cols, staged
 
 
-def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counter, dict[int, str]]:
+def per_thread(
+    kernel: str, version: str, text: str, batch: int
+) -> tuple[Counter, dict[int, str], Counter]:
     """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels) in
-    the kernel's innermost loops, and the role of each loop it accounts for, by its first
-    address ("window", "loader", "gather", "delta", "tile end"; the window-loop variants counted
-    as never run are "window" too).
+    the kernel's innermost loops, the role of each loop it accounts for, by its first address
+    ("window", "loader", "gather", "delta", "tile end"; the window-loop variants counted as
+    never run are "window" too), and the part of the counts that a warp wholly below the image
+    skips: its window loops, and the backward input's grad-k gather (run per input in the
+    image).
 
     v3: one window-loop iteration per window row (K, NC), its pairs unrolled. Later versions: a
     window loop whose pairs are branched blocks (rolled strip rows) runs NT iterations per
@@ -347,7 +355,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
     loader = Counter({op: n / len(running) for op, n in loader.items()})
     width = loader_width(kernel, version)
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
-    total = Counter()
+    total, skipped = Counter(), Counter()
     for body in window:
         pairs = sum(body.pairs, Counter())
         if version == "v3":  # one iteration per window row, its K (NC) pairs unrolled
@@ -377,6 +385,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
                     every.subtract({op: (1 - share) * n for op, n in block.items()})
             runs = {op: iterations * n for op, n in every.items()}
         total.update(runs)
+        skipped.update(runs)
     rows, cols, staged = staged_tile(kernel, version)
     slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
     total.update({op: slots * n for op, n in loader.items()})
@@ -387,6 +396,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
         trips = gather_rows()
         for lp in global_loops(loops, window + loaders, {"LDG": 1, "FADD": 1}):
             total.update({op: trips * n for op, n in lp.every.items()})
+            skipped.update({op: trips * n for op, n in lp.every.items()})
             roles[lp.first] = "gather"
     if kernel in QUERY_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the tile-end sum of the key-gradient copies: per staged position (rows x cols over
@@ -429,7 +439,7 @@ def per_thread(kernel: str, version: str, text: str, batch: int) -> tuple[Counte
         # the threads, counted for all
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
-    return total, roles
+    return total, roles, skipped
 
 
 def per_block(kernel: str, text: str) -> tuple[Counter, dict[int, str]]:
@@ -563,9 +573,18 @@ def tiles_per_block(kernel: str, C: int, H: int) -> float:
 
 
 def predict(
-    kernel: str, version: str, counts: Counter, usage: nvrtc.PtxasUsage, batch: int, C: int, H: int
+    kernel: str,
+    version: str,
+    counts: Counter,
+    skipped: Counter,
+    usage: nvrtc.PtxasUsage,
+    batch: int,
+    C: int,
+    H: int,
 ):
-    """(low us, high us, bound, {resource: us}) of one kernel at one stage."""
+    """(low us, high us, bound, {resource: us}) of one kernel at one stage from the counts per
+    thread and tile of a warp that runs the window loops (``counts``) and the part of them that
+    a warp wholly below the image skips (``skipped``, per_thread: it runs the rest)."""
     strip = strip_of(kernel, version)
     G, NCOV = C // M, (K - 1) // S + 1
     n_in, n_g = B * C * H * H, B * G * H * H
@@ -583,18 +602,29 @@ def predict(
     else:
         warps_per_plane = sum(r > 0 for r in live_rows) * tiles_w
     warps = B * G * warps_per_plane
+    # every warp of a tile (roofline v15; until v14 only those that run the window loops)
+    all_warps = B * G * tiles_h * (TILE_H // 2) * tiles_w
     dynamic = packed_bytes(kernel)
     if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
         # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
+        all_warps = G * -(-B // cupy_backend.SLOTS) * (THREADS // 32)
     elif kernel == "lr_backward_query_packed":
         # tiles of QUERY_SLOTS images: two warps per two images (slots of four thread rows)
         tiles = range(0, B, cupy_backend.QUERY_SLOTS)
         warps = G * sum(2 * -(-min(cupy_backend.QUERY_SLOTS, B - b0) // 2) for b0 in tiles)
-    issue = warps * sum(counts.values()) / (ISSUE_PER_CLOCK * SMS * CLOCK)
-    mufu = warps * counts["MUFU"] / (MUFU_PER_CLOCK * SMS * CLOCK)
-    wavefronts = sum(counts[op] * n for op, n in SHARED_OPS.items())
-    shared = warps * wavefronts / (SHARED_PER_CLOCK * SMS * CLOCK)
+        all_warps = G * len(tiles) * (THREADS // 32)
+    # the warps below the image (or past the last image) run the tile's code but its window loops
+    below = all_warps - warps
+    rest = counts - skipped
+
+    def warp_total(op_counts: dict[str, float]) -> float:
+        """Warp instructions (or wavefronts) of all the warps, from per-thread counts op: n."""
+        return sum(n * (warps * counts[op] + below * rest[op]) for op, n in op_counts.items())
+
+    issue = warp_total(dict.fromkeys(counts, 1)) / (ISSUE_PER_CLOCK * SMS * CLOCK)
+    mufu = warp_total({"MUFU": 1}) / (MUFU_PER_CLOCK * SMS * CLOCK)
+    shared = warp_total(SHARED_OPS) / (SHARED_PER_CLOCK * SMS * CLOCK)
     ih = (rows - 1) * S + K
     halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
     oh = (rows + S - 2) // S + NCOV
@@ -643,13 +673,15 @@ def main() -> None:
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
-    counts, once, rest, usage = {}, {}, {}, {}
+    counts, once, rest, usage, skipped = {}, {}, {}, {}, {}
     for version in versions:
         for kernel in kernels_of(version):
             prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
             text = nvrtc.sass(prog, nvdisasm)
-            counts[version, kernel], roles = per_thread(kernel, version, text, batches[version])
+            counts[version, kernel], roles, skipped[version, kernel] = per_thread(
+                kernel, version, text, batches[version]
+            )
             once[version, kernel], fills = per_block(kernel, text)
             if version in ALL_CODE:  # the code outside the counted loops
                 rest[version, kernel] = straight_line(
@@ -701,7 +733,9 @@ def main() -> None:
                 for all_code in (False, True) if version in ALL_CODE else (False,):
                     c = dynamic(kernel, version, C, H, all_code)
                     u = usage[version, kernel]
-                    low, high, bound, t = predict(kernel, version, c, u, batches[version], C, H)
+                    low, high, bound, t = predict(
+                        kernel, version, c, skipped[version, kernel], u, batches[version], C, H
+                    )
                     direction = "forward" if role == "lr_forward" else "backward"
                     totals.setdefault((C, H, version, all_code), []).append((direction, low, high))
                     code = "all" if all_code else "loops"

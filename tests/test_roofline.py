@@ -1,0 +1,71 @@
+"""benchmarks/roofline.py's accounting of the warps of a tile (no GPU, no compilation): the
+warps wholly below the image skip the window loops and run the rest of the tile's code."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import pytest
+from helpers import REPO
+
+from robustlr.ops import nvrtc
+
+
+def load_roofline():
+    spec = importlib.util.spec_from_file_location("roofline", REPO / "benchmarks" / "roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("height", "live", "below"),
+    [
+        (14, 2, 2),  # a 14 x 14 stage: one 16 x 32 tile, its two lower warps below the image
+        (32, 4, 0),  # one whole tile
+        (56, 7, 1),  # two tiles, the second's last warp below the image
+    ],
+)
+def test_warps_below_the_image_run_all_but_the_window_loops(height, live, below):
+    roofline = load_roofline()
+    channels = 400
+    counts = Counter({"FFMA": 300.0, "LDS": 40.0, "MUFU": 20.0})
+    skipped = Counter({"FFMA": 280.0, "LDS": 30.0, "MUFU": 20.0})  # the window loops
+    usage = nvrtc.PtxasUsage(
+        registers=128, stack_frame=0, spill_stores=0, spill_loads=0, shared=40000
+    )
+    assert roofline.strip_of("lr_forward", roofline.CURRENT) == 4  # 16 x 32 tiles
+    _, _, _, times = roofline.predict(
+        "lr_forward", roofline.CURRENT, counts, skipped, usage, 8, channels, height
+    )
+    planes = roofline.B * channels // roofline.M
+    per_second = roofline.SMS * roofline.CLOCK / 1e6
+    # per tile column: `live` warps run everything, `below` run the 20 FFMA and 10 LDS outside
+    # the window loops
+    tile_columns = -(-height // roofline.TILE_W)
+    warps = planes * tile_columns
+    issue = warps * (live * 360 + below * 30) / (roofline.ISSUE_PER_CLOCK * per_second)
+    shared = warps * (live * 40 + below * 10) / (roofline.SHARED_PER_CLOCK * per_second)
+    mufu = warps * live * 20 / (roofline.MUFU_PER_CLOCK * per_second)
+    assert times["issue"] == pytest.approx(issue)
+    assert times["smem"] == pytest.approx(shared)
+    assert times["MUFU"] == pytest.approx(mufu)
+
+
+@pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_input"])
+def test_warps_below_the_image_skip_the_window_loops_and_the_gather(kernel):
+    """per_thread's skipped counts, from the kernel's sm_90 SASS: what is left for a warp below
+    the image has no exp (the window loops) and no global load (the backward input's grad-k
+    gather; the tile loaders copy by LDGSTS)."""
+    roofline = load_roofline()
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    source = roofline.version_source(roofline.CURRENT)
+    text = nvrtc.sass(roofline.compile_version(kernel, source), nvdisasm)
+    counts, roles, skipped = roofline.per_thread(kernel, roofline.CURRENT, text, 8)
+    rest = counts - skipped
+    assert counts["MUFU"] > 0 and rest["MUFU"] == 0
+    assert rest["LDGSTS"] > 0 and rest["LDG"] == 0
+    assert ("gather" in roles.values()) == (kernel == "lr_backward_input")
