@@ -85,8 +85,9 @@ COMMITS = {
     "v11": "044b968",
     "v12": "13e07b7",
     "v13": "19bc01a",
+    "v14": "0f9f003",
 }
-CURRENT = "v14"
+CURRENT = "v15"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -98,44 +99,48 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width).
-VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14")
+VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10", "v11", "v12", "v13", "v14")
+PACKED = ("v9", "v10", "v11", "v12", "v13", "v14", "v15")
 #: Versions whose loader copies every plane of a position in one thread (its geometry worked out
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
-PLANES_PER_POSITION = ("v11", "v12", "v13", "v14")
+PLANES_PER_POSITION = ("v11", "v12", "v13", "v14", "v15")
 #: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
 #: one at a time there; cupy_backend.vector_width gives the current rule).
-FORWARD_QUADS = ("v11", "v12", "v13", "v14")
+FORWARD_QUADS = ("v11", "v12", "v13", "v14", "v15")
 #: Versions whose loader is counted by its loops that run at m = 8 (whole_group_loops: the
 #: loaders of PLANES_PER_POSITION versions copy a ragged group in a loop of its own); until
 #: roofline v12 every loader loop was averaged in, v11's ragged-group loop included.
-WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14")
+WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14", "v15")
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
-ALL_CODE = ("v10", "v11", "v12", "v13", "v14")
+ALL_CODE = ("v10", "v11", "v12", "v13", "v14", "v15")
+#: Versions whose forward and backward input run lr_forward_pairs and lr_backward_input_pairs
+#: where the outputs (inputs) fit half a tile's rows (cupy_backend.forward_pairs, input_pairs: 2
+#: images of a group per block).
+PAIRS = ("v15",)
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
 #: The kernels with lr_backward_input's window loops (one strip of inputs per thread).
-INPUT_KERNELS = ("lr_backward_input", "lr_backward_input_packed")
+INPUT_KERNELS = ("lr_backward_input", "lr_backward_input_pairs", "lr_backward_input_packed")
 #: The kernels with lr_backward_query's loops.
 QUERY_KERNELS = ("lr_backward_query", "lr_backward_query_packed")
 
@@ -196,7 +201,7 @@ def loader_slots(rows: int, cols: int, batch: int, width: int = 1) -> float:
 def loader_width(kernel: str, version: str) -> int:
     """Planes of a group that share a loader thread's positions (it copies one of them): the
     vector width where the channels lie side by side, 1 where a thread copies every plane."""
-    forward = kernel in ("lr_forward", "lr_forward_packed")
+    forward = kernel in ("lr_forward", "lr_forward_pairs", "lr_forward_packed")
     if forward and strip_of(kernel, version) == 4 and version not in FORWARD_QUADS:
         return 1  # one channel at a time at strips of 4 before v11
     if version in VECTOR_CHANNELS and version not in PLANES_PER_POSITION:
@@ -249,8 +254,13 @@ def strip_of(kernel: str, version: str) -> int:
 
 
 def kernels_of(version: str) -> tuple[str, ...]:
-    """The kernels a version has (the packed ones in PACKED versions)."""
-    return (*KERNELS, *cupy_backend.PACKED_KERNELS) if version in PACKED else KERNELS
+    """The kernels a version has (the packed ones in PACKED versions, lr_forward_pairs in PAIRS
+    versions)."""
+    if version not in PACKED:
+        return KERNELS
+    pairs = ("lr_forward_pairs", "lr_backward_input_pairs")
+    packed = [k for k in cupy_backend.PACKED_KERNELS if k not in pairs or version in PAIRS]
+    return (*KERNELS, *packed)
 
 
 def packed_bytes(kernel: str) -> int:
@@ -267,12 +277,17 @@ def stage_shape(C: int, H: int) -> LocalRelationShape:
 def runs_as(kernel: str, version: str, C: int, H: int) -> str:
     """The kernel that does ``kernel``'s work at one stage: in PACKED versions the packed
     kernels for the forward and backward input of small images (cupy_backend.forward_packed,
-    input_packed)."""
+    input_packed), in PAIRS versions lr_forward_pairs and lr_backward_input_pairs for images of at
+    most half a tile's rows (cupy_backend.forward_pairs, input_pairs)."""
     shape = stage_shape(C, H)
     if version in PACKED and kernel == "lr_forward" and cupy_backend.forward_packed(shape):
         return "lr_forward_packed"
+    if version in PAIRS and kernel == "lr_forward" and cupy_backend.forward_pairs(shape):
+        return "lr_forward_pairs"
     if version in PACKED and kernel == "lr_backward_input" and cupy_backend.input_packed(shape):
         return "lr_backward_input_packed"
+    if version in PAIRS and kernel == "lr_backward_input" and cupy_backend.input_pairs(shape):
+        return "lr_backward_input_pairs"
     if version in PACKED and kernel == "lr_backward_query" and cupy_backend.query_packed(shape):
         return "lr_backward_query_packed"
     return kernel
@@ -292,12 +307,19 @@ def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
         packed_input = cupy_backend.packed_input_shape(K)
         rows, cols = cupy_backend.SLOTS * packed_input.box_rows, packed_input.box_cols
         staged = 2
+    elif kernel == "lr_backward_input_pairs":  # the same, over its two slots
+        pairs_input = cupy_backend.pairs_input_shape(K)
+        rows, cols = cupy_backend.PAIR_SLOTS * pairs_input.box_rows, pairs_input.box_cols
+        staged = 2
     elif kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
         rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
     elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
         packed = cupy_backend.packed_shape(K, S)
         rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
+    elif kernel == "lr_forward_pairs":  # the same, over its two slots
+        pairs = cupy_backend.pairs_shape(K, S)
+        rows, cols, staged = cupy_backend.PAIR_SLOTS * pairs.box_rows, pairs.box_cols, 1  # k
     elif kernel == "lr_backward_query_packed":  # the same (its tile end: over the same box)
         packed_query = cupy_backend.packed_query_shape(K, S)
         rows, cols = cupy_backend.QUERY_SLOTS * packed_query.box_rows, packed_query.box_cols
@@ -327,7 +349,7 @@ def per_thread(
     loops = sass_loops(text)
     window = [lp for lp in loops if lp.pairs or lp.every["MUFU"] or lp.every["FMNMX"]]
     roles = {lp.first: "window" for lp in window}
-    forward = kernel in ("lr_forward", "lr_forward_packed")
+    forward = kernel in ("lr_forward", "lr_forward_pairs", "lr_forward_packed")
     if forward and version in BOUNDED_FORWARD:
         # sqdiff starts pass 2 from the bound on the logits: pass 1 (the loop of FMNMX without
         # exp) runs only where a strip's weight sum falls below LR_SUM_FLOOR, counted as never
@@ -453,9 +475,15 @@ def per_block(kernel: str, text: str) -> tuple[Counter, dict[int, str]]:
     slots = cupy_backend.SLOTS
     if kernel == "lr_forward_packed":  # s_k, then s_x
         slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
+    elif kernel == "lr_forward_pairs":  # s_k, then s_x
+        slot, planes = cupy_backend.pairs_shape(K, S).slot, (1, M)
+        slots = cupy_backend.PAIR_SLOTS
     elif kernel == "lr_backward_query_packed":  # s_k, then s_x
         slot, planes = cupy_backend.packed_query_shape(K, S).slot, (1, M)
         slots = cupy_backend.QUERY_SLOTS
+    elif kernel == "lr_backward_input_pairs":  # s_q, s_lse, then s_gy
+        slot, planes = cupy_backend.pairs_input_shape(K).slot, (1, 1, M)
+        slots = cupy_backend.PAIR_SLOTS
     else:  # s_q, s_lse, then s_gy
         slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
     fills = [lp for lp in sass_loops(text) if lp.every["STS.128"]]
@@ -609,6 +637,10 @@ def predict(
         # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
         all_warps = G * -(-B // cupy_backend.SLOTS) * (THREADS // 32)
+    elif kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+        # two warps per image (a slot each), live if it holds an image; each image staged once
+        warps = G * B * (THREADS // 32 // cupy_backend.PAIR_SLOTS)
+        all_warps = G * -(-B // cupy_backend.PAIR_SLOTS) * (THREADS // 32)
     elif kernel == "lr_backward_query_packed":
         # tiles of QUERY_SLOTS images: two warps per two images (slots of four thread rows)
         tiles = range(0, B, cupy_backend.QUERY_SLOTS)
@@ -629,14 +661,15 @@ def predict(
     halo = ih * ((TILE_W - 1) * S + K) / (rows * TILE_W)
     oh = (rows + S - 2) // S + NCOV
     halo_out = oh * ((TILE_W + S - 2) // S + NCOV) / (rows * TILE_W)
-    if kernel == "lr_backward_input_packed":  # each image's outputs staged once
-        halo_out = 1.0
+    if kernel in ("lr_backward_input_packed", "lr_backward_input_pairs"):
+        halo_out = 1.0  # each image's outputs staged once
     # grad-k partials: one per staged input position of each backward-query tile; one per input
     # where the packed backward query writes them (the images' positions only)
     n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
     if runs_as("lr_backward_query", version, C, H) == "lr_backward_query_packed":
         n_partial = B * G * H * H
-    if kernel == "lr_forward_packed":  # x, q, k in (each image staged once); y, lse out
+    if kernel in ("lr_forward_packed", "lr_forward_pairs"):
+        # x, q, k in (each image staged once); y, lse out
         low = high = F * (n_in + 3 * n_g + n_in)
     elif kernel == "lr_forward":  # x, q, k in; y, lse out
         low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
@@ -700,13 +733,16 @@ def main() -> None:
         return tile + Counter({op: n * share for op, n in block.items()})
 
     print("Per position (per thread / strip; the tiled kernels at stage 1, the packed ones at")
-    print("stage 4, where they run), K = 7, stride 1, m = 8, sqdiff, sm_90 SASS; all code:")
+    print("stage 4, the pairs at stage 3, where they run), K = 7, stride 1, m = 8, sqdiff,")
+    print("sm_90 SASS; all code:")
     print(f"{', '.join(ALL_CODE)} only (the loops alone for the earlier versions):\n")
     print("| kernel | version | strip | registers | warps/SM | instructions (loops) "
           "| instructions (all code) | MUFU | shared wavefronts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for kernel in nvrtc.KERNEL_NAMES:
         C1, H1 = SHAPES[-1] if kernel in cupy_backend.PACKED_KERNELS else SHAPES[0]
+        if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+            C1, H1 = SHAPES[2]
         for version in (v for v in versions if kernel in kernels_of(v)):
             c, u = dynamic(kernel, version, C1, H1, False), usage[version, kernel]
             strip = strip_of(kernel, version)

@@ -119,24 +119,26 @@ struct lr_pick<false, A, B> {
     using type = B;
 };
 
-// Tile geometry of lr_forward (SLOTS = 1: one tile of lr_query_shape per block) and of
-// lr_forward_packed (SLOTS = LR_SLOTS small images per block, lr_common.cuh: one per slot of
-// OW x OH outputs, two thread rows of strips of R); each slot's IH x IW input positions staged
-// at pitch PW, SLOT floats apart (TF floats per plane); MC channels staged at once: as many as
-// 48 KB of static shared memory hold (lr_forward), all LR_MAX_CHUNK (lr_forward_packed, in
-// dynamic shared memory: FLOATS in all).
+// Tile geometry of lr_forward (SLOTS = 1: one tile of lr_query_shape per block), of
+// lr_forward_pairs (SLOTS = LR_PAIR_SLOTS images per block, one per slot of OW x OH outputs,
+// four thread rows of strips of R) and of lr_forward_packed (SLOTS = LR_SLOTS small images per
+// block, one per slot of OW x OH outputs, two thread rows of strips of R; lr_common.cuh); each
+// slot's IH x IW input positions staged at pitch PW, SLOT floats apart (TF floats per plane);
+// MC channels staged at once: as many as 48 KB of static shared memory hold (lr_forward), all
+// LR_MAX_CHUNK (the others, in dynamic shared memory: FLOATS in all).
 template <int K, int STRIDE, int SLOTS>
 struct lr_forward_shape {
     static constexpr int R = lr_forward_strip<K, STRIDE>();
-    static constexpr int OW = SLOTS == 1 ? LR_TILE_W : LR_SLOT_W;
-    static constexpr int OH = SLOTS == 1 ? LR_TILE_H * R : 2 * R;
+    static constexpr int OW = lr_slot_cols<SLOTS>();
+    static constexpr int OH = lr_slot_rows<SLOTS>() * R;
     static constexpr int IH = (OH - 1) * STRIDE + K;
     static constexpr int IW = (OW - 1) * STRIDE + K;
     static constexpr int STEP = R * STRIDE;  // input rows between the two thread rows of a warp
-    static constexpr int PW = SLOTS == 1
+    static constexpr int PW = SLOTS != LR_SLOTS
                                   ? lr_pitch<IW, STRIDE, STEP>()
                                   : lr_slot_pitch<STRIDE * lr_phase_cols<IW, STRIDE>(), STEP>();
-    static constexpr int SLOT = SLOTS == 1 ? IH * PW : lr_slot_floats<IH * PW, STEP * PW % 32>();
+    static constexpr int SLOT =
+        SLOTS != LR_SLOTS ? IH * PW : lr_slot_floats<IH * PW, STEP * PW % 32>();
     static constexpr int TF = SLOTS * SLOT;
     static constexpr int NT = (R - 1) * STRIDE + K;
     static constexpr int L = (R - 1) * STRIDE + 1;
@@ -148,24 +150,27 @@ struct lr_forward_shape {
     // loop made the room)
     static constexpr int V = lr_vec_width<MC>();
     static constexpr int FLOATS = (MC + 1) * TF + GEO;
-    // lr_forward_packed: the image positions a slot's window holds, at most BOX_H x BOX_W (an
-    // image of at most OH x OW outputs is at most OH * STRIDE x OW * STRIDE)
+    static_assert(SLOTS == 1 || TF % 4 == 0, "whole 4-word fills (lr_fill_shared)");
+    // lr_forward_pairs, lr_forward_packed: the image positions a slot's window holds, at most
+    // BOX_H x BOX_W (an image of at most OH x OW outputs is at most OH * STRIDE x OW * STRIDE)
     static constexpr int BOX_H = OH * STRIDE < IH - K / 2 ? OH * STRIDE : IH - K / 2;
     static constexpr int BOX_W = OW * STRIDE < IW - K / 2 ? OW * STRIDE : IW - K / 2;
 };
 
-// Tile geometry of lr_backward_input (SLOTS = 1) and lr_backward_input_packed (SLOTS =
-// LR_SLOTS small images per block, stride 1: one per slot of ITW x ITH inputs, two thread rows
-// of strips of RI): strips of RI inputs, tiles (slots) of ITW x ITH inputs; the outputs covering
-// a tile are OH x OW, staged at pitch PO, SLOT floats apart (TO floats per plane); a strip is
-// covered by NT output rows and NC output columns; MC gy channels staged at once (all
-// LR_MAX_CHUNK in lr_backward_input_packed's dynamic shared memory: FLOATS in all).
+// Tile geometry of lr_backward_input (SLOTS = 1), lr_backward_input_pairs (SLOTS =
+// LR_PAIR_SLOTS images per block, stride 1: one per slot of ITW x ITH inputs, four thread rows
+// of strips of RI) and lr_backward_input_packed (SLOTS = LR_SLOTS small images per block, stride
+// 1: one per slot of ITW x ITH inputs, two thread rows of strips of RI; lr_common.cuh): strips of
+// RI inputs, tiles (slots) of ITW x ITH inputs; the outputs covering a tile are OH x OW, staged
+// at pitch PO, SLOT floats apart (TO floats per plane); a strip is covered by NT output rows and
+// NC output columns; MC gy channels staged at once (all LR_MAX_CHUNK in the packed kernels'
+// dynamic shared memory: FLOATS in all).
 template <int K, int STRIDE, int SLOTS = 1>
 struct lr_input_shape {
     static_assert(SLOTS == 1 || STRIDE == 1, "packed at stride 1 only");
     static constexpr int RI = lr_input_strip<K, STRIDE>();
-    static constexpr int ITW = SLOTS == 1 ? LR_TILE_W : LR_SLOT_W;
-    static constexpr int ITH = SLOTS == 1 ? LR_TILE_H * RI : 2 * RI;
+    static constexpr int ITW = lr_slot_cols<SLOTS>();
+    static constexpr int ITH = lr_slot_rows<SLOTS>() * RI;
     static constexpr int NC = (K - 1) / STRIDE + 1;  // most outputs covering an input, per axis
     static constexpr int NT = (RI + STRIDE - 2) / STRIDE + NC;
     // i_first of the tile's last row is at most ceil((ITH - 1) / STRIDE) past the first row's,
@@ -173,8 +178,9 @@ struct lr_input_shape {
     static constexpr int OH = (ITH + STRIDE - 2) / STRIDE + NC;
     static constexpr int OW = (ITW + STRIDE - 2) / STRIDE + NC;
     static constexpr int PO =
-        SLOTS == 1 ? lr_plain_pitch<OW, STRIDE, RI>() : lr_slot_pitch<OW, RI>();
-    static constexpr int SLOT = SLOTS == 1 ? OH * PO : lr_slot_floats<OH * PO, RI * PO % 32>();
+        SLOTS != LR_SLOTS ? lr_plain_pitch<OW, STRIDE, RI>() : lr_slot_pitch<OW, RI>();
+    static constexpr int SLOT =
+        SLOTS != LR_SLOTS ? OH * PO : lr_slot_floats<OH * PO, RI * PO % 32>();
     static constexpr int TO = SLOTS * SLOT;
     static constexpr int MC = SLOTS == 1 ? lr_chunk<2 * TO + K * K, TO>() : LR_MAX_CHUNK;
     static constexpr int V = lr_vec_width<MC>();  // gy channels side by side
@@ -201,9 +207,11 @@ struct lr_input_shape {
 // Forward, fused: logits, softmax and aggregation; one thread per strip of R outputs
 // (i0 + r, j), r < R, of a tile. Shared: the k tile (logits) and MC channel tiles of x.
 // SLOTS = 1 (lr_forward): a tile of LR_TILE_W x LR_TILE_H * R outputs of one (b, g) plane.
-// SLOTS = LR_SLOTS (lr_forward_packed, images of at most LR_SLOT_W x 2R outputs): the whole
-// images of LR_SLOTS consecutive b of one g, thread (tx, ty) in slot (ty / 2) * 2 + tx / LR_SLOT_W
-// (a warp holds two slots side by side), its strip at (ty % 2) * R, tx % LR_SLOT_W.
+// SLOTS = LR_PAIR_SLOTS (lr_forward_pairs, images of at most LR_TILE_W x (LR_TILE_H / 2) R
+// outputs) or LR_SLOTS (lr_forward_packed, images of at most LR_SLOT_W x 2R outputs): the whole
+// images of SLOTS consecutive b of one g, thread (tx, ty) in slot lr_slot_of (LR_SLOTS: a warp
+// holds two slots side by side), its strip at (ty % rows) * R, tx % cols (a slot's
+// lr_slot_rows and lr_slot_cols).
 template <typename T, int K, int STRIDE, int COMP, int SLOTS>
 __device__ __forceinline__ void lr_forward_tiles(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
@@ -216,7 +224,8 @@ __device__ __forceinline__ void lr_forward_tiles(
     constexpr bool PACKED = SLOTS > 1;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     // packed: this thread's slot and its place in the slot
-    const int slot = (ty / 2) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 2;
+    const int slot = lr_slot_of<SLOTS>(tx, ty);
+    const int sx = tx % lr_slot_cols<SLOTS>(), sy = ty % lr_slot_rows<SLOTS>();
     const long long tiles_w = PACKED ? 1 : (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = PACKED ? 1 : (Ho + OH - 1) / OH;
     const long long images = PACKED ? (B + SLOTS - 1) / SLOTS : B;  // per group, per tile
@@ -239,11 +248,17 @@ __device__ __forceinline__ void lr_forward_tiles(
         const long long g = (tile / (tiles_w * tiles_h)) % G;
         const long long b0 = tile / (tiles_w * tiles_h * G) * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
-        const long long i0 = PACKED ? sy * R : th * OH + ty * R;
-        const long long j = PACKED ? sx : tw * LR_TILE_W + tx;
+        // (pairs: opaque, or ptxas specialises the window loops on the small values and spills)
+        const long long i0 = !PACKED ? th * OH + ty * R
+                             : SLOTS == LR_PAIR_SLOTS ? lr_opaque((long long)sy * R)
+                                                      : sy * R;
+        const long long j = !PACKED ? tw * LR_TILE_W + tx
+                            : SLOTS == LR_PAIR_SLOTS ? lr_opaque((long long)sx)
+                                                     : sx;
         const long long r0 = th * OH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
         // uniform over the warp (packed: its first slot holds an image)
-        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : th * OH + (ty & ~1) * R < Ho;
+        const bool warp_live = PACKED ? b0 + lr_warp_first_slot<SLOTS>(slot) < B
+                                      : th * OH + (ty & ~1) * R < Ho;
         const long long qplane = (b * G + g) * Ho;
         const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
 
@@ -398,14 +413,35 @@ __device__ __forceinline__ void lr_forward_tiles(
     }
 }
 
-// The tile bodies by layout (one tile, or LR_SLOTS small images), for LR_BY_COMPOSABILITY.
+// The tile bodies by layout (one tile; SLOTS images: lr_forward_in<SLOTS>::run), for
+// LR_BY_COMPOSABILITY.
 template <typename T, int K, int STRIDE, int COMP, typename... A>
 __device__ __forceinline__ void lr_forward_one(A... args) {
     lr_forward_tiles<T, K, STRIDE, COMP, 1>(args...);
 }
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_forward_slots(A... args) {
-    lr_forward_tiles<T, K, STRIDE, COMP, LR_SLOTS>(args...);
+template <int SLOTS>
+struct lr_forward_in {
+    template <typename T, int K, int STRIDE, int COMP, typename... A>
+    __device__ static __forceinline__ void run(A... args) {
+        lr_forward_tiles<T, K, STRIDE, COMP, SLOTS>(args...);
+    }
+};
+
+// The body of lr_forward_pairs and lr_forward_packed: SLOTS images per block, the tiles in
+// dynamic shared memory (lr_forward_shape's FLOATS: the MC channel tiles, then the k tile and
+// geo; over 48 KB the launch opts in).
+template <typename T, int K, int STRIDE, int SLOTS>
+__device__ __forceinline__ void lr_forward_in_slots(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    using S = lr_forward_shape<K, STRIDE, SLOTS>;
+    LR_DYNAMIC_SHARED(float, s_x);
+    float* const s_k = s_x + S::MC * S::TF;
+    float* const s_geo = s_k + S::TF;
+    LR_BY_COMPOSABILITY(comp, lr_forward_in<SLOTS>::template run, x, q, k, geo, y, lse, B, C, H,
+                        W, G, m, Ho, Wo, s_k, s_x, s_geo)
 }
 
 template <typename T, int K, int STRIDE>
@@ -423,21 +459,30 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
                         s_k, s_x, s_geo)
 }
 
+// lr_forward on images of at most LR_TILE_W x (LR_TILE_H / 2) R outputs (R = lr_forward_strip):
+// LR_PAIR_SLOTS images per block (lr_forward_in_slots; over 48 KB of dynamic shared memory at
+// K >= 11: cupy_backend.pairs_shared_bytes). Every warp of a block holds strips of one image.
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward_pairs(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    lr_forward_in_slots<T, K, STRIDE, LR_PAIR_SLOTS>(x, q, k, geo, y, lse, B, C, H, W, G, m, Ho,
+                                                      Wo, comp);
+}
+
 // lr_forward on small images (at most LR_SLOT_W x 2R outputs, R = lr_forward_strip): LR_SLOTS
-// images per block (lr_forward_tiles), its tiles in dynamic shared memory (lr_forward_shape's
-// FLOATS; over 48 KB, so the launch opts in: cupy_backend.packed_shared_bytes).
+// images per block (lr_forward_in_slots; over 48 KB of dynamic shared memory:
+// cupy_backend.packed_shared_bytes).
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward_packed(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
     const float* __restrict__ geo, T* __restrict__ y, float* __restrict__ lse, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
-    using S = lr_forward_shape<K, STRIDE, LR_SLOTS>;
-    LR_DYNAMIC_SHARED(float, s_x);  // MC channel tiles, then the k tile and geo
-    float* const s_k = s_x + S::MC * S::TF;
-    float* const s_geo = s_k + S::TF;
-    LR_BY_COMPOSABILITY(comp, lr_forward_slots, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
-                        s_k, s_x, s_geo)
+    lr_forward_in_slots<T, K, STRIDE, LR_SLOTS>(x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
+                                                 comp);
 }
 
 // Sum over the block of the K dlogits of one window column (s_row[a * LR_RED_PITCH + tid]), in
@@ -846,7 +891,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     constexpr bool PACKED = SLOTS > 1;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
     // packed: this thread's slot and its place in the slot (as in lr_forward_tiles)
-    const int slot = (ty / 2) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 2;
+    const int slot = lr_slot_of<SLOTS>(tx, ty);
+    const int sx = tx % lr_slot_cols<SLOTS>(), sy = ty % lr_slot_rows<SLOTS>();
     const long long tiles_w = PACKED ? 1 : (W + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = PACKED ? 1 : (H + ITH - 1) / ITH;
     const long long images = PACKED ? (B + SLOTS - 1) / SLOTS : B;  // per group, per tile
@@ -873,7 +919,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
         const long long hs = PACKED ? lr_opaque((long long)sy * RI) : h0 + ty * RI;
         const long long wc = PACKED ? lr_opaque((long long)sx) : w0 + tx;
         // uniform over the warp (packed: its first slot holds an image)
-        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : h0 + (ty & ~1) * RI < H;
+        const bool warp_live =
+            PACKED ? b0 + lr_warp_first_slot<SLOTS>(slot) < B : h0 + (ty & ~1) * RI < H;
         const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
         // first output row / column whose window can cover the tile
         const long long oi0 = lr_floor_div(h0 + P - K + STRIDE, STRIDE);
@@ -1038,9 +1085,35 @@ template <typename T, int K, int STRIDE, int COMP, typename... A>
 __device__ __forceinline__ void lr_backward_input_one(A... args) {
     lr_backward_input_tiles<T, K, STRIDE, COMP, 1>(args...);
 }
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_backward_input_slots(A... args) {
-    lr_backward_input_tiles<T, K, STRIDE, COMP, LR_SLOTS>(args...);
+template <int SLOTS>
+struct lr_backward_input_in {
+    template <typename T, int K, int STRIDE, int COMP, typename... A>
+    __device__ static __forceinline__ void run(A... args) {
+        lr_backward_input_tiles<T, K, STRIDE, COMP, SLOTS>(args...);
+    }
+};
+
+// The body of lr_backward_input_pairs and lr_backward_input_packed: SLOTS images per block at
+// stride 1 (other strides: an empty body, never launched), the tiles in dynamic shared memory
+// (lr_input_shape's FLOATS: the MC gy tiles, then q, shift and geo; over 48 KB the launch opts
+// in).
+template <typename T, int K, int STRIDE, int SLOTS>
+__device__ __forceinline__ void lr_backward_input_in_slots(
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
+    const float* __restrict__ lse, const T* __restrict__ gy,
+    const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    if constexpr (STRIDE == 1) {
+        using S = lr_input_shape<K, STRIDE, SLOTS>;
+        LR_DYNAMIC_SHARED(float, s_gy);
+        float* const s_q = s_gy + S::MC * S::TO;
+        float* const s_shift = s_q + S::TO;
+        float* const s_geo = s_shift + S::TO;
+        LR_BY_COMPOSABILITY(comp, lr_backward_input_in<SLOTS>::template run, q, k, geo, lse, gy,
+                            gk_partial, gx, gk, B, C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy,
+                            s_geo)
+    }
 }
 
 template <typename T, int K, int STRIDE>
@@ -1063,8 +1136,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
 }
 
 // lr_backward_input on small images at stride 1 (at most LR_SLOT_W x 2 RI inputs): LR_SLOTS
-// images per block (lr_backward_input_tiles), its tiles in dynamic shared memory
-// (lr_input_shape's FLOATS; the launch opts in above 48 KB: cupy_backend.packed_input_bytes).
+// images per block (lr_backward_input_in_slots; over 48 KB of dynamic shared memory:
+// cupy_backend.packed_input_bytes).
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input_packed(
     const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
@@ -1072,15 +1145,20 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input_p
     const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
     long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     int comp) {
-    // packed tiles at stride 1 only (other strides: an empty body, never launched)
-    constexpr int SLOTS = STRIDE == 1 ? LR_SLOTS : 1;
-    using S = lr_input_shape<K, STRIDE, SLOTS>;
-    LR_DYNAMIC_SHARED(float, s_gy);  // MC gy tiles, then q, shift and geo
-    float* const s_q = s_gy + S::MC * S::TO;
-    float* const s_shift = s_q + S::TO;
-    float* const s_geo = s_shift + S::TO;
-    if constexpr (STRIDE == 1) {
-        LR_BY_COMPOSABILITY(comp, lr_backward_input_slots, q, k, geo, lse, gy, gk_partial, gx,
-                            gk, B, C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
-    }
+    lr_backward_input_in_slots<T, K, STRIDE, LR_SLOTS>(q, k, geo, lse, gy, gk_partial, gx, gk, B,
+                                                        C, H, W, G, m, Ho, Wo, comp);
+}
+
+// lr_backward_input on images of at most LR_TILE_W x (LR_TILE_H / 2) RI inputs at stride 1:
+// LR_PAIR_SLOTS images per block (lr_backward_input_in_slots; over 48 KB of dynamic shared
+// memory at K >= 7: cupy_backend.pairs_input_bytes), every warp on one of them.
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input_pairs(
+    const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ geo,
+    const float* __restrict__ lse, const T* __restrict__ gy,
+    const float* __restrict__ gk_partial, T* __restrict__ gx, T* __restrict__ gk, long long B,
+    long long C, long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    int comp) {
+    lr_backward_input_in_slots<T, K, STRIDE, LR_PAIR_SLOTS>(q, k, geo, lse, gy, gk_partial, gx, gk,
+                                                             B, C, H, W, G, m, Ho, Wo, comp);
 }

@@ -368,6 +368,32 @@ __host__ __device__ constexpr int lr_phase_col(int col) {
 // robustlr.ops.cupy_backend.slot_pitch / slot_floats mirror these.
 #define LR_SLOT_W (LR_TILE_W / 2)
 #define LR_SLOTS LR_TILE_H
+// lr_forward_pairs: two images per block, each in a slot of LR_TILE_W columns and LR_TILE_H / 2
+// thread rows (two warps, one slot above the other), for images whose outputs fill at most half
+// a tile's rows: a block of one tile would leave half its warps below the image (a 14 x 14
+// image in the forward's 16 x 32 tiles). The slots are in different warps, so they need no
+// relative bank placement: a slot is its rows at the tile's pitch (lr_pitch).
+#define LR_PAIR_SLOTS 2
+
+// The layouts by slots per block: output columns and thread rows of a slot (1: the whole tile;
+// LR_PAIR_SLOTS: half of it; LR_SLOTS: LR_SLOT_W x 2, two slots side by side in a warp), thread
+// (tx, ty)'s slot, and the first slot of its warp.
+template <int SLOTS>
+__host__ __device__ constexpr int lr_slot_cols() {
+    return SLOTS == LR_SLOTS ? LR_SLOT_W : LR_TILE_W;
+}
+template <int SLOTS>
+__host__ __device__ constexpr int lr_slot_rows() {
+    return SLOTS == LR_SLOTS ? 2 : LR_TILE_H / SLOTS;
+}
+template <int SLOTS>
+__device__ __forceinline__ int lr_slot_of(int tx, int ty) {
+    return SLOTS == LR_SLOTS ? (ty / 2) * 2 + tx / LR_SLOT_W : ty / lr_slot_rows<SLOTS>();
+}
+template <int SLOTS>
+__device__ __forceinline__ int lr_warp_first_slot(int slot) {
+    return SLOTS == LR_SLOTS ? slot & ~1 : slot;
+}
 
 template <int MIN, int STEP>
 __host__ __device__ constexpr int lr_slot_pitch() {

@@ -74,6 +74,10 @@ SHAPES = [
     # lr_forward_packed: 8 + 3 images of a group per block, 60 KB of dynamic shared memory (the
     # launch opts in above 48 KB)
     (11, 64, 7, 7, 8, 7, 1),
+    # lr_forward_pairs: 2 + 1 images of 14 x 14 (LR-Net-26's stage 3) per group; at K = 13,
+    # 58 KB of dynamic shared memory
+    (3, 64, 14, 14, 8, 7, 1),
+    (3, 8, 6, 8, 2, 13, 1),
 ]
 
 

@@ -131,7 +131,8 @@ def test_static_shared_memory_formula_is_what_ptxas_reports(table):
 def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(table):
     """The packed kernels' tiles are dynamic shared memory (over 48 KB, so the launch opts in):
     with them, every instantiation that the plans may launch keeps >= 2 resident blocks per SM,
-    3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images)."""
+    3 on sm_90 at K = 7, stride 1 (LR-Net-26's small images); the pairs kernels' 44.5 and
+    48.3 KB leave the 4 that their registers allow."""
     checked = 0
     for r in table:
         dynamic = cupy_backend.dynamic_shared_bytes(r.kernel, r.kernel_size, r.stride)
@@ -140,7 +141,7 @@ def test_packed_kernels_keep_two_blocks_per_sm_with_their_dynamic_shared_memory(
         blocks, _ = nvrtc.occupancy(r.usage, r.arch, dynamic=dynamic)
         assert blocks >= 2, (r, dynamic)
         if (r.kernel_size, r.stride, r.arch) == (7, 1, "sm_90"):
-            assert blocks == 3, (r, dynamic)
+            assert blocks == (4 if r.kernel.endswith("_pairs") else 3), (r, dynamic)
         checked += 1
     assert checked >= 2 * 13  # sm_80, sm_90: 5 forward, 5 backward query, 3 backward input
 
@@ -173,7 +174,7 @@ WINDOW_READ_CASES = [
     for kernel in nvrtc.KERNEL_NAMES
     for K in (3, 5, 7, 9, 11, 13)
     for S in (1, 2, 3)
-    if kernel != "lr_backward_input_packed" or S == 1
+    if kernel not in ("lr_backward_input_pairs", "lr_backward_input_packed") or S == 1
 ]
 
 
@@ -363,7 +364,9 @@ def test_tile_loader_copies_fp32_asynchronously():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["lr_forward", "lr_forward_packed", "lr_backward_query"])
+@pytest.mark.parametrize(
+    "kernel", ["lr_forward", "lr_forward_pairs", "lr_forward_packed", "lr_backward_query"]
+)
 def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
     """The k tiles hold LR_FAR_KEY outside the image, so sqdiff's window loop (and absdiff's in
     the forward) weighs a neighbour with no test: in the sm_90 SASS of the fp32 K = 7 kernel,
@@ -403,6 +406,7 @@ def test_arrays_read_by_vector_loads_are_16_byte_aligned():
         ("lr_forward", 7, 2),
         ("lr_forward", 7, 3),
         ("lr_forward", 9, 1),
+        ("lr_forward_pairs", 7, 1),
         ("lr_forward_packed", 7, 1),
         ("lr_forward_packed", 5, 2),
         ("lr_backward_query", 7, 1),

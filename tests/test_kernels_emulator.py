@@ -76,9 +76,10 @@ def plain():
 
 # (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage, the
 # backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2 tiles), small
-# images (lr_forward_packed, several blocks per group); the slow tier adds K = 7 in fp32 and bf16
-# over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16 otherwise:
-# strips of 2) with B = 2, and lr_forward_packed at strips of 2
+# images (lr_forward_packed, several blocks per group), two images a block (lr_forward_pairs: 14 x
+# 14, 2 + 1 images per group); the slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles
+# (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16 otherwise: strips of 2) with B = 2,
+# and lr_forward_packed at strips of 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
     ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
@@ -86,6 +87,7 @@ SANITIZED_CASES = [
     ((2, 2, 68, 66, 1, 3, 4, "absdiff"), torch.float32),
     # lr_forward_packed: 10 images of 7 x 7 per group, two blocks (8 + 2 slots) per group
     ((10, 4, 7, 7, 2, 7, 1, "sqdiff"), torch.float32),
+    ((3, 4, 14, 14, 2, 7, 1, "sqdiff"), torch.float32),
     pytest.param((2, 4, 66, 33, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
     pytest.param((2, 3, 130, 66, 3, 7, 2, "mul"), torch.bfloat16, marks=pytest.mark.slow),
     # lr_forward_packed at strips of 2 (channels read as quads): 4 x 8 outputs, 9 images
@@ -104,9 +106,9 @@ def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, c
     script, after = record_backend(plain, case, dtype)
     shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
     assert [name.split("<")[0] for name, _, _ in script] == [
-        "lr_forward_packed" if cupy_backend.forward_packed(shape) else "lr_forward",
+        cupy_backend.plan_forward(shape).kernel,
         "lr_backward_query_packed" if cupy_backend.query_packed(shape) else "lr_backward_query",
-        "lr_backward_input_packed" if cupy_backend.input_packed(shape) else "lr_backward_input",
+        cupy_backend.plan_backward_input(shape).kernel,
     ]
     proc = run_sanitized(variant, write_script(tmp_path, script))
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -102,8 +102,10 @@ def tiled_forward(monkeypatch):
     """lr_forward and lr_backward_input on every shape, small images too (not the packed
     kernels)."""
     monkeypatch.setattr(cupy_backend, "forward_packed", lambda shape: False)
+    monkeypatch.setattr(cupy_backend, "forward_pairs", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "query_packed", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "input_packed", lambda shape: False)
+    monkeypatch.setattr(cupy_backend, "input_pairs", lambda shape: False)
 
 
 def forward_kernel() -> str:
@@ -128,13 +130,16 @@ def small(case) -> bool:
         fn(shape)
         for fn in (
             cupy_backend.forward_packed,
+            cupy_backend.forward_pairs,
             cupy_backend.query_packed,
             cupy_backend.input_packed,
+            cupy_backend.input_pairs,
         )
     )
 
 
-#: The CASES whose images fit a slot of lr_forward_packed or lr_backward_input_packed.
+#: The CASES whose images fit a slot of lr_forward_packed, lr_forward_pairs,
+#: lr_backward_query_packed, lr_backward_input_packed or lr_backward_input_pairs.
 SMALL_CASES = [c for c in CASES if small(c)]
 
 
@@ -161,51 +166,91 @@ PACKED_CASES = [
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
 def test_packed_forward_matches_naive(lib, case):
     """The packed kernels where they apply (lr_backward_query_packed: outputs <= 8 x 4 strips;
-    lr_backward_input_packed: stride 1, K <= 7, whose tiles fit 80 KB)."""
+    lr_backward_input_packed: stride 1, K <= 7, whose tiles fit 80 KB; at larger K
+    lr_backward_input_pairs)."""
     check_case(lib, case, seed=53)
     assert forward_kernel() == "lr_forward_packed"
     assert query_kernel() == "lr_backward_query_packed"
     K, stride = case[5:7]
-    packed_input = stride == 1 and K <= 7
-    assert input_kernel() == ("lr_backward_input_packed" if packed_input else "lr_backward_input")
+    want = "lr_backward_input_packed" if K <= 7 else "lr_backward_input_pairs"
+    assert input_kernel() == (want if stride == 1 else "lr_backward_input")
 
 
-def test_packed_grid_size_does_not_change_results(lib):
-    """The packed kernels loop over their tiles (8 images of a group each) like lr_forward."""
-    x, q, k, geo, gy = make_case(19, 6, 7, 7, 3, 7, 1, seed=7)  # 3 groups x 3 blocks
+# ---- lr_forward_pairs: two images per block, each in half a tile's rows ------------------------
+PAIRS_CASES = [
+    (3, 8, 14, 14, 2, 7, 1, "sqdiff"),  # LR-Net-26's stage 3 shape: 2 + 1 images per group
+    (4, 6, 16, 16, 3, 3, 1, "mul"),  # whole 16 x 16 slots
+    (5, 12, 9, 16, 2, 5, 1, "absdiff"),  # m = 6, a block with one empty slot
+    (3, 20, 10, 11, 2, 3, 1, "sqdiff"),  # m = 10: chunks of 8 + 2
+    (3, 6, 15, 30, 2, 3, 2, "sqdiff"),  # stride 2 (strips of 2): 8 x 15 outputs
+    (3, 6, 15, 16, 2, 3, 2, "absdiff"),  # stride 2, inputs within a slot: lr_backward_input
+    (3, 4, 8, 12, 2, 9, 1, "absdiff"),  # K = 9 (strips of 2): 8 x 12 outputs
+    (3, 4, 6, 8, 2, 13, 1, "mul"),  # K = 13: images smaller than the window, 58 KB (opt-in)
+]
+
+
+@pytest.mark.parametrize("case", PAIRS_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
+def test_pairs_forward_matches_naive(lib, case):
+    """lr_forward_pairs where the outputs fit a tile's columns and half its rows (four strips)
+    but not a slot of lr_forward_packed; lr_backward_input_pairs where the inputs do, at
+    stride 1 (its 28-63 KB fit 80 KB at every K)."""
+    check_case(lib, case, seed=59)
+    assert forward_kernel() == "lr_forward_pairs"
+    paired_input = case[6] == 1
+    assert input_kernel() == ("lr_backward_input_pairs" if paired_input else "lr_backward_input")
+
+
+@pytest.mark.parametrize(
+    ("layout", "images", "height"), [("packed", 19, 7), ("pairs", 7, 14)]
+)  # 3 groups x 3 blocks of 8 images; 3 groups x 4 blocks of 2
+def test_slotted_grid_size_does_not_change_results(lib, layout, images, height):
+    """The packed and pairs kernels loop over their tiles (8 and 2 images of a group each) like
+    lr_forward."""
+    x, q, k, geo, gy = make_case(images, 6, height, height, 3, 7, 1, seed=7)
+    forward, backward = f"lr_forward_{layout}", f"lr_backward_input_{layout}"
+    blocks = 3 * -(-images // (cupy_backend.SLOTS if layout == "packed" else 2))
     base = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff")
-    assert forward_kernel() == "lr_forward_packed"
-    assert backend_run.made[0].records[0].config.grid[0] == 9
-    assert input_kernel() == "lr_backward_input_packed"
-    assert backend_run.made[-1].records[-1].config.grid[0] == 9
+    assert forward_kernel() == forward
+    assert backend_run.made[0].records[0].config.grid[0] == blocks
+    assert input_kernel() == backward
+    assert backend_run.made[-1].records[-1].config.grid[0] == blocks
     small = {"grid": (2, 1, 1)}
     two = backend_run(lib, x, q, k, geo, gy, 7, 1, "sqdiff",
-                      override={"lr_forward_packed": small,
-                                "lr_backward_input_packed": small})  # fmt: skip
-    for a, b in zip(base[:3], two[:3], strict=True):  # y, grad x, grad q: the same sums
+                      override={forward: small, backward: small})  # fmt: skip
+    for a, b in zip(base[:4], two[:4], strict=True):  # y, grad x, grad q, grad k
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5, 7, 9, 11, 13])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
-    """cupy_backend.packed_shape (the launch's dynamic shared memory, the bank model) is
-    lr_forward_shape<K, S, LR_SLOTS> of the kernels."""
+    """cupy_backend.packed_shape, pairs_shape, packed_query_shape, packed_input_shape and
+    pairs_input_shape (the launches' dynamic shared memory, the bank model) are
+    lr_forward_shape<K, S, LR_SLOTS> and <K, S, LR_PAIR_SLOTS>, lr_query_packed_shape<K, S> and
+    lr_input_shape<K, 1, LR_SLOTS> and <K, 1, LR_PAIR_SLOTS> of the kernels."""
+    K, S = kernel_size, stride
+    mirrors = [
+        (lambda out: lib.lr_host_packed_shape(K, S, out), cupy_backend.packed_shape(K, S)),
+        (lambda out: lib.lr_host_pairs_shape(K, S, out), cupy_backend.pairs_shape(K, S)),
+    ]
+    if S == 1:
+        mirrors += [
+            (
+                lambda out: lib.lr_host_packed_input_shape(K, out),
+                cupy_backend.packed_input_shape(K),
+            ),
+            (lambda out: lib.lr_host_pairs_input_shape(K, out), cupy_backend.pairs_input_shape(K)),
+        ]
     out = (ctypes.c_int * 9)()
-    assert lib.lr_host_packed_shape(kernel_size, stride, out) == 0
-    p = cupy_backend.packed_shape(kernel_size, stride)
-    assert list(out) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
-                         p.box_rows, p.box_cols]  # fmt: skip
+    for kernels, p in mirrors:
+        assert kernels(out) == 0
+        assert list(out) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
+                             p.box_rows, p.box_cols]  # fmt: skip
     query = (ctypes.c_int * 10)()
-    assert lib.lr_host_packed_query_shape(kernel_size, stride, query) == 0
-    p = cupy_backend.packed_query_shape(kernel_size, stride)
+    assert lib.lr_host_packed_query_shape(K, S, query) == 0
+    p = cupy_backend.packed_query_shape(K, S)
     assert list(query) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
                            p.floats, p.box_rows, p.box_cols]  # fmt: skip
-    if stride == 1:
-        assert lib.lr_host_packed_input_shape(kernel_size, out) == 0
-        i = cupy_backend.packed_input_shape(kernel_size)
-        assert list(out) == [i.strip, i.slot_rows, i.rows, i.cols, i.pitch, i.slot, i.floats,
-                             i.box_rows, i.box_cols]  # fmt: skip
 
 
 @pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
@@ -495,11 +540,11 @@ def test_empty_batch(lib):
 
 
 def _forward_args(dtype=torch.float32):
-    # 5 x 9: wider than a slot of lr_forward_packed, so lr_forward runs
-    x, q, k, geo, _ = make_case(1, 4, 5, 9, 2, 3, 1, dtype=dtype)
+    # 5 x 17: wider than a slot of lr_forward_packed and lr_forward_pairs, so lr_forward runs
+    x, q, k, geo, _ = make_case(1, 4, 5, 17, 2, 3, 1, dtype=dtype)
     shape = check_inputs(x, q, k, geo, 3, 1, "sqdiff")
     y = torch.empty_like(x)
-    lse = torch.empty(1, 2, 5, 9)
+    lse = torch.empty(1, 2, 5, 17)
     sizes = cupy_backend._sizes(shape)
     comp = cupy_backend.np.int32(0)
     return shape, [x, q, k, geo.float(), y, lse, *sizes, comp]
@@ -514,7 +559,7 @@ def _forward_args(dtype=torch.float32):
         (lambda a: a.__setitem__(6, 1), "tensors or numpy scalars"),
         (lambda a: a.__setitem__(0, a[0].double()), "float64"),
         (lambda a: a.__setitem__(0, a[0].transpose(2, 3)), "contiguous"),
-        (lambda a: a.__setitem__(5, torch.empty(89)), "holds 89 elements, expected 90"),
+        (lambda a: a.__setitem__(5, torch.empty(169)), "holds 169 elements, expected 170"),
         (lambda a: a.__setitem__(4, a[0]), "overlaps"),
     ],
 )

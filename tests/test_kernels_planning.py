@@ -41,6 +41,9 @@ def test_plans_cover_64bit_sizes(sizes):
     if Ho <= 2 * cb.forward_strip(K, s) and Wo <= 8:  # small images: 8 per block
         assert fwd.kernel == "lr_forward_packed"
         assert fwd.grid == (min(G * -(-B // 8), cb.MAX_BLOCKS), 1, 1)
+    elif Ho <= 4 * cb.forward_strip(K, s) and Wo <= 16:  # half a tile's rows: 2 per block
+        assert fwd.kernel == "lr_forward_pairs"
+        assert fwd.grid == (min(G * -(-B // 2), cb.MAX_BLOCKS), 1, 1)
     else:
         assert fwd.kernel == "lr_forward" and fwd.shared_bytes == 0
         fwd_tiles = tiles(Ho, Wo, cb.forward_strip(K, s))
@@ -49,6 +52,9 @@ def test_plans_cover_64bit_sizes(sizes):
     if s == 1 and max(H, W) <= 8 and K <= 7:  # small images (8 x 8 inputs): 8 per block
         assert bwd.kernel == "lr_backward_input_packed"
         assert bwd.grid == (min(G * -(-B // 8), cb.MAX_BLOCKS), 1, 1)
+    elif s == 1 and max(H, W) <= 16:  # half a tile's rows: 2 per block
+        assert bwd.kernel == "lr_backward_input_pairs"
+        assert bwd.grid == (min(G * -(-B // 2), cb.MAX_BLOCKS), 1, 1)
     else:
         assert bwd.kernel == "lr_backward_input" and bwd.shared_bytes == 0
         assert bwd.grid == (min(B * G * tiles(H, W, in_rows), cb.MAX_BLOCKS), 1, 1)
@@ -111,6 +117,37 @@ def test_small_images_take_the_packed_kernels(sizes, packed, packed_query, packe
         assert bwd.shared_bytes == cb.packed_input_bytes(sizes[5])
 
 
+@pytest.mark.parametrize(
+    ("sizes", "pairs", "input_pairs"),
+    [
+        ((32, 400, 14, 14, 50, 7, 1), True, True),  # LR-Net-26 res4 at 224: 14 x 14
+        ((9, 16, 16, 16, 2, 7, 1), True, True),  # a whole slot: 16 x 16 (four strips of 4)
+        ((9, 16, 17, 16, 2, 7, 1), False, False),  # one row more than a slot
+        ((9, 16, 16, 17, 2, 7, 1), False, False),  # one column more
+        ((9, 16, 8, 8, 2, 7, 1), False, False),  # a slot of the packed kernels
+        ((9, 16, 16, 32, 2, 3, 2), True, False),  # stride 2 (strips of 2): 8 x 16 outputs
+        ((9, 16, 16, 16, 2, 3, 2), True, False),  # stride 2: no backward-input pairs
+        ((9, 16, 16, 16, 2, 9, 1), False, True),  # K = 9: forward strips of 2 (8 rows a slot)
+        ((9, 16, 6, 8, 2, 13, 1), True, True),  # K = 13: 58 KB forward, 62 KB backward input
+    ],
+)
+def test_short_images_take_the_pairs_kernels(sizes, pairs, input_pairs):
+    """lr_forward_pairs runs where the outputs fit a tile's 16 columns and half its rows (four
+    strips) but not a slot of lr_forward_packed, lr_backward_input_pairs where the inputs do at
+    stride 1, each within 80 KB: two images of a group per block, every warp on one of them."""
+    shape = shape_of(*sizes)
+    B, G, K, s = sizes[0], sizes[4], sizes[5], sizes[6]
+    fwd, bwd = cb.plan_forward(shape), cb.plan_backward_input(shape)
+    assert (fwd.kernel == "lr_forward_pairs") == pairs
+    assert (bwd.kernel == "lr_backward_input_pairs") == input_pairs
+    if pairs:
+        assert fwd.grid == (G * -(-B // 2), 1, 1)
+        assert fwd.shared_bytes == cb.pairs_shared_bytes(K, s) <= 80 * 1024
+    if input_pairs:
+        assert bwd.grid == (G * -(-B // 2), 1, 1)
+        assert bwd.shared_bytes == cb.pairs_input_bytes(K) <= 80 * 1024
+
+
 def test_empty_problems_launch_nothing():
     shape = shape_of(0, 4, 5, 5, 2, 3, 1)
     assert cb.plan_forward(shape) is None
@@ -158,7 +195,11 @@ def test_pack_arg_is_what_cupy_receives():
         ((2, 8, 2**15, 2**13, 1, 3, 1), False),  # m = 8 channels of 2^28: 2^31
         ((8, 2**22, 7, 7, 2**19, 7, 1), True),  # packed: 8 images of 2^22 x 49 < 2^31
         ((8, 2**23, 7, 7, 2**20, 7, 1), False),  # packed: 8 images of 2^23 x 49 >= 2^31
-        ((8, 2**23, 9, 9, 2**20, 7, 1), True),  # not packed (9 rows > a slot): planes only
+        # lr_forward_pairs (9 rows > a slot of lr_forward_packed): 2 images of 2^23 x 81 < 2^31
+        ((8, 2**23, 9, 9, 2**20, 7, 1), True),
+        ((8, 2**22, 14, 14, 2**19, 7, 1), True),  # pairs: 2 images of 2^22 x 196 < 2^31
+        ((8, 2**23, 14, 14, 2**20, 7, 1), False),  # pairs: 2 images of 2^23 x 196 >= 2^31
+        ((8, 2**23, 17, 17, 2**20, 7, 1), True),  # 17 rows: lr_forward, planes only
         # backward tile lists (backward_tiles): 2^13 groups x 2^15 images x 6 input tiles of
         # 40 x 40 is 1.6e9 < 2^31; twice the groups, 3.2e9
         ((2**15, 2**13, 40, 40, 2**13, 3, 1), True),

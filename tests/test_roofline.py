@@ -53,6 +53,31 @@ def test_warps_below_the_image_run_all_but_the_window_loops(height, live, below)
     assert times["MUFU"] == pytest.approx(mufu)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "batch"), [("lr_forward_pairs", 32), ("lr_backward_input_pairs", 31)]
+)
+def test_pairs_kernels_run_two_live_warps_per_image(kernel, batch):
+    """At stage 3 (14 x 14) the pairs kernels hold two images per block, two warps each, all
+    running the window loops; with an odd batch the last block's second slot holds no image and
+    its two warps run the rest of the tile's code."""
+    roofline = load_roofline()
+    channels, height = 400, 14
+    counts = Counter({"FFMA": 300.0, "LDS": 40.0})
+    skipped = Counter({"FFMA": 280.0, "LDS": 30.0})
+    usage = nvrtc.PtxasUsage(registers=128, stack_frame=0, spill_stores=0, spill_loads=0, shared=0)
+    roofline.B = batch  # (the module's batch, this test's own copy of the module)
+    assert roofline.runs_as(roofline.KERNELS[0 if "forward" in kernel else 2], roofline.CURRENT,
+                            channels, height) == kernel  # fmt: skip
+    _, _, _, times = roofline.predict(
+        kernel, roofline.CURRENT, counts, skipped, usage, 8, channels, height
+    )
+    groups = channels // roofline.M
+    live, below = 2 * batch, 2 * (batch % 2)
+    per_second = roofline.SMS * roofline.CLOCK / 1e6
+    issue = groups * (live * 340 + below * 30) / (roofline.ISSUE_PER_CLOCK * per_second)
+    assert times["issue"] == pytest.approx(issue)
+
+
 @pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_input"])
 def test_warps_below_the_image_skip_the_window_loops_and_the_gather(kernel):
     """per_thread's skipped counts, from the kernel's sm_90 SASS: what is left for a warp below

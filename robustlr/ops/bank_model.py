@@ -49,7 +49,9 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
     side by side, ``vector_transactions``); backward_query also adds into its thread row's
     key-gradient copy, ``copies[ty*GS + tx + t*PW + lr_phase_col(b)]``
     (``cupy_backend.key_grad_pitch``); forward_packed reads its slots' tiles
-    (``cupy_backend.packed_shape``) the same way, from each thread's slot, and
+    (``cupy_backend.packed_shape``) the same way, from each thread's slot, the pairs kernels
+    theirs (``cupy_backend.pairs_shape``, ``pairs_input_shape``: slots a tile wide, four thread
+    rows each; backward_input's at stride 1 only), and
     backward_input_packed its slots' output tiles (``cupy_backend.packed_input_shape``, stride 1;
     none at other strides, where it is not launched); backward_input reads
     q, lse (one word) and gy (V words) at
@@ -77,17 +79,20 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
             # slot z = (ty // TR) * 2 + tx // SLOT_WIDTH (TR thread rows each: 4 in
             # backward_query, 2 otherwise), strip (ty % TR, tx % SLOT_WIDTH): reads
             # slot[z * SLOT + (ty % TR)*R*S*PW + tx % SLOT_WIDTH + t*PW + lr_phase_col(b)];
+            # the pairs kernels: slots of the tile's width, z = ty // TR (TR = 4);
             # backward_query adds the key gradient into copy ty * 2 + tx // SLOT_WIDTH at the
             # same offset in it. backward_input_packed: stride 1 only (not launched otherwise)
-            if kernel == "lr_backward_input_packed" and S != 1:
+            if kernel in ("lr_backward_input_pairs", "lr_backward_input_packed") and S != 1:
                 continue
             packed, sw = cupy_backend.packed_geometry(kernel, K, S), cupy_backend.SLOT_WIDTH
-            tr, pw = packed.slot_rows // R, packed.pitch
+            if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+                sw = tw
+            tr, pw, across = packed.slot_rows // R, packed.pitch, tw // sw
             for row in range((R - 1) * S + K):
                 for b in range(K):
                     col = cupy_backend.phase_col(b, packed.cols, S)
                     at = [(ty % tr) * R * S * pw + tx % sw + row * pw + col for tx, ty in lanes]
-                    slot = [((ty // tr) * 2 + tx // sw) * packed.slot for tx, ty in lanes]
+                    slot = [((ty // tr) * across + tx // sw) * packed.slot for tx, ty in lanes]
                     req = [a + z for a, z in zip(at, slot, strict=True)]
                     worst = max(worst, transactions(req), vector_transactions(req, V) / V)
                     if packed.copy:

@@ -83,8 +83,17 @@ MAX_OPTIN_SHARED = 80 * 1024
 #: (LR_SLOT_W) and two thread rows.
 SLOTS = 8
 SLOT_WIDTH = 8
+#: Images per block of lr_forward_pairs (LR_PAIR_SLOTS), each in a slot of a tile's TILE[0]
+#: output columns and TILE[1] // PAIR_SLOTS thread rows (two warps).
+PAIR_SLOTS = 2
 #: The kernels for small images, several per block, their tiles in dynamic shared memory.
-PACKED_KERNELS = ("lr_forward_packed", "lr_backward_query_packed", "lr_backward_input_packed")
+PACKED_KERNELS = (
+    "lr_forward_pairs",
+    "lr_forward_packed",
+    "lr_backward_query_packed",
+    "lr_backward_input_pairs",
+    "lr_backward_input_packed",
+)
 #: Images per block of lr_backward_query_packed (LR_SLOTS / 2: slots of four thread rows).
 QUERY_SLOTS = 4
 #: Largest window of the kernels: the one the emulator tests cover against the float64 loop
@@ -190,6 +199,20 @@ def packed_shape(kernel_size: int, stride: int) -> PackedShape:
     return replace(shape, floats=floats)
 
 
+def pairs_shape(kernel_size: int, stride: int) -> PackedShape:
+    """The geometry of lr_forward_pairs at (K, stride) (``lr_forward_shape<K, S,
+    LR_PAIR_SLOTS>``): PAIR_SLOTS slots of TILE[0] columns and four strips, each its staged rows
+    at the tile's pitch (``shared_pitch``; the slots lie in different warps)."""
+    K, S = kernel_size, stride
+    R = forward_strip(K, S)
+    slot_rows = TILE[1] // PAIR_SLOTS * R
+    rows, cols = (slot_rows - 1) * S + K, (TILE[0] - 1) * S + K
+    pitch = shared_pitch(cols, S, R * S)
+    box_rows, box_cols = min(slot_rows * S, rows - K // 2), min(TILE[0] * S, cols - K // 2)
+    floats = (MAX_CHANNEL_CHUNK + 1) * PAIR_SLOTS * rows * pitch + _forward_geo(K)
+    return PackedShape(R, slot_rows, rows, cols, pitch, rows * pitch, floats, box_rows, box_cols)
+
+
 def packed_query_shape(kernel_size: int, stride: int) -> PackedShape:
     """The geometry of lr_backward_query_packed at (K, stride): QUERY_SLOTS slots of four
     strips, a key-gradient copy per thread row and slot column (8 modulo 32 floats apart)."""
@@ -211,6 +234,31 @@ def packed_input_shape(kernel_size: int) -> PackedShape:
     shape = _packed(K, 1, R, 2 * R, 2 * R - 1 + K, SLOT_WIDTH - 1 + K)
     floats = (2 + MAX_CHANNEL_CHUNK) * SLOTS * shape.slot + K * K
     return replace(shape, floats=floats)
+
+
+def pairs_shared_bytes(kernel_size: int, stride: int) -> int:
+    """Bytes of dynamic shared memory of lr_forward_pairs at (K, stride)."""
+    return 4 * pairs_shape(kernel_size, stride).floats
+
+
+def pairs_input_shape(kernel_size: int) -> PackedShape:
+    """The geometry of lr_backward_input_pairs at (K, stride 1) (``lr_input_shape<K, 1,
+    LR_PAIR_SLOTS>``): PAIR_SLOTS slots of TILE[0] columns and four strips of inputs, each
+    staging the outputs that cover it at the tiled kernel's pitch (``plain_pitch``)."""
+    K = kernel_size
+    R = input_strip(K, 1)
+    slot_rows = TILE[1] // PAIR_SLOTS * R
+    rows, cols = slot_rows - 1 + K, TILE[0] - 1 + K
+    pitch = plain_pitch(cols, 1, R)
+    first = K // 2 - K + 1  # the first output row (column) staged, relative to the image's
+    box_rows, box_cols = min(slot_rows, rows + first), min(TILE[0], cols + first)
+    floats = (2 + MAX_CHANNEL_CHUNK) * PAIR_SLOTS * rows * pitch + K * K
+    return PackedShape(R, slot_rows, rows, cols, pitch, rows * pitch, floats, box_rows, box_cols)
+
+
+def pairs_input_bytes(kernel_size: int) -> int:
+    """Bytes of dynamic shared memory of lr_backward_input_pairs at (K, stride 1)."""
+    return 4 * pairs_input_shape(kernel_size).floats
 
 
 def packed_shared_bytes(kernel_size: int, stride: int) -> int:
@@ -242,6 +290,19 @@ def forward_packed(shape: LocalRelationShape) -> bool:
     return _fits(shape.out_height, shape.out_width, packed)
 
 
+def forward_pairs(shape: LocalRelationShape) -> bool:
+    """Whether the forward of ``shape`` runs lr_forward_pairs: its outputs fit a slot of it (a
+    tile's columns, half its rows) but not one of lr_forward_packed, within
+    MAX_OPTIN_SHARED."""
+    pairs = pairs_shape(shape.kernel_size, shape.stride)
+    return (
+        not forward_packed(shape)
+        and shape.out_height <= pairs.slot_rows
+        and shape.out_width <= TILE[0]
+        and 4 * pairs.floats <= MAX_OPTIN_SHARED
+    )
+
+
 def query_packed(shape: LocalRelationShape) -> bool:
     """Whether the backward query of ``shape`` runs lr_backward_query_packed (its outputs fit a
     slot)."""
@@ -254,6 +315,20 @@ def input_packed(shape: LocalRelationShape) -> bool:
     inputs fit a slot."""
     packed = packed_input_shape(shape.kernel_size)
     return shape.stride == 1 and _fits(shape.height, shape.width, packed)
+
+
+def input_pairs(shape: LocalRelationShape) -> bool:
+    """Whether the backward input of ``shape`` runs lr_backward_input_pairs: stride 1, its
+    inputs fit a slot of it (a tile's columns, half its rows) but not one of
+    lr_backward_input_packed, within MAX_OPTIN_SHARED."""
+    pairs = pairs_input_shape(shape.kernel_size)
+    return (
+        shape.stride == 1
+        and not input_packed(shape)
+        and shape.height <= pairs.slot_rows
+        and shape.width <= TILE[0]
+        and 4 * pairs.floats <= MAX_OPTIN_SHARED
+    )
 
 
 def plain_pitch(cols: int, stride: int, strip: int) -> int:
@@ -346,9 +421,9 @@ def input_strip(kernel_size: int, stride: int) -> int:
 
 def strip(kernel: str, kernel_size: int, stride: int) -> int:
     """Positions per thread (a vertical strip) of one kernel instantiation."""
-    if kernel in ("lr_backward_input", "lr_backward_input_packed"):
+    if kernel in ("lr_backward_input", "lr_backward_input_pairs", "lr_backward_input_packed"):
         return input_strip(kernel_size, stride)
-    if kernel in ("lr_forward", "lr_forward_packed"):
+    if kernel in ("lr_forward", "lr_forward_pairs", "lr_forward_packed"):
         return forward_strip(kernel_size, stride)
     return query_strip(kernel_size, stride)
 
@@ -397,10 +472,14 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
 
 def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
     """The geometry of one packed kernel (``PACKED_KERNELS``) at (K, stride)."""
+    if kernel == "lr_forward_pairs":
+        return pairs_shape(kernel_size, stride)
     if kernel == "lr_forward_packed":
         return packed_shape(kernel_size, stride)
     if kernel == "lr_backward_query_packed":
         return packed_query_shape(kernel_size, stride)
+    if kernel == "lr_backward_input_pairs":
+        return pairs_input_shape(kernel_size)
     if kernel == "lr_backward_input_packed":
         return packed_input_shape(kernel_size)
     raise KeyError(kernel)
@@ -410,7 +489,8 @@ def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
     kernel's tiles, 0 for the others (and for lr_backward_input_packed's empty body at strides
     other than 1)."""
-    if kernel not in PACKED_KERNELS or (kernel == "lr_backward_input_packed" and stride != 1):
+    input_packed = kernel in ("lr_backward_input_pairs", "lr_backward_input_packed")
+    if kernel not in PACKED_KERNELS or (input_packed and stride != 1):
         return 0
     return 4 * packed_geometry(kernel, kernel_size, stride).floats
 
@@ -451,9 +531,12 @@ def query_tile_list(shape: LocalRelationShape) -> int:
 
 def input_tile_list(shape: LocalRelationShape) -> int:
     """Tiles of lr_backward_input's list over the launch, a block each: input tiles of every
-    (b, g) plane, or tiles of SLOTS images of a group where packed (``input_packed``)."""
+    (b, g) plane, or tiles of SLOTS images of a group where packed (``input_packed``), of
+    PAIR_SLOTS where paired (``input_pairs``)."""
     if input_packed(shape):
         return shape.groups * -(-shape.batch // SLOTS)
+    if input_pairs(shape):
+        return shape.groups * -(-shape.batch // PAIR_SLOTS)
     strip = input_strip(shape.kernel_size, shape.stride)
     return shape.batch * shape.groups * _tiles(shape.height, shape.width, strip)
 
@@ -467,13 +550,17 @@ def backward_tiles(shape: LocalRelationShape) -> int:
 def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
     """Whether the kernels' 32-bit offsets hold for ``shape``: a group's m channel planes (input
     and output) span at most MAX_OFFSET positions and, where a packed kernel runs, so do its
-    SLOTS images of C channels; the backward kernels list at most MAX_OFFSET tiles
-    (``backward_tiles``); the reason when not."""
+    SLOTS images of C channels (lr_forward_pairs: PAIR_SLOTS images); the backward kernels list
+    at most MAX_OFFSET tiles (``backward_tiles``); the reason when not."""
     plane = max(shape.height * shape.width, shape.out_height * shape.out_width)
     group = shape.channels_per_group * plane
-    images = SLOTS * shape.channels * plane
-    packed = forward_packed(shape) or query_packed(shape) or input_packed(shape)
-    if group > MAX_OFFSET or (packed and images > MAX_OFFSET):
+    if forward_packed(shape) or query_packed(shape) or input_packed(shape):
+        images = SLOTS * shape.channels * plane
+    elif forward_pairs(shape) or input_pairs(shape):
+        images = PAIR_SLOTS * shape.channels * plane
+    else:
+        images = 0
+    if group > MAX_OFFSET or images > MAX_OFFSET:
         return False, (
             f"the 'cupy' kernels index a group's channels with 32-bit offsets, at most "
             f"{MAX_OFFSET} positions; got {shape.channels_per_group} channels of "
@@ -515,9 +602,16 @@ def _config(kernel: str, blocks: int) -> LaunchConfig | None:
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_forward``: one block per output tile of each (b, g) plane; or, where the
     images fit a slot (``forward_packed``), of ``lr_forward_packed``: one block per SLOTS images
-    of a group, its tiles in dynamic shared memory. None when there is no output."""
+    of a group, its tiles in dynamic shared memory; where they fit half a tile's rows
+    (``forward_pairs``), of ``lr_forward_pairs``: one block per PAIR_SLOTS images of a group.
+    None when there is no output."""
     if shape.out_height * shape.out_width <= 0:
         return None
+    if forward_pairs(shape):
+        blocks = shape.groups * -(-shape.batch // PAIR_SLOTS)
+        config = _config("lr_forward_pairs", blocks)
+        bytes_ = pairs_shared_bytes(shape.kernel_size, shape.stride)
+        return None if config is None else replace(config, shared_bytes=bytes_)
     if forward_packed(shape):
         blocks = shape.groups * -(-shape.batch // SLOTS)
         config = _config("lr_forward_packed", blocks)
@@ -567,11 +661,17 @@ def key_partials(kernel_size: int, stride: int, out_height: int, out_width: int)
 def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
     """Launch of ``lr_backward_input``: one block per input tile of each (b, g) plane; or, where
     the images fit a slot (``input_packed``), of ``lr_backward_input_packed``: one block per
-    SLOTS images of a group, its tiles in dynamic shared memory."""
+    SLOTS images of a group, its tiles in dynamic shared memory; where they fit half a tile's
+    rows at stride 1 (``input_pairs``), of ``lr_backward_input_pairs``: one block per
+    PAIR_SLOTS images of a group."""
     blocks = input_tile_list(shape)
     if input_packed(shape):
         config = _config("lr_backward_input_packed", blocks)
         bytes_ = packed_input_bytes(shape.kernel_size)
+        return None if config is None else replace(config, shared_bytes=bytes_)
+    if input_pairs(shape):
+        config = _config("lr_backward_input_pairs", blocks)
+        bytes_ = pairs_input_bytes(shape.kernel_size)
         return None if config is None else replace(config, shared_bytes=bytes_)
     return _config("lr_backward_input", blocks)
 

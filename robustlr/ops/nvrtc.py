@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 KERNEL_SOURCE = "local_relation.cu"
 KERNEL_NAMES = (
     "lr_forward",
+    "lr_forward_pairs",
     "lr_forward_packed",
     "lr_backward_query",
     "lr_backward_query_packed",
     "lr_backward_input",
+    "lr_backward_input_pairs",
     "lr_backward_input_packed",
 )
 #: Kernel names per source file in kernels/ (every ``__global__`` template must be listed).

@@ -88,9 +88,11 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
 #define LR_ENTRY(KERNEL, T, K, S) \
     make_entry(#KERNEL "<" #T ", " #K ", " #S ">", &KERNEL<T, K, S>)
 #define LR_ENTRIES(T, K, S) \
-    LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_forward_packed, T, K, S),  \
+    LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_forward_pairs, T, K, S),   \
+        LR_ENTRY(lr_forward_packed, T, K, S),                                            \
         LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_query_packed, T, K, S), \
-        LR_ENTRY(lr_backward_input, T, K, S), LR_ENTRY(lr_backward_input_packed, T, K, S)
+        LR_ENTRY(lr_backward_input, T, K, S), LR_ENTRY(lr_backward_input_pairs, T, K, S), \
+        LR_ENTRY(lr_backward_input_packed, T, K, S)
 
 const std::vector<Entry>& registry() {
     static const std::vector<Entry> entries = {
@@ -197,64 +199,74 @@ extern "C" int lr_host_launch(const char* name, const unsigned* grid, const unsi
     return rc;
 }
 
-// lr_forward_packed's geometry (lr_forward_shape<K, S, LR_SLOTS>) for K = 3..13 odd, strides
-// 1-3: strip, output rows, staged rows and columns, pitch, slot, dynamic shared floats and the
-// loader's image box into out[9]; 1 for a (K, S) not in the table. cupy_backend.packed_shape
-// mirrors it.
+// lr_forward_packed's geometry (lr_forward_shape<K, S, LR_SLOTS>) and lr_forward_pairs' (SLOTS =
+// LR_PAIR_SLOTS) for K = 3..13 odd, strides 1-3: strip, output rows, staged rows and columns,
+// pitch, slot, dynamic shared floats and the loader's image box into out[9]; 1 for a (K, S)
+// not in the table. cupy_backend.packed_shape and pairs_shape mirror them.
 namespace {
-template <int K, int S>
+template <int K, int S, int SLOTS>
 void packed_shape(int* out) {
-    using P = lr_forward_shape<K, S, LR_SLOTS>;
+    using P = lr_forward_shape<K, S, SLOTS>;
     const int v[9] = {P::R, P::OH, P::IH, P::IW, P::PW, P::SLOT, P::FLOATS, P::BOX_H, P::BOX_W};
     std::memcpy(out, v, sizeof v);
 }
 struct PackedRow {
     int K, S;
     void (*fn)(int*);
+    void (*pairs)(int*);
 };
-#define LR_PACKED_ROWS(K) {K, 1, &packed_shape<K, 1>}, {K, 2, &packed_shape<K, 2>}, \
-                          {K, 3, &packed_shape<K, 3>}
+#define LR_PACKED_ROW(K, S) \
+    {K, S, &packed_shape<K, S, LR_SLOTS>, &packed_shape<K, S, LR_PAIR_SLOTS>}
+#define LR_PACKED_ROWS(K) LR_PACKED_ROW(K, 1), LR_PACKED_ROW(K, 2), LR_PACKED_ROW(K, 3)
 const PackedRow kPackedRows[] = {LR_PACKED_ROWS(3), LR_PACKED_ROWS(5), LR_PACKED_ROWS(7),
                                  LR_PACKED_ROWS(9), LR_PACKED_ROWS(11), LR_PACKED_ROWS(13)};
 }  // namespace
 
-// lr_backward_input_packed's geometry (lr_input_shape<K, 1, LR_SLOTS>) for K = 3..13 odd: strip,
-// input rows, staged output rows and columns, pitch, slot, dynamic shared floats and the loader's
-// output box into out[9]; 1 for a K not in the table. cupy_backend.packed_input_shape mirrors it.
+// lr_backward_input_packed's geometry (lr_input_shape<K, 1, LR_SLOTS>) and
+// lr_backward_input_pairs' (SLOTS = LR_PAIR_SLOTS) for K = 3..13 odd: strip, input rows, staged
+// output rows and columns, pitch, slot, dynamic shared floats and the loader's output box into
+// out[9]; 1 for a K not in the table. cupy_backend.packed_input_shape and pairs_input_shape
+// mirror them.
 namespace {
-template <int K>
+template <int K, int SLOTS>
 void packed_input_shape(int* out) {
-    using P = lr_input_shape<K, 1, LR_SLOTS>;
+    using P = lr_input_shape<K, 1, SLOTS>;
     const int v[9] = {P::RI, P::ITH, P::OH, P::OW, P::PO, P::SLOT, P::FLOATS, P::BOX_H, P::BOX_W};
     std::memcpy(out, v, sizeof v);
 }
-struct PackedInputRow {
-    int K;
-    void (*fn)(int*);
-};
-const PackedInputRow kPackedInputRows[] = {
-    {3, &packed_input_shape<3>},   {5, &packed_input_shape<5>},   {7, &packed_input_shape<7>},
-    {9, &packed_input_shape<9>},   {11, &packed_input_shape<11>}, {13, &packed_input_shape<13>}};
-}  // namespace
+#define LR_INPUT_ROW(K) \
+    {K, 1, &packed_input_shape<K, LR_SLOTS>, &packed_input_shape<K, LR_PAIR_SLOTS>}
+const PackedRow kPackedInputRows[] = {LR_INPUT_ROW(3), LR_INPUT_ROW(5),  LR_INPUT_ROW(7),
+                                      LR_INPUT_ROW(9), LR_INPUT_ROW(11), LR_INPUT_ROW(13)};
 
-extern "C" int lr_host_packed_input_shape(int K, int* out) {
-    for (const PackedInputRow& row : kPackedInputRows) {
-        if (row.K == K) {
-            row.fn(out);
+// The geometry of (K, S) in `rows` (the packed layout's, or the pairs' with `pairs`) into out;
+// 1 for a (K, S) not in the table.
+template <std::size_t N>
+int lookup_shape(const PackedRow (&rows)[N], int K, int S, bool pairs, int* out) {
+    for (const PackedRow& row : rows) {
+        if (row.K == K && row.S == S) {
+            (pairs ? row.pairs : row.fn)(out);
             return 0;
         }
     }
     return 1;
 }
+}  // namespace
+
+extern "C" int lr_host_packed_input_shape(int K, int* out) {
+    return lookup_shape(kPackedInputRows, K, 1, false, out);
+}
+
+extern "C" int lr_host_pairs_input_shape(int K, int* out) {
+    return lookup_shape(kPackedInputRows, K, 1, true, out);
+}
 
 extern "C" int lr_host_packed_shape(int K, int S, int* out) {
-    for (const PackedRow& row : kPackedRows) {
-        if (row.K == K && row.S == S) {
-            row.fn(out);
-            return 0;
-        }
-    }
-    return 1;
+    return lookup_shape(kPackedRows, K, S, false, out);
+}
+
+extern "C" int lr_host_pairs_shape(int K, int S, int* out) {
+    return lookup_shape(kPackedRows, K, S, true, out);
 }
 
 // lr_backward_query_packed's geometry (lr_query_packed_shape<K, S>) for the same (K, S): strip,
