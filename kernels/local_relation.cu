@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
 
 // lr_forward on images of at most LR_TILE_W x (LR_TILE_H / 2) R outputs (R = lr_forward_strip):
 // LR_PAIR_SLOTS images per block (lr_forward_in_slots; over 48 KB of dynamic shared memory at
-// K >= 11: cupy_backend.pairs_shared_bytes). Every warp of a block holds strips of one image.
+// K >= 11 at stride 1, K >= 5 at stride 2: cupy_backend.pairs_shared_bytes). Every warp of a
+// block holds strips of one image.
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward_pairs(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,

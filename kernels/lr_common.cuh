@@ -368,11 +368,11 @@ __host__ __device__ constexpr int lr_phase_col(int col) {
 // robustlr.ops.cupy_backend.slot_pitch / slot_floats mirror these.
 #define LR_SLOT_W (LR_TILE_W / 2)
 #define LR_SLOTS LR_TILE_H
-// lr_forward_pairs: two images per block, each in a slot of LR_TILE_W columns and LR_TILE_H / 2
-// thread rows (two warps, one slot above the other), for images whose outputs fill at most half
-// a tile's rows: a block of one tile would leave half its warps below the image (a 14 x 14
-// image in the forward's 16 x 32 tiles). The slots are in different warps, so they need no
-// relative bank placement: a slot is its rows at the tile's pitch (lr_pitch).
+// lr_forward_pairs, lr_backward_input_pairs: two images per block, each in a slot of LR_TILE_W
+// columns and LR_TILE_H / 2 thread rows (two warps, one slot above the other), for images that
+// fill at most half a tile's rows: a block of one tile would leave half its warps below the
+// image (a 14 x 14 image in the 16 x 32 tiles of strips of 4). The slots are in different warps,
+// so they need no relative bank placement: a slot is its rows at the tiled kernel's pitch.
 #define LR_PAIR_SLOTS 2
 
 // The layouts by slots per block: output columns and thread rows of a slot (1: the whole tile;

@@ -83,8 +83,8 @@ MAX_OPTIN_SHARED = 80 * 1024
 #: (LR_SLOT_W) and two thread rows.
 SLOTS = 8
 SLOT_WIDTH = 8
-#: Images per block of lr_forward_pairs (LR_PAIR_SLOTS), each in a slot of a tile's TILE[0]
-#: output columns and TILE[1] // PAIR_SLOTS thread rows (two warps).
+#: Images per block of lr_forward_pairs and lr_backward_input_pairs (LR_PAIR_SLOTS), each in a
+#: slot of a tile's TILE[0] columns and TILE[1] // PAIR_SLOTS thread rows (two warps).
 PAIR_SLOTS = 2
 #: The kernels for small images, several per block, their tiles in dynamic shared memory.
 PACKED_KERNELS = (
@@ -487,8 +487,8 @@ def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
 
 def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
-    kernel's tiles, 0 for the others (and for lr_backward_input_packed's empty body at strides
-    other than 1)."""
+    kernel's tiles, 0 for the others (and for the empty bodies of lr_backward_input_packed and
+    lr_backward_input_pairs at strides other than 1)."""
     input_packed = kernel in ("lr_backward_input_pairs", "lr_backward_input_packed")
     if kernel not in PACKED_KERNELS or (input_packed and stride != 1):
         return 0
@@ -550,7 +550,7 @@ def backward_tiles(shape: LocalRelationShape) -> int:
 def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
     """Whether the kernels' 32-bit offsets hold for ``shape``: a group's m channel planes (input
     and output) span at most MAX_OFFSET positions and, where a packed kernel runs, so do its
-    SLOTS images of C channels (lr_forward_pairs: PAIR_SLOTS images); the backward kernels list
+    SLOTS images of C channels (the pairs kernels: PAIR_SLOTS images); the backward kernels list
     at most MAX_OFFSET tiles (``backward_tiles``); the reason when not."""
     plane = max(shape.height * shape.width, shape.out_height * shape.out_width)
     group = shape.channels_per_group * plane
