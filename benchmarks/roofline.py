@@ -303,27 +303,15 @@ def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
     """(rows, columns, planes besides the M channels) a kernel's tile loaders copy per tile (a
     packed kernel's: the image boxes of its slots, stacked)."""
     R, nc = strip_of(kernel, version), (K - 1) // S + 1
-    if kernel == "lr_backward_input_packed":  # q, lse over the output box of each slot
-        packed_input = cupy_backend.packed_input_shape(K)
-        rows, cols = cupy_backend.SLOTS * packed_input.box_rows, packed_input.box_cols
-        staged = 2
-    elif kernel == "lr_backward_input_pairs":  # the same, over its two slots
-        pairs_input = cupy_backend.pairs_input_shape(K)
-        rows, cols = cupy_backend.PAIR_SLOTS * pairs_input.box_rows, pairs_input.box_cols
-        staged = 2
-    elif kernel == "lr_backward_input":
+    if kernel in cupy_backend.PACKED_KERNELS:
+        # the image box of each slot (the rest filled once; the backward query's tile end over
+        # the same box): q and lse in the backward input, k otherwise
+        packed = cupy_backend.packed_geometry(kernel, K, S)
+        rows = cupy_backend.images_per_block(kernel) * packed.box_rows
+        return rows, packed.box_cols, 2 if kernel in INPUT_KERNELS else 1
+    if kernel == "lr_backward_input":
         staged = 2 if version in KEY_GRAD_IN_QUERY else 3  # q, lse (, D)
         rows, cols = (TILE_H * R + S - 2) // S + nc, (TILE_W + S - 2) // S + nc
-    elif kernel == "lr_forward_packed":  # the image box of each slot (the rest filled once)
-        packed = cupy_backend.packed_shape(K, S)
-        rows, cols, staged = cupy_backend.SLOTS * packed.box_rows, packed.box_cols, 1  # k
-    elif kernel == "lr_forward_pairs":  # the same, over its two slots
-        pairs = cupy_backend.pairs_shape(K, S)
-        rows, cols, staged = cupy_backend.PAIR_SLOTS * pairs.box_rows, pairs.box_cols, 1  # k
-    elif kernel == "lr_backward_query_packed":  # the same (its tile end: over the same box)
-        packed_query = cupy_backend.packed_query_shape(K, S)
-        rows, cols = cupy_backend.QUERY_SLOTS * packed_query.box_rows, packed_query.box_cols
-        staged = 1  # k
     else:
         rows, cols, staged = (TILE_H * R - 1) * S + K, (TILE_W - 1) * S + K, 1  # k
     return rows, cols, staged
@@ -472,20 +460,9 @@ def per_block(kernel: str, text: str) -> tuple[Counter, dict[int, str]]:
     total = Counter()
     if kernel not in cupy_backend.PACKED_KERNELS:
         return total, {}
-    slots = cupy_backend.SLOTS
-    if kernel == "lr_forward_packed":  # s_k, then s_x
-        slot, planes = cupy_backend.packed_shape(K, S).slot, (1, M)
-    elif kernel == "lr_forward_pairs":  # s_k, then s_x
-        slot, planes = cupy_backend.pairs_shape(K, S).slot, (1, M)
-        slots = cupy_backend.PAIR_SLOTS
-    elif kernel == "lr_backward_query_packed":  # s_k, then s_x
-        slot, planes = cupy_backend.packed_query_shape(K, S).slot, (1, M)
-        slots = cupy_backend.QUERY_SLOTS
-    elif kernel == "lr_backward_input_pairs":  # s_q, s_lse, then s_gy
-        slot, planes = cupy_backend.pairs_input_shape(K).slot, (1, 1, M)
-        slots = cupy_backend.PAIR_SLOTS
-    else:  # s_q, s_lse, then s_gy
-        slot, planes = cupy_backend.packed_input_shape(K).slot, (1, 1, M)
+    slot = cupy_backend.packed_geometry(kernel, K, S).slot
+    slots = cupy_backend.images_per_block(kernel)
+    planes = (1, 1, M) if kernel in INPUT_KERNELS else (1, M)  # s_q, s_lse, s_gy; or s_k, s_x
     fills = [lp for lp in sass_loops(text) if lp.every["STS.128"]]
     for lp, n_planes in zip(fills, planes, strict=True):
         trips = -(-n_planes * slots * slot // (4 * THREADS))

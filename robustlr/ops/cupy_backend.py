@@ -470,6 +470,17 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     return -(-4 * (fixed + chunk * tile) // 16) * 16
 
 
+def images_per_block(kernel: str) -> int:
+    """Images (slots) a block of one packed kernel (``PACKED_KERNELS``) holds."""
+    if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+        return PAIR_SLOTS
+    if kernel == "lr_backward_query_packed":
+        return QUERY_SLOTS
+    if kernel in PACKED_KERNELS:
+        return SLOTS
+    raise KeyError(kernel)
+
+
 def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
     """The geometry of one packed kernel (``PACKED_KERNELS``) at (K, stride)."""
     if kernel == "lr_forward_pairs":
@@ -489,8 +500,8 @@ def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
     kernel's tiles, 0 for the others (and for the empty bodies of lr_backward_input_packed and
     lr_backward_input_pairs at strides other than 1)."""
-    input_packed = kernel in ("lr_backward_input_pairs", "lr_backward_input_packed")
-    if kernel not in PACKED_KERNELS or (input_packed and stride != 1):
+    input_side = kernel in ("lr_backward_input_pairs", "lr_backward_input_packed")
+    if kernel not in PACKED_KERNELS or (input_side and stride != 1):
         return 0
     return 4 * packed_geometry(kernel, kernel_size, stride).floats
 
