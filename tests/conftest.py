@@ -1,7 +1,9 @@
 """Test configuration: the shared helpers' directory on the path, and the tiers.
 
-Tiers (markers in pyproject.toml): the default run (``python -m pytest``) leaves out ``slow``
-(subprocess-heavy: torchrun, kill-and-resume, whole studies) and ``cuda`` tests; the full run
+Tiers (markers in pyproject.toml): the default run (``python -m pytest``, about 2 minutes on 2
+cores) leaves out ``slow`` (subprocess-heavy: torchrun, kill-and-resume, whole studies; and any
+test or case that takes more than about a second, its cheaper cases left in the default run) and
+``cuda`` tests; the full run
 (``python -m pytest -m "slow or not slow"``, what ``.ci/run`` does) selects every test, and a
 ``cuda`` test then skips, with its reason, wherever there is no CUDA GPU.
 """

@@ -137,6 +137,7 @@ def _resume_with_recorded_best(run: Path, tmp_path: Path, recorded_best: float) 
     return copy
 
 
+@pytest.mark.slow
 def test_a_resume_whose_accuracy_falls_keeps_best(one_epoch_run, tmp_path):
     # a best of 2.0 (above any accuracy): epoch 2's accuracy is below it
     run = _resume_with_recorded_best(one_epoch_run, tmp_path, 2.0)
@@ -144,6 +145,7 @@ def test_a_resume_whose_accuracy_falls_keeps_best(one_epoch_run, tmp_path):
     assert read_checkpoint(run / CHECKPOINT).training.best_val_acc == 2.0
 
 
+@pytest.mark.slow
 def test_a_resume_whose_accuracy_rises_replaces_best(one_epoch_run, tmp_path):
     run = _resume_with_recorded_best(one_epoch_run, tmp_path, -1.0)
     assert read_checkpoint(run / BEST).epoch == 2

@@ -35,6 +35,7 @@ def test_advtrain_records_threat_model_and_adversarial_metrics(adv_run):
     assert metrics["attack_success"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_eval_appends_rows_with_threat_model_then_report(adv_run):
     args = ["eval", "--checkpoint", "runs/adv/best.pt", "--limit", "24", "--batch-size", "12"]
     first = invoke_cli(*args, "--attack", "clean", "--attack", "pgd-targeted", "--steps", "2",
@@ -90,6 +91,7 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert "Traceback" not in out.output and message in out.output
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = run_cli("eval", "--attack", "clean", "--checkpoint", "bad.pt", cwd=tmp_path)

@@ -100,6 +100,7 @@ def _eval_all(cwd: Path, args: list[str]) -> None:
         assert out.exit_code == 0, out.output
 
 
+@pytest.mark.slow
 def test_scripted_and_exported_copies_give_the_checkpoints_rows(exported):
     _eval_all(exported, [*ATTACKS, "--limit", "20"])
     ckpt = exported / "runs/res/eval.csv"
@@ -157,6 +158,7 @@ def test_external_model_under_torchrun_equals_one_process(exported):
     assert np.array_equal(correct_a, correct_b)
 
 
+@pytest.mark.slow
 def test_timm_model_appears_in_the_report_paired_with_lrnet(tmp_path):
     timm = pytest.importorskip("timm")
     net = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1)
@@ -298,6 +300,7 @@ def test_dataset_mismatch_with_the_runs_record_is_refused(tmp_path):
     _one_error(other, "evaluated this model on image_size 16, not 20")
 
 
+@pytest.mark.slow
 def test_check_takes_an_external_model(exported):
     out = invoke_cli("check", "--model", "scripted.pt", "--limit", "6", "--steps", "1,2",
                      "--no-bf16", "--out", "check", cwd=exported)  # fmt: skip

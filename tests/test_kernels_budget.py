@@ -383,6 +383,7 @@ def test_window_loops_leave_outside_neighbours_out_by_their_key(kernel):
     assert any(tested), "mul's window loop lost its test"
 
 
+@pytest.mark.slow
 def test_arrays_read_by_vector_loads_are_16_byte_aligned():
     """A 128-bit shared load from an address that is not a multiple of 16 faults on the GPU: in
     the PTX every kernel's channel tiles (s_x; backward_input's s_out) are declared .align 16,

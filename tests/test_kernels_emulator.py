@@ -74,20 +74,20 @@ def plain():
     return ctypes.CDLL(str(build_library("plain")))
 
 
-# (case, dtype): ragged last group, image smaller than the window, stride 2, fp16 storage, the
-# backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2 tiles), small
-# images (lr_forward_packed, several blocks per group), two images a block (lr_forward_pairs: 14 x
-# 14, 2 + 1 images per group); the slow tier adds K = 7 in fp32 and bf16 over >= 3 x 3 tiles
-# (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16 otherwise: strips of 2) with B = 2,
-# and lr_forward_packed at strips of 2
+# (case, dtype): ragged last group, fp16 storage at stride 2, small images (lr_forward_packed,
+# several blocks per group); the slow tier adds an image smaller than the window (fp32, stride
+# 2), the backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2
+# tiles), two images a block (lr_forward_pairs: 14 x 14, 2 + 1 images per group), K = 7 in fp32
+# and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16
+# otherwise: strips of 2) with B = 2, and lr_forward_packed at strips of 2
 SANITIZED_CASES = [
     ((1, 5, 6, 5, 2, 3, 1, "sqdiff"), torch.float32),
-    ((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32),
+    pytest.param((1, 3, 4, 3, 3, 5, 2, "absdiff"), torch.float32, marks=pytest.mark.slow),
     ((1, 4, 5, 4, 2, 3, 2, "mul"), torch.float16),
-    ((2, 2, 68, 66, 1, 3, 4, "absdiff"), torch.float32),
+    pytest.param((2, 2, 68, 66, 1, 3, 4, "absdiff"), torch.float32, marks=pytest.mark.slow),
     # lr_forward_packed: 10 images of 7 x 7 per group, two blocks (8 + 2 slots) per group
     ((10, 4, 7, 7, 2, 7, 1, "sqdiff"), torch.float32),
-    ((3, 4, 14, 14, 2, 7, 1, "sqdiff"), torch.float32),
+    pytest.param((3, 4, 14, 14, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
     pytest.param((2, 4, 66, 33, 2, 7, 1, "sqdiff"), torch.float32, marks=pytest.mark.slow),
     pytest.param((2, 3, 130, 66, 3, 7, 2, "mul"), torch.bfloat16, marks=pytest.mark.slow),
     # lr_forward_packed at strips of 2 (channels read as quads): 4 x 8 outputs, 9 images

@@ -178,14 +178,22 @@ def test_packed_forward_matches_naive(lib, case):
 
 # ---- lr_forward_pairs: two images per block, each in half a tile's rows ------------------------
 PAIRS_CASES = [
-    (3, 8, 14, 14, 2, 7, 1, "sqdiff"),  # LR-Net-26's stage 3 shape: 2 + 1 images per group
-    (4, 6, 16, 16, 3, 3, 1, "mul"),  # whole 16 x 16 slots
-    (5, 12, 9, 16, 2, 5, 1, "absdiff"),  # m = 6, a block with one empty slot
+    pytest.param(
+        (3, 8, 14, 14, 2, 7, 1, "sqdiff"), marks=pytest.mark.slow
+    ),  # LR-Net-26's stage 3 shape: 2 + 1 images per group
+    pytest.param((4, 6, 16, 16, 3, 3, 1, "mul"), marks=pytest.mark.slow),  # whole 16 x 16 slots
+    pytest.param(
+        (5, 12, 9, 16, 2, 5, 1, "absdiff"), marks=pytest.mark.slow
+    ),  # m = 6, a block with one empty slot
     (3, 20, 10, 11, 2, 3, 1, "sqdiff"),  # m = 10: chunks of 8 + 2
     (3, 6, 15, 30, 2, 3, 2, "sqdiff"),  # stride 2 (strips of 2): 8 x 15 outputs
     (3, 6, 15, 16, 2, 3, 2, "absdiff"),  # stride 2, inputs within a slot: lr_backward_input
-    (3, 4, 8, 12, 2, 9, 1, "absdiff"),  # K = 9 (strips of 2): 8 x 12 outputs
-    (3, 4, 6, 8, 2, 13, 1, "mul"),  # K = 13: images smaller than the window, 58 KB (opt-in)
+    pytest.param(
+        (3, 4, 8, 12, 2, 9, 1, "absdiff"), marks=pytest.mark.slow
+    ),  # K = 9 (strips of 2): 8 x 12 outputs
+    pytest.param(
+        (3, 4, 6, 8, 2, 13, 1, "mul"), marks=pytest.mark.slow
+    ),  # K = 13: images smaller than the window, 58 KB (opt-in)
 ]
 
 
@@ -200,6 +208,7 @@ def test_pairs_forward_matches_naive(lib, case):
     assert input_kernel() == ("lr_backward_input_pairs" if paired_input else "lr_backward_input")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "images", "height"), [("packed", 19, 7), ("pairs", 7, 14)]
 )  # 3 groups x 3 blocks of 8 images; 3 groups x 4 blocks of 2
@@ -319,9 +328,9 @@ WIDE_CASES = [
     pytest.param((2, 4, 13, 12, 2, 11, 2, "sqdiff"), marks=SLOW),
     (1, 3, 15, 14, 3, 11, 3, "sqdiff"),  # m = 1
     pytest.param((2, 5, 8, 8, 2, 13, 1, "mul"), marks=SLOW),  # image smaller than the window
-    (1, 7, 7, 9, 4, 13, 1, "sqdiff"),  # m = 2, last group holds 1
+    pytest.param((1, 7, 7, 9, 4, 13, 1, "sqdiff"), marks=SLOW),  # m = 2, last group holds 1
     pytest.param((1, 7, 14, 15, 3, 13, 2, "absdiff"), marks=SLOW),
-    (1, 4, 16, 14, 2, 13, 3, "sqdiff"),
+    pytest.param((1, 4, 16, 14, 2, 13, 3, "sqdiff"), marks=SLOW),
 ]
 
 
@@ -359,9 +368,10 @@ def test_largest_supported_stride_matches_naive(lib, kernel_size):
     assert not ok and "kernel_size <= 13" in reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    [(2, 5, 66, 50, 2, 3, 1, "sqdiff"), pytest.param((2, 4, 130, 66, 2, 5, 2, "mul"), marks=SLOW)],
+    [(2, 5, 66, 50, 2, 3, 1, "sqdiff"), (2, 4, 130, 66, 2, 5, 2, "mul")],
     ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c),
 )
 def test_images_of_three_by_three_tiles_match_naive(lib, case):
@@ -429,6 +439,7 @@ def test_grid_size_does_not_change_results(lib):
     assert_close_rel(got[4], base[4], 1e-6, "geo")
 
 
+@pytest.mark.slow
 def test_grad_geo_is_bitwise_reproducible(lib):
     """lr_backward_query reduces grad geo in a fixed order (each window row through shared
     memory, then the block's tiles and channel chunks in order, then torch.sum over the blocks):
@@ -447,6 +458,7 @@ def test_grad_geo_is_bitwise_reproducible(lib):
         assert torch.equal(again, runs[0])
 
 
+@pytest.mark.slow
 def test_grad_k_is_bitwise_reproducible_on_any_grid(lib):
     """grad k is summed in fixed orders (each tile's key-gradient copies in thread-row order,
     each input's tile partials in tile order), and a tile's partial does not depend on which
@@ -467,6 +479,7 @@ def test_grad_k_is_bitwise_reproducible_on_any_grid(lib):
         assert torch.equal(again, runs[0])
 
 
+@pytest.mark.slow
 def test_query_chunking_from_sm_count(lib):
     """The backward-query grid follows the SM count; the results do not."""
     # m = 1; 4 tiles per group (2 images x 2 tiles of 16 x 16 outputs: strips of 2 rows)

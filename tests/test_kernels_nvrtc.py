@@ -55,7 +55,7 @@ def test_all_dtypes_compile(arch, ctype):
 @pytest.mark.parametrize(
     ("ctype", "K", "s", "arch"),
     [
-        ("float", 9, 3, "compute_80"),
+        pytest.param("float", 9, 3, "compute_80", marks=pytest.mark.slow),
         pytest.param("lr_half", 3, 3, "sm_90", marks=pytest.mark.slow),
     ],
 )
@@ -96,6 +96,7 @@ def test_gpu_options_are_what_cupy_adds():
     assert "-ftz=true" in nvrtc.GPU_OPTIONS
 
 
+@pytest.mark.slow
 def test_compile_only_check_flushes_denormals_like_the_gpu_build():
     ptx = nvrtc.compile_kernels("float", 3, 1, "compute_80").binary.decode()
     assert "add.ftz.f32" in ptx  # fp32 arithmetic compiled with flush-to-zero
@@ -108,6 +109,7 @@ def test_compile_only_check_flushes_denormals_like_the_gpu_build():
     assert "add.ftz.f32" not in plain and "add.f32" in plain  # the difference is real
 
 
+@pytest.mark.slow
 def test_cubin_is_a_whole_elf_image():
     prog = nvrtc.compile_kernels("float", 3, 1, "sm_90")
     assert prog.binary[:4] == b"\x7fELF"

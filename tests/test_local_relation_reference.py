@@ -42,6 +42,7 @@ def test_forward_and_gradients_match_naive_loop(shape, composability):
     torch.testing.assert_close(g[3], g_ref[3], rtol=1e-9, atol=1e-10, msg="grad geo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("composability", COMPOSABILITIES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradcheck(composability, stride):

@@ -397,6 +397,7 @@ def test_fmn_matches_foolbox_on_a_trained_digits_resnet(tmp_path):
     assert abs(ours_l2 - ddn_median) <= 0.05 * ddn_median, (ours_l2, ddn_median)
 
 
+@pytest.mark.slow
 def test_cli_eval_min_norm_attacks_then_report_draws_the_curves(tmp_path):
     from helpers import FAST, invoke_cli
 

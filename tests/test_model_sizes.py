@@ -36,6 +36,7 @@ def test_resnet_sizes_are_torchvisions(depth):
     assert _params(f"resnet{depth}") == sum(p.numel() for p in reference.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(PAPER_PARAMS_M))
 def test_params_match_the_paper(arch):
     # the paper rounds to 0.1M; LR-Net-101's count is 3% off (its alpha is not published)

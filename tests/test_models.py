@@ -191,7 +191,9 @@ def test_sizes_match_golden():
     assert got == want, "sizes changed; if intended: python tests/test_models.py --update-golden"
 
 
-@pytest.mark.parametrize("depth", [26, 50, 101])
+@pytest.mark.parametrize(
+    "depth", [26, *(pytest.param(d, marks=pytest.mark.slow) for d in (50, 101))]
+)
 def test_lrnet_flops_match_resnet_flops(depth):
     lr = count_flops(meta_model(f"lrnet{depth}"), 224)
     res = count_flops(meta_model(f"resnet{depth}"), 224)
@@ -204,6 +206,7 @@ def test_resnet50_counts_are_the_standard_ones():
     assert count_flops(model, 224) == pytest.approx(4.09e9, rel=0.002)
 
 
+@pytest.mark.slow
 def test_table2_widths_and_strides():
     model = meta_model("lrnet50")
     layers = lr_layers(model)
@@ -240,6 +243,7 @@ def test_flop_count_does_not_touch_the_model():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_geometric_prior_none_removes_exactly_the_prior_parameters():
     mlp = meta_model("lrnet26")
     none = meta_model("lrnet26", geometric_prior="none")
@@ -256,6 +260,7 @@ def test_direct_prior_has_one_value_per_group_and_offset():
     assert count_params(direct) - count_params(none) == want
 
 
+@pytest.mark.slow
 def test_kernel_size_changes_only_the_window_work():
     flops = {k: count_flops(meta_model("lrnet26", kernel_size=k), 224) for k in (3, 5, 7)}
     params = {k: count_params(meta_model("lrnet26", kernel_size=k)) for k in (3, 5, 7)}
@@ -265,6 +270,7 @@ def test_kernel_size_changes_only_the_window_work():
     assert flops[3] < flops[5] < flops[7]
 
 
+@pytest.mark.slow
 def test_channel_sharing_sets_the_group_count():
     m8 = meta_model("lrnet26")
     m4 = meta_model("lrnet26", m=4)
@@ -279,11 +285,13 @@ def test_channel_sharing_sets_the_group_count():
     assert count_params(m4) - count_params(m8) == want
 
 
+@pytest.mark.slow
 def test_qk_dim_multiplies_query_and_key_channels():
     model = meta_model("lrnet26", qk_dim=2)
     assert all(m.query.out_channels == 2 * m.groups for m in lr_layers(model))
 
 
+@pytest.mark.slow
 def test_width_multiplier_scales_every_width_to_ints():
     model = meta_model("lrnet26", width=0.5)
     layers = lr_layers(model)
@@ -292,6 +300,7 @@ def test_width_multiplier_scales_every_width_to_ints():
     assert count_params(meta_model("resnet50", width=0.5)) < count_params(meta_model("resnet50"))
 
 
+@pytest.mark.slow
 def test_small_input_stem_has_no_downsampling():
     small = meta_model("lrnet26", small_input=True)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in small.stem.modules())

@@ -81,6 +81,7 @@ def test_a_digits_run_evaluated_on_mnist_is_refused_and_writes_no_row(runs) -> N
     assert not (runs["digits"] / EVAL_CSV).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "change", "named"),
     [
@@ -149,6 +150,7 @@ def _broken_copy(run: Path, dest: Path, edit) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_nan_weights_unknown_options_and_nan_logits_are_one_line(runs, tmp_path) -> None:
     def nan_weight(c) -> None:
         name = next(k for k, v in c.model.items() if v.is_floating_point() and v.ndim == 4)
@@ -206,6 +208,7 @@ def test_a_checkpoints_hash_depends_on_its_contents_only(runs, tmp_path) -> None
     assert (a / CHECKPOINT).read_bytes() == (b / CHECKPOINT).read_bytes()
 
 
+@pytest.mark.slow
 def test_report_leaves_out_rows_of_a_replaced_checkpoint(runs, tmp_path) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs["digits"], run)

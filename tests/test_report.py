@@ -181,6 +181,7 @@ def test_mcnemar_pairs_from_outcome_files(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_result_plots_written(runs, tmp_path):
     results = collect_results(runs_dir=runs)
     sweep = results[results["run"] == "resnet26-adv"].iloc[[2]].copy()
@@ -194,6 +195,7 @@ def test_result_plots_written(runs, tmp_path):
         assert data[:8] == PNG and len(data) > 1024
 
 
+@pytest.mark.slow
 def test_image_grid_and_geo_priors(tmp_path):
     x = torch.rand(4, 3, 16, 16)
     x_adv = (x + 0.05 * torch.randn_like(x).sign()).clamp(0, 1)
@@ -230,6 +232,7 @@ def test_determinism_check_fails_in_train_mode_bn():
     assert check_determinism(good, x).status == "pass"
 
 
+@pytest.mark.slow
 def test_cli_report(runs, tmp_path):
     out = tmp_path / "rep" / "table9.csv"
     result = CliRunner(env={"COLUMNS": "220"}).invoke(
@@ -282,6 +285,7 @@ def _checkpoint(tmp_path: Path, arch: str, **options: object) -> Path:
     return save_checkpoint(payload, tmp_path / arch / "best.pt")
 
 
+@pytest.mark.slow
 def test_cli_viz_geo_prior(tmp_path):
     ckpt = _checkpoint(tmp_path, "lrnet26", small_input=True, width=0.25)
     out = tmp_path / "geo.png"
@@ -292,6 +296,7 @@ def test_cli_viz_geo_prior(tmp_path):
     assert result.exit_code == 2 and _one_error_line(result.output, "does not exist")
 
 
+@pytest.mark.slow
 def test_cli_check_runs_live_checks(tmp_path):
     ckpt = _checkpoint(tmp_path, "resnet26", small_input=True, width=0.125)
     out = tmp_path / "check"

@@ -54,6 +54,7 @@ def study(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_cells_are_means_over_seeds_with_the_two_level_interval(study):
     table = build_table9(collect_results(runs_dir=study))
     frame = table.frame.set_index("network")
@@ -71,6 +72,7 @@ def test_cells_are_means_over_seeds_with_the_two_level_interval(study):
     assert seeds.method == "bootstrap" and seeds.seeds == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_comparisons_state_the_difference_and_what_is_resolved(study):
     table = build_table9(collect_results(runs_dir=study))
     pairs = pair_table(table).set_index("cell")
@@ -93,6 +95,7 @@ def test_comparisons_state_the_difference_and_what_is_resolved(study):
     assert (per_seed.loc[per_seed["cell"] == "adv_targeted", "only_a"] == 30).all()
 
 
+@pytest.mark.slow
 def test_report_files_hold_every_seed(study, tmp_path):
     out = tmp_path / "report"
     made = make_report(ReportSettings(), report_file(out), runs_dir=study)

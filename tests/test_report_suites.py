@@ -63,6 +63,7 @@ def study(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_every_check_runs_with_the_digits_suites(study, tmp_path):
     made = make_report(ReportSettings(eps=48 / 255), report_file(tmp_path / "out"), runs_dir=study)
     statuses = {}
@@ -98,6 +99,7 @@ def test_eval_rows_carry_the_training_seed(study):
     assert "train_seed" in RESULT_COLUMNS
 
 
+@pytest.mark.slow
 def test_model_checks_name_what_is_missing(study, tmp_path):
     for best in study.rglob(BEST):
         best.unlink()

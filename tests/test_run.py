@@ -142,6 +142,7 @@ def test_bad_recipes_are_one_line_errors(tmp_path: Path, edit, message: str) -> 
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_bad_recipe_exits_2(tmp_path: Path) -> None:
     _recipe(tmp_path, TINY.replace("[[network]]", "[[netwrk]]"))
     proc = run_cli("run", "tiny.toml", "--dry-run", cwd=tmp_path)
@@ -151,6 +152,7 @@ def test_bad_recipe_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no recipe 'no-such-recipe'" in result.output
 
 
+@pytest.mark.slow
 def test_overrides_and_shipped_recipes(tmp_path: Path) -> None:
     recipe = load_recipe(_recipe(tmp_path), ["train.epochs=3", "data.path='/x'", "eval.limit=4"])
     config = recipe.train_config(recipe.networks[0], "adversarial", tmp_path / "r")

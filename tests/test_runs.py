@@ -76,6 +76,7 @@ def test_resume_refuses_another_threat_model(runs) -> None:
         resume_config(runs["adv"], {"adversarial": {"steps": 7}})
 
 
+@pytest.mark.slow
 def test_a_resumed_adversarial_run_trains_adversarially(runs, tmp_path) -> None:
     """The library resumes in the saved mode whoever calls it: no hook is passed here."""
     run = tmp_path / "adv"

@@ -172,6 +172,7 @@ def test_sweep_suite_runs_on_sweep_seeds_only(tmp_path: Path) -> None:
     assert len(default.eval.attacks_for(0)) == len(base) + 1
 
 
+@pytest.mark.slow
 def test_train_key_covers_what_decides_the_weights(tmp_path: Path) -> None:
     recipe_file = _recipe(tmp_path)
     base = load_recipe(recipe_file)
@@ -188,6 +189,7 @@ def test_train_key_covers_what_decides_the_weights(tmp_path: Path) -> None:
         assert train_key(same.train_config(same.networks[0], "adversarial", tmp_path, 0)) == key
 
 
+@pytest.mark.slow
 def test_changed_training_settings_are_never_reused(tmp_path: Path) -> None:
     recipe_file, out = _recipe(tmp_path), tmp_path / "study"
     name = "train resnet26-regular-s0"
@@ -207,6 +209,7 @@ def test_changed_training_settings_are_never_reused(tmp_path: Path) -> None:
     assert seeded7["train resnet26-regular-s7"][0] == PENDING
 
 
+@pytest.mark.slow
 def test_cli_refuses_changed_settings_and_another_recipe(tmp_path: Path) -> None:
     recipe_file, out = _recipe(tmp_path), tmp_path / "study"
     _fake_training(recipe_file, out, "train resnet26-regular-s0")
@@ -237,6 +240,7 @@ def test_cli_refuses_changed_settings_and_another_recipe(tmp_path: Path) -> None
     assert result.exit_code == 2 and "another --out" in result.output
 
 
+@pytest.mark.slow
 def test_training_into_the_study_root_or_a_run_is_not_done(tmp_path: Path) -> None:
     """``robustlr train --out STUDY`` (or into one of its runs, with other settings) leaves a
     checkpoint the study does not take for its own."""
@@ -256,6 +260,7 @@ def test_training_into_the_study_root_or_a_run_is_not_done(tmp_path: Path) -> No
     assert state == CONFLICT and "train.seed was 9, now 0" in detail
 
 
+@pytest.mark.slow
 def test_eval_and_report_are_keyed_by_their_settings(tmp_path: Path) -> None:
     recipe_file, out = _recipe(tmp_path), tmp_path / "study"
     stage, recipe = _fake_training(recipe_file, out, "train resnet26-regular-s0")

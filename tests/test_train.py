@@ -151,6 +151,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_one_epoch_cpu_run(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(
@@ -184,6 +185,7 @@ def test_one_epoch_cpu_run(tmp_path, monkeypatch) -> None:
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 12
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     out = tmp_path / "run"
     # epoch 1 trains normally; at epoch 2 the step schedule multiplies the lr by 1e31
@@ -233,6 +235,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     assert "loss became" in proc.output
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_error(tmp_path) -> None:
     good = tmp_path / "good"
     good.mkdir()
