@@ -44,7 +44,11 @@ delta loop (D = sum_c gy_c y_c per output, from global memory) is counted from i
 Every warp of a tile is counted (roofline v15): a warp wholly below the image (or past the last
 image of a packed tile) skips the window loops and the backward input's grad-k gather (v5 on;
 v4's forward and backward input) and runs the rest of the tile's code, its share of the tile
-loaders included; up to roofline v14 such a warp was counted as running nothing.
+loaders included; up to roofline v14 such a warp was counted as running nothing. The single
+planes a tile stages besides its channels (k; q and lse in the backward input) are copied in the
+tile code, not in a loop: the rows "all" count those copies there, once (roofline v16, checked
+against the straight line's copies by ``single_planes``); until roofline v15 they were also
+counted at the loader loops' cost per element, twice.
 
     python benchmarks/roofline.py            # compiles the kernels with NVRTC (~1 min)
 """
@@ -319,13 +323,14 @@ def staged_tile(kernel: str, version: str) -> tuple[int, int, int]:
 
 def per_thread(
     kernel: str, version: str, text: str, batch: int
-) -> tuple[Counter, dict[int, str], Counter]:
+) -> tuple[Counter, dict[int, str], Counter, Counter]:
     """Dynamic instruction counts of one thread over one tile (one chunk of m = 8 channels) in
     the kernel's innermost loops, the role of each loop it accounts for, by its first address
     ("window", "loader", "gather", "delta", "tile end"; the window-loop variants counted as
-    never run are "window" too), and the part of the counts that a warp wholly below the image
-    skips: its window loops, and the backward input's grad-k gather (run per input in the
-    image).
+    never run are "window" too), the part of the counts that a warp wholly below the image
+    skips (its window loops, and the backward input's grad-k gather, run per input in the
+    image), and the part that stands for the single planes' copies (k; q and lse in the
+    backward input: ``single_planes``).
 
     v3: one window-loop iteration per window row (K, NC), its pairs unrolled. Later versions: a
     window loop whose pairs are branched blocks (rolled strip rows) runs NT iterations per
@@ -397,8 +402,11 @@ def per_thread(
         total.update(runs)
         skipped.update(runs)
     rows, cols, staged = staged_tile(kernel, version)
-    slots = staged * loader_slots(rows, cols, batch) + M * loader_slots(rows, cols, batch, width)
-    total.update({op: slots * n for op, n in loader.items()})
+    # the single planes at the loader loops' cost per element slot (their copies are not in a
+    # loop: ``single_planes``), then the M channel planes
+    single = Counter({op: staged * loader_slots(rows, cols, batch) * n for op, n in loader.items()})
+    total.update(single)
+    total.update({op: M * loader_slots(rows, cols, batch, width) * n for op, n in loader.items()})
     if kernel in INPUT_KERNELS and version in KEY_GRAD_IN_QUERY:
         # the grad-k gather: per strip input a loop over the backward-query tiles that staged it
         # (global loads and adds, nothing stored in the loop), about IH / (OTH * S) tile rows
@@ -449,7 +457,33 @@ def per_thread(
         # the threads, counted for all
         total["LDS"] += K * (16 + 8) / 4
         total["FADD"] += K * (16 + 8) / 4
-    return total, roles, skipped
+    return total, roles, skipped, single
+
+
+def single_planes(kernel: str, version: str, per_tile: Counter, batch: int) -> None:
+    """Check that the copies of a kernel's single planes (k; q and lse in the backward input:
+    ``staged_tile``) lie in its tile code's straight line, ``per_tile`` (straight_line): one
+    asynchronous copy per element slot of each. per_thread counts them at the loader loops'
+    cost per slot too, which the rows with all code leave out (roofline v16; until then they
+    were counted twice there). Raises ValueError where they do not (a loop of their own, or a
+    register-path loader: a new structure to model)."""
+    rows, cols, staged = staged_tile(kernel, version)
+    want = staged * loader_slots(rows, cols, batch)
+    if per_tile["LDGSTS"] != want:
+        raise ValueError(
+            f"{kernel} {version}: {per_tile['LDGSTS']:g} copies in the tile code, not the "
+            f"{want:g} of its single planes"
+        )
+
+
+def all_code_counts(counts: Counter, single: Counter, per_tile: Counter) -> Counter:
+    """Per thread and tile, all code: the loops' counts (per_thread) without the part standing
+    for the single planes' copies (``single``), and the code outside the loops (``per_tile``,
+    straight_line), where those copies lie (``single_planes``)."""
+    total = counts.copy()
+    total.subtract(single)
+    total.update(per_tile)
+    return total
 
 
 def per_block(kernel: str, text: str) -> tuple[Counter, dict[int, str]]:
@@ -683,29 +717,31 @@ def main() -> None:
     nvdisasm = nvrtc.nvdisasm_path()
     if nvdisasm is None:
         raise SystemExit("Error: nvdisasm not found (PATH or the triton package's bin directory)")
-    counts, once, rest, usage, skipped = {}, {}, {}, {}, {}
+    counts, once, rest, usage, skipped, single = {}, {}, {}, {}, {}, {}
     for version in versions:
         for kernel in kernels_of(version):
             prog = compile_version(kernel, sources[version])
             (usage[version, kernel],) = nvrtc.ptxas_usage(prog.log).values()
             text = nvrtc.sass(prog, nvdisasm)
-            counts[version, kernel], roles, skipped[version, kernel] = per_thread(
-                kernel, version, text, batches[version]
+            counts[version, kernel], roles, skipped[version, kernel], single[version, kernel] = (
+                per_thread(kernel, version, text, batches[version])
             )
             once[version, kernel], fills = per_block(kernel, text)
             if version in ALL_CODE:  # the code outside the counted loops
                 rest[version, kernel] = straight_line(
                     kernel, version, text, roles | fills, batches[version]
                 )
+                single_planes(kernel, version, rest[version, kernel][0], batches[version])
 
     def dynamic(kernel: str, version: str, C: int, H: int, all_code: bool) -> Counter:
         """Per thread and tile at one stage: the loops' counts, the once-per-block ones over the
-        tiles a block runs, and (all_code) the code outside the counted loops."""
+        tiles a block runs, and (all_code) the code outside the counted loops, where the single
+        planes' copies lie (not also at the loader loops' cost)."""
         share = 1 / tiles_per_block(kernel, C, H)
         block = once[version, kernel].copy()
         tile = counts[version, kernel].copy()
         if all_code:
-            tile.update(rest[version, kernel][0])
+            tile = all_code_counts(tile, single[version, kernel], rest[version, kernel][0])
             block.update(rest[version, kernel][1])
         return tile + Counter({op: n * share for op, n in block.items()})
 

@@ -78,6 +78,7 @@ def test_pairs_kernels_run_two_live_warps_per_image(kernel, batch):
     assert times["issue"] == pytest.approx(issue)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_input"])
 def test_warps_below_the_image_skip_the_window_loops_and_the_gather(kernel):
     """per_thread's skipped counts, from the kernel's sm_90 SASS: what is left for a warp below
@@ -89,8 +90,44 @@ def test_warps_below_the_image_skip_the_window_loops_and_the_gather(kernel):
         pytest.skip("nvdisasm is not available (PATH or the triton package)")
     source = roofline.version_source(roofline.CURRENT)
     text = nvrtc.sass(roofline.compile_version(kernel, source), nvdisasm)
-    counts, roles, skipped = roofline.per_thread(kernel, roofline.CURRENT, text, 8)
+    counts, roles, skipped, _ = roofline.per_thread(kernel, roofline.CURRENT, text, 8)
     rest = counts - skipped
     assert counts["MUFU"] > 0 and rest["MUFU"] == 0
     assert rest["LDGSTS"] > 0 and rest["LDG"] == 0
     assert ("gather" in roles.values()) == (kernel == "lr_backward_input")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["lr_backward_query", "lr_backward_input"])
+def test_all_code_counts_each_copy_once(kernel):
+    """With all code (the loops and the code around them), a thread's tile costs one
+    asynchronous copy per element it stages: its share of the tile's positions, once for each
+    single plane (k; q and lse) and each of the M channels. (Until roofline v16 the single
+    planes' copies were counted twice: in the tile code and at the loader loops' cost.)"""
+    roofline = load_roofline()
+    nvdisasm = nvrtc.nvdisasm_path()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm is not available (PATH or the triton package)")
+    version = roofline.CURRENT
+    source = roofline.version_source(version)
+    text = nvrtc.sass(roofline.compile_version(kernel, source), nvdisasm)
+    counts, roles, _, single = roofline.per_thread(kernel, version, text, 8)
+    per_tile, _ = roofline.straight_line(kernel, version, text, roles, 8)
+    rows, cols, staged = roofline.staged_tile(kernel, version)
+    positions = -(-rows * cols // roofline.THREADS)  # a thread's share of the tile
+    total = roofline.all_code_counts(counts, single, per_tile)
+    assert staged == (2 if kernel == "lr_backward_input" else 1)
+    assert total["LDGSTS"] == (staged + roofline.M) * positions
+
+
+def test_single_planes_must_lie_in_the_tile_code():
+    """The all-code rows leave the single planes' loader-loop share out only where their copies
+    are in the tile code: one asynchronous copy per element of k (4 per thread of a backward
+    query tile of 22 x 22 at K = 7) in the straight line, else the model refuses."""
+    roofline = load_roofline()
+    kernel, version = "lr_backward_query", roofline.CURRENT
+    assert roofline.staged_tile(kernel, version) == (22, 22, 1)
+    roofline.single_planes(kernel, version, Counter({"LDGSTS": 4.0, "IMAD": 50.0}), 8)
+    for copies in (0.0, 8.0):
+        with pytest.raises(ValueError, match="single planes"):
+            roofline.single_planes(kernel, version, Counter({"LDGSTS": copies}), 8)
