@@ -90,8 +90,9 @@ COMMITS = {
     "v12": "13e07b7",
     "v13": "19bc01a",
     "v14": "0f9f003",
+    "v15": "e0750ae",
 }
-CURRENT = "v15"
+CURRENT = "v16"
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -103,43 +104,43 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width).
-VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15")
+VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10", "v11", "v12", "v13", "v14", "v15")
+PACKED = ("v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose loader copies every plane of a position in one thread (its geometry worked out
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
-PLANES_PER_POSITION = ("v11", "v12", "v13", "v14", "v15")
+PLANES_PER_POSITION = ("v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
 #: one at a time there; cupy_backend.vector_width gives the current rule).
-FORWARD_QUADS = ("v11", "v12", "v13", "v14", "v15")
+FORWARD_QUADS = ("v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose loader is counted by its loops that run at m = 8 (whole_group_loops: the
 #: loaders of PLANES_PER_POSITION versions copy a ragged group in a loop of its own); until
 #: roofline v12 every loader loop was averaged in, v11's ragged-group loop included.
-WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14", "v15")
+WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
-ALL_CODE = ("v10", "v11", "v12", "v13", "v14", "v15")
+ALL_CODE = ("v10", "v11", "v12", "v13", "v14", "v15", "v16")
 #: Versions whose forward and backward input run lr_forward_pairs and lr_backward_input_pairs
 #: where the outputs (inputs) fit half a tile's rows (cupy_backend.forward_pairs, input_pairs: 2
 #: images of a group per block).
-PAIRS = ("v15",)
+PAIRS = ("v15", "v16")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")

@@ -633,12 +633,9 @@ __device__ __forceinline__ void lr_backward_query_tiles(
 #pragma unroll
             for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
         }
-        if constexpr (PACKED) {
+        if constexpr (PACKED) {  // (tiled: with the first chunk's channels, below)
             lr_load_slots<IH, IW, STRIDE, PW, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
                 s_k, 0, k + (b0 * G + g) * H * W, 0, 1, -P, -P, H, W, tid, G * H * W, slots);
-        } else {
-            lr_load_phased<IH, IW, STRIDE, PW, 1>(s_k, 0, k + (b * G + g) * H * W, 0, 1, r0, c0, H,
-                                                  W, tid, LR_FAR_KEY);
         }
         // output r exists iff r < outs
         const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
@@ -665,14 +662,16 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
         for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
             const int nc = mg - cg < MC ? mg - cg : MC;
-            __syncthreads();  // everyone is done with the previous chunk in s_x
+            // everyone is done with the previous chunk in s_x (and the previous tile with s_k)
+            __syncthreads();
             if constexpr (PACKED) {
                 lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
                     s_x, TF, x + (b0 * C + c_first + cg) * H * W, H * W, nc, -P, -P, H, W, tid,
                     C * H * W, slots);
-            } else {
+            } else {  // the first chunk copies the k tile too, each position worked out once
                 lr_load_phased<IH, IW, STRIDE, PW, MC, V>(
-                    s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid);
+                    s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid,
+                    0.0f, cg == 0 ? s_k : nullptr, k + (b * G + g) * H * W, LR_FAR_KEY);
             }
             __syncthreads();
             // gy of the chunk's channels and dsub, the chunk's share of the delta D = sum_c gy_c

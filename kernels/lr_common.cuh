@@ -777,6 +777,10 @@ __device__ __forceinline__ P* lr_opaque(P* v) {
 // whatever they held. All threads of the block take part (tid in [0, LR_THREADS)).
 // RESCALE: every element it writes is stored as (rescale.origin - v) * rescale.factor
 // (lr_rescale), `outside` and the zeros past n included; the filled ones of SLOTS > 1 are not.
+// With a `lead` (not null), one more plane comes first, with the same geometry: the window of
+// the plane at lead_src goes to lead[idx] (no groups: V = 1), with lead_outside where the window
+// leaves the plane, as is (RESCALE applies to the NP planes only). lr_backward_query copies its
+// k tile so with its first chunk of channels, working out each position once for both.
 // One geometry per position (v11): thread tid copies every plane at positions tid,
 // tid + LR_THREADS, ..., so it works out a position's plane offset and shared index once for
 // all NP planes. Within a group it takes the V planes in a rotated order, lane / (32 / V) first,
@@ -796,7 +800,10 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                                                int n, long long r0, long long c0, long long H,
                                                long long W, int tid, float outside = 0.0f,
                                                long long slot_stride = 0, int slots = 1,
-                                               lr_rescale rescale = {0.0f, 1.0f}) {
+                                               lr_rescale rescale = {0.0f, 1.0f},
+                                               float* __restrict__ lead = nullptr,
+                                               const T* __restrict__ lead_src = nullptr,
+                                               float lead_outside = 0.0f) {
     static_assert(NP % V == 0 && 32 % V == 0, "whole groups of planes, whole rotations a warp");
     // positions: the tile's, or the slots' image boxes with SLOTS > 1
     constexpr int N = SLOTS == 1 ? ROWS * COLS : SLOTS * BOX_H * BOX_W;
@@ -844,6 +851,18 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
         };
         const int plane_stride = (int)src_stride;
         if constexpr (lr_copies_async<T>::value) {
+            if (lead != nullptr) {  // (uniform over the block)
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) {
+                    if (to[t] < 0) continue;
+                    const int at = (int)((unsigned)to[t] / V);
+                    if (off[t] >= 0 || lead_outside == 0.0f) {
+                        lr_copy_async(lead, at, lead_src + (off[t] >= 0 ? off[t] : 0), off[t] >= 0);
+                    } else {
+                        lr_store_shared(lead, at, lead_outside);
+                    }
+                }
+            }
             // the groups whose V planes are all copied, then the rest: this plane copied, or
             // past n a zero fill (as where the window leaves the plane, unless `outside` is
             // not 0); an element outside the plane copies from the plane's start (not read)
@@ -892,6 +911,17 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
                 }
             }
         } else {
+            if (lead != nullptr) {  // (uniform over the block)
+                float v[BATCH];
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) {
+                    v[t] = off[t] >= 0 ? lr_load(lead_src, off[t]) : lead_outside;
+                }
+#pragma unroll
+                for (int t = 0; t < BATCH; ++t) {
+                    if (to[t] >= 0) lr_store_shared(lead, (int)((unsigned)to[t] / V), v[t]);
+                }
+            }
 #pragma unroll 1
             for (int p = 0; p < NP; ++p) {
                 const int plane_index = plane_of(p);
@@ -920,14 +950,19 @@ __device__ __forceinline__ void lr_load_planes(float* __restrict__ dst, int dst_
 }
 
 // NP planes of a tile read at STRIDE by the window loops: phase order, row pitch PITCH
-// (lr_pitch), groups of V planes side by side.
+// (lr_pitch), groups of V planes side by side; a `lead` plane first where not null
+// (lr_load_planes).
 template <int ROWS, int COLS, int STRIDE, int PITCH, int NP, int V = 1, typename T>
 __device__ __forceinline__ void lr_load_phased(float* __restrict__ dst, int dst_stride,
                                                const T* __restrict__ src, long long src_stride,
                                                int n, long long r0, long long c0, long long H,
-                                               long long W, int tid, float outside = 0.0f) {
-    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V>(dst, dst_stride, src, src_stride, n,
-                                                           r0, c0, H, W, tid, outside);
+                                               long long W, int tid, float outside = 0.0f,
+                                               float* __restrict__ lead = nullptr,
+                                               const T* __restrict__ lead_src = nullptr,
+                                               float lead_outside = 0.0f) {
+    lr_load_planes<ROWS, COLS, STRIDE, PITCH, true, NP, V>(
+        dst, dst_stride, src, src_stride, n, r0, c0, H, W, tid, outside, 0, 1, {0.0f, 1.0f}, lead,
+        lead_src, lead_outside);
 }
 
 // NP planes of the SLOTS images of a packed kernel's tile, each staged as a ROWS x COLS window
