@@ -413,12 +413,8 @@ __device__ __forceinline__ void lr_forward_tiles(
     }
 }
 
-// The tile bodies by layout (one tile; SLOTS images: lr_forward_in<SLOTS>::run), for
+// The tile body by layout (SLOTS images a tile: 1, LR_PAIR_SLOTS or LR_SLOTS), for
 // LR_BY_COMPOSABILITY.
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_forward_one(A... args) {
-    lr_forward_tiles<T, K, STRIDE, COMP, 1>(args...);
-}
 template <int SLOTS>
 struct lr_forward_in {
     template <typename T, int K, int STRIDE, int COMP, typename... A>
@@ -455,8 +451,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_forward(
     LR_SHARED_VECTORS(float, s_x, S::MC * S::TF + S::TF + S::GEO);
     float* const s_k = s_x + S::MC * S::TF;
     float* const s_geo = s_k + S::TF;
-    LR_BY_COMPOSABILITY(comp, lr_forward_one, x, q, k, geo, y, lse, B, C, H, W, G, m, Ho, Wo,
-                        s_k, s_x, s_geo)
+    LR_BY_COMPOSABILITY(comp, lr_forward_in<1>::template run, x, q, k, geo, y, lse, B, C, H, W, G,
+                        m, Ho, Wo, s_k, s_x, s_geo)
 }
 
 // lr_forward on images of at most LR_TILE_W x (LR_TILE_H / 2) R outputs (R = lr_forward_strip):
@@ -771,14 +767,14 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     }
 }
 
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_backward_query_one(A... args) {
-    lr_backward_query_tiles<T, K, STRIDE, COMP, 1>(args...);
-}
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_backward_query_slots(A... args) {
-    lr_backward_query_tiles<T, K, STRIDE, COMP, LR_SLOTS / 2>(args...);
-}
+// The tile body by layout (SLOTS images a tile: 1 or LR_SLOTS / 2), for LR_BY_COMPOSABILITY.
+template <int SLOTS>
+struct lr_backward_query_in {
+    template <typename T, int K, int STRIDE, int COMP, typename... A>
+    __device__ static __forceinline__ void run(A... args) {
+        lr_backward_query_tiles<T, K, STRIDE, COMP, SLOTS>(args...);
+    }
+};
 
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
@@ -800,9 +796,9 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
     float* const s_part = s_row + K * LR_RED_PITCH;
     float* const s_gacc = s_part + K * 8;  // the block's grad geo, accumulated in a fixed order
     float* const s_gk = s_gacc + K * K;    // the key-gradient copies
-    LR_BY_COMPOSABILITY(comp, lr_backward_query_one, x, q, k, geo, lse, y, gy, gq, gk_partial,
-                        gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
-                        s_row, s_part, s_gacc, s_gk)
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_in<1>::template run, x, q, k, geo, lse, y, gy,
+                        gq, gk_partial, gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks,
+                        s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk)
 }
 
 // lr_backward_query on small images (at most LR_SLOT_W x 4R outputs): LR_SLOTS / 2 images per
@@ -825,9 +821,9 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_p
     float* const s_gacc = s_geo + K * K;
     float* const s_row = s_gacc + K * K;
     float* const s_part = s_row + K * LR_RED_PITCH;
-    LR_BY_COMPOSABILITY(comp, lr_backward_query_slots, x, q, k, geo, lse, y, gy, gq, gk_partial,
-                        gk_work, geo_partial, B, C, H, W, G, m, Ho, Wo, nchunks, s_k, s_x, s_geo,
-                        s_row, s_part, s_gacc, s_gk)
+    LR_BY_COMPOSABILITY(comp, lr_backward_query_in<LR_SLOTS / 2>::template run, x, q, k, geo,
+                        lse, y, gy, gq, gk_partial, gk_work, geo_partial, B, C, H, W, G, m, Ho,
+                        Wo, nchunks, s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk)
 }
 
 // grad k of a strip of RI inputs (hs + r, w), r < RI, of one (b, g) plane: for each input with
@@ -1081,10 +1077,8 @@ __device__ __forceinline__ void lr_backward_input_tiles(
     }
 }
 
-template <typename T, int K, int STRIDE, int COMP, typename... A>
-__device__ __forceinline__ void lr_backward_input_one(A... args) {
-    lr_backward_input_tiles<T, K, STRIDE, COMP, 1>(args...);
-}
+// The tile body by layout (SLOTS images a tile: 1, LR_PAIR_SLOTS or LR_SLOTS), for
+// LR_BY_COMPOSABILITY.
 template <int SLOTS>
 struct lr_backward_input_in {
     template <typename T, int K, int STRIDE, int COMP, typename... A>
@@ -1131,8 +1125,8 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_input(
     float* const s_q = s_out + S::MC * S::TO;
     float* const s_shift = s_q + S::TO;
     float* const s_geo = s_shift + S::TO;
-    LR_BY_COMPOSABILITY(comp, lr_backward_input_one, q, k, geo, lse, gy, gk_partial, gx, gk, B,
-                        C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
+    LR_BY_COMPOSABILITY(comp, lr_backward_input_in<1>::template run, q, k, geo, lse, gy,
+                        gk_partial, gx, gk, B, C, H, W, G, m, Ho, Wo, s_q, s_shift, s_gy, s_geo)
 }
 
 // lr_backward_input on small images at stride 1 (at most LR_SLOT_W x 2 RI inputs): LR_SLOTS
