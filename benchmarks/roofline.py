@@ -263,8 +263,11 @@ def kernels_of(version: str) -> tuple[str, ...]:
     versions)."""
     if version not in PACKED:
         return KERNELS
-    pairs = ("lr_forward_pairs", "lr_backward_input_pairs")
-    packed = [k for k in cupy_backend.PACKED_KERNELS if k not in pairs or version in PAIRS]
+    packed = [
+        k
+        for k in cupy_backend.PACKED_KERNELS
+        if k not in cupy_backend.PAIR_KERNELS or version in PAIRS
+    ]
     return (*KERNELS, *packed)
 
 
@@ -649,7 +652,7 @@ def predict(
         # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
         all_warps = G * -(-B // cupy_backend.SLOTS) * (THREADS // 32)
-    elif kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+    elif kernel in cupy_backend.PAIR_KERNELS:
         # two warps per image (a slot each), live if it holds an image; each image staged once
         warps = G * B * (THREADS // 32 // cupy_backend.PAIR_SLOTS)
         all_warps = G * -(-B // cupy_backend.PAIR_SLOTS) * (THREADS // 32)
@@ -755,7 +758,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for kernel in nvrtc.KERNEL_NAMES:
         C1, H1 = SHAPES[-1] if kernel in cupy_backend.PACKED_KERNELS else SHAPES[0]
-        if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+        if kernel in cupy_backend.PAIR_KERNELS:
             C1, H1 = SHAPES[2]
         for version in (v for v in versions if kernel in kernels_of(v)):
             c, u = dynamic(kernel, version, C1, H1, False), usage[version, kernel]

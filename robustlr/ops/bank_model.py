@@ -85,7 +85,7 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
             if kernel in ("lr_backward_input_pairs", "lr_backward_input_packed") and S != 1:
                 continue
             packed, sw = cupy_backend.packed_geometry(kernel, K, S), cupy_backend.SLOT_WIDTH
-            if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+            if kernel in cupy_backend.PAIR_KERNELS:
                 sw = tw
             tr, pw, across = packed.slot_rows // R, packed.pitch, tw // sw
             for row in range((R - 1) * S + K):

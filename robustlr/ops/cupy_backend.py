@@ -86,6 +86,8 @@ SLOT_WIDTH = 8
 #: Images per block of lr_forward_pairs and lr_backward_input_pairs (LR_PAIR_SLOTS), each in a
 #: slot of a tile's TILE[0] columns and TILE[1] // PAIR_SLOTS thread rows (two warps).
 PAIR_SLOTS = 2
+#: The kernels with PAIR_SLOTS images per block.
+PAIR_KERNELS = ("lr_forward_pairs", "lr_backward_input_pairs")
 #: The kernels for small images, several per block, their tiles in dynamic shared memory.
 PACKED_KERNELS = (
     "lr_forward_pairs",
@@ -472,7 +474,7 @@ def static_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
 
 def images_per_block(kernel: str) -> int:
     """Images (slots) a block of one packed kernel (``PACKED_KERNELS``) holds."""
-    if kernel in ("lr_forward_pairs", "lr_backward_input_pairs"):
+    if kernel in PAIR_KERNELS:
         return PAIR_SLOTS
     if kernel == "lr_backward_query_packed":
         return QUERY_SLOTS
@@ -604,10 +606,15 @@ def _tiles(height: int, width: int, strip: int) -> int:
     return -(-height // (TILE[1] * strip)) * -(-width // TILE[0])
 
 
-def _config(kernel: str, blocks: int) -> LaunchConfig | None:
+def _config(kernel: str, blocks: int, shape: LocalRelationShape) -> LaunchConfig | None:
+    """A launch of ``blocks`` blocks of one tile's threads, with the kernel's dynamic shared
+    memory at the shape's (K, stride) (``dynamic_shared_bytes``: 0 but for a packed kernel);
+    None without a block."""
     if blocks <= 0:
         return None
-    return LaunchConfig(kernel, (min(blocks, MAX_BLOCKS), 1, 1), (TILE[0], TILE[1], 1))
+    grid, block = (min(blocks, MAX_BLOCKS), 1, 1), (TILE[0], TILE[1], 1)
+    shared = dynamic_shared_bytes(kernel, shape.kernel_size, shape.stride)
+    return LaunchConfig(kernel, grid, block, shared)
 
 
 def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
@@ -618,20 +625,14 @@ def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
     None when there is no output."""
     if shape.out_height * shape.out_width <= 0:
         return None
-    if forward_pairs(shape):
-        blocks = shape.groups * -(-shape.batch // PAIR_SLOTS)
-        config = _config("lr_forward_pairs", blocks)
-        bytes_ = pairs_shared_bytes(shape.kernel_size, shape.stride)
-        return None if config is None else replace(config, shared_bytes=bytes_)
-    if forward_packed(shape):
-        blocks = shape.groups * -(-shape.batch // SLOTS)
-        config = _config("lr_forward_packed", blocks)
-        bytes_ = packed_shared_bytes(shape.kernel_size, shape.stride)
-        return None if config is None else replace(config, shared_bytes=bytes_)
+    if forward_pairs(shape) or forward_packed(shape):
+        kernel = "lr_forward_pairs" if forward_pairs(shape) else "lr_forward_packed"
+        blocks = shape.groups * -(-shape.batch // images_per_block(kernel))
+        return _config(kernel, blocks, shape)
     tiles = _tiles(
         shape.out_height, shape.out_width, forward_strip(shape.kernel_size, shape.stride)
     )
-    return _config("lr_forward", shape.batch * shape.groups * tiles)
+    return _config("lr_forward", shape.batch * shape.groups * tiles, shape)
 
 
 def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
@@ -654,11 +655,8 @@ def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig
     where the images fit its slots (``query_packed``), its arrays in dynamic shared memory."""
     if shape.batch * shape.out_height * shape.out_width <= 0:
         return None
-    if query_packed(shape):
-        config = _config("lr_backward_query_packed", shape.groups * nchunks)
-        bytes_ = packed_query_bytes(shape.kernel_size, shape.stride)
-        return None if config is None else replace(config, shared_bytes=bytes_)
-    return _config("lr_backward_query", shape.groups * nchunks)
+    kernel = "lr_backward_query_packed" if query_packed(shape) else "lr_backward_query"
+    return _config(kernel, shape.groups * nchunks, shape)
 
 
 def key_partials(kernel_size: int, stride: int, out_height: int, out_width: int) -> int:
@@ -675,16 +673,12 @@ def plan_backward_input(shape: LocalRelationShape) -> LaunchConfig | None:
     SLOTS images of a group, its tiles in dynamic shared memory; where they fit half a tile's
     rows at stride 1 (``input_pairs``), of ``lr_backward_input_pairs``: one block per
     PAIR_SLOTS images of a group."""
-    blocks = input_tile_list(shape)
+    kernel = "lr_backward_input"
     if input_packed(shape):
-        config = _config("lr_backward_input_packed", blocks)
-        bytes_ = packed_input_bytes(shape.kernel_size)
-        return None if config is None else replace(config, shared_bytes=bytes_)
-    if input_pairs(shape):
-        config = _config("lr_backward_input_pairs", blocks)
-        bytes_ = pairs_input_bytes(shape.kernel_size)
-        return None if config is None else replace(config, shared_bytes=bytes_)
-    return _config("lr_backward_input", blocks)
+        kernel = "lr_backward_input_packed"
+    elif input_pairs(shape):
+        kernel = "lr_backward_input_pairs"
+    return _config(kernel, input_tile_list(shape), shape)
 
 
 def pack_arg(arg: Any) -> Any:
