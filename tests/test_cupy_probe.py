@@ -100,3 +100,46 @@ def test_windows_beyond_the_shared_memory_limit_fall_back(monkeypatch):
         shape = check_inputs(x, q, k, geo, K, s, "sqdiff")
         with pytest.raises(ValueError, match="'cupy' kernels"):
             cupy_backend.local_relation_cupy(x, q, k, geo, shape, "sqdiff")
+
+
+def test_every_kernel_name_gets_its_own_compiled_function(monkeypatch):
+    """get_kernels (a fake CuPy: no GPU) hands each kernel a plan may launch the function
+    compiled for its own name expression (v15's pairs kernels had no field in CupyKernels: the
+    eight functions did not fit its six fields, and positions would have mixed them up)."""
+    import sys
+    import types
+
+    class Function:
+        def __init__(self, name):
+            self.name, self.attributes = name, {}
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.names = list(name_expressions)
+
+        def get_function(self, name):
+            assert name in self.names
+            return Function(name)
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = types.ModuleType("cupy")
+    fake.RawModule = RawModule
+    fake.cuda = types.SimpleNamespace(Device=Device)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cupy_backend.get_kernels.cache_clear()
+    try:
+        kernels = cupy_backend.get_kernels(0, "float", 7, 1)
+        for kernel in cupy_backend.KERNEL_NAMES:
+            want = cupy_backend.name_expression(kernel, "float", 7, 1)
+            assert kernels.by_name(kernel).name == want
+    finally:
+        cupy_backend.get_kernels.cache_clear()

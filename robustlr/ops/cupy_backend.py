@@ -712,17 +712,14 @@ LauncherFactory = Callable[[torch.device, str, int, int], Launcher]
 
 @dataclass(frozen=True)
 class CupyKernels:
-    """The compiled kernels of one (device, dtype, K, stride), in KERNEL_NAMES order."""
+    """The compiled kernels of one (device, dtype, K, stride), by kernel name (KERNEL_NAMES).
+    (Until v16 a field per kernel, filled in KERNEL_NAMES order: v15's pairs kernels had no
+    field, so the eight compiled functions did not fit the six fields.)"""
 
-    forward: Any
-    forward_packed: Any
-    backward_query: Any
-    backward_query_packed: Any
-    backward_input: Any
-    backward_input_packed: Any
+    functions: dict[str, Any]
 
     def by_name(self, kernel: str) -> Any:
-        return getattr(self, kernel.removeprefix("lr_"))
+        return self.functions[kernel]
 
 
 @functools.cache
@@ -741,7 +738,7 @@ def get_kernels(device_index: int, ctype: str, kernel_size: int, stride: int) ->
         functions = [module.get_function(name) for name in names]
         for fn in functions:  # load the module on this device now, not during a launch
             _ = fn.attributes
-    return CupyKernels(*functions)
+    return CupyKernels(dict(zip(KERNEL_NAMES, functions, strict=True)))
 
 
 @contextlib.contextmanager
