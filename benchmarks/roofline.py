@@ -91,8 +91,17 @@ COMMITS = {
     "v13": "19bc01a",
     "v14": "0f9f003",
     "v15": "e0750ae",
+    "v16": "c5af93c",
 }
-CURRENT = "v16"
+CURRENT = "v17"
+
+
+def since(first: str) -> tuple[str, ...]:
+    """The versions from ``first`` to CURRENT."""
+    versions = (*COMMITS, CURRENT)
+    return versions[versions.index(first) :]
+
+
 #: Positions per thread (forward, backward query, backward input) of the earlier kernels at
 #: K = 7, stride 1.
 STRIPS = {
@@ -104,50 +113,53 @@ STRIPS = {
     "v8": (4, 2, 4),
 }
 #: Versions whose sqdiff forward starts pass 2 from the bound on the logits (no pass 1).
-BOUNDED_FORWARD = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+BOUNDED_FORWARD = since("v5")
 #: Versions whose fp32 tile loader is cp.async (loads in flight not limited by registers).
-ASYNC_COPIES = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+ASYNC_COPIES = since("v6")
 #: Versions whose sqdiff window loops leave a neighbour outside the image out by its staged key
 #: (LR_FAR_KEY), not by a test.
-MASK_BY_KEY = ("v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+MASK_BY_KEY = since("v6")
 #: Versions whose backward query reduces grad geo once per window column inside its column loop,
 #: in guarded blocks that only some warps run (counted for those warps).
-REDUCE_BY_THREADS = ("v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+REDUCE_BY_THREADS = since("v5")
 #: Versions whose backward query forms grad k (partials per tile; the backward input stages q
 #: and lse, not D, and reads no x).
-KEY_GRAD_IN_QUERY = ("v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+KEY_GRAD_IN_QUERY = since("v7")
 #: Versions whose channel tiles hold their staged channels side by side at each position, read
 #: by vector loads (cupy_backend.vector_width).
-VECTOR_CHANNELS = ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+VECTOR_CHANNELS = since("v8")
 #: Versions whose forward and backward input run lr_forward_packed and
 #: lr_backward_input_packed where the images fit their slots (cupy_backend.forward_packed,
 #: input_packed: 8 images of a group per block).
-PACKED = ("v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16")
+PACKED = since("v9")
 #: Versions whose loader copies every plane of a position in one thread (its geometry worked out
 #: once per position); before, with the channels side by side (VECTOR_CHANNELS), a thread copied
 #: one plane of each group (its geometry once per element of each group).
-PLANES_PER_POSITION = ("v11", "v12", "v13", "v14", "v15", "v16")
+PLANES_PER_POSITION = since("v11")
 #: Versions whose forward reads its staged channels side by side at strips of 4 too (before,
 #: one at a time there; cupy_backend.vector_width gives the current rule).
-FORWARD_QUADS = ("v11", "v12", "v13", "v14", "v15", "v16")
+FORWARD_QUADS = since("v11")
 #: Versions whose loader is counted by its loops that run at m = 8 (whole_group_loops: the
 #: loaders of PLANES_PER_POSITION versions copy a ragged group in a loop of its own); until
 #: roofline v12 every loader loop was averaged in, v11's ragged-group loop included.
-WHOLE_GROUPS_ONLY = ("v11", "v12", "v13", "v14", "v15", "v16")
+WHOLE_GROUPS_ONLY = since("v11")
 #: Versions whose code outside the counted loops is counted too (straight_line, rows "all": its
 #: loop roles model their structure, not the earlier versions').
-ALL_CODE = ("v10", "v11", "v12", "v13", "v14", "v15", "v16")
+ALL_CODE = since("v10")
 #: Versions whose forward and backward input run lr_forward_pairs and lr_backward_input_pairs
 #: where the outputs (inputs) fit half a tile's rows (cupy_backend.forward_pairs, input_pairs: 2
 #: images of a group per block).
-PAIRS = ("v15", "v16")
+PAIRS = since("v15")
+#: Versions whose backward query runs lr_backward_query_pairs where the outputs fit one tile at
+#: stride 1 (cupy_backend.query_pairs: 2 images of a group per block, in two passes).
+QUERY_PAIRS = since("v17")
 #: The kernels of every version, by role; lr_forward_packed stands in for lr_forward where it
 #: runs.
 KERNELS = ("lr_forward", "lr_backward_query", "lr_backward_input")
 #: The kernels with lr_backward_input's window loops (one strip of inputs per thread).
 INPUT_KERNELS = ("lr_backward_input", "lr_backward_input_pairs", "lr_backward_input_packed")
 #: The kernels with lr_backward_query's loops.
-QUERY_KERNELS = ("lr_backward_query", "lr_backward_query_packed")
+QUERY_KERNELS = ("lr_backward_query", "lr_backward_query_pairs", "lr_backward_query_packed")
 
 
 def git_file(version: str, name: str) -> str | None:
@@ -258,6 +270,12 @@ def strip_of(kernel: str, version: str) -> int:
     return cupy_backend.strip(kernel, K, S)
 
 
+def positions_of(kernel: str, version: str) -> int:
+    """Positions a thread owns per tile: its strip, over the passes of lr_backward_query_pairs
+    (two: a strip of each)."""
+    return strip_of(kernel, version) * (2 if kernel == "lr_backward_query_pairs" else 1)
+
+
 def kernels_of(version: str) -> tuple[str, ...]:
     """The kernels a version has (the packed ones in PACKED versions, lr_forward_pairs in PAIRS
     versions)."""
@@ -266,7 +284,8 @@ def kernels_of(version: str) -> tuple[str, ...]:
     packed = [
         k
         for k in cupy_backend.PACKED_KERNELS
-        if k not in cupy_backend.PAIR_KERNELS or version in PAIRS
+        if (k not in cupy_backend.PAIR_KERNELS or version in PAIRS)
+        and (k != "lr_backward_query_pairs" or version in QUERY_PAIRS)
     ]
     return (*KERNELS, *packed)
 
@@ -286,7 +305,8 @@ def runs_as(kernel: str, version: str, C: int, H: int) -> str:
     """The kernel that does ``kernel``'s work at one stage: in PACKED versions the packed
     kernels for the forward and backward input of small images (cupy_backend.forward_packed,
     input_packed), in PAIRS versions lr_forward_pairs and lr_backward_input_pairs for images of at
-    most half a tile's rows (cupy_backend.forward_pairs, input_pairs)."""
+    most half a tile's rows (cupy_backend.forward_pairs, input_pairs), in QUERY_PAIRS versions
+    lr_backward_query_pairs for images of at most one tile at stride 1 (query_pairs)."""
     shape = stage_shape(C, H)
     if version in PACKED and kernel == "lr_forward" and cupy_backend.forward_packed(shape):
         return "lr_forward_packed"
@@ -298,6 +318,8 @@ def runs_as(kernel: str, version: str, C: int, H: int) -> str:
         return "lr_backward_input_pairs"
     if version in PACKED and kernel == "lr_backward_query" and cupy_backend.query_packed(shape):
         return "lr_backward_query_packed"
+    if version in QUERY_PAIRS and kernel == "lr_backward_query" and cupy_backend.query_pairs(shape):
+        return "lr_backward_query_pairs"
     return kernel
 
 
@@ -522,8 +544,8 @@ def block_arrays(kernel: str) -> tuple[int, int]:
     if kernel == "lr_backward_query":
         R = cupy_backend.query_strip(K, S)
         return K * K + TILE_H * cupy_backend.key_grad_pitch(K, S, R), K * K
-    if kernel == "lr_backward_query_packed":
-        return K * K + 2 * TILE_H * cupy_backend.packed_query_shape(K, S).copy, K * K
+    if kernel in ("lr_backward_query_packed", "lr_backward_query_pairs"):
+        return K * K + 2 * TILE_H * cupy_backend.packed_geometry(kernel, K, S).copy, K * K
     return 0, 0
 
 
@@ -605,13 +627,9 @@ def tiles_per_block(kernel: str, C: int, H: int) -> float:
     multiprocessors): the backward query's tiles of a group over its blocks per group
     (query_chunks); 1 for the others (a block per tile)."""
     shape = stage_shape(C, H)
-    if kernel == "lr_backward_query_packed":
-        per_group = -(-B // cupy_backend.QUERY_SLOTS)
-        return per_group / cupy_backend.query_chunks(shape, SMS)
-    if kernel == "lr_backward_query":
-        rows = TILE_H * cupy_backend.query_strip(K, S)
-        per_group = B * -(-H // rows) * -(-H // TILE_W)
-        return per_group / cupy_backend.query_chunks(shape, SMS)
+    if kernel in QUERY_KERNELS:  # (the grid as planned for this kernel, whichever runs now)
+        per_group = cupy_backend.query_tile_list(shape, kernel)
+        return per_group / cupy_backend.query_chunks(shape, SMS, kernel)
     return 1.0
 
 
@@ -627,7 +645,10 @@ def predict(
 ):
     """(low us, high us, bound, {resource: us}) of one kernel at one stage from the counts per
     thread and tile of a warp that runs the window loops (``counts``) and the part of them that
-    a warp wholly below the image skips (``skipped``, per_thread: it runs the rest)."""
+    a warp wholly below the image skips (``skipped``, per_thread: it runs the rest; in
+    lr_backward_query_pairs, whose tile is two passes with a window loop each, a warp skips
+    the window loop of each pass in which its thread row lies below the images: half of
+    ``skipped``)."""
     strip = strip_of(kernel, version)
     G, NCOV = C // M, (K - 1) // S + 1
     n_in, n_g = B * C * H * H, B * G * H * H
@@ -664,10 +685,28 @@ def predict(
     # the warps below the image (or past the last image) run the tile's code but its window loops
     below = all_warps - warps
     rest = counts - skipped
+    # lr_backward_query_pairs: every warp runs the whole tile (both passes) less the window loop
+    # of each pass whose thread row (warp w + 4 pass, the same in both slots) lies below the images
+    paired, dead_passes = 0, 0
+    if kernel == "lr_backward_query_pairs":
+        tiles = G * -(-B // cupy_backend.PAIR_SLOTS)
+        warps = below = 0
+        paired = tiles * (THREADS // 32)
+        rows_of = [(w + p * TILE_H // 2) * strip for w in range(TILE_H // 2) for p in (0, 1)]
+        dead_passes = tiles * sum(row >= H for row in rows_of)
 
     def warp_total(op_counts: dict[str, float]) -> float:
         """Warp instructions (or wavefronts) of all the warps, from per-thread counts op: n."""
-        return sum(n * (warps * counts[op] + below * rest[op]) for op, n in op_counts.items())
+        return sum(
+            n
+            * (
+                warps * counts[op]
+                + below * rest[op]
+                + paired * counts[op]
+                - dead_passes * skipped[op] / 2
+            )
+            for op, n in op_counts.items()
+        )
 
     issue = warp_total(dict.fromkeys(counts, 1)) / (ISSUE_PER_CLOCK * SMS * CLOCK)
     mufu = warp_total({"MUFU": 1}) / (MUFU_PER_CLOCK * SMS * CLOCK)
@@ -681,14 +720,17 @@ def predict(
     # grad-k partials: one per staged input position of each backward-query tile; one per input
     # where the packed backward query writes them (the images' positions only)
     n_partial = B * G * cupy_backend.key_partials(K, S, H, H)
-    if runs_as("lr_backward_query", version, C, H) == "lr_backward_query_packed":
+    if runs_as("lr_backward_query", version, C, H) in (
+        "lr_backward_query_packed",
+        "lr_backward_query_pairs",
+    ):
         n_partial = B * G * H * H
     if kernel in ("lr_forward_packed", "lr_forward_pairs"):
         # x, q, k in (each image staged once); y, lse out
         low = high = F * (n_in + 3 * n_g + n_in)
     elif kernel == "lr_forward":  # x, q, k in; y, lse out
         low, high = F * (n_in + 3 * n_g + n_in), F * (halo * (n_in + n_g) + 2 * n_g + n_in)
-    elif kernel == "lr_backward_query_packed":  # each image staged once
+    elif kernel in ("lr_backward_query_packed", "lr_backward_query_pairs"):  # images once
         low = high = F * (3 * n_in + 4 * n_g + n_partial)
     elif kernel == "lr_backward_query" and version in KEY_GRAD_IN_QUERY:
         # x, q, k, lse, y, gy in; gq and the grad-k partials (n_partial) out
@@ -749,8 +791,9 @@ def main() -> None:
             block.update(rest[version, kernel][1])
         return tile + Counter({op: n * share for op, n in block.items()})
 
-    print("Per position (per thread / strip; the tiled kernels at stage 1, the packed ones at")
-    print("stage 4, the pairs at stage 3, where they run), K = 7, stride 1, m = 8, sqdiff,")
+    print("Per position (per thread / its positions a tile; the tiled kernels at stage 1, the")
+    print("packed ones at stage 4, the pairs at stage 3, where they run), K = 7, stride 1, m = 8,")
+    print("sqdiff,")
     print("sm_90 SASS; all code:")
     print(f"{', '.join(ALL_CODE)} only (the loops alone for the earlier versions):\n")
     print("| kernel | version | strip | registers | warps/SM | instructions (loops) "
@@ -762,18 +805,18 @@ def main() -> None:
             C1, H1 = SHAPES[2]
         for version in (v for v in versions if kernel in kernels_of(v)):
             c, u = dynamic(kernel, version, C1, H1, False), usage[version, kernel]
-            strip = strip_of(kernel, version)
+            strip, per = strip_of(kernel, version), positions_of(kernel, version)
             blocks, _ = nvrtc.occupancy(u, "sm_90", dynamic=packed_bytes(kernel))
             all_code = "-"
             if version in ALL_CODE:
                 c = dynamic(kernel, version, C1, H1, True)
-                all_code = f"{c.total() / strip:.0f}"
-                loops = dynamic(kernel, version, C1, H1, False).total() / strip
+                all_code = f"{c.total() / per:.0f}"
+                loops = dynamic(kernel, version, C1, H1, False).total() / per
             else:
-                loops = c.total() / strip
+                loops = c.total() / per
             print(f"| {kernel} | {version} | {strip} | {u.registers} | {blocks * THREADS // 32} "
-                  f"| {loops:.0f} | {all_code} | {c['MUFU'] / strip:.0f} "
-                  f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / strip:.0f} |")  # fmt: skip
+                  f"| {loops:.0f} | {all_code} | {c['MUFU'] / per:.0f} "
+                  f"| {sum(c[o] * n for o, n in SHARED_OPS.items()) / per:.0f} |")  # fmt: skip
     print()
     print("| stage (CxHxW) | kernel | version | code | bound by | predicted us "
           "| issue us | smem us | MUFU us | DRAM us |")  # fmt: skip

@@ -109,6 +109,38 @@ struct lr_query_packed_shape {
     static constexpr int BOX_W = LR_SLOT_W * STRIDE < IW - K / 2 ? LR_SLOT_W * STRIDE : IW - K / 2;
 };
 
+// Tile geometry of lr_backward_query_pairs (images of at most one tile, stride 1): LR_PAIR_SLOTS
+// images of one group per block, one per slot of a whole tile of lr_query_shape (LR_TILE_W x
+// OTH outputs, eight strips of R a column) run in PASSES passes of four thread rows; a warp
+// holds one thread row of each slot (lanes 0-15 slot 0, 16-31 slot 1), so that at 14 x 14 the
+// second pass's last warp, wholly below both images, skips the window loops (in the tiled
+// kernel the row below the image shares a warp with a live one). Each slot's IH x IW input
+// positions staged at the tiled pitch PW, SLOT floats apart, 16 modulo 32 (the two half-warps'
+// reads fall in distinct banks); a key-gradient copy per (thread row, slot), GS floats apart
+// (16 modulo 32); all LR_MAX_CHUNK channels staged; FLOATS of dynamic shared memory in all.
+template <int K, int STRIDE>
+struct lr_query_pairs_shape {
+    static constexpr int SLOTS = LR_PAIR_SLOTS;
+    static constexpr int PASSES = 2;
+    static constexpr int R = lr_query_strip<K, STRIDE>();
+    static constexpr int OTH = LR_TILE_H * R;
+    static constexpr int IH = (OTH - 1) * STRIDE + K;
+    static constexpr int IW = (LR_TILE_W - 1) * STRIDE + K;
+    static constexpr int PW = lr_pitch<IW, STRIDE, R * STRIDE>();
+    static constexpr int SLOT = lr_padded_pitch<IH * PW, 1>();  // 16 modulo 32
+    static constexpr int TF = SLOTS * SLOT;
+    static constexpr int NT = (R - 1) * STRIDE + K;
+    static constexpr int L = (R - 1) * STRIDE + 1;
+    static constexpr bool GK_SHARED = true;
+    static constexpr int GS = lr_key_grad_pitch<K, STRIDE, R>();  // 16 modulo 32
+    static constexpr int MC_QUERY = LR_MAX_CHUNK;
+    static constexpr int V_QUERY = lr_vec_width<MC_QUERY>();
+    static constexpr int FLOATS = (MC_QUERY + 1) * TF + 2 * LR_TILE_H * GS + 2 * K * K +
+                                  K * LR_RED_PITCH + K * 8;
+    static constexpr int BOX_H = OTH * STRIDE < IH - K / 2 ? OTH * STRIDE : IH - K / 2;
+    static constexpr int BOX_W = LR_TILE_W * STRIDE < IW - K / 2 ? LR_TILE_W * STRIDE : IW - K / 2;
+};
+
 // A where C, else B (std::conditional: the kernels include no standard header, for NVRTC).
 template <bool C, typename A, typename B>
 struct lr_pick {
@@ -513,28 +545,32 @@ __device__ __forceinline__ void lr_reduce_column(const float* __restrict__ s_row
 // layout (the image's one tile of lr_query_shape, which lr_backward_input reads), for the slots
 // that hold an image (b0 + z < B). The copies of the positions outside the images only ever
 // receive zeros (weight 0) and are never read.
-template <int K, int STRIDE>
+// lr_backward_query_pairs' (SLOTS = LR_PAIR_SLOTS) the same, its slots' eight thread rows
+// (copy tr * 2 + z of thread row tr of slot z; packed: ((z / 2) * 4 + tr) * 2 + z % 2 of its four).
+template <int K, int STRIDE, typename S>
 __device__ __forceinline__ void lr_query_packed_partials(float* __restrict__ copies,
                                                          float* __restrict__ gk_partial,
                                                          long long B, long long b0, long long g,
                                                          long long G, long long H, long long W,
                                                          int tid) {
-    using S = lr_query_packed_shape<K, STRIDE>;
     using QS = lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>;  // the partials' layout
     constexpr int P = K / 2, RS = S::R * STRIDE, BOX = S::BOX_H * S::BOX_W;
+    constexpr bool PAIRS = S::SLOTS == LR_PAIR_SLOTS;
+    constexpr int ROWS = PAIRS ? LR_TILE_H : 4;  // thread rows of a slot
     // the slot's thread rows top - j, j < NCOV, unrolled (each test a predicate), summed in
-    // thread-row order; thread row rt's copy of (row, col) at a - (top - rt) * STEP
+    // thread-row order; thread row rt's copy of (row, col) at a - (top - rt) * STEP (a slot's
+    // consecutive thread rows lie two copies apart in both layouts)
     constexpr int NCOV = (S::NT + RS - 1) / RS, STEP = 2 * S::GS - RS * S::PW;
 #pragma unroll 1
     for (int e = tid; e < S::SLOTS * BOX; e += LR_THREADS) {
         const int z = e / BOX, r = e % BOX / S::BOX_W, c = e % S::BOX_W;
         const int row = r + P, top = row / RS, below = row % RS;  // row = top * RS + below
-        const int a = (((z / 2) * 4 + top) * 2 + z % 2) * S::GS + below * S::PW +
-                      lr_phase_col<S::IW, STRIDE>(c + P);
+        const int copy = PAIRS ? top * 2 + z : ((z / 2) * 4 + top) * 2 + z % 2;
+        const int a = copy * S::GS + below * S::PW + lr_phase_col<S::IW, STRIDE>(c + P);
         float v = 0.0f;
 #pragma unroll
-        for (int j = NCOV - 1; j >= 0; --j) {  // copy of thread row (z / 2) * 4 + top - j
-            if (top - j >= 0 && top - j < 4 && below + j * RS < S::NT) {
+        for (int j = NCOV - 1; j >= 0; --j) {  // copy of the slot's thread row top - j
+            if (top - j >= 0 && top - j < ROWS && below + j * RS < S::NT) {
                 v += copies[a - j * STEP];
                 copies[a - j * STEP] = 0.0f;  // for the next tile
             }
@@ -570,9 +606,14 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     long long nchunks, float* __restrict__ s_k, float* __restrict__ s_x,
     float* __restrict__ s_geo, float* __restrict__ s_row, float* __restrict__ s_part,
     float* __restrict__ s_gacc, float* __restrict__ s_gk) {
-    constexpr bool PACKED = SLOTS > 1;
-    using S = typename lr_pick<PACKED, lr_query_packed_shape<K, STRIDE>,
-                               lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>>::type;
+    constexpr bool PACKED = SLOTS > 1;  // several images a tile: packed or pairs
+    constexpr bool PAIRS = SLOTS == LR_PAIR_SLOTS;
+    using S = typename lr_pick<
+        PAIRS, lr_query_pairs_shape<K, STRIDE>,
+        typename lr_pick<PACKED, lr_query_packed_shape<K, STRIDE>,
+                         lr_query_shape<K, STRIDE, lr_query_strip<K, STRIDE>()>>::type>::type;
+    // thread rows of a slot over LR_TILE_H / 2
+    constexpr int PASSES = PAIRS ? lr_query_pairs_shape<K, STRIDE>::PASSES : 1;
     constexpr int P = K / 2, KK = K * K, R = S::R, OTH = S::OTH, IH = S::IH, IW = S::IW;
     constexpr int PW = S::PW, TF = S::TF, NT = S::NT, L = S::L, MC = S::MC_QUERY;
     constexpr int V = S::V_QUERY;
@@ -580,21 +621,17 @@ __device__ __forceinline__ void lr_backward_query_tiles(
     // RS staged rows, RS * PW floats, below the previous row's; its copy GS floats after it)
     constexpr int GS = S::GS, RS = R * STRIDE, STEP = GS - RS * PW;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * LR_TILE_W + tx;
-    // packed: this thread's slot (four thread rows each, two side by side) and its place in it
-    const int slot = (ty / 4) * 2 + tx / LR_SLOT_W, sx = tx % LR_SLOT_W, sy = ty % 4;
+    // packed: this thread's slot (four thread rows each, two side by side) and its place in it;
+    // pairs: its slot (a warp holds a thread row of each) and its thread row in each pass
+    const int slot = PAIRS ? ty % 2 : (ty / 4) * 2 + tx / LR_SLOT_W;
+    const int sx = PAIRS ? tx : tx % LR_SLOT_W, sy = PAIRS ? ty / 2 : ty % 4;
     // grid.x = G * nchunks < 2^31 (plan_backward_query), so both fit 32 bits (fewer registers)
     const int g = (int)(blockIdx.x / (unsigned)nchunks);
     const int chunk = (int)(blockIdx.x % (unsigned)nchunks);
     const long long tiles_w = PACKED ? 1 : (Wo + LR_TILE_W - 1) / LR_TILE_W;
     const long long tiles_h = PACKED ? 1 : (Ho + OTH - 1) / OTH;
-    const int base =
-        PACKED ? slot * S::SLOT + sy * RS * PW + sx : ty * R * STRIDE * PW + tx;
     float* const copies =
         S::GK_SHARED ? s_gk : gk_work + (long long)blockIdx.x * (LR_TILE_H * GS);
-    // staged index s of this thread: copies[gbase + s] (packed: one copy per thread row and
-    // slot column, at its slot's staged positions)
-    const int gbase = PACKED ? (ty * 2 + tx / LR_SLOT_W) * GS - (slot * S::SLOT + sy * RS * PW)
-                             : ty * STEP;
     bool nan_prior;  // (the weights are recomputed from the saved lse: no bounded pass)
     const float bound = lr_stage_geo<KK>(s_geo, geo + (long long)g * KK, tid, nan_prior);
     lr_fill_each<KK>(s_gacc, 0.0f, tid);
@@ -615,126 +652,148 @@ __device__ __forceinline__ void lr_backward_query_tiles(
         const long long tw = place.tw, th = place.th;
         const long long b0 = place.image * SLOTS;  // the tile's first image
         const long long b = PACKED ? b0 + slot : b0;
-        // (packed: opaque, or ptxas specialises the window loops on the small values and spills)
-        const long long i0 = PACKED ? lr_opaque((long long)sy * R) : th * OTH + ty * R;
-        const long long j = PACKED ? lr_opaque((long long)sx) : tw * LR_TILE_W + tx;
         const long long r0 = th * OTH * STRIDE - P, c0 = tw * LR_TILE_W * STRIDE - P;
         const long long qplane = (b * G + g) * Ho;
-        // uniform over the warp (packed: its first slot holds an image)
-        const bool warp_live = PACKED ? b0 + (slot & ~1) < B : th * OTH + (ty & ~1) * R < Ho;
         const int slots = B - b0 < SLOTS ? (int)(B - b0) : SLOTS;  // slots holding an image
 
         __syncthreads();  // the previous tile is done with s_k, s_row, copies (s_geo, s_gacc set)
-        if (!warp_live) {  // wholly below the image: zeros for every column's grad-geo reduction
-#pragma unroll
-            for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
-        }
         if constexpr (PACKED) {  // (tiled: with the first chunk's channels, below)
             lr_load_slots<IH, IW, STRIDE, PW, 1, 1, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
                 s_k, 0, k + (b0 * G + g) * H * W, 0, 1, -P, -P, H, W, tid, G * H * W, slots);
         }
-        // output r exists iff r < outs
-        const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
-        // the strip's q, lse, grad q and its y, gy (channel c_first) from one address each, at
-        // 32-bit offsets (a group's channel planes span fewer than 2^31 positions:
-        // cupy_backend.offsets_fit)
-        const int row = (int)Wo, plane = (int)(Ho * Wo);
-        const long long strip_at = (qplane + i0) * Wo + j;
-        const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
-        const T* const y_strip = lr_opaque(y + o_first);
-        const T* const gy_strip = lr_opaque(gy + o_first);
-        // q scaled (lr_logit2); shift: (bound - lse) * log2(e), so p = 2^(l2 + shift) with the
-        // forward's l2 = (l - bound) * log2(e)
-        float qv[R], shift[R], gqv[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            qv[r] = r < outs ? lr_load(lr_opaque(q + strip_at), r * row) * lr_query_scale(COMP)
-                             : 0.0f;
-            // past the image's last row: -inf, so every weight of the output is 0 (but mul's)
-            shift[r] = r < outs ? (bound - lr_load(lr_opaque(lse + strip_at), r * row)) * LR_LOG2E
-                                : __uint_as_float(0xff800000u);
-            gqv[r] = 0.0f;
-        }
-        const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
-        for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
-            const int nc = mg - cg < MC ? mg - cg : MC;
-            // everyone is done with the previous chunk in s_x (and the previous tile with s_k)
-            __syncthreads();
-            if constexpr (PACKED) {
-                lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
-                    s_x, TF, x + (b0 * C + c_first + cg) * H * W, H * W, nc, -P, -P, H, W, tid,
-                    C * H * W, slots);
-            } else {  // the first chunk copies the k tile too, each position worked out once
-                lr_load_phased<IH, IW, STRIDE, PW, MC, V>(
-                    s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid,
-                    0.0f, cg == 0 ? s_k : nullptr, k + (b * G + g) * H * W, LR_FAR_KEY);
+        for (int pass = 0; pass < PASSES; ++pass) {
+            // this thread's row of its slot (packed: sy; pairs: four more each pass)
+            const int vy = sy + pass * (LR_TILE_H / 2);
+            const int base =
+                PACKED ? slot * S::SLOT + vy * RS * PW + sx : ty * R * STRIDE * PW + tx;
+            // staged index s of this thread: copies[gbase + s] (packed: one copy per thread row
+            // and slot column, at its slot's staged positions; pairs: per thread row and slot)
+            const int copy = PAIRS ? vy * 2 + slot : ty * 2 + tx / LR_SLOT_W;
+            const int gbase =
+                PACKED ? copy * GS - (slot * S::SLOT + vy * RS * PW) : ty * STEP;
+            // (packed: opaque, or ptxas specialises the window loops on the small values and
+            // spills)
+            const long long i0 = PACKED ? lr_opaque((long long)vy * R) : th * OTH + ty * R;
+            const long long j = PACKED ? lr_opaque((long long)sx) : tw * LR_TILE_W + tx;
+            // uniform over the warp (packed: its first slot holds an image; pairs: its thread row,
+            // the same in both slots, holds outputs)
+            const bool warp_live = PAIRS    ? (long long)vy * R < Ho
+                                   : PACKED ? b0 + (slot & ~1) < B
+                                            : th * OTH + (ty & ~1) * R < Ho;
+            if (!warp_live) {
+                // wholly below the image: zeros for every column's grad-geo reduction (pairs: the
+                // previous pass's last reduction is done with s_row)
+#pragma unroll
+                for (int a = 0; a < K; ++a) s_row[a * LR_RED_PITCH + tid] = 0.0f;
             }
-            __syncthreads();
-            // gy of the chunk's channels and dsub, the chunk's share of the delta D = sum_c gy_c
-            // y_c (from the saved output): dl = p (dw - D) is linear in both, so each chunk
-            // subtracts its own channels' share
-            float gyv[R][MC], dsub[R];
+            // output r exists iff r < outs
+            const int outs = !PACKED || b < B ? lr_strip_outputs<R>(i0, j, Ho, Wo) : 0;
+            // the strip's q, lse, grad q and its y, gy (channel c_first) from one address each,
+            // at 32-bit offsets (a group's channel planes span fewer than 2^31 positions:
+            // cupy_backend.offsets_fit)
+            const int row = (int)Wo, plane = (int)(Ho * Wo);
+            const long long strip_at = (qplane + i0) * Wo + j;
+            const long long o_first = ((b * C + c_first) * Ho + i0) * Wo + j;
+            const T* const y_strip = lr_opaque(y + o_first);
+            const T* const gy_strip = lr_opaque(gy + o_first);
+            // q scaled (lr_logit2); shift: (bound - lse) * log2(e), so p = 2^(l2 + shift) with
+            // the forward's l2 = (l - bound) * log2(e)
+            float qv[R], shift[R], gqv[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                dsub[r] = 0.0f;
+                qv[r] = r < outs
+                            ? lr_load(lr_opaque(q + strip_at), r * row) * lr_query_scale(COMP)
+                            : 0.0f;
+                // past the image's last row: -inf, so every weight of the output is 0 (but mul's)
+                shift[r] = r < outs
+                               ? (bound - lr_load(lr_opaque(lse + strip_at), r * row)) * LR_LOG2E
+                               : __uint_as_float(0xff800000u);
+                gqv[r] = 0.0f;
+            }
+            const lr_window<NT, K> win(i0 * STRIDE - P, j * STRIDE - P, H, W);
+            for (int cg = 0; cg < mg; cg += MC) {  // chunk of channels c_first + cg + c, c < nc
+                const int nc = mg - cg < MC ? mg - cg : MC;
+                // everyone is done with the previous chunk in s_x (and the previous tile with s_k)
+                __syncthreads();
+                if (PAIRS && pass > 0 && mg <= MC) {
+                    // (pairs: one chunk, staged in the first pass, serves both)
+                } else if constexpr (PACKED) {
+                    lr_load_slots<IH, IW, STRIDE, PW, MC, V, SLOTS, S::SLOT, S::BOX_H, S::BOX_W>(
+                        s_x, TF, x + (b0 * C + c_first + cg) * H * W, H * W, nc, -P, -P, H, W, tid,
+                        C * H * W, slots);
+                } else {  // the first chunk copies the k tile too, each position worked out once
+                    lr_load_phased<IH, IW, STRIDE, PW, MC, V>(
+                        s_x, TF, x + (b * C + c_first + cg) * H * W, H * W, nc, r0, c0, H, W, tid,
+                        0.0f, cg == 0 ? s_k : nullptr, k + (b * G + g) * H * W, LR_FAR_KEY);
+                }
+                __syncthreads();
+                // gy of the chunk's channels and dsub, the chunk's share of the delta D = sum_c
+                // gy_c y_c (from the saved output): dl = p (dw - D) is linear in both, so each
+                // chunk subtracts its own channels' share
+                float gyv[R][MC], dsub[R];
 #pragma unroll
-                for (int c = 0; c < MC; ++c) {
-                    const bool in = r < outs && c < nc;
-                    const int at = (cg + c) * plane + r * row;
-                    gyv[r][c] = in ? lr_load(gy_strip, at) : 0.0f;
-                    dsub[r] += gyv[r][c] * (in ? lr_load(y_strip, at) : 0.0f);
+                for (int r = 0; r < R; ++r) {
+                    dsub[r] = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < MC; ++c) {
+                        const bool in = r < outs && c < nc;
+                        const int at = (cg + c) * plane + r * row;
+                        gyv[r][c] = in ? lr_load(gy_strip, at) : 0.0f;
+                        dsub[r] += gyv[r][c] * (in ? lr_load(y_strip, at) : 0.0f);
+                    }
+                }
+                float gg[L];  // gg[d] = the strip's dlogit sum of window row t - d (this column)
+                lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
+                    win, base, s_geo, warp_live,
+                    [&](int t, int s, bool ok, const float* gw) {
+                        // (the sums start from -0: -0 + v is v, no add)
+                        if (t == 0) {
+#pragma unroll
+                            for (int d = 0; d < L; ++d) gg[d] = -0.0f;
+                        }
+                        lr_shift_in<L>(gg, -0.0f);
+                        float xv[MC];
+                        const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
+                        // the key gradient at s: the copy plus the strip's sum
+                        float gkv = copies[gbase + s];
+                        lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
+                            // (outside the image: LR_FAR_KEY, p = 0, except mul)
+                            const bool live = COMP != LR_MUL || (ok && r < outs);
+                            const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
+                            const float p = live ? lr_exp2(l2 + shift[r]) : 0.0f;
+                            float dw = -dsub[r];  // dw - dsub, the FFMAs from -dsub
+#pragma unroll
+                            for (int c = 0; c < MC; ++c) dw = fmaf(gyv[r][c], xv[c], dw);
+                            const float dl = live ? p * dw : 0.0f;
+                            // d phi / d k = -d phi / d q but for mul (in the units of lr_dphi2_dq:
+                            // scaled by lr_query_grad_scale and lr_key_grad_scale after the sums);
+                            // each sum one FFMA
+                            const float dphi = lr_dphi2_dq(COMP, qv[r], kv);
+                            gqv[r] = fmaf(dl, dphi, gqv[r]);
+                            gkv = COMP == LR_MUL ? fmaf(dl, lr_dphi2_dk(COMP, qv[r], kv), gkv)
+                                                 : fmaf(-dl, dphi, gkv);
+                            gg[r * STRIDE] += dl;
+                        });
+                        copies[gbase + s] = gkv;
+                        // window row t - (L - 1) has all its dlogits: no later strip row reaches it
+                        const int done = t - (L - 1);
+                        if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
+                    },
+                    [&](int bb) { lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid); });
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < outs) {
+                    lr_store(lr_opaque(gq + strip_at), r * row, gqv[r] * lr_query_grad_scale(COMP));
                 }
             }
-            float gg[L];  // gg[d] = the strip's dlogit sum of window row t - d (this column)
-            lr_strip_columns<NT, K, L, IW, STRIDE, PW>(
-                win, base, s_geo, warp_live,
-                [&](int t, int s, bool ok, const float* gw) {
-                    // (the sums start from -0: -0 + v is v, no add)
-                    if (t == 0) {
-#pragma unroll
-                        for (int d = 0; d < L; ++d) gg[d] = -0.0f;
-                    }
-                    lr_shift_in<L>(gg, -0.0f);
-                    float xv[MC];
-                    const float kv = lr_read_staged<MC, TF, V>(s_k, s_x, s, xv);
-                    // the key gradient at s: the copy plus the strip's sum
-                    float gkv = copies[gbase + s];
-                    lr_strip_pairs<R, K, STRIDE>(t, [&](int r) {
-                        // (outside the image: LR_FAR_KEY, p = 0, except mul)
-                        const bool live = COMP != LR_MUL || (ok && r < outs);
-                        const float l2 = lr_logit2(COMP, qv[r], kv, gw[r * STRIDE]);
-                        const float p = live ? lr_exp2(l2 + shift[r]) : 0.0f;
-                        float dw = -dsub[r];  // dw - dsub, the FFMAs from -dsub
-#pragma unroll
-                        for (int c = 0; c < MC; ++c) dw = fmaf(gyv[r][c], xv[c], dw);
-                        const float dl = live ? p * dw : 0.0f;
-                        // d phi / d k = -d phi / d q but for mul (in the units of lr_dphi2_dq:
-                        // scaled by lr_query_grad_scale and lr_key_grad_scale after the sums);
-                        // each sum one FFMA
-                        const float dphi = lr_dphi2_dq(COMP, qv[r], kv);
-                        gqv[r] = fmaf(dl, dphi, gqv[r]);
-                        gkv = COMP == LR_MUL ? fmaf(dl, lr_dphi2_dk(COMP, qv[r], kv), gkv)
-                                             : fmaf(-dl, dphi, gkv);
-                        gg[r * STRIDE] += dl;
-                    });
-                    copies[gbase + s] = gkv;
-                    // window row t - (L - 1) has all its dlogits: no later strip row reaches it
-                    const int done = t - (L - 1);
-                    if (done >= 0) s_row[done * LR_RED_PITCH + tid] = gg[L - 1];
-                },
-                [&](int bb) { lr_reduce_column<K, K>(s_row, s_part, s_gacc + bb, tid); });
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r < outs) {
-                lr_store(lr_opaque(gq + strip_at), r * row, gqv[r] * lr_query_grad_scale(COMP));
-            }
-        }
+        }  // pass
         // the copies are complete: the barriers of the last window column's grad-geo reduction
         // order every addition before this. Staged position (row, col) is read by the strips
         // of the thread rows rt with 0 <= row - rt * RS < NT, at copies[rt * STEP + slot].
         if constexpr (PACKED) {
-            lr_query_packed_partials<K, STRIDE>(copies, gk_partial, B, b0, g, G, H, W, tid);
+            lr_query_packed_partials<K, STRIDE, S>(copies, gk_partial, B, b0, g, G, H, W, tid);
             continue;
         }
         float* const out = gk_partial + ((b * G + g) * tiles_h * tiles_w + th * tiles_w + tw) *
@@ -801,10 +860,38 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query(
                         s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk)
 }
 
+// The body of lr_backward_query_packed and lr_backward_query_pairs: SLOTS images per block
+// (lr_backward_query_tiles), all the shared arrays in dynamic shared memory (the shape's FLOATS;
+// over 48 KB the launch opts in); the same grid and outputs as lr_backward_query (its grad-k
+// partials in lr_backward_query's layout). Pairs run at stride 1 (other strides: an empty body,
+// never launched).
+template <typename T, int K, int STRIDE, int SLOTS>
+__device__ __forceinline__ void lr_backward_query_in_slots(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ gk_partial,
+    float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    long long nchunks, int comp) {
+    constexpr bool PAIRS = SLOTS == LR_PAIR_SLOTS;
+    if constexpr (!PAIRS || STRIDE == 1) {
+        using S = typename lr_pick<PAIRS, lr_query_pairs_shape<K, STRIDE>,
+                                   lr_query_packed_shape<K, STRIDE>>::type;
+        LR_DYNAMIC_SHARED(float, s_x);  // MC channel tiles, then the rest
+        float* const s_k = s_x + S::MC_QUERY * S::TF;
+        float* const s_gk = s_k + S::TF;  // the key-gradient copies
+        float* const s_geo = s_gk + 2 * LR_TILE_H * S::GS;
+        float* const s_gacc = s_geo + K * K;
+        float* const s_row = s_gacc + K * K;
+        float* const s_part = s_row + K * LR_RED_PITCH;
+        LR_BY_COMPOSABILITY(comp, lr_backward_query_in<SLOTS>::template run, x, q, k, geo, lse,
+                            y, gy, gq, gk_partial, gk_work, geo_partial, B, C, H, W, G, m, Ho,
+                            Wo, nchunks, s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk)
+    }
+}
+
 // lr_backward_query on small images (at most LR_SLOT_W x 4R outputs): LR_SLOTS / 2 images per
-// block (lr_backward_query_tiles), all its shared arrays in dynamic shared memory
-// (lr_query_packed_shape's FLOATS: cupy_backend.packed_query_bytes); the same grid and outputs
-// as lr_backward_query (its grad-k partials in lr_backward_query's layout).
+// block (lr_backward_query_in_slots; cupy_backend.packed_query_bytes).
 template <typename T, int K, int STRIDE>
 __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_packed(
     const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
@@ -813,17 +900,25 @@ __global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_p
     float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
     long long H, long long W, long long G, long long m, long long Ho, long long Wo,
     long long nchunks, int comp) {
-    using S = lr_query_packed_shape<K, STRIDE>;
-    LR_DYNAMIC_SHARED(float, s_x);  // MC channel tiles, then the rest
-    float* const s_k = s_x + S::MC_QUERY * S::TF;
-    float* const s_gk = s_k + S::TF;  // the key-gradient copies
-    float* const s_geo = s_gk + 2 * LR_TILE_H * S::GS;
-    float* const s_gacc = s_geo + K * K;
-    float* const s_row = s_gacc + K * K;
-    float* const s_part = s_row + K * LR_RED_PITCH;
-    LR_BY_COMPOSABILITY(comp, lr_backward_query_in<LR_SLOTS / 2>::template run, x, q, k, geo,
-                        lse, y, gy, gq, gk_partial, gk_work, geo_partial, B, C, H, W, G, m, Ho,
-                        Wo, nchunks, s_k, s_x, s_geo, s_row, s_part, s_gacc, s_gk)
+    lr_backward_query_in_slots<T, K, STRIDE, LR_SLOTS / 2>(x, q, k, geo, lse, y, gy, gq,
+                                                          gk_partial, gk_work, geo_partial, B, C,
+                                                          H, W, G, m, Ho, Wo, nchunks, comp);
+}
+
+// lr_backward_query on images of at most one tile (LR_TILE_W x LR_TILE_H R outputs) at stride
+// 1: LR_PAIR_SLOTS images per block in two passes (lr_query_pairs_shape;
+// cupy_backend.pairs_query_bytes).
+template <typename T, int K, int STRIDE>
+__global__ void __launch_bounds__(LR_THREADS, LR_MIN_BLOCKS) lr_backward_query_pairs(
+    const T* __restrict__ x, const T* __restrict__ q, const T* __restrict__ k,
+    const float* __restrict__ geo, const float* __restrict__ lse, const T* __restrict__ y,
+    const T* __restrict__ gy, T* __restrict__ gq, float* __restrict__ gk_partial,
+    float* __restrict__ gk_work, float* __restrict__ geo_partial, long long B, long long C,
+    long long H, long long W, long long G, long long m, long long Ho, long long Wo,
+    long long nchunks, int comp) {
+    lr_backward_query_in_slots<T, K, STRIDE, LR_PAIR_SLOTS>(x, q, k, geo, lse, y, gy, gq,
+                                                           gk_partial, gk_work, geo_partial, B, C,
+                                                           H, W, G, m, Ho, Wo, nchunks, comp);
 }
 
 // grad k of a strip of RI inputs (hs + r, w), r < RI, of one (b, g) plane: for each input with

@@ -167,14 +167,13 @@ def test_phase_layout_is_a_permutation_of_each_row():
                 assert len(set(slots)) == iw and max(slots) < pitch
 
 
-#: Every kernel, K = 3..13 and strides 1-3 (lr_backward_input_packed at stride 1 only: it is
-#: launched at no other, cupy_backend.input_packed).
+#: Every kernel, K = 3..13 and strides 1-3 (cupy_backend.STRIDE_ONE_KERNELS at stride 1 only).
 WINDOW_READ_CASES = [
     (kernel, K, S)
     for kernel in nvrtc.KERNEL_NAMES
     for K in (3, 5, 7, 9, 11, 13)
     for S in (1, 2, 3)
-    if kernel not in ("lr_backward_input_pairs", "lr_backward_input_packed") or S == 1
+    if kernel not in cupy_backend.STRIDE_ONE_KERNELS or S == 1
 ]
 
 

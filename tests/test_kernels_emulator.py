@@ -77,7 +77,8 @@ def plain():
 # (case, dtype): ragged last group, fp16 storage at stride 2, small images (lr_forward_packed,
 # several blocks per group); the slow tier adds an image smaller than the window (fp32, stride
 # 2), the backward query's key-gradient copies in global memory (K = 3, stride 4: 2 x 2
-# tiles), two images a block (lr_forward_pairs: 14 x 14, 2 + 1 images per group), K = 7 in fp32
+# tiles), two images a block (lr_forward_pairs, lr_backward_query_pairs and
+# lr_backward_input_pairs: 14 x 14, 2 + 1 images per group), K = 7 in fp32
 # and bf16 over >= 3 x 3 tiles (16 x 32 forward outputs at stride 1: strips of 4; 16 x 16
 # otherwise: strips of 2) with B = 2, and lr_forward_packed at strips of 2
 SANITIZED_CASES = [
@@ -105,9 +106,13 @@ SANITIZED_CASES = [
 def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case, dtype):
     script, after = record_backend(plain, case, dtype)
     shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
+    slotted_query = cupy_backend.query_packed(shape) or cupy_backend.query_pairs(shape)
+    query = "lr_backward_query"
+    if slotted_query:
+        query += "_packed" if cupy_backend.query_packed(shape) else "_pairs"
     assert [name.split("<")[0] for name, _, _ in script] == [
         cupy_backend.plan_forward(shape).kernel,
-        "lr_backward_query_packed" if cupy_backend.query_packed(shape) else "lr_backward_query",
+        query,
         cupy_backend.plan_backward_input(shape).kernel,
     ]
     proc = run_sanitized(variant, write_script(tmp_path, script))
@@ -116,9 +121,10 @@ def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, c
     for i, (name, _, args) in enumerate(script):
         params = [p for _, p in kernel_parameters(name.split("<")[0], "float")]
         for n, arg in enumerate(args):
-            # lr_backward_query_packed writes the grad-k partials of the images' positions only
-            # (lr_backward_input reads no other): the rest of the buffer is whatever it held
-            if cupy_backend.query_packed(shape) and params[n] == "gk_partial":
+            # lr_backward_query_packed and _pairs write the grad-k partials of the images'
+            # positions only (lr_backward_input reads no other): the rest of the buffer is
+            # whatever it held
+            if slotted_query and params[n] == "gk_partial":
                 continue
             if arg.kind == "ptr":
                 got = read_out(tmp_path, i, n, arg.value)

@@ -104,6 +104,7 @@ def tiled_forward(monkeypatch):
     monkeypatch.setattr(cupy_backend, "forward_packed", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "forward_pairs", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "query_packed", lambda shape: False)
+    monkeypatch.setattr(cupy_backend, "query_pairs", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "input_packed", lambda shape: False)
     monkeypatch.setattr(cupy_backend, "input_pairs", lambda shape: False)
 
@@ -132,6 +133,7 @@ def small(case) -> bool:
             cupy_backend.forward_packed,
             cupy_backend.forward_pairs,
             cupy_backend.query_packed,
+            cupy_backend.query_pairs,
             cupy_backend.input_packed,
             cupy_backend.input_pairs,
         )
@@ -139,14 +141,15 @@ def small(case) -> bool:
 
 
 #: The CASES whose images fit a slot of lr_forward_packed, lr_forward_pairs,
-#: lr_backward_query_packed, lr_backward_input_packed or lr_backward_input_pairs.
+#: lr_backward_query_packed, lr_backward_query_pairs, lr_backward_input_packed or
+#: lr_backward_input_pairs.
 SMALL_CASES = [c for c in CASES if small(c)]
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}s{}-{}".format(*c))
 def test_fp32_tiled_forward_on_small_images_matches_naive(lib, case, tiled_forward):
-    """lr_forward and lr_backward_input keep working on the images that the packed kernels now
-    take."""
+    """lr_forward, lr_backward_query and lr_backward_input keep working on the images that the
+    packed and pairs kernels now take."""
     check_case(lib, case)
     kernels = (forward_kernel(), query_kernel(), input_kernel())
     assert kernels == ("lr_forward", "lr_backward_query", "lr_backward_input")
@@ -201,11 +204,20 @@ PAIRS_CASES = [
 def test_pairs_forward_matches_naive(lib, case):
     """lr_forward_pairs where the outputs fit a tile's columns and half its rows (four strips)
     but not a slot of lr_forward_packed; lr_backward_input_pairs where the inputs do, at
-    stride 1 (its 28-63 KB fit 80 KB at every K)."""
+    stride 1 (its 28-63 KB fit 80 KB at every K); lr_backward_query_pairs where the outputs fit
+    one tile of lr_backward_query at stride 1 and K <= 9 (56-64 KB at K = 7 and 9; 126 KB at
+    K = 13)."""
     check_case(lib, case, seed=59)
     assert forward_kernel() == "lr_forward_pairs"
     paired_input = case[6] == 1
     assert input_kernel() == ("lr_backward_input_pairs" if paired_input else "lr_backward_input")
+    _, _, H, W, _, K, stride, _ = case
+    outputs = ((H - 1) // stride + 1, (W - 1) // stride + 1)
+    if stride == 1 and K <= 9:
+        assert query_kernel() == "lr_backward_query_pairs"
+    else:  # (8 x 8 outputs at K = 3: a slot of lr_backward_query_packed)
+        packed = max(outputs) <= 8 and K == 3
+        assert query_kernel() == ("lr_backward_query_packed" if packed else "lr_backward_query")
 
 
 @pytest.mark.slow
@@ -233,10 +245,11 @@ def test_slotted_grid_size_does_not_change_results(lib, layout, images, height):
 @pytest.mark.parametrize("kernel_size", [3, 5, 7, 9, 11, 13])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
-    """cupy_backend.packed_shape, pairs_shape, packed_query_shape, packed_input_shape and
-    pairs_input_shape (the launches' dynamic shared memory, the bank model) are
-    lr_forward_shape<K, S, LR_SLOTS> and <K, S, LR_PAIR_SLOTS>, lr_query_packed_shape<K, S> and
-    lr_input_shape<K, 1, LR_SLOTS> and <K, 1, LR_PAIR_SLOTS> of the kernels."""
+    """cupy_backend.packed_shape, pairs_shape, packed_query_shape, pairs_query_shape,
+    packed_input_shape and pairs_input_shape (the launches' dynamic shared memory, the bank
+    model) are lr_forward_shape<K, S, LR_SLOTS> and <K, S, LR_PAIR_SLOTS>,
+    lr_query_packed_shape<K, S>, lr_query_pairs_shape<K, S> and lr_input_shape<K, 1, LR_SLOTS>
+    and <K, 1, LR_PAIR_SLOTS> of the kernels."""
     K, S = kernel_size, stride
     mirrors = [
         (lambda out: lib.lr_host_packed_shape(K, S, out), cupy_backend.packed_shape(K, S)),
@@ -256,10 +269,13 @@ def test_packed_geometry_mirror_is_the_kernels(lib, kernel_size, stride):
         assert list(out) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.floats,
                              p.box_rows, p.box_cols]  # fmt: skip
     query = (ctypes.c_int * 10)()
-    assert lib.lr_host_packed_query_shape(K, S, query) == 0
-    p = cupy_backend.packed_query_shape(K, S)
-    assert list(query) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
-                           p.floats, p.box_rows, p.box_cols]  # fmt: skip
+    for kernels, p in [
+        (lib.lr_host_packed_query_shape, cupy_backend.packed_query_shape(K, S)),
+        (lib.lr_host_pairs_query_shape, cupy_backend.pairs_query_shape(K, S)),
+    ]:
+        assert kernels(K, S, query) == 0
+        assert list(query) == [p.strip, p.slot_rows, p.rows, p.cols, p.pitch, p.slot, p.copy,
+                               p.floats, p.box_rows, p.box_cols]  # fmt: skip
 
 
 @pytest.mark.parametrize("comp", ["sqdiff", "absdiff", "mul"])
@@ -630,7 +646,11 @@ def test_host_launcher_counts_static_and_dynamic_shared_memory(lib):
 
 
 def test_query_grid_must_match_its_chunk_count(lib):
-    x, q, k, geo, gy = make_case(1, 4, 5, 9, 2, 3, 1)  # wider than a slot: lr_backward_query
+    x, q, k, geo, gy = make_case(1, 4, 5, 9, 2, 3, 1)  # wider than a slot: the pairs kernel
+    with pytest.raises(LaunchError, match="G \\* nchunks"):
+        backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff",
+                    override={"lr_backward_query_pairs": {"grid": (1, 1, 1)}})  # fmt: skip
+    x, q, k, geo, gy = make_case(1, 4, 5, 17, 2, 3, 1)  # wider than a tile: lr_backward_query
     with pytest.raises(LaunchError, match="G \\* nchunks"):
         backend_run(lib, x, q, k, geo, gy, 3, 1, "sqdiff",
                     override={"lr_backward_query": {"grid": (1, 1, 1)}})  # fmt: skip

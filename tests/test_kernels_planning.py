@@ -148,6 +148,37 @@ def test_short_images_take_the_pairs_kernels(sizes, pairs, input_pairs):
         assert bwd.shared_bytes == cb.pairs_input_bytes(K) <= 80 * 1024
 
 
+@pytest.mark.parametrize(
+    ("sizes", "query_pairs"),
+    [
+        ((32, 400, 14, 14, 50, 7, 1), True),  # LR-Net-26 res4 at 224: 14 x 14
+        ((9, 16, 16, 16, 2, 7, 1), True),  # one whole tile: 16 x 16 (eight strips of 2)
+        ((9, 16, 17, 16, 2, 7, 1), False),  # one row more than a tile
+        ((9, 16, 16, 17, 2, 7, 1), False),  # one column more
+        ((9, 16, 8, 8, 2, 7, 1), False),  # a slot of lr_backward_query_packed
+        ((9, 16, 9, 8, 2, 7, 1), True),  # one row more than a packed slot
+        ((9, 16, 29, 29, 2, 3, 2), False),  # stride 2: 15 x 15 outputs, the tiled kernel
+        ((9, 16, 16, 16, 2, 9, 1), True),  # K = 9: 64 KB
+        ((9, 16, 16, 16, 2, 11, 1), False),  # K = 11: over 80 KB
+    ],
+)
+def test_images_of_one_tile_take_the_query_pairs_kernel(sizes, query_pairs):
+    """lr_backward_query_pairs runs at stride 1 where the outputs fit one tile of
+    lr_backward_query (16 columns, eight strips) but not a slot of lr_backward_query_packed,
+    within 80 KB: two images of a group per tile; its grid, as the packed kernel's, aims for
+    the blocks an SM holds at once by its shared memory."""
+    shape = shape_of(*sizes)
+    B, G, K = sizes[0], sizes[4], sizes[5]
+    chunks = cb.query_chunks(shape, 132)
+    query = cb.plan_backward_query(shape, chunks)
+    assert (query.kernel == "lr_backward_query_pairs") == query_pairs
+    if query_pairs:
+        assert query.grid == (G * chunks, 1, 1)
+        assert query.shared_bytes == cb.pairs_query_bytes(K, 1) <= 80 * 1024
+        per_sm = 228 * 1024 // (query.shared_bytes + 1024)
+        assert chunks == min(-(-B // 2), -(-132 * min(per_sm, 16) // G))
+
+
 def test_empty_problems_launch_nothing():
     shape = shape_of(0, 4, 5, 5, 2, 3, 1)
     assert cb.plan_forward(shape) is None

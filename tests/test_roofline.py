@@ -78,6 +78,39 @@ def test_pairs_kernels_run_two_live_warps_per_image(kernel, batch):
     assert times["issue"] == pytest.approx(issue)
 
 
+@pytest.mark.parametrize(
+    ("height", "batch", "dead"),
+    [
+        (14, 32, 1),  # stage 3: the second pass's last warp (rows 14-15) below both images
+        (14, 31, 1),  # the last block's second slot empty: its lanes store nothing
+        (16, 32, 0),  # whole tiles
+        (11, 32, 2),  # rows 12-15: two warps of the second pass below
+    ],
+)
+def test_query_pairs_skip_the_window_loop_of_a_pass_below_the_images(height, batch, dead):
+    """lr_backward_query_pairs holds two images per block in two passes of four thread rows (a
+    warp: one thread row of each slot); a warp whose thread row lies below the images in a
+    pass skips that pass's window loop (half the skipped counts: one of the two) and runs the
+    rest of the tile."""
+    roofline = load_roofline()
+    channels = 400
+    counts = Counter({"FFMA": 600.0, "LDS": 80.0, "MUFU": 40.0})
+    skipped = Counter({"FFMA": 560.0, "LDS": 60.0, "MUFU": 40.0})  # both passes' window loops
+    usage = nvrtc.PtxasUsage(registers=120, stack_frame=0, spill_stores=0, spill_loads=0, shared=0)
+    roofline.B = batch  # (this test's own copy of the module)
+    kernel = "lr_backward_query_pairs"
+    assert roofline.runs_as("lr_backward_query", roofline.CURRENT, channels, height) == kernel
+    _, _, _, times = roofline.predict(
+        kernel, roofline.CURRENT, counts, skipped, usage, 8, channels, height
+    )
+    tiles = channels // roofline.M * -(-batch // 2)
+    per_second = roofline.SMS * roofline.CLOCK / 1e6
+    issue = tiles * (4 * 720 - dead * 330) / (roofline.ISSUE_PER_CLOCK * per_second)
+    shared = tiles * (4 * 80 - dead * 30) / (roofline.SHARED_PER_CLOCK * per_second)
+    assert times["issue"] == pytest.approx(issue)
+    assert times["smem"] == pytest.approx(shared)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["lr_forward", "lr_backward_input"])
 def test_warps_below_the_image_skip_the_window_loops_and_the_gather(kernel):

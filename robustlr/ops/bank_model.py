@@ -51,7 +51,9 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
     (``cupy_backend.key_grad_pitch``); forward_packed reads its slots' tiles
     (``cupy_backend.packed_shape``) the same way, from each thread's slot, the pairs kernels
     theirs (``cupy_backend.pairs_shape``, ``pairs_input_shape``: slots a tile wide, four thread
-    rows each; backward_input's at stride 1 only), and
+    rows each; backward_input's at stride 1 only), backward_query_pairs its two slots of a
+    whole tile (``cupy_backend.pairs_query_shape``, stride 1: lanes 0-15 of a warp in one slot,
+    16-31 in the other, at the same thread row of either pass), and
     backward_input_packed its slots' output tiles (``cupy_backend.packed_input_shape``, stride 1;
     none at other strides, where it is not launched); backward_input reads
     q, lse (one word) and gy (V words) at
@@ -75,6 +77,31 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                     if kernel == "lr_backward_query":
                         req = [ty * copy + tx + row * pw + col for tx, ty in lanes]
                         worst = max(worst, transactions(req))
+        elif kernel == "lr_backward_query_pairs":
+            # stride 1 only (not launched otherwise): slot z = ty % 2 (a warp holds a thread row
+            # of each, lanes 0-15 and 16-31), thread row vy = ty // 2 + 4 * pass: reads
+            # slot[z * SLOT + vy*R*S*PW + tx + t*PW + lr_phase_col(b)] and adds into copy
+            # vy * 2 + z at the same offset in it
+            if S != 1:
+                continue
+            packed = cupy_backend.pairs_query_shape(K, S)
+            pw = packed.pitch
+            for half in range(th // 2):
+                rows_of = [(ty // 2 + half * th // 2, ty % 2) for _, ty in lanes]
+                for row in range((R - 1) * S + K):
+                    for b in range(K):
+                        col = cupy_backend.phase_col(b, packed.cols, S)
+                        at = [
+                            vy * R * S * pw + tx + row * pw + col
+                            for (tx, _), (vy, _) in zip(lanes, rows_of, strict=True)
+                        ]
+                        req = [a + z * packed.slot for a, (_, z) in zip(at, rows_of, strict=True)]
+                        worst = max(worst, transactions(req), vector_transactions(req, V) / V)
+                        req = [
+                            (vy * 2 + z) * packed.copy + a - vy * R * S * pw
+                            for a, (vy, z) in zip(at, rows_of, strict=True)
+                        ]
+                        worst = max(worst, transactions(req))
         elif kernel in cupy_backend.PACKED_KERNELS:
             # slot z = (ty // TR) * 2 + tx // SLOT_WIDTH (TR thread rows each: 4 in
             # backward_query, 2 otherwise), strip (ty % TR, tx % SLOT_WIDTH): reads
@@ -82,7 +109,7 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
             # the pairs kernels: slots of the tile's width, z = ty // TR (TR = 4);
             # backward_query adds the key gradient into copy ty * 2 + tx // SLOT_WIDTH at the
             # same offset in it. backward_input_packed: stride 1 only (not launched otherwise)
-            if kernel in ("lr_backward_input_pairs", "lr_backward_input_packed") and S != 1:
+            if kernel in cupy_backend.STRIDE_ONE_KERNELS and S != 1:
                 continue
             packed, sw = cupy_backend.packed_geometry(kernel, K, S), cupy_backend.SLOT_WIDTH
             if kernel in cupy_backend.PAIR_KERNELS:

@@ -84,15 +84,24 @@ MAX_OPTIN_SHARED = 80 * 1024
 SLOTS = 8
 SLOT_WIDTH = 8
 #: Images per block of lr_forward_pairs and lr_backward_input_pairs (LR_PAIR_SLOTS), each in a
-#: slot of a tile's TILE[0] columns and TILE[1] // PAIR_SLOTS thread rows (two warps).
+#: slot of a tile's TILE[0] columns and TILE[1] // PAIR_SLOTS thread rows (two warps); of
+#: lr_backward_query_pairs, each in a slot of a whole tile run in two passes (a warp holds a
+#: thread row of each slot).
 PAIR_SLOTS = 2
 #: The kernels with PAIR_SLOTS images per block.
-PAIR_KERNELS = ("lr_forward_pairs", "lr_backward_input_pairs")
+PAIR_KERNELS = ("lr_forward_pairs", "lr_backward_query_pairs", "lr_backward_input_pairs")
 #: The kernels for small images, several per block, their tiles in dynamic shared memory.
 PACKED_KERNELS = (
     "lr_forward_pairs",
     "lr_forward_packed",
+    "lr_backward_query_pairs",
     "lr_backward_query_packed",
+    "lr_backward_input_pairs",
+    "lr_backward_input_packed",
+)
+#: The kernels launched at stride 1 only (their bodies at other strides are empty).
+STRIDE_ONE_KERNELS = (
+    "lr_backward_query_pairs",
     "lr_backward_input_pairs",
     "lr_backward_input_packed",
 )
@@ -228,6 +237,29 @@ def packed_query_shape(kernel_size: int, stride: int) -> PackedShape:
     return replace(shape, floats=floats, copy=copy)
 
 
+def pairs_query_shape(kernel_size: int, stride: int) -> PackedShape:
+    """The geometry of lr_backward_query_pairs at (K, stride) (``lr_query_pairs_shape<K, S>``):
+    PAIR_SLOTS slots of a whole tile of lr_backward_query (TILE[0] columns, TILE[1] strips),
+    each its staged rows at the tile's pitch (``shared_pitch``), 16 modulo 32 floats apart, a
+    key-gradient copy per thread row and slot (``key_grad_pitch``, 16 modulo 32)."""
+    K, S = kernel_size, stride
+    R = query_strip(K, S)
+    slot_rows = TILE[1] * R
+    rows, cols = (slot_rows - 1) * S + K, (TILE[0] - 1) * S + K
+    pitch = shared_pitch(cols, S, R * S)
+    slot = padded_pitch(rows * pitch, 1)
+    copy = key_grad_pitch(K, S, R)
+    box_rows, box_cols = min(slot_rows * S, rows - K // 2), min(TILE[0] * S, cols - K // 2)
+    floats = (MAX_CHANNEL_CHUNK + 1) * PAIR_SLOTS * slot + 2 * TILE[1] * copy
+    floats += 2 * K * K + K * RED_PITCH + K * 8
+    return PackedShape(R, slot_rows, rows, cols, pitch, slot, floats, box_rows, box_cols, copy)
+
+
+def pairs_query_bytes(kernel_size: int, stride: int) -> int:
+    """Bytes of dynamic shared memory of lr_backward_query_pairs at (K, stride)."""
+    return 4 * pairs_query_shape(kernel_size, stride).floats
+
+
 def packed_input_shape(kernel_size: int) -> PackedShape:
     """The geometry of lr_backward_input_packed at (K, stride 1): SLOTS slots of two strips of
     inputs, each staging the outputs that cover it."""
@@ -310,6 +342,20 @@ def query_packed(shape: LocalRelationShape) -> bool:
     slot)."""
     packed = packed_query_shape(shape.kernel_size, shape.stride)
     return _fits(shape.out_height, shape.out_width, packed)
+
+
+def query_pairs(shape: LocalRelationShape) -> bool:
+    """Whether the backward query of ``shape`` runs lr_backward_query_pairs: stride 1, its
+    outputs fit one tile of lr_backward_query but not a slot of lr_backward_query_packed, within
+    MAX_OPTIN_SHARED."""
+    pairs = pairs_query_shape(shape.kernel_size, shape.stride)
+    return (
+        shape.stride == 1
+        and not query_packed(shape)
+        and shape.out_height <= pairs.slot_rows
+        and shape.out_width <= TILE[0]
+        and 4 * pairs.floats <= MAX_OPTIN_SHARED
+    )
 
 
 def input_packed(shape: LocalRelationShape) -> bool:
@@ -491,6 +537,8 @@ def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
         return packed_shape(kernel_size, stride)
     if kernel == "lr_backward_query_packed":
         return packed_query_shape(kernel_size, stride)
+    if kernel == "lr_backward_query_pairs":
+        return pairs_query_shape(kernel_size, stride)
     if kernel == "lr_backward_input_pairs":
         return pairs_input_shape(kernel_size)
     if kernel == "lr_backward_input_packed":
@@ -501,9 +549,8 @@ def packed_geometry(kernel: str, kernel_size: int, stride: int) -> PackedShape:
 def dynamic_shared_bytes(kernel: str, kernel_size: int, stride: int) -> int:
     """Bytes of dynamic shared memory a launch of one kernel instantiation asks for: a packed
     kernel's tiles, 0 for the others (and for the empty bodies of lr_backward_input_packed and
-    lr_backward_input_pairs at strides other than 1)."""
-    input_side = kernel in ("lr_backward_input_pairs", "lr_backward_input_packed")
-    if kernel not in PACKED_KERNELS or (input_side and stride != 1):
+    lr_backward_input_pairs and lr_backward_query_pairs at strides other than 1)."""
+    if kernel not in PACKED_KERNELS or (kernel in STRIDE_ONE_KERNELS and stride != 1):
         return 0
     return 4 * packed_geometry(kernel, kernel_size, stride).floats
 
@@ -533,11 +580,24 @@ def kernels_fit(kernel_size: int, stride: int) -> tuple[bool, str]:
 MAX_OFFSET = 2**31 - 1
 
 
-def query_tile_list(shape: LocalRelationShape) -> int:
-    """Tiles of lr_backward_query's list per group: output tiles of its B planes, or tiles of
-    QUERY_SLOTS images where packed (``query_packed``)."""
+def query_kernel(shape: LocalRelationShape) -> str:
+    """The backward-query kernel of ``shape``: ``lr_backward_query_packed`` where the images fit
+    its slots (``query_packed``), ``lr_backward_query_pairs`` where they fit one tile at stride
+    1 (``query_pairs``), else ``lr_backward_query``."""
     if query_packed(shape):
-        return -(-shape.batch // QUERY_SLOTS)
+        return "lr_backward_query_packed"
+    if query_pairs(shape):
+        return "lr_backward_query_pairs"
+    return "lr_backward_query"
+
+
+def query_tile_list(shape: LocalRelationShape, kernel: str | None = None) -> int:
+    """Tiles of the backward query's list per group (``kernel``, by default the shape's
+    ``query_kernel``): output tiles of its B planes, or tiles of its images per block
+    (QUERY_SLOTS packed, PAIR_SLOTS paired)."""
+    kernel = kernel or query_kernel(shape)
+    if kernel != "lr_backward_query":
+        return -(-shape.batch // images_per_block(kernel))
     strip = query_strip(shape.kernel_size, shape.stride)
     return shape.batch * _tiles(shape.out_height, shape.out_width, strip)
 
@@ -569,7 +629,7 @@ def offsets_fit(shape: LocalRelationShape) -> tuple[bool, str]:
     group = shape.channels_per_group * plane
     if forward_packed(shape) or query_packed(shape) or input_packed(shape):
         images = SLOTS * shape.channels * plane
-    elif forward_pairs(shape) or input_pairs(shape):
+    elif forward_pairs(shape) or query_pairs(shape) or input_pairs(shape):
         images = PAIR_SLOTS * shape.channels * plane
     else:
         images = 0
@@ -635,16 +695,18 @@ def plan_forward(shape: LocalRelationShape) -> LaunchConfig | None:
     return _config("lr_forward", shape.batch * shape.groups * tiles, shape)
 
 
-def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
-    """Blocks per group of ``lr_backward_query``: enough blocks to fill every SM, at most one
-    per output tile of the group, at least one. lr_backward_query_packed (QUERY_SLOTS images per
-    tile) aims for the blocks its shared memory lets an SM hold at once (3 on sm_90 at K = 7):
-    each block fills its tiles once with what lies outside the images, so fewer blocks that run
-    more tiles each pay that less often."""
-    tiles = query_tile_list(shape)
+def query_chunks(shape: LocalRelationShape, multiprocessors: int, kernel: str | None = None) -> int:
+    """Blocks per group of the backward query (``kernel``, by default the shape's
+    ``query_kernel``): enough blocks to fill every SM, at most one per tile of the group, at
+    least one. lr_backward_query_packed and _pairs (several images per tile) aim for the blocks
+    their shared memory lets an SM hold at once (3 and 4 on sm_90 at K = 7): each block fills
+    its tiles once with what lies outside the images, so fewer blocks that run more tiles each
+    pay that less often."""
+    kernel = kernel or query_kernel(shape)
+    tiles = query_tile_list(shape, kernel)
     blocks_per_sm = THREADS_PER_SM // (TILE[0] * TILE[1])
-    if query_packed(shape):
-        need = packed_query_bytes(shape.kernel_size, shape.stride) + SHARED_RESERVED
+    if kernel != "lr_backward_query":
+        need = dynamic_shared_bytes(kernel, shape.kernel_size, shape.stride) + SHARED_RESERVED
         blocks_per_sm = max(1, min(blocks_per_sm, SHARED_PER_SM // need))
     target = -(-(max(1, multiprocessors) * blocks_per_sm) // max(1, shape.groups))
     return max(1, min(tiles, target))
@@ -652,11 +714,11 @@ def query_chunks(shape: LocalRelationShape, multiprocessors: int) -> int:
 
 def plan_backward_query(shape: LocalRelationShape, nchunks: int) -> LaunchConfig | None:
     """Launch of ``lr_backward_query``: G * nchunks blocks; of ``lr_backward_query_packed``
-    where the images fit its slots (``query_packed``), its arrays in dynamic shared memory."""
+    where the images fit its slots (``query_packed``), of ``lr_backward_query_pairs`` where they
+    fit one tile at stride 1 (``query_pairs``), their arrays in dynamic shared memory."""
     if shape.batch * shape.out_height * shape.out_width <= 0:
         return None
-    kernel = "lr_backward_query_packed" if query_packed(shape) else "lr_backward_query"
-    return _config(kernel, shape.groups * nchunks, shape)
+    return _config(query_kernel(shape), shape.groups * nchunks, shape)
 
 
 def key_partials(kernel_size: int, stride: int, out_height: int, out_width: int) -> int:

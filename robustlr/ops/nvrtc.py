@@ -40,6 +40,7 @@ KERNEL_NAMES = (
     "lr_forward_pairs",
     "lr_forward_packed",
     "lr_backward_query",
+    "lr_backward_query_pairs",
     "lr_backward_query_packed",
     "lr_backward_input",
     "lr_backward_input_pairs",

@@ -90,7 +90,8 @@ Entry make_entry(const std::string& name, void (*k)(A...)) {
 #define LR_ENTRIES(T, K, S) \
     LR_ENTRY(lr_forward, T, K, S), LR_ENTRY(lr_forward_pairs, T, K, S),   \
         LR_ENTRY(lr_forward_packed, T, K, S),                                            \
-        LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_query_packed, T, K, S), \
+        LR_ENTRY(lr_backward_query, T, K, S), LR_ENTRY(lr_backward_query_pairs, T, K, S),   \
+        LR_ENTRY(lr_backward_query_packed, T, K, S),                                       \
         LR_ENTRY(lr_backward_input, T, K, S), LR_ENTRY(lr_backward_input_pairs, T, K, S), \
         LR_ENTRY(lr_backward_input_packed, T, K, S)
 
@@ -269,32 +270,31 @@ extern "C" int lr_host_pairs_shape(int K, int S, int* out) {
     return lookup_shape(kPackedRows, K, S, true, out);
 }
 
-// lr_backward_query_packed's geometry (lr_query_packed_shape<K, S>) for the same (K, S): strip,
-// output rows, staged rows and columns, pitch, slot, copy, dynamic shared floats and the loader's
-// image box into out[10]. cupy_backend.packed_query_shape mirrors it.
+// lr_backward_query_packed's geometry (lr_query_packed_shape<K, S>) and lr_backward_query_pairs'
+// (lr_query_pairs_shape<K, S>) for the same (K, S): strip, output rows, staged rows and columns,
+// pitch, slot, copy, dynamic shared floats and the loader's image box into out[10].
+// cupy_backend.packed_query_shape and pairs_query_shape mirror them.
 namespace {
-template <int K, int S>
-void packed_query_shape(int* out) {
-    using P = lr_query_packed_shape<K, S>;
+template <typename P>
+void query_shape(int* out) {
     const int v[10] = {P::R,  P::OTH, P::IH,     P::IW,    P::PW,
                        P::SLOT, P::GS, P::FLOATS, P::BOX_H, P::BOX_W};
     std::memcpy(out, v, sizeof v);
 }
-#define LR_PACKED_QUERY_ROWS(K) {K, 1, &packed_query_shape<K, 1>}, \
-                                {K, 2, &packed_query_shape<K, 2>}, {K, 3, &packed_query_shape<K, 3>}
+#define LR_QUERY_ROW(K, S) \
+    {K, S, &query_shape<lr_query_packed_shape<K, S>>, &query_shape<lr_query_pairs_shape<K, S>>}
+#define LR_PACKED_QUERY_ROWS(K) LR_QUERY_ROW(K, 1), LR_QUERY_ROW(K, 2), LR_QUERY_ROW(K, 3)
 const PackedRow kPackedQueryRows[] = {LR_PACKED_QUERY_ROWS(3),  LR_PACKED_QUERY_ROWS(5),
                                       LR_PACKED_QUERY_ROWS(7),  LR_PACKED_QUERY_ROWS(9),
                                       LR_PACKED_QUERY_ROWS(11), LR_PACKED_QUERY_ROWS(13)};
 }  // namespace
 
 extern "C" int lr_host_packed_query_shape(int K, int S, int* out) {
-    for (const PackedRow& row : kPackedQueryRows) {
-        if (row.K == K && row.S == S) {
-            row.fn(out);
-            return 0;
-        }
-    }
-    return 1;
+    return lookup_shape(kPackedQueryRows, K, S, false, out);
+}
+
+extern "C" int lr_host_pairs_query_shape(int K, int S, int* out) {
+    return lookup_shape(kPackedQueryRows, K, S, true, out);
 }
 
 // The 16-bit conversion helpers of lr_common.cuh, elementwise.
