@@ -273,7 +273,8 @@ def strip_of(kernel: str, version: str) -> int:
 def positions_of(kernel: str, version: str) -> int:
     """Positions a thread owns per tile: its strip, over the passes of lr_backward_query_pairs
     (two: a strip of each)."""
-    return strip_of(kernel, version) * (2 if kernel == "lr_backward_query_pairs" else 1)
+    passes = cupy_backend.QUERY_PAIR_PASSES if kernel == "lr_backward_query_pairs" else 1
+    return strip_of(kernel, version) * passes
 
 
 def kernels_of(version: str) -> tuple[str, ...]:
@@ -669,10 +670,19 @@ def predict(
     # every warp of a tile (roofline v15; until v14 only those that run the window loops)
     all_warps = B * G * tiles_h * (TILE_H // 2) * tiles_w
     dynamic = packed_bytes(kernel)
+    dead_passes, passes = 0, 1  # (lr_backward_query_pairs: the warp-passes below the images)
     if kernel in ("lr_forward_packed", "lr_backward_input_packed"):
         # a warp per two images (its slots), live if the first is; each image staged once
         warps = G * -(-B // 2)
         all_warps = G * -(-B // cupy_backend.SLOTS) * (THREADS // 32)
+    elif kernel == "lr_backward_query_pairs":
+        # every warp runs the whole tile (all passes) but the window loop of each pass whose
+        # thread row (warp w + 4 pass, the same in both slots) lies below the images
+        tiles = G * -(-B // cupy_backend.PAIR_SLOTS)
+        warps = all_warps = tiles * (THREADS // 32)
+        passes = cupy_backend.QUERY_PAIR_PASSES
+        rows_of = [(w + p * TILE_H // 2) * strip for w in range(TILE_H // 2) for p in range(passes)]
+        dead_passes = tiles * sum(row >= H for row in rows_of)
     elif kernel in cupy_backend.PAIR_KERNELS:
         # two warps per image (a slot each), live if it holds an image; each image staged once
         warps = G * B * (THREADS // 32 // cupy_backend.PAIR_SLOTS)
@@ -685,26 +695,12 @@ def predict(
     # the warps below the image (or past the last image) run the tile's code but its window loops
     below = all_warps - warps
     rest = counts - skipped
-    # lr_backward_query_pairs: every warp runs the whole tile (both passes) less the window loop
-    # of each pass whose thread row (warp w + 4 pass, the same in both slots) lies below the images
-    paired, dead_passes = 0, 0
-    if kernel == "lr_backward_query_pairs":
-        tiles = G * -(-B // cupy_backend.PAIR_SLOTS)
-        warps = below = 0
-        paired = tiles * (THREADS // 32)
-        rows_of = [(w + p * TILE_H // 2) * strip for w in range(TILE_H // 2) for p in (0, 1)]
-        dead_passes = tiles * sum(row >= H for row in rows_of)
 
     def warp_total(op_counts: dict[str, float]) -> float:
-        """Warp instructions (or wavefronts) of all the warps, from per-thread counts op: n."""
+        """Warp instructions (or wavefronts) of all the warps, from per-thread counts op: n (a
+        pass below the images skips its share of the window loops: lr_backward_query_pairs)."""
         return sum(
-            n
-            * (
-                warps * counts[op]
-                + below * rest[op]
-                + paired * counts[op]
-                - dead_passes * skipped[op] / 2
-            )
+            n * (warps * counts[op] + below * rest[op] - dead_passes * skipped[op] / passes)
             for op, n in op_counts.items()
         )
 

@@ -106,10 +106,8 @@ SANITIZED_CASES = [
 def test_backend_launches_are_clean_under_sanitizers(plain, tmp_path, variant, case, dtype):
     script, after = record_backend(plain, case, dtype)
     shape = check_inputs(*make_case(*case[:7])[:4], *case[5:])
-    slotted_query = cupy_backend.query_packed(shape) or cupy_backend.query_pairs(shape)
-    query = "lr_backward_query"
-    if slotted_query:
-        query += "_packed" if cupy_backend.query_packed(shape) else "_pairs"
+    query = cupy_backend.query_kernel(shape)
+    slotted_query = query != "lr_backward_query"
     assert [name.split("<")[0] for name, _, _ in script] == [
         cupy_backend.plan_forward(shape).kernel,
         query,

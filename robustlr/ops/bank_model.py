@@ -86,8 +86,8 @@ def window_read_transactions(kernel: str, kernel_size: int, stride: int) -> floa
                 continue
             packed = cupy_backend.pairs_query_shape(K, S)
             pw = packed.pitch
-            for half in range(th // 2):
-                rows_of = [(ty // 2 + half * th // 2, ty % 2) for _, ty in lanes]
+            for p in range(cupy_backend.QUERY_PAIR_PASSES):
+                rows_of = [(ty // 2 + p * th // 2, ty % 2) for _, ty in lanes]
                 for row in range((R - 1) * S + K):
                     for b in range(K):
                         col = cupy_backend.phase_col(b, packed.cols, S)

@@ -88,6 +88,9 @@ SLOT_WIDTH = 8
 #: lr_backward_query_pairs, each in a slot of a whole tile run in two passes (a warp holds a
 #: thread row of each slot).
 PAIR_SLOTS = 2
+#: Passes of lr_backward_query_pairs over a tile (``lr_query_pairs_shape::PASSES``): four thread
+#: rows of each slot a pass.
+QUERY_PAIR_PASSES = 2
 #: The kernels with PAIR_SLOTS images per block.
 PAIR_KERNELS = ("lr_forward_pairs", "lr_backward_query_pairs", "lr_backward_input_pairs")
 #: The kernels for small images, several per block, their tiles in dynamic shared memory.
